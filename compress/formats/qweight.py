@@ -1,0 +1,59 @@
+"""The typed result of every quantization algorithm.
+
+An algorithm yields integer codes, per-group scales and zero points; how they are packed on
+disk is the business of the writers in `compress.formats`, never of the algorithm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes plus the grid that maps them back to real weights.
+
+    The affine convention is the GPTQ one: ``w = scale * (q - zero)`` with
+    ``q`` in ``[0, 2**bits - 1]``. Symmetric grids use ``zero = 2**(bits-1)``.
+
+    Shapes (``out`` = output features, ``in`` = input features, ``G`` = number of groups):
+      codes  uint8  [out, in]   unpacked integer codes, in the layer's input order
+      scales float  [out, G]
+      zeros  uint8  [out, G]    integer zero points
+      g_idx  int32  [in]        group of each input column (permuted when ``desc_act``)
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int  # -1 means one group per output channel
+    sym: bool
+    desc_act: bool = False
+
+    def __post_init__(self) -> None:
+        out_f, in_f = self.codes.shape
+        if self.g_idx.shape != (in_f,):
+            raise ValueError(f"g_idx has shape {tuple(self.g_idx.shape)}, expected ({in_f},)")
+        if self.scales.shape != self.zeros.shape or self.scales.shape[0] != out_f:
+            raise ValueError(
+                f"scales {tuple(self.scales.shape)} and zeros {tuple(self.zeros.shape)} "
+                f"must both be [{out_f}, groups]"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The real-valued weight ``[out, in]`` these codes stand for."""
+        g = self.g_idx.long()
+        scale = self.scales.to(dtype)[:, g]
+        zero = self.zeros.to(dtype)[:, g]
+        return (self.codes.to(dtype) - zero) * scale

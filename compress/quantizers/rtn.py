@@ -1,0 +1,32 @@
+"""Round to nearest: each group's min/max sets the grid, each weight takes the nearest code."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from compress.formats.qweight import QuantizedWeight
+from compress.quantizers.base import QuantSpec, register
+from compress.quantizers.grid import find_params, quantize
+
+
+@register("rtn", needs_hessian=False)
+def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+    out_f, in_f = W.shape
+    gs = in_f if spec.group_size == -1 else spec.group_size
+    W = W.float()
+    groups = W.reshape(out_f, in_f // gs, gs)  # [out, G, gs]
+    flat = groups.permute(1, 0, 2).reshape(-1, gs)  # every (group, row) pair is one row
+    scale, zero = find_params(flat, spec.bits, spec.sym)
+    codes = quantize(flat, scale, zero, spec.bits)
+    n_g = in_f // gs
+    codes = codes.reshape(n_g, out_f, gs).permute(1, 0, 2).reshape(out_f, in_f)
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scale.reshape(n_g, out_f).t().contiguous(),
+        zeros=zero.reshape(n_g, out_f).t().contiguous().to(torch.uint8),
+        g_idx=(torch.arange(in_f, dtype=torch.int32) // gs),
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
+    )
