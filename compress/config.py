@@ -1,0 +1,202 @@
+"""The run configuration: a typed schema where every error names its key path.
+
+Unknown keys are errors (``extra="forbid"``) so a typo never reads as a default. Loading goes
+YAML -> ``--set`` overrides -> validation, and nothing runs before validation has passed.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key path. The CLI exits 2 on it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    source: str = Field(description="Local Hugging Face folder, a .gguf file, or a hub id")
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside `source` when it is a folder")
+    revision: Optional[str] = Field(None, description="Hub revision (hub ids only)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_pickle: bool = Field(False, description="Opt in to loading pickled .bin checkpoints")
+    trust_remote_code: bool = False
+    cache_dir: Optional[str] = Field(None, description="Where converted GGUF checkpoints are cached")
+
+
+class CalibrationConfig(_Strict):
+    dataset: str = "wikipedia"
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(512, ge=8)
+    seed: int = 0
+    chat_template: bool = False
+    text_field: str = "text"
+
+
+class Override(_Strict):
+    pattern: str = Field(description="Regular expression matched against full module names")
+    bits: Optional[Literal[2, 3, 4, 8]] = None
+    group_size: Optional[int] = None
+    sym: Optional[bool] = None
+    skip: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+def _check_group_size(v: int) -> int:
+    if v != -1 and (v < 8 or v & (v - 1)):
+        raise ValueError("must be -1 (per output channel) or a power of two >= 8 (32, 64, 128, ...)")
+    return v
+
+
+class QuantizeConfig(_Strict):
+    method: Literal["rtn", "gptq"] = "rtn"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+    mse_clip: bool = False
+    propagate: bool = Field(True, description="Feed quantized outputs to later sub-layers and blocks")
+    hessian_dtype: Literal["float32", "float64"] = "float32"
+    skip: list[str] = Field(default_factory=list, description="Regexes of linear layers kept unquantized")
+    overrides: list[Override] = Field(default_factory=list)
+
+    @field_validator("group_size")
+    @classmethod
+    def _gs(cls, v: int) -> int:
+        return _check_group_size(v)
+
+
+class Candidate(_Strict):
+    """One quantization level of a sweep: a name plus changes to the `quantize` section."""
+
+    name: Optional[str] = None
+    method: Optional[Literal["rtn", "gptq"]] = None
+    bits: Optional[Literal[2, 3, 4, 8]] = None
+    group_size: Optional[int] = None
+    sym: Optional[bool] = None
+    desc_act: Optional[bool] = None
+    static_groups: Optional[bool] = None
+    damp_percent: Optional[float] = Field(None, gt=0, lt=1)
+    mse_clip: Optional[bool] = None
+    propagate: Optional[bool] = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _gs(cls, v: Optional[int]) -> Optional[int]:
+        return v if v is None else _check_group_size(v)
+
+
+class ExportConfig(_Strict):
+    format: Literal["gptq"] = "gptq"
+    output_dir: str = "runs/out"
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the tensors that stay unquantized (embeddings, norms)"
+    )
+    overwrite: bool = False
+    max_shard_bytes: int = Field(2 * 1024**3, ge=1024)
+
+
+class EvaluateConfig(_Strict):
+    enabled: bool = True
+    dataset: str = "wikipedia"
+    windows: int = Field(40, ge=1)
+    seqlen: int = Field(512, ge=8)
+    divergence: bool = True
+    speed: bool = True
+    speed_prompt_tokens: int = Field(128, ge=1)
+    speed_new_tokens: int = Field(32, ge=1)
+
+
+class ReportConfig(_Strict):
+    markdown: bool = True
+    print: bool = True
+
+
+class RunConfig(_Strict):
+    model: ModelConfig
+    calibration: CalibrationConfig = CalibrationConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    candidates: list[Candidate] = Field(default_factory=list)
+    export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RunConfig":
+        names = [c.name for c in self.candidates if c.name]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"candidates: duplicate names {sorted(dup)}")
+        return self
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+def _coerce(value: str) -> Any:
+    """`--set` values are YAML scalars: `4` is an int, `true` a bool, `[8, 4]` a list."""
+    return yaml.safe_load(value)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: cannot set a key inside a non-mapping value")
+        node[keys[-1]] = _coerce(value)
+    return data
+
+
+def parse_config(data: Any) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("(top level): the config must be a mapping of sections")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(apply_overrides(data, list(overrides)))

@@ -1,0 +1,259 @@
+"""The one sequential engine: a model whose decoder blocks exist one at a time.
+
+The skeleton is built on the meta device. Only the modules outside the block list
+(embeddings, final norm, rotary tables, lm_head) are materialized. To reach a block's inputs
+without architecture-specific code we run the model's *own* forward with every block replaced
+by a proxy: the proxies record each block's call arguments (attention masks, rotary
+position embeddings, per-layer-type masks for Gemma 3, ...) and hand the embeddings through.
+The same trick computes logits: the last proxy swaps in the final hidden states, and the
+model's forward applies its final norm, lm_head and any logit soft-capping.
+
+Calibration, quantization and evaluation all walk blocks through this class, so peak memory is
+one block plus the activations of the windows in flight.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from compress.models.arch import ArchSpec, arch_for
+from compress.models.checkpoint import Checkpoint, CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a proxy to end a forward early once it has what it needs."""
+
+
+class _Proxy(nn.Module):
+    def __init__(self, index: int, hook: Callable[[int, torch.Tensor, tuple, dict], torch.Tensor]):
+        super().__init__()
+        self.index = index
+        self._hook = hook
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            hidden, args = args[0], args[1:]
+        else:
+            hidden = kwargs.pop("hidden_states")
+        return self._hook(self.index, hidden, args, kwargs)
+
+
+@dataclass
+class LayerCall:
+    """Everything but the hidden states that the model's forward passes to block ``i``."""
+
+    args: tuple
+    kwargs: dict
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _init_nonpersistent(model: nn.Module, root: nn.Module) -> None:
+    """Recompute buffers that checkpoints do not store (rotary tables, embedding scales).
+
+    transformers' own ``_init_weights`` knows how to fill them for every architecture.
+    """
+    for m in root.modules():
+        if getattr(m, "_non_persistent_buffers_set", None):
+            model._init_weights(m)
+
+
+def _strip_quant(config):
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+# (block, block index, the block's tensors by local name) -> names of the modules it replaced
+BlockPatcher = Callable[[nn.Module, int, dict[str, torch.Tensor]], list[str]]
+
+
+class StreamedModel:
+    """A causal LM whose blocks are loaded from a checkpoint on demand.
+
+    ``patch_block(block, i, tensors)`` may replace modules of a freshly built block before its
+    tensors are loaded (the artifact reader swaps in quantized linears there); it pops the
+    tensors it consumed from ``tensors`` and returns the names of the modules it replaced.
+    """
+
+    def __init__(
+        self,
+        config,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        dtype: torch.dtype,
+        patch_block: Optional[BlockPatcher] = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.arch: ArchSpec = arch_for(config.model_type)
+        self.checkpoint = checkpoint
+        self.device = device
+        self.dtype = dtype
+        self.patch_block = patch_block
+        config = _strip_quant(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model.eval()
+        self.model = model
+        self.config = model.config
+        self.layers: nn.ModuleList = model.get_submodule(self.arch.blocks)
+        self.templates = list(self.layers)
+        self.n_blocks = len(self.templates)
+        self.block_prefix = self.arch.blocks + "."
+        self._layer_calls: Optional[list[LayerCall]] = None
+        self._materialize_outer()
+
+    # ---- names ---------------------------------------------------------------------------
+    def _ckpt_name(self, name: str) -> Optional[str]:
+        """Checkpoint key for a model state name (older checkpoints drop the base prefix)."""
+        if name in self.checkpoint.index:
+            return name
+        prefix = getattr(self.model, "base_model_prefix", "") + "."
+        if name.startswith(prefix) and name[len(prefix):] in self.checkpoint.index:
+            return name[len(prefix):]
+        return None
+
+    def _load_into(self, module: nn.Module, prefix: str, patch: Optional[Callable] = None) -> None:
+        """Load ``module``'s tensors from the checkpoint keys under ``prefix``."""
+        if prefix:
+            ck_prefix = prefix
+            if not self.checkpoint.names(prefix):
+                base = getattr(self.model, "base_model_prefix", "") + "."
+                ck_prefix = prefix[len(base):] if prefix.startswith(base) else prefix
+            raw = self.checkpoint.load(self.checkpoint.names(ck_prefix), device=self.device)
+            local = {k[len(ck_prefix):]: v for k, v in raw.items()}
+        else:
+            found = {k: self._ckpt_name(k) for k in module.state_dict()}
+            raw = self.checkpoint.load([c for c in found.values() if c], device=self.device)
+            local = {k: raw[c] for k, c in found.items() if c}
+        replaced: list[str] = patch(module, local) if patch is not None else []
+        state = {}
+        missing = []
+        for k in module.state_dict():
+            if any(k.startswith(r + ".") for r in replaced):
+                continue
+            if k in local:
+                t = local.pop(k)
+                state[k] = t.to(self.dtype) if t.is_floating_point() else t
+            elif not self._is_tied(k):
+                missing.append(k)
+        if missing:
+            raise CheckpointError(
+                f"{self.checkpoint.root}: tensors missing for '{prefix or 'model'}': {missing[:5]}"
+            )
+        if local:
+            log.debug("ignoring checkpoint tensors under %r: %s", prefix, sorted(local)[:5])
+        module.load_state_dict(state, strict=False, assign=True)
+
+    def _is_tied(self, name: str) -> bool:
+        out = self.model.get_output_embeddings()
+        if out is None or not getattr(self.config, "tie_word_embeddings", False):
+            return False
+        return any(out is m and name == f"{n}.weight" for n, m in self.model.named_modules())
+
+    # ---- outer modules ---------------------------------------------------------------------
+    def _materialize_outer(self) -> None:
+        parent_path, _, attr = self.arch.blocks.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        setattr(parent, attr, nn.ModuleList())
+        try:
+            self.model.to_empty(device=self.device)
+            _init_nonpersistent(self.model, self.model)
+            self._load_into(self.model, "")
+            if self.model.get_output_embeddings() is not None and self._is_tied_missing():
+                self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        finally:
+            setattr(parent, attr, self.layers)
+
+    def _is_tied_missing(self) -> bool:
+        return getattr(self.config, "tie_word_embeddings", False) and not any(
+            self._ckpt_name(n + ".weight") is not None
+            for n, m in self.model.named_modules()
+            if m is self.model.get_output_embeddings()
+        )
+
+    # ---- blocks ----------------------------------------------------------------------------
+    def load_block(self, i: int) -> nn.Module:
+        block = copy.deepcopy(self.templates[i])
+        block.to_empty(device=self.device)
+        _init_nonpersistent(self.model, block)
+        patch = None
+        if self.patch_block is not None:
+            patch = lambda m, t: self.patch_block(m, i, t)  # noqa: E731
+        self._load_into(block, f"{self.block_prefix}{i}.", patch)
+        return block.eval()
+
+    # ---- forward through proxies -----------------------------------------------------------
+    def _with_proxies(self, hook) -> None:
+        for i in range(self.n_blocks):
+            self.layers[i] = _Proxy(i, hook)
+
+    def _restore(self) -> None:
+        for i, t in enumerate(self.templates):
+            self.layers[i] = t
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Inputs of block 0 for each window ``input_ids[w]``; records every block's call."""
+        calls: list[Optional[LayerCall]] = [None] * self.n_blocks
+        captured: list[torch.Tensor] = []
+
+        def hook(i, hidden, args, kwargs):
+            if i == 0:
+                captured.append(hidden)
+            if self._layer_calls is None:
+                calls[i] = LayerCall(args, kwargs)
+                if i < self.n_blocks - 1:
+                    return hidden
+            raise _Stop
+
+        self._with_proxies(hook)
+        try:
+            for w in range(input_ids.shape[0]):
+                try:
+                    self.model(input_ids=input_ids[w : w + 1].to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+                if self._layer_calls is None:
+                    self._layer_calls = calls  # type: ignore[assignment]
+        finally:
+            self._restore()
+        return captured
+
+    def run_block(self, block: nn.Module, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        assert self._layer_calls is not None, "embed() must run before run_block()"
+        call = self._layer_calls[i]
+        with torch.no_grad():
+            return [_first(block(h, *call.args, **call.kwargs)) for h in hidden]
+
+    @torch.no_grad()
+    def logits(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[1, L, V]`` from the last block's output for one window."""
+        last = self.n_blocks - 1
+
+        def hook(i, hidden, args, kwargs):
+            return final_hidden if i == last else hidden
+
+        self._with_proxies(hook)
+        try:
+            out = self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        finally:
+            self._restore()
+        return out.logits
+
+    def materialize_all(self) -> nn.Module:
+        """The whole model in memory (for generation speed only; never for calibration)."""
+        for i in range(self.n_blocks):
+            self.layers[i] = self.load_block(i)
+        return self.model

@@ -1,0 +1,68 @@
+"""Per-architecture differences as data.
+
+Everything the engine needs to know about a family: where the decoder blocks live, the order
+in which a block's linear layers are quantized (GPTQ's "true sequential" groups: attention
+inputs, attention output, MLP inputs, MLP output), and whether linears are GPT-2 style
+``Conv1D`` (weight stored ``[in, out]``). Embeddings, final norm, rotary embeddings and the
+tied ``lm_head`` are reached through the model's own forward, so they need no entries here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    blocks: str
+    sequential: tuple[tuple[str, ...], ...]
+    conv1d: bool = False
+
+
+_LLAMA_SEQ = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+ARCHS: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_SEQ),
+    ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _LLAMA_SEQ),
+    ArchSpec(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    ArchSpec(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        conv1d=True,
+    ),
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one we know how to stream."""
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ARCHS for t in a.model_types)
+
+
+def arch_for(model_type: str) -> ArchSpec:
+    for a in ARCHS:
+        if model_type in a.model_types:
+            return a
+    raise UnsupportedModelError(
+        f"model_type '{model_type}' is not supported; supported: {', '.join(supported_model_types())}"
+    )

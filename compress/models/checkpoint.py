@@ -1,0 +1,116 @@
+"""Read tensors of a Hugging Face checkpoint folder lazily, a few at a time.
+
+Safetensors files are memory-mapped through ``safe_open`` so loading one decoder block reads
+only that block's bytes. Pickled ``.bin`` checkpoints are refused unless the user opts in.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is missing, corrupt or in a form we refuse to load; says what and where."""
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    index: dict[str, Path]  # tensor name -> file holding it
+    pickled: bool = False
+    _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.index.values()))
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.index if n.startswith(prefix)]
+
+    def load(self, names: Iterable[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.index:
+                raise CheckpointError(f"{self.root}: tensor '{n}' is missing from the checkpoint")
+            by_file.setdefault(self.index[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for path, wanted in by_file.items():
+            if self.pickled:
+                tensors = self._pickle_cache.get(path)
+                if tensors is None:
+                    tensors = torch.load(path, map_location="cpu", weights_only=True)
+                    self._pickle_cache[path] = tensors
+                out.update({n: tensors[n].to(device) for n in wanted})
+                continue
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt", device=str(device)) as f:
+                    for n in wanted:
+                        out[n] = f.get_tensor(n)
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise CheckpointError(f"{path}: cannot read tensor data ({e})") from None
+        return out
+
+
+def _safetensors_names(path: Path) -> list[str]:
+    """Tensor names from a safetensors header, validating that the file is complete."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def open_checkpoint(root: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    root = Path(root)
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"{root}: no config.json; not a Hugging Face model folder")
+    st_index = root / "model.safetensors.index.json"
+    single = root / "model.safetensors"
+    if st_index.is_file():
+        try:
+            weight_map = json.loads(st_index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{st_index}: malformed shard index ({e})") from None
+        index: dict[str, Path] = {}
+        for fname in sorted(set(weight_map.values())):
+            path = root / fname
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard listed in {st_index.name} is missing")
+            names = set(_safetensors_names(path))
+            for n, f in weight_map.items():
+                if f == fname and n not in names:
+                    raise CheckpointError(f"{path}: tensor '{n}' listed in the index is missing")
+            index.update({n: path for n in names})
+        return Checkpoint(root, index)
+    if single.is_file():
+        return Checkpoint(root, {n: single for n in _safetensors_names(single)})
+    others = sorted(p.name for p in root.glob("*.safetensors"))
+    if others:
+        index = {}
+        for name in others:
+            index.update({n: root / name for n in _safetensors_names(root / name)})
+        return Checkpoint(root, index)
+    bins = sorted(root.glob("pytorch_model*.bin"))
+    if bins:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{root}: only pickled .bin weights found ({bins[0].name}); pickles can run code "
+                "when loaded, so set model.allow_pickle: true only if you trust this checkpoint"
+            )
+        index = {}
+        for b in bins:
+            tensors = torch.load(b, map_location="cpu", weights_only=True)
+            index.update({n: b for n in tensors})
+        return Checkpoint(root, index, pickled=True)
+    raise CheckpointError(f"{root}: no weight files (*.safetensors or pytorch_model*.bin)")
