@@ -1,0 +1,242 @@
+"""Model card (README.md) from the manifest and the evaluation results.
+
+Front matter follows the Hub's model card metadata
+(https://huggingface.co/docs/hub/model-cards#model-card-metadata); it is written with yaml.safe_dump so
+user text (model names, dataset names, licenses) is always quoted correctly.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+# Columns of the evaluation table, in order: (results key, header, format).
+_COLUMNS = (
+    ("perplexity", "Perplexity", "{:.3f}"),
+    ("kl_divergence", "KL div.", "{:.4f}"),
+    ("top1_agreement", "Top-1 agree", "{:.3f}"),
+    ("bytes", "Size (MB)", None),
+    ("bits_per_weight", "Bits/weight", "{:.2f}"),
+    ("prefill_tokens_per_s", "Prefill tok/s", "{:.1f}"),
+    ("decode_tokens_per_s", "Decode tok/s", "{:.1f}"),
+    ("peak_rss_mb", "Peak RSS (MB)", "{:.0f}"),
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VLLM_FORMATS = frozenset({"gptq", "awq", "compressed-tensors"})
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def cell(value: Any) -> str:
+    """Markdown-safe text for a table cell or inline prose."""
+    text = " ".join(str(value).split())
+    for char in "\\|`*_[]<>":
+        text = text.replace(char, "\\" + char)
+    return text
+
+
+def _fmt(value: Any, fmt: Optional[str], key: str) -> str:
+    if value is None:
+        return "–"
+    if key == "bytes" and isinstance(value, (int, float)):
+        return f"{value / 1e6:.1f}"
+    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt.format(value)
+    return cell(value)
+
+
+def base_model(manifest: dict[str, Any]) -> Optional[str]:
+    """The source model's Hub id, or None when it was a local path."""
+    model = _section(manifest, "source").get("model")
+    if isinstance(model, str) and _HUB_ID.match(model) and not Path(model).exists():
+        return model
+    return None
+
+
+def source_license(manifest: dict[str, Any]) -> Optional[str]:
+    """The license recorded for the source model, else the one in a local source folder's README front matter."""
+    source = _section(manifest, "source")
+    if isinstance(source.get("license"), str) and source["license"].strip():
+        return source["license"].strip()
+    model = source.get("model")
+    readme = Path(model) / "README.md" if isinstance(model, str) and model else None
+    if readme is None or not readme.is_file():
+        return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.S)
+    if not match:
+        return None
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def quant_format(manifest: dict[str, Any], config: dict[str, Any]) -> Optional[str]:
+    fmt = _section(manifest, "quantization").get("format")
+    return fmt or _section(config, "quantization_config").get("quant_method")
+
+
+def front_matter(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    quant = _section(manifest, "quantization")
+    tags = ["compress", "quantized"]
+    fmt = quant_format(manifest, config)
+    for tag in (fmt, quant.get("method"), f"{quant['bits']}-bit" if quant.get("bits") else None):
+        if isinstance(tag, str) and tag and tag not in tags:
+            tags.append(tag)
+    meta: dict[str, Any] = {}
+    base = base_model(manifest)
+    if base:
+        meta["base_model"] = base
+        meta["base_model_relation"] = "quantized"
+    license_ = source_license(manifest)
+    if license_:
+        meta["license"] = license_
+    meta["library_name"] = "onnxruntime" if fmt == "onnx" else "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = tags
+    return meta
+
+
+def _usage(repo_id: str, fmt: Optional[str]) -> list[str]:
+    rid = json.dumps(repo_id)  # a valid Python string literal for any repo id
+    if fmt == "onnx":
+        return [
+            "With ONNX Runtime through Optimum:", "",
+            "```python",
+            "from optimum.onnxruntime import ORTModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            f"tokenizer = AutoTokenizer.from_pretrained({rid})",
+            f"model = ORTModelForCausalLM.from_pretrained({rid})",
+            "```", "",
+        ]
+    lines = ["With transformers:", ""]
+    if fmt == "gptq":
+        lines += ["Needs a GPTQ kernel package: `pip install gptqmodel optimum`.", ""]
+    elif fmt == "compressed-tensors":
+        lines += ["Needs `pip install compressed-tensors`.", ""]
+    lines += [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"tokenizer = AutoTokenizer.from_pretrained({rid})",
+        f'model = AutoModelForCausalLM.from_pretrained({rid}, device_map="auto")',
+        'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
+        "```", "",
+    ]
+    if fmt in _VLLM_FORMATS:
+        lines += [
+            "With vLLM:", "",
+            "```python",
+            "from vllm import LLM",
+            "",
+            f"llm = LLM(model={rid})",
+            'print(llm.generate("The capital of France is")[0].outputs[0].text)',
+            "```", "",
+        ]
+    return lines
+
+
+def _kv_table(rows: list[tuple[str, Any]]) -> list[str]:
+    present = [(k, v) for k, v in rows if v is not None and v != []]
+    if not present:
+        return ["Not recorded.", ""]
+    lines = ["| Setting | Value |", "|---|---|"]
+    for key, value in present:
+        value = ", ".join(map(str, value)) if isinstance(value, list) else value
+        lines.append(f"| {key} | {cell(value)} |")
+    return lines + [""]
+
+
+def _evaluation(results: Optional[dict[str, Any]]) -> list[str]:
+    lines = ["## Evaluation", ""]
+    rows = [r for r in (results or {}).get("rows") or [] if isinstance(r, dict)]
+    if not rows:
+        return lines + ["No measurements were recorded for this artifact.", ""]
+    protocol = _section(results, "protocol")
+    if protocol.get("name"):
+        lines.append(f"Protocol: **{cell(protocol['name'])}**.")
+    details = [
+        f"{label} {cell(protocol[key])}"
+        for key, label in (("dataset", "dataset"), ("split", "split"), ("windows", "windows:"), ("seqlen", "seqlen"))
+        if protocol.get(key) is not None
+    ]
+    if details:
+        lines.append(", ".join(details) + ".")
+    if protocol.get("description"):
+        lines.append(cell(protocol["description"]))
+    lines.append("")
+    columns = [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    this = results.get("this")
+    lines.append("| Model | " + " | ".join(c[1] for c in columns) + " |")
+    lines.append("|---|" + "---:|" * len(columns))
+    for row in rows:
+        name = cell(row.get("name", "?"))
+        name = f"**{name}** (this model)" if this is not None and row.get("name") == this else name
+        values = [_fmt(row.get(key), fmt, key) for key, _, fmt in columns]
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
+    return lines + [""]
+
+
+def render_card(
+    manifest: dict[str, Any],
+    results: Optional[dict[str, Any]],
+    config: dict[str, Any],
+    repo_id: str,
+    files: Optional[dict[str, tuple[int, str]]] = None,
+) -> str:
+    """README.md text. `config` is the artifact's config.json; `files` maps path -> (bytes, sha256)."""
+    quant = _section(manifest, "quantization")
+    calib = _section(manifest, "calibration")
+    source = _section(manifest, "source")
+    fmt = quant_format(manifest, config)
+    meta = yaml.safe_dump(front_matter(manifest, config), sort_keys=False, allow_unicode=True)
+
+    base = base_model(manifest)
+    origin = f"[{base}](https://huggingface.co/{base})" if base else cell(source.get("model") or "an unnamed model")
+    bits = f"{quant['bits']}-bit " if quant.get("bits") else ""
+    lines = [
+        "---", meta.rstrip("\n"), "---", "",
+        f"# {cell(repo_id.split('/')[-1])}", "",
+        f"A {bits}{cell(fmt or 'quantized')} quantization of {origin}, made with "
+        f"compress {cell(manifest.get('compress_version') or '?')}.", "",
+        "## Usage", "",
+        *_usage(repo_id, fmt),
+        "## Quantization", "",
+        *_kv_table([
+            ("method", quant.get("method")), ("format", fmt), ("bits", quant.get("bits")),
+            ("group size", quant.get("group_size")), ("symmetric", quant.get("sym")),
+            ("act-order (desc_act)", quant.get("desc_act")), ("not quantized", quant.get("skipped")),
+            ("source architecture", source.get("architecture")),
+        ]),
+        "## Calibration data", "",
+        *_kv_table([
+            ("dataset", calib.get("dataset")), ("samples", calib.get("nsamples")),
+            ("sequence length", calib.get("seqlen")), ("seed", calib.get("seed")),
+            ("windows sha256", calib.get("windows_sha256")),
+        ]),
+        *_evaluation(results),
+    ]
+    packages = _section(manifest, "packages")
+    lines += ["## Reproducibility", ""]
+    if manifest.get("created"):
+        lines.append(f"Created {cell(manifest['created'])}.")
+    if packages:
+        lines.append("Packages: " + ", ".join(f"{cell(k)} {cell(v)}" for k, v in sorted(packages.items())) + ".")
+    lines.append("The resolved run configuration is in `compress-manifest.json`.")
+    lines.append("")
+    if files:
+        lines += ["## Files", "", "| File | Bytes | sha256 |", "|---|---:|---|"]
+        lines += [f"| {cell(p)} | {size} | `{digest}` |" for p, (size, digest) in sorted(files.items())]
+        lines.append("")
+    return "\n".join(lines)
