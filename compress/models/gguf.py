@@ -1,0 +1,59 @@
+"""Turn a GGUF file into a cached Hugging Face folder of fp32 safetensors, once.
+
+GGUF tensors are dequantized by transformers' GGUF loader; the result is saved so that every
+later run streams blocks from safetensors like any other checkpoint. The conversion itself
+holds the model once in memory; it is cached by the GGUF file's content hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("COMPRESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "compress"
+    )
+    return Path(base)
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Path of a folder holding the dequantized checkpoint (converted on first use)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).resolve()
+    digest = file_sha256(gguf_path)[:16]
+    target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        kwargs = dict(gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), dtype=torch.float32, **kwargs
+        )
+        model.hf_quantizer = None  # a GGUF-loaded model refuses to save otherwise
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
+        (tmp / "compress-source.txt").write_text(f"{gguf_path}\nsha256-prefix {digest}\n")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,102 @@
+"""Stage: resolve `model.source` to a checkpoint folder and open it for streaming."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.config import ModelConfig
+from compress.engine import StreamedModel
+from compress.models.arch import ArchSpec, arch_for
+from compress.models.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+
+log = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+
+@dataclass
+class LoadedModel:
+    source: str  # what the user wrote
+    root: Path  # folder holding config.json, tokenizer and weights
+    config: object  # transformers PretrainedConfig
+    checkpoint: Checkpoint
+    arch: ArchSpec
+    device: torch.device
+    dtype: torch.dtype
+
+    def streamed(self) -> StreamedModel:
+        return StreamedModel(self.config, self.checkpoint, self.device, self.dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device: cuda was asked for but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _from_hub(cfg: ModelConfig) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(cfg.source, revision=cfg.revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        raise CheckpointError(
+            f"model.source: '{cfg.source}' is not a local folder or file, and fetching it from the "
+            f"Hugging Face Hub failed (offline, or no such repo?): {type(e).__name__}: {e}"
+        ) from None
+
+
+def resolve_folder(cfg: ModelConfig) -> Path:
+    """The local folder for `model.source`, converting GGUF or downloading as needed."""
+    from compress.models.gguf import convert_gguf
+
+    src = Path(cfg.source).expanduser()
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    if src.suffix == ".gguf":
+        if not src.is_file():
+            raise CheckpointError(f"model.source: GGUF file {src} not found")
+        return convert_gguf(src, cache)
+    if src.is_dir():
+        if cfg.gguf_file:
+            if not (src / cfg.gguf_file).is_file():
+                raise CheckpointError(f"model.gguf_file: {src / cfg.gguf_file} not found")
+            return convert_gguf(src / cfg.gguf_file, cache)
+        return src
+    if src.exists():
+        raise CheckpointError(f"model.source: {src} is a file but not a .gguf file")
+    if cfg.source.count("/") == 1 and not cfg.source.startswith((".", "/", "~")):
+        return _from_hub(cfg)
+    raise CheckpointError(f"model.source: {cfg.source} does not exist")
+
+
+def load_config(root: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(root), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise CheckpointError(f"{root / 'config.json'}: cannot read the model config ({e})") from None
+    arch_for(config.model_type)  # raises UnsupportedModelError naming the supported types
+    return config
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    root = resolve_folder(cfg)
+    config = load_config(root, cfg.trust_remote_code)
+    checkpoint = open_checkpoint(root, allow_pickle=cfg.allow_pickle)
+    device = resolve_device(cfg.device)
+    return LoadedModel(
+        cfg.source, root, config, checkpoint, arch_for(config.model_type), device,
+        resolve_dtype(cfg.dtype, device),
+    )
