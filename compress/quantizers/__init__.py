@@ -1,5 +1,5 @@
 """Quantization algorithms. Importing this package registers every built-in method."""
-from compress.quantizers import rtn  # noqa: F401  (registers "rtn")
+from compress.quantizers import gptq, rtn  # noqa: F401  (register "gptq" and "rtn")
 from compress.quantizers.base import QUANTIZERS, QuantSpec, Quantizer, get_quantizer, register
 
 __all__ = ["QUANTIZERS", "QuantSpec", "Quantizer", "get_quantizer", "register"]

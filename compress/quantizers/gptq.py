@@ -1,0 +1,234 @@
+"""GPTQ: column-by-column quantization with second-order error compensation.
+
+Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", Algorithm 1. Each column is rounded on the grid of its group and the rounding
+error is spread over the not-yet-quantized columns through the inverse Hessian; columns are
+processed in blocks whose updates to the rest of the matrix are applied lazily (Sec. 4, step 2)
+and the inverse Hessian is read off its upper Cholesky factor (Sec. 4, step 3).
+
+A pure function of tensors: the caller accumulates ``H`` (see ``hessian.py``), catches
+:class:`GPTQNumericalError` to fall back to RTN, and logs :attr:`GPTQResult.output_error`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from compress.formats.qweight import QuantizedWeight
+from compress.quantizers.base import QuantSpec, register
+from compress.quantizers.grid import dequantize, find_params, max_code, quantize
+from compress.quantizers.hessian import output_error
+
+log = logging.getLogger(__name__)
+
+# Cholesky failure: multiply the damping by DAMP_GROWTH, at most MAX_DAMP_TRIES attempts.
+DAMP_GROWTH = 10.0
+MAX_DAMP_TRIES = 4
+# Range shrink factors tried by ``mse_clip`` (1.0 first: ties keep the plain min/max grid).
+CLIP_SHRINKS = tuple(1.0 - 0.01 * i for i in range(26))  # 1.00 .. 0.75
+CLIP_NORM = 2.0
+
+
+class GPTQNumericalError(RuntimeError):
+    """The damped Hessian stayed non positive definite after every retry."""
+
+    def __init__(self, damp_percents: list[float]) -> None:
+        self.damp_percents = damp_percents
+        super().__init__(
+            "Cholesky factorisation of the damped Hessian failed with damp_percent "
+            + ", ".join(f"{d:g}" for d in damp_percents)
+            + "; raise quantize.damp_percent or quantize this layer with RTN"
+        )
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    weight: QuantizedWeight
+    loss: float  # the reference's sum over weights of (w - q)^2 / (2 [H^-1]_jj-chol^2)
+    output_error: float  # tr((W - Wq) H (W - Wq)^T) with the undamped H
+    damp_percent: float  # the damping actually used (larger than asked after retries)
+
+
+def clip_search_params(
+    x: torch.Tensor,
+    bits: int,
+    sym: bool,
+    weight: Optional[torch.Tensor] = None,
+    shrinks: tuple[float, ...] = CLIP_SHRINKS,
+    norm: float = CLIP_NORM,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero of ``x`` [rows, cols] minimising ``sum weight * |err|^norm``.
+
+    Grid search over a shrunk min/max range, as the GPTQ reference's ``mse`` option and
+    llm-compressor's MSE observer do. ``weight`` broadcasts against ``x`` (e.g. diag(H) [cols]).
+    """
+    best = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+    scale = torch.empty_like(best)
+    zero = torch.empty_like(best)
+    for p in shrinks:
+        s, z = find_params(x, bits, sym, shrink=p)
+        err = (dequantize(quantize(x, s, z, bits), s, z) - x).abs_().pow_(norm)
+        if weight is not None:
+            err = err * weight
+        err = err.sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+def _params(x: torch.Tensor, spec: QuantSpec, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.mse_clip:
+        return clip_search_params(x, spec.bits, spec.sym, weight=weight)
+    return find_params(x, spec.bits, spec.sym)
+
+
+def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and the damping used."""
+    mean_diag = torch.diagonal(H).mean()
+    tried: list[float] = []
+    damp = damp_percent
+    for attempt in range(MAX_DAMP_TRIES):
+        tried.append(damp)
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp
+        if attempt + 1 < MAX_DAMP_TRIES:
+            log.warning(
+                "GPTQ: Cholesky of the Hessian failed with damp_percent=%g; retrying with %g",
+                damp, damp * DAMP_GROWTH,
+            )
+        damp *= DAMP_GROWTH
+    raise GPTQNumericalError(tried)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResult:
+    """Quantize ``W`` [out, in] given the Hessian ``H`` [in, in] of its inputs.
+
+    Runs on ``W``'s device, in float64 when ``W`` is float64 and float32 otherwise. Codes and
+    ``g_idx`` come back in the layer's original column order, also under ``desc_act``.
+    """
+    if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"weight {tuple(W.shape)} and Hessian {tuple(H.shape)} do not match")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("weight contains NaN or Inf")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("Hessian contains NaN or Inf (check the calibration activations)")
+    if not 2 <= spec.bits <= 8:
+        raise ValueError(f"quantize.bits: {spec.bits} is outside 2..8")
+    out_f, in_f = W.shape
+    gs = in_f if spec.group_size == -1 else spec.group_size
+    if in_f % gs:
+        raise ValueError(f"quantize.group_size: {gs} does not divide the input size {in_f}")
+    n_groups = in_f // gs
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    device = W.device
+    maxq = max_code(spec.bits)
+
+    W_in = W
+    W = W.to(dtype).clone()
+    H_in = H
+    H = H.to(device=device, dtype=dtype).clone()
+    # Dead inputs (never active in calibration): any value is free, so fix them to 0 and keep
+    # H invertible (GPTQ reference, `fasterquant`).
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    hdiag = torch.diagonal(H).clone()
+
+    # Static groups (and per-channel grids) are fixed from the unquantized weight up front;
+    # otherwise each group's grid is chosen from the error-updated weights when reached.
+    static = spec.static_groups or spec.group_size == -1
+    scales = torch.zeros(out_f, n_groups, dtype=dtype, device=device)
+    zeros = torch.zeros_like(scales)
+    if static:
+        flat = W.reshape(out_f, n_groups, gs).transpose(0, 1).reshape(-1, gs)
+        wgt = hdiag.reshape(n_groups, 1, gs).expand(n_groups, out_f, gs).reshape(-1, gs)
+        s, z = _params(flat, spec, wgt)
+        scales.copy_(s.reshape(n_groups, out_f).t())
+        zeros.copy_(z.reshape(n_groups, out_f).t())
+
+    # Act-order (the reference's `actorder`): quantize columns of large H_jj first.
+    if spec.desc_act:
+        perm = torch.argsort(hdiag, descending=True)
+    else:
+        perm = torch.arange(in_f, device=device)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    hdiag = hdiag[perm]
+    # Group of each position in processing order: static groups keep the original column's
+    # group, dynamic groups are consecutive runs of processing order.
+    group_of = perm // gs if static else torch.arange(in_f, device=device) // gs
+    group_list = group_of.tolist()
+
+    Hinv, damp = _inverse_cholesky(H, spec.damp_percent)
+
+    Q = torch.zeros_like(W)
+    losses = torch.zeros_like(W)
+    bs = spec.block_size
+    for i1 in range(0, in_f, bs):
+        i2 = min(i1 + bs, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not static and j % gs == 0:
+                # Current values of the group: in-block columns already carry this block's
+                # updates; columns past the block still owe the pending lazy update.
+                cur = W1[:, i : i + gs]
+                if j + gs > i2:
+                    rest = W[:, i2 : j + gs] - Err1 @ Hinv[i1:i2, i2 : j + gs]
+                    cur = torch.cat([cur, rest], dim=1)
+                g = j // gs
+                scales[:, g], zeros[:, g] = _params(cur, spec, hdiag[j : j + gs])
+            g = group_list[j]
+            s, z = scales[:, g], zeros[:, g]
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            Q[:, j] = q
+            err = (w - s * (q - z)) / d
+            losses[:, j] = err * err / 2  # Algorithm 1 with the reference's loss bookkeeping
+            # Eq. (3) on the Cholesky row: W[:, j+1:] -= err * Hinv[j, j+1:]
+            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
+            Err1[:, i] = err
+        # Lazy batch update of every later column at once (Sec. 4, step 2).
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+
+    inv = torch.argsort(perm)
+    g_idx = group_of[inv].to(torch.int32)
+    qw = QuantizedWeight(
+        codes=Q[:, inv].to(torch.uint8),
+        scales=scales.float(),
+        zeros=zeros.to(torch.uint8),
+        g_idx=g_idx,
+        bits=spec.bits,
+        group_size=spec.group_size,
+        sym=spec.sym,
+        # Flag only a g_idx that readers cannot infer (act-order with static groups keeps
+        # the plain i // group_size layout).
+        desc_act=spec.desc_act and not static,
+    )
+    W_q = qw.dequantize(dtype)
+    return GPTQResult(
+        weight=qw,
+        loss=float(losses.sum()),
+        output_error=output_error(W_in, W_q, H_in.to(device)),
+        damp_percent=damp,
+    )
+
+
+@register("gptq", needs_hessian=True)
+def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+    if H is None:
+        raise ValueError("gptq needs the layer's Hessian; calibration did not provide one")
+    return gptq(W, H, spec).weight
