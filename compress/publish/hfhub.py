@@ -30,20 +30,35 @@ class RetryPolicy:
     sleep: Callable[[float], None] = time.sleep
 
 
+def network_cause(err: BaseException) -> Optional[BaseException]:
+    """The HTTP or connection error behind `err` (huggingface_hub wraps LFS failures in RuntimeError)."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, (HfHubHTTPError, httpx.HTTPError, ConnectionError, TimeoutError)):
+            return err
+        err, seen = err.__cause__, seen + 1
+    return None
+
+
 def _status(err: BaseException) -> Optional[int]:
-    response = getattr(err, "response", None)
+    response = getattr(network_cause(err), "response", None)
     return getattr(response, "status_code", None)
 
 
 def is_transient(err: BaseException) -> bool:
     """5xx and connection failures are worth retrying; 4xx (401, 403, 404, 409...) never are."""
     import httpx
-    from huggingface_hub.errors import HfHubHTTPError
 
-    if isinstance(err, HfHubHTTPError):
-        status = _status(err)
-        return status is not None and status >= 500
-    return isinstance(err, (httpx.TransportError, ConnectionError, TimeoutError))
+    cause = network_cause(err)
+    if cause is None:
+        return False
+    status = _status(cause)
+    if status is not None:
+        return status >= 500
+    return isinstance(cause, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
 def with_retry(step: str, fn: Callable[[], T], policy: RetryPolicy) -> T:
@@ -62,6 +77,7 @@ def with_retry(step: str, fn: Callable[[], T], policy: RetryPolicy) -> T:
 
 
 def _short(err: BaseException) -> str:
+    err = network_cause(err) or err
     status = _status(err)
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return f"HTTP {status}: {first}" if status else f"{type(err).__name__}: {first}"
@@ -171,10 +187,7 @@ def publish_to_hub(
     except (PublishInputError, PublishError):
         raise
     except Exception as err:
-        from huggingface_hub.errors import HfHubHTTPError
-        import httpx
-
-        if isinstance(err, (HfHubHTTPError, httpx.HTTPError, ConnectionError, TimeoutError)):
+        if network_cause(err) is not None:
             raise explain(step, repo_id, err, retry) from err
         raise
     verify_remote(remote or {}, files, repo_id, revision)
