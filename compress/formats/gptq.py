@@ -1,0 +1,183 @@
+"""GPTQ v1 checkpoint layout (``quant_method: gptq``, ``checkpoint_format: gptq``).
+
+What AutoGPTQ, GPTQModel and transformers+optimum load. For a linear named ``P``:
+
+  P.qweight  int32 [in*bits/32, out]   codes packed along the input dim (``formats.pack``)
+  P.qzeros   int32 [G, out*bits/32]    ``zero - 1`` packed along the output dim (v1 convention)
+  P.scales   fp16  [G, out]
+  P.g_idx    int32 [in]                group of each input column (a permutation under desc_act)
+  P.bias     fp16  [out]               only when the layer has a bias
+
+Per-channel quantization (``group_size = -1``) is stored with ``G = 1``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from compress.formats.pack import pack, packed_size, unpack
+from compress.formats.qweight import QuantizedWeight
+
+TensorSource = Union[Mapping[str, torch.Tensor], Callable[[str], Optional[torch.Tensor]]]
+
+SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+# The largest finite fp16: scales beyond it would be written as inf.
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def _check_dims(prefix: str, out_f: int, in_f: int, bits: int) -> None:
+    try:
+        packed_size(in_f, bits)
+        packed_size(out_f, bits)
+    except ValueError as e:
+        raise ValueError(f"{prefix}: shape [{out_f}, {in_f}] cannot use the GPTQ layout: {e}") from None
+
+
+def trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    """The g_idx of a layer quantized in natural column order."""
+    gs = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, dtype=torch.int32) // gs
+
+
+def linear_tensors(
+    prefix: str, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None
+) -> dict[str, torch.Tensor]:
+    """The GPTQ v1 tensors of one quantized linear layer, keyed ``f"{prefix}.{suffix}"``."""
+    out_f, in_f = qw.shape
+    bits = qw.bits
+    _check_dims(prefix, out_f, in_f, bits)
+    if not qw.desc_act and not torch.equal(qw.g_idx.to(torch.int32), trivial_g_idx(in_f, qw.group_size)):
+        # Kernels for desc_act=False (exllama, marlin) ignore g_idx: the file would load wrong.
+        raise ValueError(f"{prefix}: g_idx is permuted but desc_act is False; set desc_act=True")
+    zeros = qw.zeros.to(torch.int64)
+    if bool((zeros == 0).any()):
+        # v1 stores zero-1; a zero of 0 wraps to 2**bits-1 and GPTQModel's packed +1 carry
+        # corrupts the neighbouring zero point. Sym grids never hit this (zero = 2**(bits-1)).
+        raise ValueError(
+            f"{prefix}: an asymmetric zero point of 0 cannot be stored in GPTQ v1 "
+            "(checkpoint_format 'gptq'); use quantize.sym=true or clamp zeros to >= 1"
+        )
+    scales = qw.scales.to(torch.float32)
+    if not bool(torch.isfinite(scales).all()) or float(scales.abs().max()) > _FP16_MAX:
+        raise ValueError(f"{prefix}.scales: non-finite or beyond the fp16 range")
+    out = {
+        f"{prefix}.qweight": pack(qw.codes.t(), bits, dim=0),
+        f"{prefix}.qzeros": pack((zeros - 1).t(), bits, dim=1),
+        f"{prefix}.scales": scales.t().to(torch.float16).contiguous(),
+        f"{prefix}.g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+    if bias is not None:
+        if not bool(torch.isfinite(bias).all()):
+            raise ValueError(f"{prefix}.bias: contains NaN or Inf")
+        out[f"{prefix}.bias"] = bias.detach().to(torch.float16).contiguous()
+    return out
+
+
+def _getter(source: TensorSource) -> Callable[[str], Optional[torch.Tensor]]:
+    if callable(source):
+        return source
+    return source.get
+
+
+def read_linear(
+    source: TensorSource, prefix: str, bits: int, group_size: int, sym: bool
+) -> tuple[QuantizedWeight, Optional[torch.Tensor]]:
+    """Inverse of :func:`linear_tensors`.
+
+    Scales come back as float32 holding the file's fp16 values exactly, so our dequantization
+    sees the same weights as every other GPTQ loader.
+    """
+    get = _getter(source)
+    t = {}
+    for s in SUFFIXES:
+        v = get(f"{prefix}.{s}")
+        if v is None:
+            raise KeyError(f"GPTQ tensor '{prefix}.{s}' is missing")
+        t[s] = v
+    codes = unpack(t["qweight"], bits, dim=0).t().contiguous()  # [out, in]
+    zeros = unpack(t["qzeros"], bits, dim=1).to(torch.int64) + 1  # v1: stored zero-1
+    out_f, in_f = codes.shape
+    if zeros.shape[1] != out_f or t["scales"].shape != (zeros.shape[0], out_f):
+        raise ValueError(
+            f"{prefix}: qweight {tuple(t['qweight'].shape)}, qzeros {tuple(t['qzeros'].shape)} "
+            f"and scales {tuple(t['scales'].shape)} disagree on the output size"
+        )
+    if int(zeros.max()) > (1 << bits) - 1:
+        raise ValueError(f"{prefix}.qzeros: holds a wrapped zero point (zero 0 under v1)")
+    g_idx = t["g_idx"].to(torch.int32)
+    qw = QuantizedWeight(
+        codes=codes,
+        scales=t["scales"].to(torch.float32).t().contiguous(),
+        zeros=zeros.t().contiguous().to(torch.uint8),
+        g_idx=g_idx,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=not torch.equal(g_idx, trivial_g_idx(in_f, group_size)),
+    )
+    bias = get(f"{prefix}.bias")
+    return qw, bias
+
+
+def _check_dynamic(dynamic: Mapping[str, Mapping[str, Any]]) -> None:
+    for key in dynamic:
+        pattern = key[2:] if key.startswith(("+:", "-:")) else key
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"quantization_config.dynamic: bad regex '{key}': {e}") from None
+
+
+def quantization_config(
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    *,
+    modules_to_not_convert: Sequence[str] = (),
+    dynamic: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    modules_in_block_to_quantize: Optional[Sequence[Sequence[str]]] = None,
+    damp_percent: float = 0.01,
+    true_sequential: bool = True,
+    meta: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """``config.json["quantization_config"]``; also the content of ``quantize_config.json``.
+
+    Loaders differ in how they skip layers: GPTQModel reads ``dynamic`` (``"-:regex"`` skips a
+    module, ``"+:regex": {...}`` overrides bits/group_size), transformers+optimum only read
+    ``modules_in_block_to_quantize`` (module-name suffixes within a decoder block).
+    ``modules_to_not_convert`` (full module names) is written as ``-:`` entries of ``dynamic``.
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"quantize.bits: GPTQ supports 2, 3, 4 or 8 bits, got {bits}")
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"quantize.group_size: must be -1 or positive, got {group_size}")
+    if not 0 < damp_percent < 1:
+        raise ValueError(f"quantize.damp_percent: must lie in (0, 1), got {damp_percent}")
+    dyn: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (dynamic or {}).items()}
+    for name in modules_to_not_convert:
+        dyn[f"-:^{re.escape(name)}$"] = {}
+    _check_dynamic(dyn)
+    cfg: dict[str, Any] = {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "format": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "sym": sym,
+        "desc_act": desc_act,
+        # GAR is a quantization-time ordering; the file's g_idx already says what was done.
+        "act_group_aware": False,
+        "damp_percent": damp_percent,
+        "true_sequential": true_sequential,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "meta": dict(meta or {}),
+    }
+    if dyn:
+        cfg["dynamic"] = dyn
+    if modules_in_block_to_quantize is not None:
+        cfg["modules_in_block_to_quantize"] = [list(g) for g in modules_in_block_to_quantize]
+    return cfg
