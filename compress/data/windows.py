@@ -1,0 +1,138 @@
+"""Token windows for calibration (random, seeded) and evaluation (consecutive, non-overlapping).
+
+Each document is tokenized on its own, without special tokens, and the documents' ids are joined
+with the ids of "\\n\\n" (model-agnostic, and the separator of the usual perplexity protocol).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Iterator, Union
+
+import torch
+
+from compress.data.sources import Document, TextSource, resolve_source
+from compress.data.splits import split_documents
+
+SourceSpec = Union[str, TextSource]
+SEPARATOR = "\n\n"
+_BATCH_DOCS = 32
+# `random-tokens` evaluation windows come from their own fixed stream, apart from calibration's.
+_RANDOM_EVAL_SEED = 0x5EED_E7A1
+
+
+def calibration_windows(
+    tokenizer, source_spec: SourceSpec, nsamples: int, seqlen: int, seed: int,
+    chat_template: bool = False,
+) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens, each starting at a uniformly drawn offset (with
+    replacement) in the concatenated calibration split; int64 [nsamples, seqlen]."""
+    source = _as_source(source_spec)
+    _check_positive(nsamples=("calibration.nsamples", nsamples), seqlen=("calibration.seqlen", seqlen))
+    gen = torch.Generator().manual_seed(seed)
+    if not source.has_documents:
+        if chat_template:
+            raise ValueError("calibration.chat_template: 'random-tokens' has no text to wrap")
+        return _random_tokens(tokenizer, nsamples, seqlen, gen)
+    docs: Iterable[Document] = split_documents(source, "calibration")
+    if chat_template:
+        docs = (Document(d.key, as_chat(tokenizer, d.text)) for d in docs)
+    ids = _concat_ids(tokenizer, docs, limit=None)
+    if ids.numel() < seqlen:
+        raise ValueError(
+            f"calibration.seqlen={seqlen} is longer than the whole calibration split of "
+            f"'{source.describe()}' ({ids.numel()} tokens); lower it or use a larger "
+            "calibration.dataset"
+        )
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(tokenizer, source_spec: SourceSpec, n_windows: int, seqlen: int) -> torch.Tensor:
+    """The perplexity protocol's text: the evaluation split, concatenated, cut from its start into
+    consecutive non-overlapping windows of `seqlen`; the first `n_windows`, int64 [n, seqlen]."""
+    source = _as_source(source_spec)
+    _check_positive(n_windows=("evaluate.windows", n_windows), seqlen=("evaluate.seqlen", seqlen))
+    if not source.has_documents:
+        return _random_tokens(tokenizer, n_windows, seqlen, torch.Generator().manual_seed(_RANDOM_EVAL_SEED))
+    need = n_windows * seqlen
+    ids = _concat_ids(tokenizer, split_documents(source, "evaluation"), limit=need)
+    if ids.numel() < need:
+        raise ValueError(
+            f"evaluate.windows={n_windows} x evaluate.seqlen={seqlen} needs {need} tokens but the "
+            f"evaluation split of '{source.describe()}' has only {ids.numel()} "
+            f"(room for {ids.numel() // seqlen} windows); lower evaluate.windows or "
+            "evaluate.seqlen, or use a larger evaluate.dataset"
+        )
+    return ids[:need].view(n_windows, seqlen).clone()
+
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    """sha256 of the token ids as little-endian int64, row-major; the shape is not hashed.
+    Equals hashlib.sha256(numpy.asarray(ids, dtype='<i8').tobytes()).hexdigest()."""
+    arr = windows.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False)
+    return hashlib.sha256(arr.tobytes()).hexdigest()
+
+
+def as_chat(tokenizer, text: str) -> str:
+    """One document as a user/assistant exchange in the tokenizer's chat template: the first
+    paragraph is the user turn and the rest the assistant's (a one-paragraph document becomes
+    the assistant's answer to a fixed request)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "calibration.chat_template is true but the tokenizer has no chat template; "
+            "set it to false for this model"
+        )
+    head, sep, rest = text.partition(SEPARATOR)
+    if not sep or not rest.strip():
+        head, rest = "Write a passage of text.", text
+    messages = [{"role": "user", "content": head}, {"role": "assistant", "content": rest}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _as_source(spec: SourceSpec) -> TextSource:
+    return spec if isinstance(spec, TextSource) else resolve_source(spec)
+
+
+def _check_positive(**named: tuple[str, int]) -> None:
+    for key, value in named.values():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _random_tokens(tokenizer, n: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:
+    # Uniform over the base vocabulary [0, vocab_size); added special tokens are excluded.
+    return torch.randint(0, tokenizer.vocab_size, (n, seqlen), generator=gen, dtype=torch.int64)
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    # verbose=False: documents may exceed model_max_length; we cut windows ourselves.
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def _concat_ids(tokenizer, docs: Iterable[Document], limit: int | None) -> torch.Tensor:
+    """Token ids of the documents joined by SEPARATOR; stops once `limit` tokens are reached
+    (documents are tokenized in small batches, so only the text needed is tokenized)."""
+    sep = _encode(tokenizer, [SEPARATOR])[0]
+    pieces: list[torch.Tensor] = []
+    total = 0
+    for batch in _batched(docs, _BATCH_DOCS if limit is None else 4):
+        for ids in _encode(tokenizer, [d.text for d in batch]):
+            if pieces:
+                pieces.append(torch.tensor(sep, dtype=torch.int64))
+                total += len(sep)
+            pieces.append(torch.tensor(ids, dtype=torch.int64))
+            total += len(ids)
+            if limit is not None and total >= limit:
+                return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)
+
+
+def _batched(items: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
