@@ -1,0 +1,231 @@
+"""Atomic, sharded writing of a model folder.
+
+Everything is written into a hidden sibling ``.<name>.partial-<random>`` and renamed to the
+final name only once complete, with ``compress-manifest.json`` (sizes and sha256 of every
+other file) written last. A folder at the final path therefore always holds a finished
+artifact; a crash leaves at most a ``.partial-`` folder that nothing mistakes for a model.
+
+Tensors are buffered and flushed to a safetensors shard whenever the buffer would exceed
+``max_shard_bytes``, so a block-streaming pipeline never holds the whole model in memory.
+Shard names follow the Hugging Face convention (``model.safetensors`` or
+``model-00001-of-00003.safetensors`` plus ``model.safetensors.index.json``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "compress-manifest.json"
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2_000_000_000  # "2GB" as transformers' save_pretrained counts it
+_RESERVED = {MANIFEST, CONFIG, SINGLE, INDEX}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _is_empty_dir(p: Path) -> bool:
+    return p.is_dir() and not any(p.iterdir())
+
+
+class ArtifactWriter:
+    """Write one model folder atomically. Use as a context manager; call :meth:`finish`."""
+
+    def __init__(
+        self,
+        final_dir: Union[str, Path],
+        *,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        overwrite: bool = False,
+    ) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.final_dir = Path(final_dir).absolute()
+        self.overwrite = overwrite
+        self.max_shard_bytes = max_shard_bytes
+        self._refuse_clobber()
+        self.final_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.partial-{secrets.token_hex(4)}"
+        self.tmp_dir.mkdir()
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # temporary shard file, tensor names
+        self._names: set[str] = set()
+        self._total_bytes = 0
+        self._files: set[str] = set()
+        self._done = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if not self._done:
+            if exc_type is None:
+                log.warning("ArtifactWriter for %s closed without finish(); discarding", self.final_dir)
+            self.abort()
+
+    def abort(self) -> None:
+        """Remove the temporary folder; the final path is left untouched."""
+        self._buffer.clear()
+        self._done = True
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def _refuse_clobber(self) -> None:
+        d = self.final_dir
+        if d.exists() and not self.overwrite and not _is_empty_dir(d):
+            raise FileExistsError(f"{d} exists and is not empty; pass overwrite=True to replace it")
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise RuntimeError("ArtifactWriter is already finished or aborted")
+
+    # -- content ---------------------------------------------------------------------------
+    def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Buffer tensors; a full buffer is written out as the next shard."""
+        self._check_open()
+        for name, t in tensors.items():
+            if name in self._names:
+                raise ValueError(f"tensor '{name}' was already added")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
+            # Own a contiguous CPU copy: the caller may free or mutate its tensor afterwards,
+            # and safetensors refuses tensors that share storage.
+            t = t.detach().to("cpu", copy=True).contiguous()
+            size = _tensor_bytes(t)
+            if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self._buffer[name] = t
+            self._buffer_bytes += size
+            self._names.add(name)
+            self._total_bytes += size
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        path = self.tmp_dir / f".shard-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._buffer)))
+        log.debug("wrote shard %s (%d tensors, %d bytes)", path.name, len(self._buffer), self._buffer_bytes)
+        self._buffer = {}
+        self._buffer_bytes = 0
+
+    def add_file(self, name: str, content: Union[bytes, str, os.PathLike]) -> None:
+        """Add a side file (tokenizer, generation config, ...): ``bytes`` or a path to copy."""
+        self._check_open()
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ValueError(f"file name '{name}' must be a relative path inside the artifact")
+        if rel.as_posix() in _RESERVED or rel.name.endswith(".safetensors"):
+            raise ValueError(f"file name '{name}' is reserved for the writer")
+        if rel.as_posix() in self._files:
+            raise ValueError(f"file '{name}' was already added")
+        dest = self.tmp_dir / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            dest.write_bytes(content)
+        else:
+            shutil.copyfile(content, dest)
+        self._files.add(rel.as_posix())
+
+    # -- completion ------------------------------------------------------------------------
+    def _place_shards(self) -> None:
+        n = len(self._shards)
+        if n == 1:
+            self._shards[0][0].rename(self.tmp_dir / SINGLE)
+            return
+        weight_map: dict[str, str] = {}
+        for k, (path, names) in enumerate(self._shards, start=1):
+            final = f"model-{k:05d}-of-{n:05d}.safetensors"
+            path.rename(self.tmp_dir / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.tmp_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _outputs(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for p in sorted(self.tmp_dir.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(self.tmp_dir).as_posix()
+                out[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        return out
+
+    def finish(self, config_json: Mapping[str, Any], manifest: Mapping[str, Any]) -> Path:
+        """Write shards, ``config.json`` and the manifest, then move the folder into place."""
+        self._check_open()
+        self._flush()
+        if not self._shards:
+            raise ValueError("no tensors were added; refusing to write an artifact without weights")
+        self._place_shards()
+        (self.tmp_dir / CONFIG).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        full = dict(manifest)
+        full["outputs"] = self._outputs()
+        # Written last: its presence is what marks the folder complete.
+        with open(self.tmp_dir / MANIFEST, "w") as f:
+            f.write(json.dumps(full, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._move_into_place()
+        self._done = True
+        log.info("wrote %s (%d shard(s), %d tensor bytes)", self.final_dir, len(self._shards), self._total_bytes)
+        return self.final_dir
+
+    def _move_into_place(self) -> None:
+        final = self.final_dir
+        if _is_empty_dir(final):
+            final.rmdir()
+        if not final.exists():
+            self.tmp_dir.rename(final)
+            return
+        if not self.overwrite:
+            raise FileExistsError(f"{final} appeared while writing; pass overwrite=True to replace it")
+        # Swap: the old folder leaves only after the new one is complete on disk.
+        old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+        final.rename(old)
+        self.tmp_dir.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete(folder: Union[str, Path], check_hashes: bool = False) -> bool:
+    """True when ``folder`` holds a finished artifact whose files match its manifest."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        outputs = manifest["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for rel, info in outputs.items():
+        p = folder / rel
+        if not p.is_file() or p.stat().st_size != info["bytes"]:
+            return False
+        if check_hashes and sha256_file(p) != info["sha256"]:
+            return False
+    return True
