@@ -137,7 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
             req = json.loads(body)
             repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
             if repo_id in state.repos:
-                return self._error(409, "You already created this model repo")
+                # The Hub's 409 carries the url too; create_repo(exist_ok=True) reads it.
+                return self._send(409, {"error": "You already created this model repo", "url": f"{self.base}/{repo_id}"})
             state.repos[repo_id] = Repo(private=req.get("visibility") == "private")
             return self._send(200, {"url": f"{self.base}/{repo_id}", "name": repo_id})
         if method == "POST" and path == "/api/validate-yaml":
