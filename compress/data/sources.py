@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Optional
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_PREFIX = "hf:"
+RANDOM_TOKENS = "random-tokens"  # no documents: token ids drawn uniformly (see windows.py)
+_NOT_NAMES = {"txt", "jsonl", "parquet", "hf"}  # registry entries reached by path or prefix
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class TextSource:
 
     @property
     def has_documents(self) -> bool:
-        return self.name != "random-tokens"
+        return self.name != RANDOM_TOKENS
 
     def describe(self) -> str:
         if self.name == "hf":
@@ -61,11 +63,13 @@ def register_source(name: str) -> Callable[[Reader], Reader]:
     return wrap
 
 
+def _named_sources() -> list[str]:
+    return sorted({n for n in SOURCES if n not in _NOT_NAMES} | {RANDOM_TOKENS})
+
+
 def _valid_names() -> str:
-    builtin = sorted(n for n in SOURCES if n not in ("txt", "jsonl", "parquet", "hf"))
-    builtin.append("random-tokens")
     return (
-        f"{', '.join(sorted(set(builtin)))}, a file path ending in "
+        f"{', '.join(_named_sources())}, a file path ending in "
         f"{' / '.join(FILE_SUFFIXES)}, or hf:<dataset_id>[:config]"
     )
 
@@ -91,7 +95,7 @@ def resolve_source(spec: str, text_field: str = "text", eval_fraction: float = 0
         if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
             raise ValueError(_pyarrow_missing(spec))
         return TextSource(suffix[1:], spec, None, text_field, eval_fraction)
-    if spec == "random-tokens" or spec in SOURCES and spec not in ("txt", "jsonl", "parquet", "hf"):
+    if spec in _named_sources():
         return TextSource(spec, None, None, text_field, eval_fraction)
     raise ValueError(f"unknown text source '{spec}'; valid: {_valid_names()}")
 

@@ -27,7 +27,7 @@ def calibration_windows(
     """`nsamples` windows of `seqlen` tokens, each starting at a uniformly drawn offset (with
     replacement) in the concatenated calibration split; int64 [nsamples, seqlen]."""
     source = _as_source(source_spec)
-    _check_positive(nsamples=("calibration.nsamples", nsamples), seqlen=("calibration.seqlen", seqlen))
+    _check_positive(("calibration.nsamples", nsamples), ("calibration.seqlen", seqlen))
     gen = torch.Generator().manual_seed(seed)
     if not source.has_documents:
         if chat_template:
@@ -47,13 +47,16 @@ def calibration_windows(
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
-def evaluation_windows(tokenizer, source_spec: SourceSpec, n_windows: int, seqlen: int) -> torch.Tensor:
+def evaluation_windows(
+    tokenizer, source_spec: SourceSpec, n_windows: int, seqlen: int
+) -> torch.Tensor:
     """The perplexity protocol's text: the evaluation split, concatenated, cut from its start into
     consecutive non-overlapping windows of `seqlen`; the first `n_windows`, int64 [n, seqlen]."""
     source = _as_source(source_spec)
-    _check_positive(n_windows=("evaluate.windows", n_windows), seqlen=("evaluate.seqlen", seqlen))
+    _check_positive(("evaluate.windows", n_windows), ("evaluate.seqlen", seqlen))
     if not source.has_documents:
-        return _random_tokens(tokenizer, n_windows, seqlen, torch.Generator().manual_seed(_RANDOM_EVAL_SEED))
+        gen = torch.Generator().manual_seed(_RANDOM_EVAL_SEED)
+        return _random_tokens(tokenizer, n_windows, seqlen, gen)
     need = n_windows * seqlen
     ids = _concat_ids(tokenizer, split_documents(source, "evaluation"), limit=need)
     if ids.numel() < need:
@@ -93,8 +96,8 @@ def _as_source(spec: SourceSpec) -> TextSource:
     return spec if isinstance(spec, TextSource) else resolve_source(spec)
 
 
-def _check_positive(**named: tuple[str, int]) -> None:
-    for key, value in named.values():
+def _check_positive(*named: tuple[str, int]) -> None:
+    for key, value in named:
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
 
