@@ -62,6 +62,9 @@ def linear_tensors(
     scales = qw.scales.to(torch.float32)
     if not bool(torch.isfinite(scales).all()) or float(scales.abs().max()) > _FP16_MAX:
         raise ValueError(f"{prefix}.scales: non-finite or beyond the fp16 range")
+    if bool(((scales != 0) & (scales.to(torch.float16) == 0)).any()):
+        # A scale below fp16's smallest subnormal would silently become 0 on disk.
+        raise ValueError(f"{prefix}.scales: a scale underflows to 0 in fp16")
     out = {
         f"{prefix}.qweight": pack(qw.codes.t(), bits, dim=0),
         f"{prefix}.qzeros": pack((zeros - 1).t(), bits, dim=1),

@@ -94,6 +94,10 @@ def test_refuses_bad_shapes_and_scales() -> None:
     s[0, 0] = float("nan")
     with pytest.raises(ValueError, match="l.scales"):
         gptq.linear_tensors("l", QuantizedWeight(qw.codes, s, qw.zeros, qw.g_idx, 4, 128, True))
+    s = qw.scales.clone()
+    s[1, 0] = 1e-9
+    with pytest.raises(ValueError, match="underflows"):
+        gptq.linear_tensors("l", QuantizedWeight(qw.codes, s, qw.zeros, qw.g_idx, 4, 128, True))
     with pytest.raises(KeyError, match="l.g_idx"):
         t = gptq.linear_tensors("l", qw)
         del t["l.g_idx"]
