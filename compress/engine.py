@@ -93,6 +93,7 @@ class StreamedModel:
         device: torch.device,
         dtype: torch.dtype,
         patch_block: Optional[BlockPatcher] = None,
+        batch_size: int = 8,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -101,6 +102,7 @@ class StreamedModel:
         self.device = device
         self.dtype = dtype
         self.patch_block = patch_block
+        self.batch_size = batch_size
         config = _strip_quant(config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -234,8 +236,14 @@ class StreamedModel:
     def run_block(self, block: nn.Module, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         assert self._layer_calls is not None, "embed() must run before run_block()"
         call = self._layer_calls[i]
+        out: list[torch.Tensor] = []
         with torch.no_grad():
-            return [_first(block(h, *call.args, **call.kwargs)) for h in hidden]
+            # Windows share one length and no padding, so the recorded batch-1 masks and
+            # rotary tables broadcast over a batch of them.
+            for s in range(0, len(hidden), self.batch_size):
+                batch = torch.cat(hidden[s : s + self.batch_size])
+                out.extend(_first(block(batch, *call.args, **call.kwargs)).split(1))
+        return out
 
     @torch.no_grad()
     def logits(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -57,11 +57,25 @@ def _from_hub(cfg: ModelConfig) -> Path:
         ) from None
 
 
+def package_file(spec: str) -> Path:
+    """`package:NAME/relative/path`: a file shipped inside an installed Python package."""
+    import importlib.util
+
+    pkg, _, rel = spec[len("package:"):].partition("/")
+    found = importlib.util.find_spec(pkg) if pkg else None
+    if found is None or not found.submodule_search_locations:
+        raise CheckpointError(f"model.source: package '{pkg}' is not installed (from '{spec}')")
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
 def resolve_folder(cfg: ModelConfig) -> Path:
     """The local folder for `model.source`, converting GGUF or downloading as needed."""
     from compress.models.gguf import convert_gguf
 
-    src = Path(cfg.source).expanduser()
+    if cfg.source.startswith("package:"):
+        src = package_file(cfg.source)
+    else:
+        src = Path(cfg.source).expanduser()
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     if src.suffix == ".gguf":
         if not src.is_file():

@@ -1,0 +1,68 @@
+"""`compress inspect`: what a checkpoint or artifact folder holds, read from headers only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from compress.models.checkpoint import CheckpointError, open_checkpoint
+
+
+def _shapes(ckpt) -> dict[str, tuple[tuple[int, ...], str]]:
+    from safetensors import safe_open
+
+    out = {}
+    for path in ckpt.files:
+        with safe_open(str(path), framework="pt") as f:
+            for n in f.keys():
+                s = f.get_slice(n)
+                out[n] = (tuple(s.get_shape()), s.get_dtype())
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def describe(path: Path) -> str:
+    if path.is_file():
+        raise CheckpointError(f"{path}: inspect takes a model folder (convert GGUF files with `compress run`)")
+    ckpt = open_checkpoint(path)
+    if ckpt.pickled:
+        raise CheckpointError(f"{path}: pickled checkpoints are not inspected")
+    config = json.loads((path / "config.json").read_text())
+    q = config.get("quantization_config") or {}
+    shapes = _shapes(ckpt)
+    params = 0
+    for name, (shape, _) in shapes.items():
+        if name.endswith(".qweight"):
+            g_idx = shapes[name[: -len("qweight")] + "g_idx"][0][0]
+            params += shape[1] * g_idx  # out x in weights behind the packed words
+        elif name.endswith((".qzeros", ".scales", ".g_idx")):
+            continue
+        else:
+            params += _numel(shape)
+    size = sum(p.stat().st_size for p in ckpt.files)
+    lines = [
+        f"path:          {path}",
+        f"architecture:  {', '.join(config.get('architectures') or ['?'])} (model_type {config.get('model_type')})",
+        f"parameters:    {params:,} ({params / 1e6:.1f} M)",
+        f"weight bytes:  {size:,} ({size / 1e6:.1f} MB in {len(ckpt.files)} file(s))",
+        f"bits/weight:   {8 * size / max(params, 1):.2f} (whole file, incl. scales and unquantized tensors)",
+    ]
+    if q:
+        keys = ("quant_method", "checkpoint_format", "bits", "group_size", "sym", "desc_act")
+        lines.append("quantization:  " + ", ".join(f"{k}={q.get(k)}" for k in keys if k in q))
+        dyn = q.get("dynamic") or {}
+        if dyn:
+            lines.append(f"overrides:     {len(dyn)} dynamic rule(s): {', '.join(list(dyn)[:4])}")
+    else:
+        dtypes = sorted({d for _, d in shapes.values()})
+        lines.append(f"quantization:  none (tensor dtypes {', '.join(dtypes)})")
+    manifest = path / "compress-manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        lines.append(f"made by:       compress {m.get('compress_version')} on {m.get('created')}")
+    return "\n".join(lines)

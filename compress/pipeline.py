@@ -1,0 +1,223 @@
+"""The stage list and one `run(cfg)` over a small context object.
+
+load -> calibrate -> quantize+export (per candidate, block streaming) -> evaluate -> report.
+Every stage is a plain function of the context and can be called alone from Python.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from compress.config import ConfigError, RunConfig
+from compress.evaluate.memory import PeakMemory
+from compress.stages.load import LoadedModel
+from compress.stages.quantize import LayerReport, Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CandidateResult:
+    plan: Plan
+    artifact: Optional[Path] = None
+    layers: list[LayerReport] = field(default_factory=list)
+    quantize_seconds: Optional[float] = None
+    error: Optional[str] = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    cfg: RunConfig
+    out_dir: Path
+    plans: list[Plan] = field(default_factory=list)
+    loaded: Optional[LoadedModel] = None
+    tokenizer: object = None
+    calib_ids: Optional[torch.Tensor] = None
+    calibration: Optional[dict] = None
+    input_hashes: dict = field(default_factory=dict)
+    candidates: dict[str, CandidateResult] = field(default_factory=dict)
+    original: dict = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    memory: Optional[PeakMemory] = None
+
+
+def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
+    """Every check that needs no model weights; raises ConfigError naming the key."""
+    from compress.data.sources import resolve_source
+    from compress.stages.quantize import resolve_plans
+
+    try:
+        plans = resolve_plans(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, spec, field_ in (
+        ("calibration.dataset", cfg.calibration.dataset, cfg.calibration.text_field),
+        ("evaluate.dataset", cfg.evaluate.dataset, cfg.calibration.text_field),
+    ):
+        try:
+            resolve_source(spec, text_field=field_)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if not cfg.export.overwrite:
+        for p in plans:
+            if (out_dir / p.name / "compress-manifest.json").exists():
+                raise ConfigError(
+                    f"export.output_dir: {out_dir / p.name} already holds an artifact; "
+                    "set export.overwrite: true or choose another output_dir"
+                )
+    return plans
+
+
+def stage_load(ctx: RunContext) -> None:
+    from transformers import AutoTokenizer
+
+    from compress.models.gguf import file_sha256
+    from compress.stages.load import load_model
+
+    ctx.loaded = load_model(ctx.cfg.model)
+    ctx.tokenizer = AutoTokenizer.from_pretrained(
+        str(ctx.loaded.root), trust_remote_code=ctx.cfg.model.trust_remote_code
+    )
+    ctx.input_hashes = {p.name: file_sha256(p) for p in ctx.loaded.checkpoint.files}
+    sm = ctx.loaded.streamed()
+    _check_group_sizes(ctx, sm)
+
+
+def _check_group_sizes(ctx: RunContext, sm) -> None:
+    """Group sizes that do not divide a layer fail here, before any data is processed."""
+    from compress.stages.quantize import block_linears, layer_spec, weight_of
+
+    for p in ctx.plans:
+        for i in range(sm.n_blocks):
+            for name in (n for g in block_linears(sm.templates[i], sm.arch.sequential) for n in g):
+                full = f"{sm.block_prefix}{i}.{name}"
+                spec = layer_spec(p.q, full)
+                if spec is None:
+                    continue
+                in_f = weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d).shape[1]
+                try:
+                    spec.check_divides(in_f, full)
+                except ValueError as e:
+                    if len(ctx.plans) == 1:
+                        raise ConfigError(str(e)) from None
+                    ctx.candidates[p.name].error = str(e)
+                    break
+
+
+def stage_calibrate(ctx: RunContext) -> None:
+    from compress.data.windows import calibration_windows, windows_sha256
+    from compress.quantizers import get_quantizer
+
+    c = ctx.cfg.calibration
+    if not any(get_quantizer(p.q.method).needs_hessian for p in ctx.plans):
+        ctx.calibration = None  # RTN only: no calibration data is read
+        return
+    ctx.calib_ids = calibration_windows(ctx.tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.chat_template)
+    ctx.calibration = {
+        "dataset": c.dataset, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
+        "chat_template": c.chat_template, "windows_sha256": windows_sha256(ctx.calib_ids),
+    }
+
+
+def stage_quantize(ctx: RunContext) -> None:
+    from compress.stages.export import GPTQExporter, base_manifest
+    from compress.stages.quantize import quantize_model
+
+    manifest = base_manifest(ctx.cfg, ctx.loaded, ctx.input_hashes, ctx.calibration)
+    for name, res in ctx.candidates.items():
+        if res.error:
+            continue
+        sm = ctx.loaded.streamed()
+        exporter = None
+        t0 = time.perf_counter()
+        try:
+            exporter = GPTQExporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
+            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block)
+            res.quantize_seconds = time.perf_counter() - t0
+            res.artifact = exporter.finish(manifest)
+            res.metrics["linear_bits_per_weight"] = exporter.linear_bits_per_weight
+        except Exception as e:
+            if exporter is not None:
+                exporter.abort()
+            if len(ctx.candidates) == 1:
+                raise
+            log.exception("candidate %s failed", name)
+            res.error = f"{type(e).__name__}: {e}"
+
+
+def stage_evaluate(ctx: RunContext) -> None:
+    from compress.data.windows import evaluation_windows, windows_sha256
+    from compress.evaluate.speed import measure_in_subprocess
+    from compress.formats.artifact import open_artifact
+    from compress.stages.evaluate import dir_bytes, evaluate_streams
+
+    e = ctx.cfg.evaluate
+    done = {n: r for n, r in ctx.candidates.items() if r.artifact is not None}
+    n_params = sum(p.numel() for p in ctx.loaded.streamed().model.parameters())
+    orig_bytes = dir_bytes(ctx.loaded.root)
+    ctx.original = {"bytes": orig_bytes, "bits_per_weight": 8 * orig_bytes / n_params, "params": n_params}
+    for r in done.values():
+        r.metrics["bytes"] = dir_bytes(r.artifact)
+        r.metrics["bits_per_weight"] = 8 * r.metrics["bytes"] / n_params
+    if not e.enabled:
+        return
+    eval_ids = evaluation_windows(ctx.tokenizer, e.dataset, e.windows, e.seqlen)
+    ctx.protocol = {
+        "name": f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}",
+        "dataset": e.dataset, "split": "evaluation", "windows": e.windows, "seqlen": e.seqlen,
+        "windows_sha256": windows_sha256(eval_ids),
+        "description": "perplexity = exp(mean next-token NLL) over consecutive non-overlapping "
+        "windows cut from the start of the dataset's evaluation split (see calibration/README.md); "
+        "KL(original || candidate) and top-1 agreement averaged over every token position.",
+    }
+    l = ctx.loaded
+    cands = {n: open_artifact(r.artifact, l.device, l.dtype) for n, r in done.items()}
+    rows = evaluate_streams(l.streamed(), cands, eval_ids, e)
+    ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
+    for n, r in done.items():
+        r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
+                         top1_agreement=rows[n].top1_agreement)
+    if e.speed:
+        dev = l.device.type
+        ctx.original.update(measure_in_subprocess(l.root, False, e.speed_prompt_tokens, e.speed_new_tokens, dev))
+        for r in done.values():
+            r.metrics.update(measure_in_subprocess(r.artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, dev))
+
+
+def stage_report(ctx: RunContext) -> None:
+    from compress.stages.report import write_report
+
+    write_report(ctx)
+
+
+STAGES: list[tuple[str, Callable[[RunContext], None]]] = [
+    ("load", stage_load),
+    ("calibrate", stage_calibrate),
+    ("quantize", stage_quantize),
+    ("evaluate", stage_evaluate),
+    ("report", stage_report),
+]
+
+
+def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
+    out_dir = Path(out_dir or cfg.export.output_dir)
+    plans = preflight(cfg, out_dir)
+    ctx = RunContext(cfg, out_dir, plans)
+    ctx.candidates = {p.name: CandidateResult(p) for p in plans}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with PeakMemory() as mem:
+        ctx.memory = mem
+        for name, stage in STAGES[:-1]:
+            t0 = time.perf_counter()
+            log.info("stage %s", name)
+            stage(ctx)
+            ctx.timings[name] = time.perf_counter() - t0
+    stage_report(ctx)
+    return ctx

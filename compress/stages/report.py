@@ -1,0 +1,108 @@
+"""Stage: results.json and a Markdown table in the output folder, printed at the end.
+
+Each artifact also receives `compress-results.json` (its own row, the original's row and the
+evaluation protocol) so a model card can be written from the artifact alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [
+    ("name", "candidate", "{}"),
+    ("perplexity", "ppl", "{:.3f}"),
+    ("kl_divergence", "KL", "{:.4f}"),
+    ("top1_agreement", "top-1", "{:.3f}"),
+    ("bytes", "MB on disk", "{:.1f}"),
+    ("bits_per_weight", "bits/w (file)", "{:.2f}"),
+    ("linear_bits_per_weight", "bits/w (linears)", "{:.2f}"),
+    ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("serving_peak_rss_mb", "serve RSS MB", "{:.0f}"),
+    ("quantize_seconds", "quantize s", "{:.1f}"),
+    ("error", "status", "{}"),
+]
+
+
+def rows_of(ctx) -> list[dict]:
+    rows = [{"name": f"original ({ctx.loaded.dtype})".replace("torch.", ""), **ctx.original}]
+    for name, r in ctx.candidates.items():
+        row = {"name": name, **r.metrics, "quantize_seconds": r.quantize_seconds}
+        if r.error:
+            row["error"] = f"FAILED: {r.error}"
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "ok" if key == "error" else "-"
+    if key == "bytes":
+        v = v / 1e6
+    return fmt.format(v)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def results_of(ctx) -> dict:
+    mem = ctx.memory
+    return {
+        "protocol": ctx.protocol,
+        "rows": rows_of(ctx),
+        "run": {
+            "peak_rss_mb": mem.peak / 2**20 if mem else None,
+            "baseline_rss_mb": mem.baseline / 2**20 if mem else None,
+            "stage_seconds": ctx.timings,
+            "device": str(ctx.loaded.device) if ctx.loaded else None,
+        },
+        "layers": {
+            name: [vars(l) for l in r.layers] for name, r in ctx.candidates.items()
+        },
+    }
+
+
+def write_report(ctx) -> None:
+    results = results_of(ctx)
+    _write_json(ctx.out_dir / "results.json", results)
+    run = results["run"]
+    orig_mb = ctx.original.get("bytes", 0) / 1e6
+    lines = [
+        f"# compress run: {ctx.cfg.model.source}",
+        "",
+        markdown_table(results["rows"]),
+        "",
+        f"Evaluation protocol: {ctx.protocol.get('name', 'not run')}.",
+    ]
+    if run["peak_rss_mb"] is not None:
+        lines.append(
+            f"Peak resident memory of this run: {run['peak_rss_mb']:.0f} MB "
+            f"({run['peak_rss_mb'] - run['baseline_rss_mb']:.0f} MB above the {run['baseline_rss_mb']:.0f} MB "
+            f"of the process at start); original weights on disk: {orig_mb:.0f} MB."
+        )
+    md = "\n".join(lines) + "\n"
+    if ctx.cfg.report.markdown:
+        (ctx.out_dir / "report.md").write_text(md)
+    for name, r in ctx.candidates.items():
+        if r.artifact is None:
+            continue
+        own = [row for row in results["rows"] if row["name"] in (name,) or row is results["rows"][0]]
+        _write_json(Path(r.artifact) / "compress-results.json",
+                    {"protocol": ctx.protocol, "rows": own, "this": name})
+    if ctx.cfg.report.print:
+        print(md)
