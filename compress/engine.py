@@ -94,6 +94,7 @@ class StreamedModel:
         dtype: torch.dtype,
         patch_block: Optional[BlockPatcher] = None,
         batch_size: int = 8,
+        load_outer: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -114,7 +115,15 @@ class StreamedModel:
         self.n_blocks = len(self.templates)
         self.block_prefix = self.arch.blocks + "."
         self._layer_calls: Optional[list[LayerCall]] = None
-        self._materialize_outer()
+        if load_outer:  # a skeleton without weights suffices for shape checks
+            self._materialize_outer()
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of the whole model (tied weights counted once), read off the skeleton."""
+        seen = {id(p): p.numel() for t in self.templates for p in t.parameters()}
+        seen.update({id(p): p.numel() for n, p in self.model.named_parameters()})
+        return sum(seen.values())
 
     # ---- names ---------------------------------------------------------------------------
     def _ckpt_name(self, name: str) -> Optional[str]:

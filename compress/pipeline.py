@@ -45,6 +45,7 @@ class RunContext:
     original: dict = field(default_factory=dict)
     protocol: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    stage_peak_mb: dict[str, float] = field(default_factory=dict)
     memory: Optional[PeakMemory] = None
 
 
@@ -86,8 +87,7 @@ def stage_load(ctx: RunContext) -> None:
         str(ctx.loaded.root), trust_remote_code=ctx.cfg.model.trust_remote_code
     )
     ctx.input_hashes = {p.name: file_sha256(p) for p in ctx.loaded.checkpoint.files}
-    sm = ctx.loaded.streamed()
-    _check_group_sizes(ctx, sm)
+    _check_group_sizes(ctx, ctx.loaded.streamed(load_outer=False))
 
 
 def _check_group_sizes(ctx: RunContext, sm) -> None:
@@ -160,7 +160,9 @@ def stage_evaluate(ctx: RunContext) -> None:
 
     e = ctx.cfg.evaluate
     done = {n: r for n, r in ctx.candidates.items() if r.artifact is not None}
-    n_params = sum(p.numel() for p in ctx.loaded.streamed().model.parameters())
+    l = ctx.loaded
+    original = l.streamed()
+    n_params = original.n_params
     orig_bytes = dir_bytes(ctx.loaded.root)
     ctx.original = {"bytes": orig_bytes, "bits_per_weight": 8 * orig_bytes / n_params, "params": n_params}
     for r in done.values():
@@ -177,9 +179,8 @@ def stage_evaluate(ctx: RunContext) -> None:
         "windows cut from the start of the dataset's evaluation split (see calibration/README.md); "
         "KL(original || candidate) and top-1 agreement averaged over every token position.",
     }
-    l = ctx.loaded
-    cands = {n: open_artifact(r.artifact, l.device, l.dtype) for n, r in done.items()}
-    rows = evaluate_streams(l.streamed(), cands, eval_ids, e)
+    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype)) for n, r in done.items()}
+    rows = evaluate_streams(original, cands, eval_ids, e)
     ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
     for n, r in done.items():
         r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
@@ -217,7 +218,10 @@ def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
         for name, stage in STAGES[:-1]:
             t0 = time.perf_counter()
             log.info("stage %s", name)
-            stage(ctx)
+            with PeakMemory() as stage_mem:
+                stage(ctx)
             ctx.timings[name] = time.perf_counter() - t0
+            ctx.stage_peak_mb[name] = stage_mem.peak / 2**20
+            log.info("stage %s took %.1f s, peak RSS %.0f MB", name, ctx.timings[name], ctx.stage_peak_mb[name])
     stage_report(ctx)
     return ctx

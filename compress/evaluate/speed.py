@@ -60,7 +60,7 @@ def _load(path: Path, artifact: bool, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> None:
-    import resource
+    from compress.evaluate.memory import PeakMemory
 
     ap = argparse.ArgumentParser()
     ap.add_argument("path", type=Path)
@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
-    model, vocab = _load(a.path, a.artifact, device)
-    res = measure(model, vocab, a.prompt, a.new, device)
-    res["serving_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with PeakMemory() as mem:
+        model, vocab = _load(a.path, a.artifact, device)
+        res = measure(model, vocab, a.prompt, a.new, device)
+    res["serving_peak_rss_mb"] = mem.peak / 2**20
     print(json.dumps(res))
 
 

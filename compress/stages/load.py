@@ -27,8 +27,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
 
-    def streamed(self) -> StreamedModel:
-        return StreamedModel(self.config, self.checkpoint, self.device, self.dtype)
+    def streamed(self, load_outer: bool = True) -> StreamedModel:
+        return StreamedModel(self.config, self.checkpoint, self.device, self.dtype, load_outer=load_outer)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -69,6 +69,7 @@ def results_of(ctx) -> dict:
             "peak_rss_mb": mem.peak / 2**20 if mem else None,
             "baseline_rss_mb": mem.baseline / 2**20 if mem else None,
             "stage_seconds": ctx.timings,
+            "stage_peak_rss_mb": ctx.stage_peak_mb,
             "device": str(ctx.loaded.device) if ctx.loaded else None,
         },
         "layers": {
