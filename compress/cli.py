@@ -91,6 +91,19 @@ def run_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> None
     _run(config, overrides, output)
 
 
+@main.command("compare")
+@click.argument("config", type=click.Path(dir_okay=False))
+@_SET
+@_OUT
+def compare_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> None:
+    """Run every candidate of CONFIG (`candidates:` and/or `sweep:`) and compare them.
+
+    The same as `run`; the output folder gets comparison.json/.csv/.md, PNG plots and a
+    self-contained report.html, and the table and a recommendation (`select:`) are printed.
+    """
+    _run(config, overrides, output)
+
+
 @main.command("validate")
 @click.argument("config", type=click.Path(dir_okay=False))
 @_SET

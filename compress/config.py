@@ -131,14 +131,88 @@ class ReportConfig(_Strict):
     print: bool = True
 
 
+class SweepConfig(_Strict):
+    """A matrix of candidates: the cartesian product of these lists over the `quantize` section.
+
+    Keys left out keep the `quantize` value. GPTQ-only keys (desc_act, propagate) are ignored for
+    RTN combinations, so `method: [rtn, gptq]` x `desc_act: [false, true]` gives 3 candidates.
+    """
+
+    method: Optional[list[Literal["rtn", "gptq"]]] = Field(None, min_length=1)
+    bits: Optional[list[Literal[2, 3, 4, 8]]] = Field(None, min_length=1)
+    group_size: Optional[list[int]] = Field(None, min_length=1)
+    sym: Optional[list[bool]] = Field(None, min_length=1)
+    desc_act: Optional[list[bool]] = Field(None, min_length=1)
+    mse_clip: Optional[list[bool]] = Field(None, min_length=1)
+    propagate: Optional[list[bool]] = Field(None, min_length=1)
+
+    @field_validator("group_size")
+    @classmethod
+    def _gs(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        return v if v is None else [_check_group_size(g) for g in v]
+
+
+def _fraction(v: Any) -> Optional[float]:
+    """`"2%"` -> 0.02; a number is already a fraction (0.02), so 2 (a likely typo for 2%) is refused."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        s = v.strip()
+        if not s.endswith("%"):
+            raise ValueError("write a fraction (0.02) or a percent string ('2%')")
+        try:
+            v = float(s[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"{s!r} is not a percentage") from None
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        if v >= 1:
+            raise ValueError(f"{v} reads as {v:.0%}; write a fraction (0.02) or a percent string ('2%')")
+        v = float(v)
+    else:
+        raise ValueError("write a fraction (0.02) or a percent string ('2%')")
+    if v < 0:
+        raise ValueError("must not be negative")
+    return v
+
+
+class SelectConfig(_Strict):
+    """The quality budget: the recommendation is the smallest candidate (bytes on disk) within it."""
+
+    max_ppl_increase: Optional[float] = Field(
+        None, description="Largest perplexity increase over the original: '2%' or 0.02"
+    )
+    max_kl: Optional[float] = Field(None, ge=0, description="Largest mean KL(original || candidate), nats/token")
+    min_top1: Optional[float] = Field(None, ge=0, le=1, description="Smallest top-1 agreement with the original")
+
+    @field_validator("max_ppl_increase", mode="before")
+    @classmethod
+    def _pct(cls, v: Any) -> Optional[float]:
+        return _fraction(v)
+
+
+class ServingConfig(_Strict):
+    """Memory to serve each candidate: weights + KV cache + a fixed runtime overhead (compress/serving.py)."""
+
+    context_length: int = Field(4096, ge=1, description="Tokens of KV cache per sequence")
+    batch: int = Field(1, ge=1, description="Sequences served at once")
+    kv_dtype: Literal["float32", "float16", "bfloat16", "float8"] = "float16"
+    overhead_gb: float = Field(
+        1.0, ge=0, description="GiB for CUDA context, kernels' workspaces, activations and allocator slack"
+    )
+    gpus: Optional[str] = Field(None, description="YAML table of GPUs (name, memory_gb); default configs/gpus.yaml")
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     calibration: CalibrationConfig = CalibrationConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     candidates: list[Candidate] = Field(default_factory=list)
+    sweep: Optional[SweepConfig] = None
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
+    select: SelectConfig = SelectConfig()
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":

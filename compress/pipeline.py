@@ -53,9 +53,10 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
     """Every check that needs no model weights; raises ConfigError naming the key."""
     from compress.data.sources import resolve_source
     from compress.stages.quantize import resolve_plans
+    from compress.sweep import with_sweep
 
     try:
-        plans = resolve_plans(cfg)
+        plans = resolve_plans(with_sweep(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for key, spec, field_ in (

@@ -107,3 +107,15 @@ def write_report(ctx) -> None:
                     {"protocol": ctx.protocol, "rows": own, "this": name})
     if ctx.cfg.report.print:
         print(md)
+    write_comparison(ctx)
+
+
+def write_comparison(ctx) -> None:
+    """comparison.json/.csv/.md, PNG plots and report.html (compress/report/); the table is printed."""
+    from compress.report import comparison
+
+    comp = comparison.build(ctx)
+    paths = comparison.write(comp, ctx.out_dir)
+    log.info("comparison written: %s", ", ".join(p.name for p in paths.values()))
+    if ctx.cfg.report.print:
+        print(comparison.terminal(comp))

@@ -1,0 +1,204 @@
+"""One comparison per run: rows with quality, size, serving memory, GPU fit and Pareto marks.
+
+`build(ctx)` turns a finished run context into a plain dict (written as comparison.json); the
+writers below only read that dict, so they can be tested without running a model.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from compress.compare import pareto_front, ppl_increase, recommend
+from compress.serving import GIB, attention_shape, fits, load_gpus, safetensors_tensor_bytes, serving_need
+
+_QUANT_KEYS = ("method", "bits", "group_size", "sym", "desc_act", "propagate")
+_METRIC_KEYS = (
+    "perplexity", "kl_divergence", "top1_agreement", "bytes", "bits_per_weight", "linear_bits_per_weight",
+    "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb",
+)
+
+
+def _serving_cols(weights: int | None, shape, serving, gpus) -> dict:
+    if weights is None:
+        return {}
+    need = serving_need(weights, shape, serving)
+    fit = fits(need, gpus)
+    return {
+        "weights_bytes": need.weights_bytes, "kv_cache_bytes": need.kv_cache_bytes,
+        "overhead_bytes": need.overhead_bytes, "serving_bytes": need.total_bytes,
+        "fits_on": fit, "smallest_gpu": fit[0] if fit else None,
+    }
+
+
+def build(ctx) -> dict:
+    cfg = ctx.cfg
+    shape = attention_shape(ctx.loaded.config)
+    gpus = load_gpus(cfg.serving.gpus)
+    orig = {"name": "original", "status": "ok", "dtype": str(ctx.loaded.dtype).replace("torch.", "")}
+    orig.update({k: ctx.original.get(k) for k in _METRIC_KEYS if ctx.original.get(k) is not None})
+    orig.update(_serving_cols(safetensors_tensor_bytes(ctx.loaded.root), shape, cfg.serving, gpus))
+    rows = [orig]
+    for name, r in ctx.candidates.items():
+        q = r.plan.q
+        row = {"name": name, "status": "failed" if r.error else "ok", **{k: getattr(q, k) for k in _QUANT_KEYS}}
+        row.update({k: r.metrics.get(k) for k in _METRIC_KEYS if r.metrics.get(k) is not None})
+        row["quantize_seconds"] = r.quantize_seconds
+        if r.error:
+            row["error"] = r.error
+        elif r.artifact is not None:
+            row.update(_serving_cols(safetensors_tensor_bytes(r.artifact), shape, cfg.serving, gpus))
+        inc = ppl_increase(row, orig)
+        if inc is not None:
+            row["ppl_increase"] = inc
+        rows.append(row)
+    fronts = {"perplexity": pareto_front(rows, "bytes", "perplexity"),
+              "kl_divergence": pareto_front(rows, "bytes", "kl_divergence")}
+    for row in rows:
+        row["pareto"] = [k for k, names in fronts.items() if row["name"] in names]
+    rec = recommend(rows[1:], orig, cfg.select)
+    return {
+        "model": cfg.model.source,
+        "protocol": ctx.protocol,
+        "select": cfg.select.model_dump(),
+        "recommendation": {"name": rec.name, "line": rec.line},
+        "pareto": fronts,
+        "serving": {
+            **cfg.serving.model_dump(), "layers": shape.layers, "kv_heads": shape.kv_heads,
+            "head_dim": shape.head_dim,
+            "formula": "2 x layers x kv_heads x head_dim x context_length x batch x bytes(kv_dtype)",
+            "gpus": [{"name": g.name, "memory_gb": g.memory_gb} for g in gpus],
+        },
+        "calibration": ctx.calibration,
+        "shared": shared_work(ctx),
+        "rows": rows,
+        "layers": {n: [vars(l) for l in r.layers] for n, r in ctx.candidates.items()},
+    }
+
+
+def shared_work(ctx) -> dict:
+    """What the run did once for all candidates (the reason a sweep beats separate runs)."""
+    return {
+        "once": ["model load / GGUF conversion", "tokenizer", "calibration windows (tokenized once)",
+                 "evaluation windows (tokenized once)", "original model's evaluation (final hidden states)",
+                 "original model's speed"],
+        "per_candidate": ["quantization (and with GPTQ its Hessians: with propagate: true each candidate "
+                          "sees its own quantized outputs, so they differ by construction)",
+                          "artifact export", "candidate evaluation and speed"],
+        "stage_seconds": dict(ctx.timings),
+    }
+
+
+# ---- tables --------------------------------------------------------------------------------
+COLUMNS = [  # key, header, format
+    ("name", "candidate", "{}"),
+    ("pareto", "pareto", "{}"),
+    ("perplexity", "ppl", "{:.3f}"),
+    ("ppl_increase", "ppl +%", "{:+.2%}"),
+    ("kl_divergence", "KL", "{:.4f}"),
+    ("top1_agreement", "top-1", "{:.3f}"),
+    ("bytes", "MB on disk", "{:.1f}"),
+    ("bits_per_weight", "bits/w", "{:.2f}"),
+    ("serving_bytes", "serve GiB", "{:.3f}"),
+    ("smallest_gpu", "fits on", "{}"),
+    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("quantize_seconds", "quantize s", "{:.1f}"),
+    ("status", "status", "{}"),
+]
+
+
+def cell(row: dict, key: str, fmt: str) -> str:
+    v = row.get(key)
+    if key == "pareto":
+        return "*" if v else ""
+    if key == "status":
+        return f"FAILED: {row['error']}" if row.get("error") else "ok"
+    if v is None:
+        return "-"
+    if key == "bytes":
+        v = v / 1e6
+    elif key == "serving_bytes":
+        v = v / GIB
+    return fmt.format(v)
+
+
+def markdown(comp: dict) -> str:
+    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(cell(r, k, f).replace("|", "\\|") for k, _, f in COLUMNS) + " |"
+            for r in comp["rows"]]
+    s = comp["serving"]
+    notes = [
+        "",
+        "`*` Pareto-optimal: no other row is both smaller on disk and better in perplexity or KL.",
+        f"Serving memory: weights + KV cache ({s['context_length']} tokens x batch {s['batch']}, "
+        f"{s['kv_dtype']}, {s['layers']} layers x {s['kv_heads']} KV heads x head_dim {s['head_dim']}) "
+        f"+ {s['overhead_gb']} GiB overhead.",
+        "",
+        comp["recommendation"]["line"],
+    ]
+    return "\n".join([head, sep, *body, *notes]) + "\n"
+
+
+def terminal(comp: dict) -> str:
+    cols = [c for c in COLUMNS if c[0] not in ("pareto",)]
+    table = [["" if not r.get("pareto") else "*"] + [cell(r, k, f) for k, _, f in cols] for r in comp["rows"]]
+    header = [" "] + [h for _, h, _ in cols]
+    widths = [max(len(x[i]) for x in [header, *table]) for i in range(len(header))]
+    widths[-1] = min(widths[-1], 60)
+    fmt = lambda xs: "  ".join(x[:60].ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
+    lines = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, table)]
+    lines += ["* Pareto-optimal (size vs perplexity or KL)", comp["recommendation"]["line"]]
+    return "\n".join(lines)
+
+
+CSV_KEYS = [
+    "name", "status", "error", "method", "bits", "group_size", "sym", "perplexity", "ppl_increase",
+    "kl_divergence", "top1_agreement", "bytes", "bits_per_weight", "linear_bits_per_weight", "weights_bytes",
+    "kv_cache_bytes", "overhead_bytes", "serving_bytes", "fits_on", "pareto", "prefill_tokens_per_s",
+    "decode_tokens_per_s", "serving_peak_rss_mb", "quantize_seconds",
+]
+
+
+def csv_text(comp: dict) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_KEYS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in comp["rows"]:
+        w.writerow({k: ";".join(v) if isinstance(v, list) else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write(comp: dict, out_dir: Path) -> dict[str, Path]:
+    """comparison.json/.csv/.md, the PNG plots and report.html; returns what was written."""
+    import logging
+
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / "comparison.json", "csv": out_dir / "comparison.csv", "md": out_dir / "comparison.md"}
+    _atomic(paths["json"], json.dumps(comp, indent=2, default=str) + "\n")
+    _atomic(paths["csv"], csv_text(comp))
+    _atomic(paths["md"], f"# Comparison: {comp['model']}\n\n" + markdown(comp))
+    try:
+        from compress.report.plots import render_all
+    except ImportError:
+        logging.getLogger(__name__).warning(
+            "matplotlib is not installed (pip install 'compress[report]'): report.html has no plots")
+        pngs = {}
+    else:
+        pngs = render_all(comp)
+    for name, data in pngs.items():
+        paths[name] = out_dir / f"{name}.png"
+        _atomic(paths[name], data)
+    from compress.report.html import render_html
+
+    paths["html"] = out_dir / "report.html"
+    _atomic(paths["html"], render_html(comp, pngs))
+    return paths
