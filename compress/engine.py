@@ -31,6 +31,11 @@ class _Stop(Exception):
     """Raised by a proxy to end a forward early once it has what it needs."""
 
 
+class StopForward(Exception):
+    """Raised by a hook inside a block once it has captured what it needs from a batch;
+    `run_block` then moves on to the next batch without finishing the block's forward."""
+
+
 class _Proxy(nn.Module):
     def __init__(self, index: int, hook: Callable[[int, torch.Tensor, tuple, dict], torch.Tensor]):
         super().__init__()
@@ -251,7 +256,10 @@ class StreamedModel:
             # rotary tables broadcast over a batch of them.
             for s in range(0, len(hidden), self.batch_size):
                 batch = torch.cat(hidden[s : s + self.batch_size])
-                out.extend(_first(block(batch, *call.args, **call.kwargs)).split(1))
+                try:
+                    out.extend(_first(block(batch, *call.args, **call.kwargs)).split(1))
+                except StopForward:
+                    continue
         return out
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from compress.config import ConfigError, RunConfig
-from compress.evaluate.memory import PeakMemory
+from compress.evaluate.memory import PeakMemory, release_freed, rss_bytes
 from compress.stages.load import LoadedModel
 from compress.stages.quantize import LayerReport, Plan
 
@@ -46,6 +46,7 @@ class RunContext:
     protocol: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     stage_peak_mb: dict[str, float] = field(default_factory=dict)
+    runtime_rss_mb: Optional[float] = None
     memory: Optional[PeakMemory] = None
 
 
@@ -144,6 +145,8 @@ def stage_quantize(ctx: RunContext) -> None:
             res.quantize_seconds = time.perf_counter() - t0
             res.artifact = exporter.finish(manifest)
             res.metrics["linear_bits_per_weight"] = exporter.linear_bits_per_weight
+            del sm, exporter
+            release_freed()
         except Exception as e:
             if exporter is not None:
                 exporter.abort()
@@ -223,6 +226,9 @@ def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
                 stage(ctx)
             ctx.timings[name] = time.perf_counter() - t0
             ctx.stage_peak_mb[name] = stage_mem.peak / 2**20
+            release_freed()
+            if name == "load":  # runtime + tokenizer + model skeleton; no weights yet
+                ctx.runtime_rss_mb = rss_bytes() / 2**20
             log.info("stage %s took %.1f s, peak RSS %.0f MB", name, ctx.timings[name], ctx.stage_peak_mb[name])
     stage_report(ctx)
     return ctx

@@ -39,3 +39,16 @@ class PeakMemory:
         if self._thread is not None:
             self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+def release_freed() -> None:
+    """Hand memory that Python and torch freed back to the OS (glibc keeps it otherwise), so
+    one stage's high-water mark does not carry over as resident memory into the next."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

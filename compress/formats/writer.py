@@ -5,8 +5,9 @@ final name only once complete, with ``compress-manifest.json`` (sizes and sha256
 other file) written last. A folder at the final path therefore always holds a finished
 artifact; a crash leaves at most a ``.partial-`` folder that nothing mistakes for a model.
 
-Tensors are buffered and flushed to a safetensors shard whenever the buffer would exceed
-``max_shard_bytes``, so a block-streaming pipeline never holds the whole model in memory.
+Tensor bytes are appended to a spill file as they arrive and turned into a safetensors shard
+(header, then the spilled bytes copied in chunks) whenever a shard would exceed
+``max_shard_bytes``, so a block-streaming pipeline holds at most the block in hand.
 Shard names follow the Hugging Face convention (``model.safetensors`` or
 ``model-00001-of-00003.safetensors`` plus ``model.safetensors.index.json``).
 """
@@ -23,7 +24,6 @@ from types import TracebackType
 from typing import Any, Mapping, Optional, Union
 
 import torch
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+# safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_COPY_CHUNK = 1 << 24
 
 
 def _is_empty_dir(p: Path) -> bool:
@@ -70,7 +79,8 @@ class ArtifactWriter:
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.partial-{secrets.token_hex(4)}"
         self.tmp_dir.mkdir()
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer: dict[str, dict[str, Any]] = {}  # header entries of the shard in progress
+        self._spill: Optional[Any] = None  # open file receiving that shard's tensor bytes
         self._buffer_bytes = 0
         self._shards: list[tuple[Path, list[str]]] = []  # temporary shard file, tensor names
         self._names: set[str] = set()
@@ -96,6 +106,9 @@ class ArtifactWriter:
     def abort(self) -> None:
         """Remove the temporary folder; the final path is left untouched."""
         self._buffer.clear()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
         self._done = True
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
@@ -117,22 +130,39 @@ class ArtifactWriter:
                 raise ValueError(f"tensor '{name}' was already added")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
-            # Own a contiguous CPU copy: the caller may free or mutate its tensor afterwards,
-            # and safetensors refuses tensors that share storage.
-            t = t.detach().to("cpu", copy=True).contiguous()
+            t = t.detach().to("cpu").contiguous()
+            if t.dtype not in _ST_DTYPES:
+                raise ValueError(f"tensor '{name}' has dtype {t.dtype}, which safetensors cannot store")
             size = _tensor_bytes(t)
             if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
                 self._flush()
-            self._buffer[name] = t
-            self._buffer_bytes += size
+            if self._spill is None:
+                self._spill = open(self.tmp_dir / ".spill", "wb")
+            self._spill.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            end = self._buffer_bytes + size
+            self._buffer[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [self._buffer_bytes, end]}
+            self._buffer_bytes = end
             self._names.add(name)
             self._total_bytes += size
 
     def _flush(self) -> None:
+        """Write the spilled tensors as one safetensors shard: u64 header length, JSON header
+        padded with spaces to 8 bytes, then the raw bytes in the header's order."""
         if not self._buffer:
             return
         path = self.tmp_dir / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        assert self._spill is not None
+        self._spill.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._buffer}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        spill = self.tmp_dir / ".spill"
+        with open(path, "wb") as out, open(spill, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, _COPY_CHUNK)
+        spill.unlink()
+        self._spill = None
         self._shards.append((path, list(self._buffer)))
         log.debug("wrote shard %s (%d tensors, %d bytes)", path.name, len(self._buffer), self._buffer_bytes)
         self._buffer = {}

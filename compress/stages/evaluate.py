@@ -16,6 +16,7 @@ import torch
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
 from compress.evaluate.divergence import DivergenceMeter, NLLMeter
+from compress.evaluate.memory import release_freed
 from compress.progress import progress
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def evaluate_streams(
             name, nll.perplexity, div.kl if cfg.divergence else None, div.top1 if cfg.divergence else None
         )
         del sm, hidden
+        release_freed()
     return rows
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.config import QuantizeConfig, RunConfig
-from compress.engine import StreamedModel
+from compress.engine import StopForward, StreamedModel
 from compress.formats.qweight import QuantizedWeight
 from compress.progress import progress
 from compress.quantizers import QuantSpec, get_quantizer
@@ -113,17 +113,33 @@ def set_weight(module: nn.Module, W: torch.Tensor, conv1d: bool) -> None:
 
 def _collect_hessians(
     sm: StreamedModel, block: nn.Module, i: int, names: list[str], hidden: list[torch.Tensor],
-    dtype: torch.dtype,
+    dtype: torch.dtype, early_stop: bool,
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Hessians of `names` over every window; with `early_stop` each batch's forward ends as
+    soon as the last of them has its input (later sub-layers are not computed), and no block
+    outputs are returned."""
     accs: dict[str, HessianAccumulator] = {}
     handles = []
+    pending: set[str] = set()
+
+    def make_hook(n: str, acc: HessianAccumulator):
+        def hook(module, args):
+            acc.add(args[0].detach())
+            pending.discard(n)
+            if early_stop and not pending:
+                raise StopForward
+        return hook
+
     for n in names:
         mod = block.get_submodule(n)
         in_f = weight_of(mod, sm.arch.conv1d).shape[1]
-        acc = accs[n] = HessianAccumulator(in_f, dtype=dtype, device=sm.device)
-        handles.append(mod.register_forward_pre_hook(lambda m, a, acc=acc: acc.add(a[0].detach())))
+        accs[n] = HessianAccumulator(in_f, dtype=dtype, device=sm.device)
+        handles.append(mod.register_forward_pre_hook(make_hook(n, accs[n])))
+    out: list[torch.Tensor] = []
     try:
-        out = sm.run_block(block, i, hidden)
+        for s in range(0, len(hidden), sm.batch_size):
+            pending.update(names)
+            out.extend(sm.run_block(block, i, hidden[s : s + sm.batch_size]))
     finally:
         for h in handles:
             h.remove()
@@ -188,10 +204,11 @@ def quantize_model(
         hessians: dict[str, torch.Tensor] = {}
         if hidden is not None and not q.propagate:
             # One pass with the original weights gives every Hessian and the next inputs.
-            hessians, hidden = _collect_hessians(sm, block, i, [n for g in groups for n in g], hidden, hdtype)
+            names = [n for g in groups for n in g]
+            hessians, hidden = _collect_hessians(sm, block, i, names, hidden, hdtype, early_stop=False)
         for group in groups:
             if hidden is not None and q.propagate:
-                hessians, _ = _collect_hessians(sm, block, i, group, hidden, hdtype)
+                hessians, _ = _collect_hessians(sm, block, i, group, hidden, hdtype, early_stop=True)
             for name in group:
                 full = f"{sm.block_prefix}{i}.{name}"
                 mod = block.get_submodule(name)
