@@ -68,6 +68,7 @@ def results_of(ctx) -> dict:
         "run": {
             "peak_rss_mb": mem.peak / 2**20 if mem else None,
             "baseline_rss_mb": mem.baseline / 2**20 if mem else None,
+            "runtime_rss_mb": ctx.runtime_rss_mb,
             "stage_seconds": ctx.timings,
             "stage_peak_rss_mb": ctx.stage_peak_mb,
             "device": str(ctx.loaded.device) if ctx.loaded else None,
@@ -90,11 +91,14 @@ def write_report(ctx) -> None:
         "",
         f"Evaluation protocol: {ctx.protocol.get('name', 'not run')}.",
     ]
-    if run["peak_rss_mb"] is not None:
+    if run["peak_rss_mb"] is not None and run["runtime_rss_mb"] is not None:
+        model_mb = run["peak_rss_mb"] - run["runtime_rss_mb"]
         lines.append(
-            f"Peak resident memory of this run: {run['peak_rss_mb']:.0f} MB "
-            f"({run['peak_rss_mb'] - run['baseline_rss_mb']:.0f} MB above the {run['baseline_rss_mb']:.0f} MB "
-            f"of the process at start); original weights on disk: {orig_mb:.0f} MB."
+            f"Peak resident memory of this run: {run['peak_rss_mb']:.0f} MB, of which "
+            f"{run['runtime_rss_mb']:.0f} MB is the runtime before any weight is loaded (Python, "
+            f"torch, transformers, tokenizer) and {model_mb:.0f} MB the streamed model data: "
+            f"{model_mb * 2**20 / max(ctx.original.get('bytes', 0), 1):.2f}x the "
+            f"{ctx.original.get('bytes', 0) / 2**20:.0f} MiB of original weights on disk (RSS in MiB)."
         )
     md = "\n".join(lines) + "\n"
     if ctx.cfg.report.markdown:
