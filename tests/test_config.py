@@ -1,0 +1,82 @@
+"""Config loading: YAML -> `--set` overrides -> validation; every error names its key path."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from compress.config import ConfigError, apply_overrides, load_config, parse_config
+
+BASE = {"model": {"source": "some/folder"}}
+
+
+def cfg_with(**sections) -> dict:
+    return {**BASE, **sections}
+
+
+@pytest.mark.parametrize("data,message", [
+    (cfg_with(quantize={"grop": 64}), "quantize.grop: unknown key"),
+    (cfg_with(quantize={"bits": 5}), "quantize.bits: Input should be 2, 3, 4 or 8"),
+    (cfg_with(quantize={"group_size": 48}), "quantize.group_size: Value error, must be -1"),
+    (cfg_with(quantize={"method": "awq2"}), "quantize.method: Input should be 'rtn' or 'gptq'"),
+    (cfg_with(calibration={"nsamples": 0}), "calibration.nsamples: Input should be greater than or equal to 1"),
+    (cfg_with(candidates=[{"bits": 4}, {"bitz": 8}]), "candidates.1.bitz: unknown key"),
+    (cfg_with(quantize={"overrides": [{"pattern": "(", "bits": 8}]}), "quantize.overrides.0.pattern:"),
+    ({"quantize": {"bits": 4}}, "model: required key is missing"),
+    (cfg_with(modle={"source": "x"}), "modle: unknown key"),
+    ([1, 2], "(top level): the config must be a mapping"),
+])
+def test_errors_name_the_key_path(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert message in str(err.value)
+
+
+def test_every_error_is_reported_not_just_the_first():
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg_with(quantize={"bits": 5, "grop": 1}))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("quantize.bits:") and lines[1] == "quantize.grop: unknown key"
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = parse_config(BASE)
+    assert (cfg.quantize.method, cfg.quantize.bits, cfg.quantize.group_size, cfg.quantize.sym) == ("rtn", 4, 128, True)
+    assert (cfg.export.format, cfg.export.dtype, cfg.export.overwrite) == ("gptq", "float16", False)
+    assert cfg.model.allow_pickle is False
+
+
+def test_overrides_are_yaml_scalars_applied_before_validation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg_with(quantize={"bits": 5})))  # invalid as written
+    cfg = load_config(path, ["quantize.bits=3", "quantize.sym=false", "quantize.skip=[lm_head, 'q_proj$']",
+                             "export.output_dir=runs/x=y"])
+    assert cfg.quantize.bits == 3 and cfg.quantize.sym is False
+    assert cfg.quantize.skip == ["lm_head", "q_proj$"]
+    assert cfg.export.output_dir == "runs/x=y"  # only the first '=' separates key and value
+    with pytest.raises(ConfigError, match="quantize.bits: Input should be"):
+        load_config(path, ["quantize.bits=6"])
+    with pytest.raises(ConfigError, match="quantize.grop: unknown key"):
+        load_config(path, ["quantize.bits=4", "quantize.grop=64"])
+
+
+def test_override_creates_missing_sections_and_refuses_scalars():
+    assert apply_overrides({}, ["evaluate.windows=3"]) == {"evaluate": {"windows": 3}}
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_overrides({}, ["quantize.bits"])
+    with pytest.raises(ConfigError, match="quantize.bits.x: cannot set a key inside a non-mapping"):
+        apply_overrides({"quantize": {"bits": 4}}, ["quantize.bits.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {source: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_duplicate_candidate_names():
+    with pytest.raises(ConfigError, match="duplicate names"):
+        parse_config(cfg_with(candidates=[{"name": "a", "bits": 4}, {"name": "a", "bits": 8}]))
