@@ -1,0 +1,196 @@
+"""The command line: exit codes (0 ok, 2 bad input, 1 internal failure) and what stderr says."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import BertConfig, MambaConfig, T5Config
+
+from compress import __version__
+from compress.cli import main
+from compress.formats.writer import MANIFEST, is_complete
+from compress.models.arch import supported_model_types
+from tiny_models import run_config
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, ["-q", *args])
+
+
+def write_config(tmp_path, data: dict, name: str = "run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture
+def good(model_dir, text_file, tmp_path):
+    """A valid config over a tiny Llama folder; returns (config data, out dir)."""
+    out = tmp_path / "out"
+    return run_config(model_dir("llama"), text_file, out), out
+
+
+def test_version():
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0
+    assert res.output.strip() == f"compress, version {__version__}"
+
+
+def test_schema_is_json_schema_of_the_config():
+    res = invoke("schema")
+    assert res.exit_code == 0, res.output
+    schema = json.loads(res.stdout)
+    assert schema["required"] == ["model"]
+    assert {"model", "calibration", "quantize", "export", "evaluate"} <= set(schema["properties"])
+    bits = schema["$defs"]["QuantizeConfig"]["properties"]["bits"]
+    assert bits["enum"] == [2, 3, 4, 8]
+    assert schema["$defs"]["QuantizeConfig"]["additionalProperties"] is False
+
+
+def test_validate_ok_and_set_applies_before_validation(good, tmp_path):
+    data, _ = good
+    data["quantize"]["bits"] = 5  # invalid as written; --set repairs it
+    path = write_config(tmp_path, data)
+    res = invoke("validate", path)
+    assert res.exit_code == 2
+    assert "quantize.bits: Input should be 2, 3, 4 or 8" in res.stderr
+    res = invoke("validate", path, "--set", "quantize.bits=3", "--set", "quantize.group_size=-1")
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.strip() == "ok: 1 candidate(s): rtn-w3-gch"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"quantize": {"grop": 64}}, "quantize.grop: unknown key"),
+    ({"quantize": {"bits": 5}}, "quantize.bits: Input should be 2, 3, 4 or 8"),
+    ({"calibration": {"dataset": "/no/such/calib.txt"}}, "calibration.dataset: text file '/no/such/calib.txt' does not exist"),
+    ({"evaluate": {"dataset": "wikipedya"}}, "evaluate.dataset: unknown text source 'wikipedya'"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_config_errors_exit_2_with_key_path(command, change, message, good, tmp_path):
+    data, out = good
+    for section, values in change.items():
+        data[section].update(values)
+    res = invoke(command, write_config(tmp_path, data))
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert f"error: {message}" in res.stderr
+    assert not out.exists()  # nothing ran
+
+
+def test_missing_config_file(tmp_path):
+    res = invoke("run", str(tmp_path / "nope.yaml"))
+    assert res.exit_code == 2
+    assert "config file not found" in res.stderr
+
+
+def test_missing_model_folder(good, tmp_path):
+    data, out = good
+    data["model"]["source"] = str(tmp_path / "no-such-model")
+    res = invoke("run", write_config(tmp_path, data))
+    assert res.exit_code == 2
+    assert f"error: model.source: {tmp_path / 'no-such-model'} does not exist" in res.stderr
+    assert not (out / "rtn-w4-g64").exists()
+
+
+@pytest.mark.parametrize("config", [
+    BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128),
+    T5Config(d_model=64, num_layers=1, num_heads=2, d_ff=128),
+    MambaConfig(hidden_size=64, num_hidden_layers=1),
+], ids=lambda c: c.model_type)
+def test_unsupported_architecture_names_supported_types(config, good, tmp_path):
+    folder = tmp_path / config.model_type
+    config.save_pretrained(str(folder))
+    data, _ = good
+    data["model"]["source"] = str(folder)
+    res = invoke("run", write_config(tmp_path, data))
+    assert res.exit_code == 2, res.output
+    assert f"model_type '{config.model_type}' is not supported" in res.stderr
+    assert "supported: " + ", ".join(supported_model_types()) in res.stderr
+    assert "llama" in supported_model_types() and "gpt2" in supported_model_types()
+
+
+def _copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_safetensors_exit_2_naming_the_file(good, model_dir, tmp_path):
+    folder = _copy_model(model_dir("llama"), tmp_path / "corrupt")
+    weights = folder / "model.safetensors"
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    data, out = good
+    data["model"]["source"] = str(folder)
+    res = invoke("run", write_config(tmp_path, data))
+    assert res.exit_code == 2, res.output
+    assert f"error: {weights}: not a valid safetensors file" in res.stderr
+    assert not (out / "rtn-w4-g64").exists()
+
+
+def test_pickled_checkpoint_needs_allow_pickle(good, model_dir, tmp_path):
+    folder = _copy_model(model_dir("llama"), tmp_path / "pickled")
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    data, out = good
+    data["model"]["source"] = str(folder)
+    data["evaluate"]["enabled"] = False
+    path = write_config(tmp_path, data)
+    res = invoke("run", path)
+    assert res.exit_code == 2, res.output
+    assert "pytorch_model.bin" in res.stderr and "model.allow_pickle: true" in res.stderr
+    assert not (out / "rtn-w4-g64").exists()
+
+    res = invoke("run", path, "--set", "model.allow_pickle=true")
+    assert res.exit_code == 0, res.output
+    assert is_complete(out / "rtn-w4-g64", check_hashes=True)
+    manifest = json.loads((out / "rtn-w4-g64" / MANIFEST).read_text())
+    assert list(manifest["source"]["files"]) == ["pytorch_model.bin"]
+
+
+def test_run_then_inspect_then_refuse_to_clobber(good, tmp_path):
+    data, out = good
+    path = write_config(tmp_path, data)
+    res = invoke("run", path, "--set", "quantize.group_size=32", "--output", str(tmp_path / "elsewhere"))
+    assert res.exit_code == 0, res.output
+    art = tmp_path / "elsewhere" / "rtn-w4-g32"
+    assert is_complete(art, check_hashes=True)
+    assert not out.exists()  # --output replaced export.output_dir
+    results = json.loads((tmp_path / "elsewhere" / "results.json").read_text())
+    assert results["rows"][1]["name"] == "rtn-w4-g32"
+
+    res = invoke("inspect", str(art))
+    assert res.exit_code == 0, res.output
+    assert "bits=4" in res.stdout and "group_size=32" in res.stdout and "quant_method=gptq" in res.stdout
+    assert "(model_type llama)" in res.stdout
+
+    res = invoke("inspect", str(art.parent / "does-not-exist"))
+    assert res.exit_code == 2
+
+    # A second run into the same folder is refused before any work, naming the key to change.
+    res = invoke("run", path, "--set", "quantize.group_size=32", "--output", str(tmp_path / "elsewhere"))
+    assert res.exit_code == 2
+    assert "export.output_dir:" in res.stderr and "export.overwrite: true" in res.stderr
+
+
+def test_inspect_original_folder_says_unquantized(model_dir):
+    res = invoke("inspect", str(model_dir("llama")))
+    assert res.exit_code == 0, res.output
+    assert "quantization:  none (tensor dtypes F32)" in res.stdout
+
+
+def test_internal_failure_exits_1(good, tmp_path, monkeypatch):
+    from compress.stages import export
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(export.GPTQExporter, "add_block", boom)
+    data, out = good
+    res = invoke("run", write_config(tmp_path, data))
+    assert res.exit_code == 1, res.output
+    assert "failed: RuntimeError: disk on fire" in res.stderr
+    assert not (out / "rtn-w4-g64").exists()
