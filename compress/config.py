@@ -129,6 +129,7 @@ class EvaluateConfig(_Strict):
 class ReportConfig(_Strict):
     markdown: bool = True
     print: bool = True
+    html: bool = Field(True, description="report.html and PNG plots of the comparison (needs matplotlib)")
 
 
 class SweepConfig(_Strict):

@@ -177,8 +177,8 @@ def _atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def write(comp: dict, out_dir: Path) -> dict[str, Path]:
-    """comparison.json/.csv/.md, the PNG plots and report.html; returns what was written."""
+def write(comp: dict, out_dir: Path, html: bool = True) -> dict[str, Path]:
+    """comparison.json/.csv/.md and, with `html`, the PNG plots and report.html."""
     import logging
 
     out_dir = Path(out_dir)
@@ -186,6 +186,8 @@ def write(comp: dict, out_dir: Path) -> dict[str, Path]:
     _atomic(paths["json"], json.dumps(comp, indent=2, default=str) + "\n")
     _atomic(paths["csv"], csv_text(comp))
     _atomic(paths["md"], f"# Comparison: {comp['model']}\n\n" + markdown(comp))
+    if not html:
+        return paths
     try:
         from compress.report.plots import render_all
     except ImportError:

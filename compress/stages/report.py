@@ -119,7 +119,7 @@ def write_comparison(ctx) -> None:
     from compress.report import comparison
 
     comp = comparison.build(ctx)
-    paths = comparison.write(comp, ctx.out_dir)
+    paths = comparison.write(comp, ctx.out_dir, html=ctx.cfg.report.html)
     log.info("comparison written: %s", ", ".join(p.name for p in paths.values()))
     if ctx.cfg.report.print:
         print(comparison.terminal(comp))

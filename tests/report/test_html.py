@@ -98,3 +98,9 @@ def test_report_renders_offline_in_headless_chromium(tmp_path):
     # The Pareto rows' orange shading (#fff4e0) and the failed row's red (#fde8e8) are on screen.
     present = {c for _, c in colors}
     assert (0xFF, 0xF4, 0xE0) in present and (0xFD, 0xE8, 0xE8) in present
+
+
+def test_html_false_writes_tables_only(tmp_path):
+    paths = comparison.write(_comp(), tmp_path, html=False)
+    assert sorted(p.name for p in paths.values()) == ["comparison.csv", "comparison.json", "comparison.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comparison.csv", "comparison.json", "comparison.md"]
