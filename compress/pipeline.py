@@ -147,10 +147,10 @@ def stage_quantize(ctx: RunContext) -> None:
             res.metrics["linear_bits_per_weight"] = exporter.linear_bits_per_weight
             del sm, exporter
             release_freed()
-        except Exception as e:
+        except BaseException as e:  # Ctrl-C too: no temporary folder may outlive the run
             if exporter is not None:
                 exporter.abort()
-            if len(ctx.candidates) == 1:
+            if len(ctx.candidates) == 1 or not isinstance(e, Exception):
                 raise
             log.exception("candidate %s failed", name)
             res.error = f"{type(e).__name__}: {e}"
