@@ -45,7 +45,7 @@ class Checkpoint:
             if self.pickled:
                 tensors = self._pickle_cache.get(path)
                 if tensors is None:
-                    tensors = torch.load(path, map_location="cpu", weights_only=True)
+                    tensors = _load_pickle(path)
                     self._pickle_cache[path] = tensors
                 out.update({n: tensors[n].to(device) for n in wanted})
                 continue
@@ -58,6 +58,15 @@ class Checkpoint:
             except Exception as e:  # safetensors raises its own error types for corrupt files
                 raise CheckpointError(f"{path}: cannot read tensor data ({e})") from None
         return out
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, tensors only (`weights_only`): anything else is bad input."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for foreign objects, RuntimeError for corrupt files
+        raise CheckpointError(f"{path}: cannot load as a tensors-only pickle ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _safetensors_names(path: Path) -> list[str]:
@@ -110,7 +119,7 @@ def open_checkpoint(root: str | Path, allow_pickle: bool = False) -> Checkpoint:
             )
         index = {}
         for b in bins:
-            tensors = torch.load(b, map_location="cpu", weights_only=True)
+            tensors = _load_pickle(b)
             index.update({n: b for n in tensors})
         return Checkpoint(root, index, pickled=True)
     raise CheckpointError(f"{root}: no weight files (*.safetensors or pytorch_model*.bin)")
