@@ -1,0 +1,79 @@
+"""A pipeline-produced artifact loads in transformers + optimum + GPTQModel with our logits.
+
+Where test_ecosystem_gptq.py writes artifacts by hand, this one runs `compress.pipeline.run`
+end to end (load, quantize, export with tokenizer and configs) on a tiny Llama, then loads
+the folder with `AutoModelForCausalLM.from_pretrained` and compares with our own loader.
+
+Runs only where the peer packages are installed (``bash scripts/setup-peers.sh``, then
+``GPTQMODEL_CPU_WORKERS=2 .venv-peers/bin/python -m pytest -m ecosystem tests/formats``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.ecosystem
+
+pytest.importorskip("optimum")
+pytest.importorskip("gptqmodel")
+
+from transformers import AutoModelForCausalLM, GPTQConfig  # noqa: E402
+
+from compress.config import parse_config  # noqa: E402
+from compress.formats.artifact import open_artifact  # noqa: E402
+from compress.formats.writer import is_complete  # noqa: E402
+from compress.pipeline import run  # noqa: E402
+from tiny_models import make_model, run_config, save_model  # noqa: E402
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    # GPTQ kernels want dims divisible by 128 (and by the group size).
+    model = make_model("llama", seed=11, hidden_size=256, intermediate_size=512, num_key_value_heads=4)
+    return save_model(model, tmp_path_factory.mktemp("llama256"), tiny_tokenizer)
+
+
+def our_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    sm = open_artifact(folder, torch.device("cpu"), torch.float32)
+    hidden = sm.embed(ids)
+    for i in range(sm.n_blocks):
+        hidden = sm.run_block(sm.load_block(i), i, hidden)
+    return torch.cat([sm.logits(hidden[w], ids[w : w + 1]) for w in range(ids.shape[0])])
+
+
+# "torch" dequantizes in fp16 (the scale dtype) and multiplies in float32: it differs from our
+# float32 dequantization by fp16 rounding of scale*(q-zero) only (see test_ecosystem_gptq.py).
+@pytest.mark.parametrize("method,bits,group_size,desc_act", [
+    ("rtn", 4, 128, False), ("rtn", 8, -1, False), ("gptq", 4, 64, True),
+])
+def test_pipeline_artifact_loads_in_transformers_with_our_logits(
+    method, bits, group_size, desc_act, llama_dir, text_file, tmp_path
+):
+    cfg = parse_config(run_config(
+        llama_dir, text_file, tmp_path / "out", evaluate={"enabled": False},
+        quantize={"method": method, "bits": bits, "group_size": group_size, "desc_act": desc_act},
+    ))
+    ctx = run(cfg)
+    (res,) = ctx.candidates.values()
+    assert res.error is None and is_complete(res.artifact, check_hashes=True)
+
+    peer = AutoModelForCausalLM.from_pretrained(
+        str(res.artifact), dtype=torch.float32, device_map="cpu",
+        quantization_config=GPTQConfig(bits=bits, backend="torch"),
+    ).eval()
+    assert type(peer.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(ids.shape[0])])
+        original = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
+        ref = torch.cat([original(ids[w : w + 1]).logits for w in range(ids.shape[0])])
+    ours = our_logits(res.artifact, ids)
+    scale = ours.abs().max().item()
+    # Quantization changes the logits far beyond the tolerance (else agreement proves nothing).
+    assert (ours - ref).abs().max().item() > 0.01 * scale
+    diff = (theirs - ours).abs().max().item()
+    assert diff < 2e-3 * scale, f"max |peer - ours| = {diff:.3g}, logit scale {scale:.3g}"
