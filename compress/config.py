@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from compress.publish.config import PublishConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -203,6 +204,12 @@ class ServingConfig(_Strict):
     gpus: Optional[str] = Field(None, description="YAML table of GPUs (name, memory_gb); default configs/gpus.yaml")
 
 
+class PublishSection(PublishConfig):
+    candidate: Optional[str] = Field(
+        None, description="Which candidate to publish; default: the only one, else the recommended one"
+    )
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     calibration: CalibrationConfig = CalibrationConfig()
@@ -214,6 +221,7 @@ class RunConfig(_Strict):
     report: ReportConfig = ReportConfig()
     select: SelectConfig = SelectConfig()
     serving: ServingConfig = ServingConfig()
+    publish: Optional[PublishSection] = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":

@@ -47,6 +47,7 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     stage_peak_mb: dict[str, float] = field(default_factory=dict)
     runtime_rss_mb: Optional[float] = None
+    published: object = None
     memory: Optional[PeakMemory] = None
 
 
@@ -202,13 +203,41 @@ def stage_report(ctx: RunContext) -> None:
     write_report(ctx)
 
 
+def stage_publish(ctx: RunContext) -> None:
+    """Publish one artifact: `publish.candidate`, the only one, or the recommended one."""
+    from compress.compare import recommend
+    from compress.publish import publish_stage
+    from compress.stages.report import rows_of
+
+    pub = ctx.cfg.publish
+    if pub is None:
+        return
+    done = {n: r for n, r in ctx.candidates.items() if r.artifact is not None}
+    name = pub.candidate
+    if name is None:
+        if len(done) == 1:
+            name = next(iter(done))
+        else:
+            rows = rows_of(ctx)
+            name = recommend(rows[1:], rows[0], ctx.cfg.select).name
+    if name not in done:
+        raise RuntimeError(f"publish: candidate '{name}' has no finished artifact to publish")
+    ctx.published = publish_stage(done[name].artifact, pub)
+    log.info("published %s to %s (%s)", name, pub.to, pub.revision)
+
+
 STAGES: list[tuple[str, Callable[[RunContext], None]]] = [
     ("load", stage_load),
     ("calibrate", stage_calibrate),
     ("quantize", stage_quantize),
     ("evaluate", stage_evaluate),
     ("report", stage_report),
+    ("publish", stage_publish),
 ]
+
+
+# The report describes the measured stages, so it (and publishing what it describes) runs after.
+_AFTER_MEASURE = ("report", "publish")
 
 
 def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
@@ -219,7 +248,9 @@ def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
     out_dir.mkdir(parents=True, exist_ok=True)
     with PeakMemory() as mem:
         ctx.memory = mem
-        for name, stage in STAGES[:-1]:
+        for name, stage in STAGES:
+            if name in _AFTER_MEASURE:
+                continue
             t0 = time.perf_counter()
             log.info("stage %s", name)
             with PeakMemory() as stage_mem:
@@ -231,4 +262,5 @@ def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
                 ctx.runtime_rss_mb = rss_bytes() / 2**20
             log.info("stage %s took %.1f s, peak RSS %.0f MB", name, ctx.timings[name], ctx.stage_peak_mb[name])
     stage_report(ctx)
+    stage_publish(ctx)
     return ctx
