@@ -82,14 +82,14 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
 def stage_load(ctx: RunContext) -> None:
     from transformers import AutoTokenizer
 
-    from compress.models.gguf import file_sha256
+    from compress.hashing import sha256_file
     from compress.stages.load import load_model
 
     ctx.loaded = load_model(ctx.cfg.model)
     ctx.tokenizer = AutoTokenizer.from_pretrained(
         str(ctx.loaded.root), trust_remote_code=ctx.cfg.model.trust_remote_code
     )
-    ctx.input_hashes = {p.name: file_sha256(p) for p in ctx.loaded.checkpoint.files}
+    ctx.input_hashes = {p.name: sha256_file(p) for p in ctx.loaded.checkpoint.files}
     _check_group_sizes(ctx, ctx.loaded.streamed(load_outer=False))
 
 

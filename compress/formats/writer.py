@@ -13,7 +13,6 @@ Shard names follow the Hugging Face convention (``model.safetensors`` or
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from compress.hashing import sha256_file
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "compress-manifest.json"
@@ -33,14 +34,6 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2_000_000_000  # "2GB" as transformers' save_pretrained counts it
 _RESERVED = {MANIFEST, CONFIG, SINGLE, INDEX}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -6,22 +6,15 @@ holds the model once in memory; it is cached by the GGUF file's content hash.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from compress.hashing import sha256_file
+
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -37,7 +30,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path).resolve()
-    digest = file_sha256(gguf_path)[:16]
+    digest = sha256_file(gguf_path)[:16]
     target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").is_file():
         return target

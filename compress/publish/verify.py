@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from compress.hashing import sha256_file
 from compress.publish.errors import PublishInputError
 
 log = logging.getLogger(__name__)
@@ -51,14 +52,6 @@ class Artifact:
     manifest: dict[str, Any]
     results: Optional[dict[str, Any]]
     files: tuple[UploadFile, ...]  # verified, filtered, sorted by path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_weight_file(path: str) -> bool:
