@@ -61,7 +61,7 @@ def test_validate_ok_and_set_applies_before_validation(good, tmp_path):
     assert "quantize.bits: Input should be 2, 3, 4 or 8" in res.stderr
     res = invoke("validate", path, "--set", "quantize.bits=3", "--set", "quantize.group_size=-1")
     assert res.exit_code == 0, res.stderr
-    assert res.stdout.strip() == "ok: 1 candidate(s): rtn-w3-gch"
+    assert res.stdout.strip() == "ok: 1 candidate(s): rtn-w3-ch"
 
 
 @pytest.mark.parametrize("change,message", [

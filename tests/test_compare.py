@@ -100,7 +100,7 @@ def test_sweep_is_the_cartesian_product_over_quantize():
     cands = with_sweep(cfg).candidates
     combos = list(itertools.product(["rtn", "gptq"], [8, 4, 3], [-1, 64]))
     assert [(c.method, c.bits, c.group_size) for c in cands] == combos
-    assert cands[0].name == "rtn-w8-gch-asym"  # quantize.sym: false carries into every candidate
+    assert cands[0].name == "rtn-w8-ch-asym"  # quantize.sym: false carries into every candidate
 
 
 def test_sweep_gptq_only_keys_do_not_duplicate_rtn():

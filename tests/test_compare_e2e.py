@@ -21,7 +21,7 @@ SWEEP = {"bits": [8, 4], "group_size": [-1, 64, 256]}
 def sweep_run(model_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "out"
     cfg = parse_config(run_config(
-        model_dir("llama"), text_file, out, sweep=SWEEP,
+        model_dir("llama"), text_file, out, sweep=SWEEP, report={"print": False, "html": True},
         select={"max_kl": 0.05}, serving={"context_length": 1000, "batch": 2, "overhead_gb": 0.25},
     ))
     return run(cfg), out
@@ -30,7 +30,7 @@ def sweep_run(model_dir, text_file, tmp_path_factory):
 def test_sweep_runs_every_combination_and_records_the_failure(sweep_run):
     ctx, out = sweep_run
     assert list(ctx.candidates) == [
-        "rtn-w8-gch", "rtn-w8-g64", "rtn-w8-g256", "rtn-w4-gch", "rtn-w4-g64", "rtn-w4-g256"]
+        "rtn-w8-ch", "rtn-w8-g64", "rtn-w8-g256", "rtn-w4-ch", "rtn-w4-g64", "rtn-w4-g256"]
     failed = {n for n, r in ctx.candidates.items() if r.error}
     assert failed == {"rtn-w8-g256", "rtn-w4-g256"}
     assert "256" in ctx.candidates["rtn-w4-g256"].error
@@ -42,7 +42,7 @@ def test_sweep_runs_every_combination_and_records_the_failure(sweep_run):
     rows = {r["name"]: r for r in comp["rows"]}
     assert rows["rtn-w4-g256"]["status"] == "failed" and "256" in rows["rtn-w4-g256"]["error"]
     assert "perplexity" not in rows["rtn-w4-g256"]
-    assert rows["rtn-w8-gch"]["status"] == "ok"
+    assert rows["rtn-w8-ch"]["status"] == "ok"
 
 
 def test_every_report_file_is_written(sweep_run):

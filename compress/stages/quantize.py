@@ -36,8 +36,8 @@ class Plan:
 
 
 def candidate_name(q: QuantizeConfig) -> str:
-    gs = "ch" if q.group_size == -1 else str(q.group_size)
-    name = f"{q.method}-w{q.bits}-g{gs}"
+    gs = "ch" if q.group_size == -1 else f"g{q.group_size}"  # per output channel: "ch"
+    name = f"{q.method}-w{q.bits}-{gs}"
     if not q.sym:
         name += "-asym"
     if q.method == "gptq" and q.desc_act:

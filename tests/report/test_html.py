@@ -21,11 +21,11 @@ def _comp() -> dict:
                 "overhead_bytes": 2**30, "serving_bytes": int(mb * 1e6) + 94_371_840 + 2**30,
                 "fits_on": ["8 GB", "12 GB"], "smallest_gpu": "8 GB", **kw}
 
-    rows = [row("original", 540, 10.0, 0.0), row("rtn-w8-gch", 160, 10.01, 0.001),
+    rows = [row("original", 540, 10.0, 0.0), row("rtn-w8-ch", 160, 10.01, 0.001),
             row("rtn-w4-g64", 110, 10.6, 0.05), row("rtn-w3-g64", 100, 13.0, 0.3),
-            row("rtn-w4-gch", 112, 12.0, 0.2),  # dominated by rtn-w4-g64
+            row("rtn-w4-ch", 112, 12.0, 0.2),  # dominated by rtn-w4-g64
             {"name": "rtn-w4-g128", "status": "failed", "error": "group size 128 does not divide 576"}]
-    fronts = {"perplexity": ["rtn-w3-g64", "rtn-w4-g64", "rtn-w8-gch", "original"]}
+    fronts = {"perplexity": ["rtn-w3-g64", "rtn-w4-g64", "rtn-w8-ch", "original"]}
     fronts["kl_divergence"] = fronts["perplexity"]
     for r in rows:
         r["pareto"] = [k for k, v in fronts.items() if r["name"] in v]
@@ -61,7 +61,7 @@ def test_markdown_and_terminal_mark_pareto_rows():
     comp = _comp()
     md = comparison.markdown(comp).splitlines()
     marked = [l.split("|")[1].strip() for l in md[2:8] if l.split("|")[2].strip() == "*"]
-    assert marked == ["original", "rtn-w8-gch", "rtn-w4-g64", "rtn-w3-g64"]
+    assert marked == ["original", "rtn-w8-ch", "rtn-w4-g64", "rtn-w3-g64"]
     term = comparison.terminal(comp).splitlines()
     assert term[-1].startswith("select: rtn-w4-g64")
     assert [l.split()[1] for l in term[2:8] if l.startswith("*")] == marked
