@@ -124,7 +124,8 @@ def run_config(model: Path, text: Path, out: Path, **sections) -> dict:
         "quantize": {"method": "rtn", "bits": 4, "group_size": 64},
         "export": {"output_dir": str(out)},
         "evaluate": {"dataset": str(text), "windows": 4, "seqlen": 32, "speed": False},
-        "report": {"print": False},
+        # No plots/HTML: matplotlib costs seconds per run, and tests/report covers them.
+        "report": {"print": False, "html": False},
     }
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
