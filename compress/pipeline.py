@@ -55,12 +55,14 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
     """Every check that needs no model weights; raises ConfigError naming the key."""
     from compress.data.sources import resolve_source
     from compress.stages.quantize import resolve_plans
+    from compress.stages.load import check_source
     from compress.sweep import with_sweep
 
     try:
         plans = resolve_plans(with_sweep(cfg))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_source(cfg.model)
     for key, spec, field_ in (
         ("calibration.dataset", cfg.calibration.dataset, cfg.calibration.text_field),
         ("evaluate.dataset", cfg.evaluate.dataset, cfg.calibration.text_field),
@@ -146,8 +148,6 @@ def stage_quantize(ctx: RunContext) -> None:
             res.quantize_seconds = time.perf_counter() - t0
             res.artifact = exporter.finish(manifest)
             res.metrics["linear_bits_per_weight"] = exporter.linear_bits_per_weight
-            del sm, exporter
-            release_freed()
         except BaseException as e:  # Ctrl-C too: no temporary folder may outlive the run
             if exporter is not None:
                 exporter.abort()
@@ -155,6 +155,9 @@ def stage_quantize(ctx: RunContext) -> None:
                 raise
             log.exception("candidate %s failed", name)
             res.error = f"{type(e).__name__}: {e}"
+        finally:
+            sm = exporter = None  # this candidate's model and buffers go before the next
+            release_freed()
 
 
 def stage_evaluate(ctx: RunContext) -> None:

@@ -87,10 +87,11 @@ def test_missing_config_file(tmp_path):
     assert "config file not found" in res.stderr
 
 
-def test_missing_model_folder(good, tmp_path):
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_missing_model_folder(command, good, tmp_path):
     data, out = good
     data["model"]["source"] = str(tmp_path / "no-such-model")
-    res = invoke("run", write_config(tmp_path, data))
+    res = invoke(command, write_config(tmp_path, data))
     assert res.exit_code == 2
     assert f"error: model.source: {tmp_path / 'no-such-model'} does not exist" in res.stderr
     assert not (out / "rtn-w4-g64").exists()
@@ -101,12 +102,13 @@ def test_missing_model_folder(good, tmp_path):
     T5Config(d_model=64, num_layers=1, num_heads=2, d_ff=128),
     MambaConfig(hidden_size=64, num_hidden_layers=1),
 ], ids=lambda c: c.model_type)
-def test_unsupported_architecture_names_supported_types(config, good, tmp_path):
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_unsupported_architecture_names_supported_types(command, config, good, tmp_path):
     folder = tmp_path / config.model_type
     config.save_pretrained(str(folder))
     data, _ = good
     data["model"]["source"] = str(folder)
-    res = invoke("run", write_config(tmp_path, data))
+    res = invoke(command, write_config(tmp_path, data))
     assert res.exit_code == 2, res.output
     assert f"model_type '{config.model_type}' is not supported" in res.stderr
     assert "supported: " + ", ".join(supported_model_types()) in res.stderr

@@ -94,6 +94,32 @@ def resolve_folder(cfg: ModelConfig) -> Path:
     raise CheckpointError(f"model.source: {cfg.source} does not exist")
 
 
+def check_source(cfg: ModelConfig) -> None:
+    """Cheap checks of `model.source` before any work: the file or folder exists and, for a
+    Hugging Face folder, its architecture is one we support. Hub ids are checked at load."""
+    import json
+
+    if cfg.source.startswith("package:"):
+        src = package_file(cfg.source)
+    else:
+        src = Path(cfg.source).expanduser()
+        if not src.exists() and cfg.source.count("/") == 1 and not cfg.source.startswith((".", "/", "~")):
+            return  # a hub id
+    if not src.exists():
+        raise CheckpointError(f"model.source: {src} does not exist")
+    if src.is_dir() and not cfg.gguf_file:
+        cfg_file = src / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"model.source: {src} has no config.json; not a Hugging Face model folder")
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type", "?")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+        arch_for(model_type)
+    elif src.is_file() and src.suffix != ".gguf":
+        raise CheckpointError(f"model.source: {src} is a file but not a .gguf file")
+
+
 def load_config(root: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
