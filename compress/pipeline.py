@@ -95,25 +95,32 @@ def stage_load(ctx: RunContext) -> None:
     _check_group_sizes(ctx, ctx.loaded.streamed(load_outer=False))
 
 
-def _check_group_sizes(ctx: RunContext, sm) -> None:
-    """Group sizes that do not divide a layer fail here, before any data is processed."""
+def _group_size_error(sm, plan: Plan) -> Optional[str]:
+    """The first layer whose input size the plan's group size does not divide, as a message."""
     from compress.stages.quantize import block_linears, layer_spec, weight_of
 
+    for i in range(sm.n_blocks):
+        for name in (n for g in block_linears(sm.templates[i], sm.arch.sequential) for n in g):
+            full = f"{sm.block_prefix}{i}.{name}"
+            spec = layer_spec(plan.q, full)
+            if spec is None:
+                continue
+            try:
+                spec.check_divides(weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d).shape[1], full)
+            except ValueError as e:
+                return str(e)
+    return None
+
+
+def _check_group_sizes(ctx: RunContext, sm) -> None:
+    """Group sizes that do not divide a layer fail here, before any data is processed: the run
+    stops when it has one candidate, else the candidate is marked failed and the rest go on."""
     for p in ctx.plans:
-        for i in range(sm.n_blocks):
-            for name in (n for g in block_linears(sm.templates[i], sm.arch.sequential) for n in g):
-                full = f"{sm.block_prefix}{i}.{name}"
-                spec = layer_spec(p.q, full)
-                if spec is None:
-                    continue
-                in_f = weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d).shape[1]
-                try:
-                    spec.check_divides(in_f, full)
-                except ValueError as e:
-                    if len(ctx.plans) == 1:
-                        raise ConfigError(str(e)) from None
-                    ctx.candidates[p.name].error = str(e)
-                    break
+        err = _group_size_error(sm, p)
+        if err and len(ctx.plans) == 1:
+            raise ConfigError(err)
+        if err:
+            ctx.candidates[p.name].error = err
 
 
 def stage_calibrate(ctx: RunContext) -> None:
