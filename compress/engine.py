@@ -98,7 +98,7 @@ class StreamedModel:
         device: torch.device,
         dtype: torch.dtype,
         patch_block: Optional[BlockPatcher] = None,
-        batch_size: int = 8,
+        batch_size: int = 2,
         load_outer: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM

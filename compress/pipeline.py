@@ -194,7 +194,7 @@ def stage_evaluate(ctx: RunContext) -> None:
         "windows cut from the start of the dataset's evaluation split (see calibration/README.md); "
         "KL(original || candidate) and top-1 agreement averaged over every token position.",
     }
-    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype)) for n, r in done.items()}
+    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, eval_ids, e)
     ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
     for n, r in done.items():
