@@ -70,11 +70,13 @@ class QuantizeConfig(_Strict):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True
-    desc_act: bool = False
-    static_groups: bool = False
-    damp_percent: float = Field(0.01, gt=0, lt=1)
+    # GPTQ defaults chosen on SmolLM2-135M W4 g64, 64x512 Wikipedia windows, 16x512 held-out
+    # windows: plain GPTQ (damp 0.01) ppl 32.5 / KL 0.435; these defaults 26.5 / 0.214; RTN 30.2 / 0.464.
+    desc_act: bool = Field(True, description="GPTQ: quantize columns in descending Hessian-diagonal order")
+    static_groups: bool = Field(True, description="GPTQ: group grids fixed up front, so g_idx stays in order")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="GPTQ: damping as a fraction of mean diag(H)")
     block_size: int = Field(128, ge=1)
-    mse_clip: bool = False
+    mse_clip: bool = Field(True, description="GPTQ: search a shrunk range per group minimising the error")
     propagate: bool = Field(True, description="Feed quantized outputs to later sub-layers and blocks")
     hessian_dtype: Literal["float32", "float64"] = "float32"
     skip: list[str] = Field(default_factory=list, description="Regexes of linear layers kept unquantized")

@@ -59,6 +59,7 @@ class GPTQExporter:
         self.dynamic: dict[str, dict] = {}
         self.quantized_params = 0
         self.quantized_bytes = 0
+        self.permuted = False  # any layer stored with an act-order g_idx
         self.writer.add_tensors(self._outer_tensors())
 
     @property
@@ -94,6 +95,7 @@ class GPTQExporter:
             mod = block.get_submodule(name)
             bias = getattr(mod, "bias", None)
             lin = gptq.linear_tensors(prefix + name, _to_cpu(qw), None if bias is None else bias.detach().cpu())
+            self.permuted |= qw.desc_act
             self.quantized_params += qw.codes.numel()
             self.quantized_bytes += sum(v.numel() * v.element_size() for k, v in lin.items() if not k.endswith(".bias"))
             tensors.update(lin)
@@ -115,7 +117,7 @@ class GPTQExporter:
     def finish(self, manifest: dict) -> Path:
         q = self.plan.q
         qcfg = gptq.quantization_config(
-            q.bits, q.group_size, q.sym, q.desc_act,
+            q.bits, q.group_size, q.sym, self.permuted,
             modules_to_not_convert=self.skipped, dynamic=self.dynamic or None,
             damp_percent=q.damp_percent, true_sequential=q.propagate,
             meta={"quantizer": [f"compress:{__version__}"], "method": q.method},
@@ -128,7 +130,7 @@ class GPTQExporter:
         manifest = dict(manifest)
         manifest["quantization"] = {
             "method": q.method, "format": "gptq", "bits": q.bits, "group_size": q.group_size,
-            "sym": q.sym, "desc_act": q.desc_act, "static_groups": q.static_groups,
+            "sym": q.sym, "desc_act": self.permuted, "static_groups": q.static_groups,
             "mse_clip": q.mse_clip, "propagate": q.propagate, "damp_percent": q.damp_percent,
             "skipped": self.skipped, "overrides": self.dynamic,
             "quantized_params": self.quantized_params,

@@ -40,8 +40,8 @@ def candidate_name(q: QuantizeConfig) -> str:
     name = f"{q.method}-w{q.bits}-{gs}"
     if not q.sym:
         name += "-asym"
-    if q.method == "gptq" and q.desc_act:
-        name += "-act"
+    if q.method == "gptq" and q.desc_act and not q.static_groups:
+        name += "-act"  # a permuted g_idx in the file
     return name
 
 
