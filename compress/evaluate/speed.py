@@ -60,8 +60,9 @@ def _load(path: Path, artifact: bool, device: torch.device):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from compress.evaluate.memory import PeakMemory
+    from compress.evaluate.memory import PeakMemory, return_large_frees_to_os
 
+    return_large_frees_to_os()  # the same allocator settings as the CLI that measured the run
     ap = argparse.ArgumentParser()
     ap.add_argument("path", type=Path)
     ap.add_argument("--artifact", action="store_true")
