@@ -75,11 +75,10 @@ class GPTQExporter:
         state = {}
         out_emb = model.get_output_embeddings()
         tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
-        for name, t in model.state_dict(keep_vars=False).items():
-            if name.startswith(self.sm.block_prefix) or (tied and out_emb is not None and t is out_emb.weight):
-                continue
-            state[name] = self._cast(t)
-        if tied:
+        for name, t in model.state_dict().items():
+            if not name.startswith(self.sm.block_prefix):
+                state[name] = self._cast(t)
+        if tied:  # transformers re-ties lm_head to the embedding on load; storing it twice is waste
             lm = [n for n, m in model.named_modules() if m is out_emb][0]
             state.pop(f"{lm}.weight", None)
         return state
