@@ -16,6 +16,11 @@ from compress.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
+# Bumped when the converted folder changes shape, so stale caches are converted again.
+# 2: config.json no longer claims `quantization_config: gguf` for the dequantized fp32 weights
+# (GPTQModel and transformers took such a folder for an already-quantized checkpoint).
+CONVERSION_VERSION = 2
+
 
 def default_cache_dir() -> Path:
     base = os.environ.get("COMPRESS_CACHE") or os.path.join(
@@ -31,7 +36,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
 
     gguf_path = Path(gguf_path).resolve()
     digest = sha256_file(gguf_path)[:16]
-    target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest}"
+    target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
@@ -43,6 +48,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
             str(gguf_path.parent), dtype=torch.float32, **kwargs
         )
         model.hf_quantizer = None  # a GGUF-loaded model refuses to save otherwise
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config  # the saved weights are plain fp32
         model.save_pretrained(str(tmp), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
         (tmp / "compress-source.txt").write_text(f"{gguf_path}\nsha256-prefix {digest}\n")
