@@ -247,7 +247,12 @@ class StreamedModel:
             self._restore()
         return captured
 
-    def run_block(self, block: nn.Module, i: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run_block(
+        self, block: nn.Module, i: int, hidden: list[torch.Tensor], consume: bool = False
+    ) -> list[torch.Tensor]:
+        """The block's outputs for every window of `hidden`. With `consume`, each input entry is
+        dropped from the caller's list as soon as its batch has run, so inputs and outputs of
+        the whole stream are never resident together (one stream plus one batch, not two)."""
         assert self._layer_calls is not None, "embed() must run before run_block()"
         call = self._layer_calls[i]
         out: list[torch.Tensor] = []
@@ -256,6 +261,8 @@ class StreamedModel:
             # rotary tables broadcast over a batch of them.
             for s in range(0, len(hidden), self.batch_size):
                 batch = torch.cat(hidden[s : s + self.batch_size])
+                if consume:
+                    hidden[s : s + self.batch_size] = [None] * len(hidden[s : s + self.batch_size])
                 try:
                     out.extend(_first(block(batch, *call.args, **call.kwargs)).split(1))
                 except StopForward:

@@ -35,7 +35,7 @@ def _final_hidden(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> list[
     hidden = sm.embed(eval_ids)
     for i in progress(range(sm.n_blocks), desc=f"evaluate {desc}", unit="block"):
         block = sm.load_block(i)
-        hidden = sm.run_block(block, i, hidden)
+        hidden = sm.run_block(block, i, hidden, consume=True)
         del block
     return hidden
 
@@ -52,7 +52,7 @@ def _logit_chunks(sm: StreamedModel, hidden: torch.Tensor, ids: torch.Tensor, ch
 
 def evaluate_streams(
     original: StreamedModel, candidates: dict[str, Callable[[], StreamedModel]],
-    eval_ids: torch.Tensor, cfg: EvaluateConfig, chunk: int = 128,
+    eval_ids: torch.Tensor, cfg: EvaluateConfig, chunk: int = 32,
 ) -> dict[str, EvalRow]:
     """The original's final hidden states are kept (small); candidates are then opened and
     streamed one at a time, so memory holds at most two models' embeddings and heads."""

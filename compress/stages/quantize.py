@@ -222,7 +222,7 @@ def quantize_model(
                 qweights[name] = qw
                 reports.append(rep)
         if hidden is not None and q.propagate:
-            hidden = sm.run_block(block, i, hidden)
+            hidden = sm.run_block(block, i, hidden, consume=True)
         sink(i, block, qweights)
         del block
     return reports
