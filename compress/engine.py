@@ -192,6 +192,19 @@ class StreamedModel:
         finally:
             setattr(parent, attr, self.layers)
 
+    def release_outer(self) -> None:
+        """Free the outer modules' weights (embeddings, final norm, head). For the quantize
+        stage, which needs them only to embed the calibration windows and for the exporter's
+        copy, both done before the block walk: the embedding is the largest single tensor of a
+        small model. `embed()` and `logits()` fail afterwards."""
+        parent_path, _, attr = self.arch.blocks.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        setattr(parent, attr, nn.ModuleList())
+        try:
+            self.model.to("meta")
+        finally:
+            setattr(parent, attr, self.layers)
+
     def _is_tied_missing(self) -> bool:
         return getattr(self.config, "tie_word_embeddings", False) and not any(
             self._ckpt_name(n + ".weight") is not None

@@ -186,6 +186,8 @@ def quantize_model(
 ) -> list[LayerReport]:
     """Quantize block by block; `sink(i, block, qweights)` receives each finished block.
 
+    `sm` is used up: its outer modules are released once the calibration windows are embedded.
+
     The block handed to the sink holds the fake-quantized (dequantized) weights in its linears.
     """
     q = plan.q
@@ -196,6 +198,7 @@ def quantize_model(
         if calib_ids is None:
             raise ValueError(f"quantize.method: {q.method} needs calibration data")
         hidden = sm.embed(calib_ids)
+    sm.release_outer()  # the sink (exporter) took its copy of them when it was created
     reports: list[LayerReport] = []
     for i in progress(range(sm.n_blocks), desc=f"quantize {plan.name}", unit="block"):
         block = sm.load_block(i)
