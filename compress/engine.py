@@ -23,6 +23,7 @@ from torch import nn
 
 from compress.models.arch import ArchSpec, arch_for
 from compress.models.checkpoint import Checkpoint, CheckpointError
+from compress.stored_outer import install_upcast, stored_outer_names
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class StreamedModel:
         patch_block: Optional[BlockPatcher] = None,
         batch_size: int = 2,
         load_outer: bool = True,
+        stored_outer: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -120,6 +122,7 @@ class StreamedModel:
         self.n_blocks = len(self.templates)
         self.block_prefix = self.arch.blocks + "."
         self._layer_calls: Optional[list[LayerCall]] = None
+        self.stored_outer = stored_outer  # embedding/head kept in the checkpoint's dtype
         if load_outer:  # a skeleton without weights suffices for shape checks
             self._materialize_outer()
 
@@ -140,7 +143,9 @@ class StreamedModel:
             return name[len(prefix):]
         return None
 
-    def _load_into(self, module: nn.Module, prefix: str, patch: Optional[Callable] = None) -> None:
+    def _load_into(
+        self, module: nn.Module, prefix: str, patch: Optional[Callable] = None, keep: frozenset = frozenset()
+    ) -> None:
         """Load ``module``'s tensors from the checkpoint keys under ``prefix``."""
         if prefix:
             ck_prefix = prefix
@@ -161,7 +166,7 @@ class StreamedModel:
                 continue
             if k in local:
                 t = local.pop(k)
-                state[k] = t.to(self.dtype) if t.is_floating_point() else t
+                state[k] = t.to(self.dtype) if t.is_floating_point() and k not in keep else t
             elif not self._is_tied(k):
                 missing.append(k)
         if missing:
@@ -186,9 +191,12 @@ class StreamedModel:
         try:
             self.model.to_empty(device=self.device)
             _init_nonpersistent(self.model, self.model)
-            self._load_into(self.model, "")
+            keep = frozenset(stored_outer_names(self.model)) if self.stored_outer else frozenset()
+            self._load_into(self.model, "", keep=keep)
             if self.model.get_output_embeddings() is not None and self._is_tied_missing():
                 self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+            if self.stored_outer:
+                install_upcast(self.model, self.dtype)
         finally:
             setattr(parent, attr, self.layers)
 

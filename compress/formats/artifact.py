@@ -60,5 +60,6 @@ def open_artifact(
         raise ValueError(f"{path}: not a GPTQ artifact (quant_method={qcfg.get('quant_method')})")
     config = AutoConfig.from_pretrained(str(path))
     return StreamedModel(
-        config, open_checkpoint(path), device, dtype, patch_block=gptq_patcher(bool(qcfg.get("sym", True)), dtype if dense else None)
+        config, open_checkpoint(path), device, dtype,
+        patch_block=gptq_patcher(bool(qcfg.get("sym", True)), dtype if dense else None), stored_outer=dense,
     )
