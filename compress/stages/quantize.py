@@ -121,10 +121,19 @@ def _collect_hessians(
     accs: dict[str, HessianAccumulator] = {}
     handles = []
     pending: set[str] = set()
+    # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: it is accumulated
+    # once, by the first of them in each forward (GPTQModel de-duplicates the same way).
+    last: dict = {"x": None, "name": None}
+    aliased: dict[str, list[str]] = {n: [] for n in names}  # per batch: whose input it shared
 
     def make_hook(n: str, acc: HessianAccumulator):
         def hook(module, args):
-            acc.add(args[0].detach())
+            x = args[0]
+            if x is last["x"]:
+                aliased[n].append(last["name"])
+            else:
+                acc.add(x.detach())
+                last["x"], last["name"] = x, n
             pending.discard(n)
             if early_stop and not pending:
                 raise StopForward
@@ -136,14 +145,27 @@ def _collect_hessians(
         accs[n] = HessianAccumulator(in_f, dtype=dtype, device=sm.device)
         handles.append(mod.register_forward_pre_hook(make_hook(n, accs[n])))
     out: list[torch.Tensor] = []
+    batches = 0
     try:
         for s in range(0, len(hidden), sm.batch_size):
             pending.update(names)
+            last["x"] = last["name"] = None
             out.extend(sm.run_block(block, i, hidden[s : s + sm.batch_size]))
+            batches += 1
     finally:
         for h in handles:
             h.remove()
-    return {n: a.hessian for n, a in accs.items()}, out
+        last["x"] = None
+    hessians = {n: accs[n].hessian for n in names if not aliased[n]}
+    for n in names:
+        if not aliased[n]:
+            continue
+        leaders = set(aliased[n])
+        leader = leaders.pop() if len(leaders) == 1 else None
+        if leader not in hessians or len(aliased[n]) != batches:
+            raise RuntimeError(f"block {i}: {n} shared its input with {sorted(set(aliased[n]))} in only some batches")
+        hessians[n] = hessians[leader]
+    return hessians, out
 
 
 def _quantize_layer(
