@@ -37,8 +37,8 @@ class RunContext:
     out_dir: Path
     plans: list[Plan] = field(default_factory=list)
     loaded: Optional[LoadedModel] = None
-    tokenizer: object = None
     calib_ids: Optional[torch.Tensor] = None
+    eval_ids: Optional[torch.Tensor] = None
     calibration: Optional[dict] = None
     input_hashes: dict = field(default_factory=dict)
     candidates: dict[str, CandidateResult] = field(default_factory=dict)
@@ -82,15 +82,10 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
 
 
 def stage_load(ctx: RunContext) -> None:
-    from transformers import AutoTokenizer
-
     from compress.hashing import sha256_file
     from compress.stages.load import load_model
 
     ctx.loaded = load_model(ctx.cfg.model)
-    ctx.tokenizer = AutoTokenizer.from_pretrained(
-        str(ctx.loaded.root), trust_remote_code=ctx.cfg.model.trust_remote_code
-    )
     ctx.input_hashes = {p.name: sha256_file(p) for p in ctx.loaded.checkpoint.files}
     _check_group_sizes(ctx, ctx.loaded.streamed(load_outer=False))
 
@@ -124,14 +119,27 @@ def _check_group_sizes(ctx: RunContext, sm) -> None:
 
 
 def stage_calibrate(ctx: RunContext) -> None:
-    from compress.data.windows import calibration_windows, windows_sha256
+    """Token windows for calibration (when a method needs statistics) and for evaluation, drawn
+    in a child process (compress/data/draw.py): this process never holds the tokenizer or the
+    text. Evaluation's windows are drawn here too, so a too-short evaluation split fails
+    before any quantization."""
+    from compress.data.draw import draw_windows
+    from compress.data.windows import windows_sha256
     from compress.quantizers import get_quantizer
 
-    c = ctx.cfg.calibration
-    if not any(get_quantizer(p.q.method).needs_hessian for p in ctx.plans):
-        ctx.calibration = None  # RTN only: no calibration data is read
+    c, e = ctx.cfg.calibration, ctx.cfg.evaluate
+    needs_calib = any(get_quantizer(p.q.method).needs_hessian for p in ctx.plans)
+    calib = dict(source_spec=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
+                 chat_template=c.chat_template) if needs_calib else None
+    evaluation = dict(source_spec=e.dataset, n_windows=e.windows, seqlen=e.seqlen) if e.enabled else None
+    ctx.calibration = None  # RTN only: no calibration data is read
+    if calib is None and evaluation is None:
         return
-    ctx.calib_ids = calibration_windows(ctx.tokenizer, c.dataset, c.nsamples, c.seqlen, c.seed, c.chat_template)
+    drawn = draw_windows(ctx.loaded.root, calib, evaluation, ctx.cfg.model.trust_remote_code)
+    ctx.eval_ids = drawn.get("evaluation")
+    if calib is None:
+        return
+    ctx.calib_ids = drawn["calibration"]
     ctx.calibration = {
         "dataset": c.dataset, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed,
         "chat_template": c.chat_template, "windows_sha256": windows_sha256(ctx.calib_ids),
@@ -168,7 +176,7 @@ def stage_quantize(ctx: RunContext) -> None:
 
 
 def stage_evaluate(ctx: RunContext) -> None:
-    from compress.data.windows import evaluation_windows, windows_sha256
+    from compress.data.windows import windows_sha256
     from compress.evaluate.speed import measure_in_subprocess
     from compress.formats.artifact import open_artifact
     from compress.stages.evaluate import dir_bytes, evaluate_streams
@@ -185,7 +193,7 @@ def stage_evaluate(ctx: RunContext) -> None:
         r.metrics["bits_per_weight"] = 8 * r.metrics["bytes"] / n_params
     if not e.enabled:
         return
-    eval_ids = evaluation_windows(ctx.tokenizer, e.dataset, e.windows, e.seqlen)
+    eval_ids = ctx.eval_ids
     ctx.protocol = {
         "name": f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}",
         "dataset": e.dataset, "split": "evaluation", "windows": e.windows, "seqlen": e.seqlen,
@@ -268,7 +276,7 @@ def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
             ctx.timings[name] = time.perf_counter() - t0
             ctx.stage_peak_mb[name] = stage_mem.peak / 2**20
             release_freed()
-            if name == "load":  # runtime + tokenizer + model skeleton; no weights yet
+            if name == "load":  # runtime + model skeleton; no weights, no tokenizer
                 ctx.runtime_rss_mb = rss_bytes() / 2**20
             log.info("stage %s took %.1f s, peak RSS %.0f MB", name, ctx.timings[name], ctx.stage_peak_mb[name])
     stage_report(ctx)

@@ -81,21 +81,21 @@ def test_recommendation_and_serving_columns(sweep_run):
 def test_shared_work_is_done_once(model_dir, text_file, tmp_path, monkeypatch):
     """Tokenization of the evaluation windows and the original's final hidden states happen
     once for three candidates, not once per candidate."""
-    import compress.data.windows as windows
+    import compress.data.draw as draw
     import compress.stages.evaluate as ev
 
     calls = {"eval_windows": 0, "final_hidden": []}
-    real_windows, real_hidden = windows.evaluation_windows, ev._final_hidden
+    real_draw, real_hidden = draw.draw_windows, ev._final_hidden
 
-    def count_windows(*a, **k):
-        calls["eval_windows"] += 1
-        return real_windows(*a, **k)
+    def count_windows(root, calibration, evaluation, *a, **k):  # windows are drawn in a child
+        calls["eval_windows"] += evaluation is not None
+        return real_draw(root, calibration, evaluation, *a, **k)
 
     def count_hidden(sm, ids, desc):
         calls["final_hidden"].append(desc)
         return real_hidden(sm, ids, desc)
 
-    monkeypatch.setattr(windows, "evaluation_windows", count_windows)
+    monkeypatch.setattr(draw, "draw_windows", count_windows)
     monkeypatch.setattr(ev, "_final_hidden", count_hidden)
     cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "o",
                                   sweep={"bits": [8, 4, 3], "group_size": [64]}))

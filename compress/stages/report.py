@@ -96,7 +96,7 @@ def write_report(ctx) -> None:
         lines.append(
             f"Peak resident memory of this run: {run['peak_rss_mb']:.0f} MB, of which "
             f"{run['runtime_rss_mb']:.0f} MB is the runtime before any weight is loaded (Python, "
-            f"torch, transformers, tokenizer) and {model_mb:.0f} MB the streamed model data: "
+            f"torch, transformers, the model skeleton) and {model_mb:.0f} MB the streamed model data: "
             f"{model_mb * 2**20 / max(ctx.original.get('bytes', 0), 1):.2f}x the "
             f"{ctx.original.get('bytes', 0) / 2**20:.0f} MiB of original weights on disk (RSS in MiB)."
         )

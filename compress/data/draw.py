@@ -1,0 +1,74 @@
+"""Draw the token windows of a run in a child process.
+
+Reading and tokenizing the text (gensim's Wikipedia parser, the tokenizer itself, the
+concatenated token ids) leaves tens of megabytes resident that the quantizing process would
+then carry through every block. A short-lived child does it instead and hands back two small
+int64 tensors, so the parent never loads a tokenizer. A ValueError in the child (e.g. a split
+too short for the windows asked) comes back as a ValueError with the child's message.
+
+    python -m compress.data.draw SPEC.json   (written by `draw_windows`; not a user command)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+_VALUE_ERROR = 3  # exit status of the child for a ValueError (its message on the last line of stderr)
+
+
+def draw_windows(
+    tokenizer_dir: Path, calibration: Optional[dict], evaluation: Optional[dict],
+    trust_remote_code: bool = False,
+) -> dict[str, torch.Tensor]:
+    """`calibration`: calibration_windows' keyword arguments (source_spec, nsamples, seqlen,
+    seed, chat_template); `evaluation`: evaluation_windows' (source_spec, n_windows, seqlen).
+    Returns {"calibration": ..., "evaluation": ...} for those asked."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory(prefix="compress-windows-") as tmp:
+        spec = {
+            "tokenizer": str(tokenizer_dir), "trust_remote_code": trust_remote_code,
+            "calibration": calibration, "evaluation": evaluation, "out": os.path.join(tmp, "windows.safetensors"),
+        }
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run(
+            [sys.executable, "-m", "compress.data.draw", str(spec_path)], capture_output=True, text=True
+        )
+        if proc.returncode == _VALUE_ERROR:
+            raise ValueError(proc.stderr.strip().splitlines()[-1])
+        if proc.returncode != 0:
+            raise RuntimeError(f"drawing the token windows failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return load_file(spec["out"])
+
+
+def _main(spec_path: str) -> int:
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from compress.data.windows import calibration_windows, evaluation_windows
+
+    spec = json.loads(Path(spec_path).read_text())
+    try:
+        tok = AutoTokenizer.from_pretrained(spec["tokenizer"], trust_remote_code=spec["trust_remote_code"])
+        out = {}
+        if spec["calibration"]:
+            out["calibration"] = calibration_windows(tok, **spec["calibration"])
+        if spec["evaluation"]:
+            out["evaluation"] = evaluation_windows(tok, **spec["evaluation"])
+    except ValueError as e:
+        print(str(e).replace("\n", " "), file=sys.stderr)
+        return _VALUE_ERROR
+    save_file({k: v.contiguous() for k, v in out.items()}, spec["out"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1]))
