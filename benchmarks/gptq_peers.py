@@ -67,6 +67,13 @@ ROWS = [
 ]
 
 
+def compress_version() -> str:
+    import compress
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return f"{compress.__version__}" + (f" (commit {commit})" if commit else "")
+
+
 def slug(name: str) -> str:
     return name.replace(" ", "-")
 
@@ -129,7 +136,7 @@ def quantize_ours(row: Row, work: Path, calib_hash: str) -> dict:
         raise RuntimeError(f"{row.name}: calibration windows differ ({got} != {calib_hash})")
     return {"quantize_seconds": cand["quantize_seconds"], "peak_rss_mb": peak, "process_seconds": wall,
             "artifact": str(artifact), "eval_path": str(artifact), "eval_kind": "gptq",
-            "version": f"compress {res.get('run', {}).get('version', '')}".strip(), "settings": q}
+            "version": f"compress {compress_version()}", "settings": q}
 
 
 def quantize_peer(row: Row, work: Path, model_root: Path, windows: Path) -> dict:
