@@ -13,6 +13,7 @@ one block plus the activations of the windows in flight.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -184,34 +185,36 @@ class StreamedModel:
         return any(out is m and name == f"{n}.weight" for n, m in self.model.named_modules())
 
     # ---- outer modules ---------------------------------------------------------------------
-    def _materialize_outer(self) -> None:
+    @contextlib.contextmanager
+    def _outer_only(self):
+        """The model with its block list set aside, so whole-model calls (`to_empty`, `to`)
+        touch only the outer modules; the (meta) blocks are put back afterwards."""
         parent_path, _, attr = self.arch.blocks.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         setattr(parent, attr, nn.ModuleList())
         try:
-            self.model.to_empty(device=self.device)
-            _init_nonpersistent(self.model, self.model)
-            keep = frozenset(stored_outer_names(self.model)) if self.stored_outer else frozenset()
-            self._load_into(self.model, "", keep=keep)
-            if self.model.get_output_embeddings() is not None and self._is_tied_missing():
-                self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
-            if self.stored_outer:
-                install_upcast(self.model, self.dtype)
+            yield self.model
         finally:
             setattr(parent, attr, self.layers)
+
+    def _materialize_outer(self) -> None:
+        with self._outer_only() as model:
+            model.to_empty(device=self.device)
+            _init_nonpersistent(model, model)
+            keep = frozenset(stored_outer_names(model)) if self.stored_outer else frozenset()
+            self._load_into(model, "", keep=keep)
+            if model.get_output_embeddings() is not None and self._is_tied_missing():
+                model.get_output_embeddings().weight = model.get_input_embeddings().weight
+            if self.stored_outer:
+                install_upcast(model, self.dtype)
 
     def release_outer(self) -> None:
         """Free the outer modules' weights (embeddings, final norm, head). For the quantize
         stage, which needs them only to embed the calibration windows and for the exporter's
         copy, both done before the block walk: the embedding is the largest single tensor of a
         small model. `embed()` and `logits()` fail afterwards."""
-        parent_path, _, attr = self.arch.blocks.rpartition(".")
-        parent = self.model.get_submodule(parent_path)
-        setattr(parent, attr, nn.ModuleList())
-        try:
-            self.model.to("meta")
-        finally:
-            setattr(parent, attr, self.layers)
+        with self._outer_only() as model:
+            model.to("meta")
 
     def _is_tied_missing(self) -> bool:
         return getattr(self.config, "tie_word_embeddings", False) and not any(

@@ -184,8 +184,7 @@ def stage_evaluate(ctx: RunContext) -> None:
     e = ctx.cfg.evaluate
     done = {n: r for n, r in ctx.candidates.items() if r.artifact is not None}
     l = ctx.loaded
-    original = l.streamed()
-    n_params = original.n_params
+    n_params = l.streamed(load_outer=False).n_params  # read off the skeleton: no weights needed
     orig_bytes = dir_bytes(ctx.loaded.root)
     ctx.original = {"bytes": orig_bytes, "bits_per_weight": 8 * orig_bytes / n_params, "params": n_params}
     for r in done.values():
@@ -193,6 +192,7 @@ def stage_evaluate(ctx: RunContext) -> None:
         r.metrics["bits_per_weight"] = 8 * r.metrics["bytes"] / n_params
     if not e.enabled:
         return
+    original = l.streamed()
     eval_ids = ctx.eval_ids
     ctx.protocol = {
         "name": f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}",

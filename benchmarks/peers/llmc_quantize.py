@@ -10,6 +10,7 @@ fp32, no quantization_config: what the benchmark evaluates, since our evaluator 
 compressed-tensors). Prints one JSON line with the seconds spent in `oneshot()` alone.
 """
 import json
+import os
 import sys
 import time
 
@@ -46,7 +47,6 @@ def main(model_dir: str, windows: str, out_dir: str, bits: str, group: str) -> N
         dense.pop("lm_head.weight", None)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
-    import os
     os.makedirs(f"{out_dir}/dense", exist_ok=True)
     save_file(dense, f"{out_dir}/dense/model.safetensors", metadata={"format": "pt"})
     with open(f"{out_dir}/dense/config.json", "w") as f:

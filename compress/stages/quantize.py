@@ -158,13 +158,11 @@ def _collect_hessians(
         last["x"] = None
     hessians = {n: accs[n].hessian for n in names if not aliased[n]}
     for n in names:
-        if not aliased[n]:
-            continue
-        leaders = set(aliased[n])
-        leader = leaders.pop() if len(leaders) == 1 else None
-        if leader not in hessians or len(aliased[n]) != batches:
-            raise RuntimeError(f"block {i}: {n} shared its input with {sorted(set(aliased[n]))} in only some batches")
-        hessians[n] = hessians[leader]
+        if aliased[n]:
+            leader = aliased[n][0]
+            if aliased[n] != [leader] * batches or leader not in hessians:
+                raise RuntimeError(f"block {i}: {n} shared its input with {leader} in only some batches")
+            hessians[n] = hessians[leader]
     return hessians, out
 
 
