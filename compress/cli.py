@@ -56,10 +56,7 @@ def _load(config: str, overrides: tuple[str, ...]):
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Quantize a causal language model, export it, and measure what it cost."""
-    from compress.evaluate.memory import return_large_frees_to_os
-
     _setup_logging(verbose, quiet)
-    return_large_frees_to_os()
 
 
 def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:

@@ -135,7 +135,7 @@ class StreamedModel:
         return sum(seen.values())
 
     # ---- names ---------------------------------------------------------------------------
-    def _ckpt_name(self, name: str) -> Optional[str]:
+    def ckpt_name(self, name: str) -> Optional[str]:
         """Checkpoint key for a model state name (older checkpoints drop the base prefix)."""
         if name in self.checkpoint.index:
             return name
@@ -156,7 +156,7 @@ class StreamedModel:
             raw = self.checkpoint.load(self.checkpoint.names(ck_prefix), device=self.device)
             local = {k[len(ck_prefix):]: v for k, v in raw.items()}
         else:
-            found = {k: self._ckpt_name(k) for k in module.state_dict()}
+            found = {k: self.ckpt_name(k) for k in module.state_dict()}
             raw = self.checkpoint.load([c for c in found.values() if c], device=self.device)
             local = {k: raw[c] for k, c in found.items() if c}
         replaced: list[str] = patch(module, local) if patch is not None else []
@@ -218,7 +218,7 @@ class StreamedModel:
 
     def _is_tied_missing(self) -> bool:
         return getattr(self.config, "tie_word_embeddings", False) and not any(
-            self._ckpt_name(n + ".weight") is not None
+            self.ckpt_name(n + ".weight") is not None
             for n, m in self.model.named_modules()
             if m is self.model.get_output_embeddings()
         )
@@ -260,23 +260,55 @@ class StreamedModel:
 
         self._with_proxies(hook)
         try:
-            for w in range(input_ids.shape[0]):
-                try:
-                    self.model(input_ids=input_ids[w : w + 1].to(self.device), use_cache=False)
-                except _Stop:
-                    pass
-                if self._layer_calls is None:
-                    self._layer_calls = calls  # type: ignore[assignment]
+            with self._compact_embedding(input_ids) as ids:
+                for w in range(ids.shape[0]):
+                    try:
+                        self.model(input_ids=ids[w : w + 1].to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+                    if self._layer_calls is None:
+                        self._layer_calls = calls  # type: ignore[assignment]
         finally:
             self._restore()
         return captured
 
+    @contextlib.contextmanager
+    def _compact_embedding(self, input_ids: torch.Tensor, rows_per_slice: int = 4096):
+        """The input embedding swapped for a table of only the rows `input_ids` use, read from
+        the checkpoint slice by slice; yields the ids renumbered into that table. Looking rows
+        up in the memory-mapped embedding itself would leave most of its pages resident (the
+        kernel maps neighbouring pages on each fault), the largest tensor of a small model."""
+        emb = self.model.get_input_embeddings()
+        name = next(n for n, m in self.model.named_modules() if m is emb) + ".weight"
+        ck = self.ckpt_name(name)
+        if ck is None or self.checkpoint.pickled or not isinstance(emb, nn.Embedding):
+            yield input_ids  # e.g. a tied weight stored only under the head's name
+            return
+        vocab = emb.weight.shape[0]
+        uniq, inverse = torch.unique(input_ids, return_inverse=True)
+        if uniq.numel() and (int(uniq[0]) < 0 or int(uniq[-1]) >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}); got {int(uniq[0])}..{int(uniq[-1])}")
+        parts = []
+        for s in range(0, vocab, rows_per_slice):
+            sel = uniq[(uniq >= s) & (uniq < s + rows_per_slice)]
+            if sel.numel():
+                parts.append(self.checkpoint.load_rows(ck, s, s + rows_per_slice)[sel - s].to(emb.weight.dtype))
+        table = torch.cat(parts).to(self.device) if parts else emb.weight[:0].to(self.device)
+        weight, padding_idx = emb.weight, emb.padding_idx
+        # padding_idx only shapes gradients; unset, as it may exceed the compact table's size.
+        emb.weight, emb.padding_idx = nn.Parameter(table, requires_grad=False), None
+        try:
+            yield inverse
+        finally:
+            emb.weight, emb.padding_idx = weight, padding_idx
+
     def run_block(
-        self, block: nn.Module, i: int, hidden: list[torch.Tensor], consume: bool = False
+        self, block: nn.Module, i: int, hidden: list[torch.Tensor], in_place: bool = False
     ) -> list[torch.Tensor]:
-        """The block's outputs for every window of `hidden`. With `consume`, each input entry is
-        dropped from the caller's list as soon as its batch has run, so inputs and outputs of
-        the whole stream are never resident together (one stream plus one batch, not two)."""
+        """The block's outputs for every window of `hidden`. With `in_place`, each batch's
+        outputs overwrite its input windows and `hidden` itself is returned: the stream lives
+        in one set of long-lived tensors for the whole walk, instead of a fresh allocation per
+        block interleaved on the heap with the forward's temporaries (which fragments it)."""
         assert self._layer_calls is not None, "embed() must run before run_block()"
         call = self._layer_calls[i]
         out: list[torch.Tensor] = []
@@ -284,14 +316,17 @@ class StreamedModel:
             # Windows share one length and no padding, so the recorded batch-1 masks and
             # rotary tables broadcast over a batch of them.
             for s in range(0, len(hidden), self.batch_size):
-                batch = torch.cat(hidden[s : s + self.batch_size])
-                if consume:
-                    hidden[s : s + self.batch_size] = [None] * len(hidden[s : s + self.batch_size])
+                windows = hidden[s : s + self.batch_size]
                 try:
-                    out.extend(_first(block(batch, *call.args, **call.kwargs)).split(1))
+                    y = _first(block(torch.cat(windows), *call.args, **call.kwargs))
                 except StopForward:
                     continue
-        return out
+                if in_place:
+                    for dst, src in zip(windows, y.split(1)):
+                        dst.copy_(src)
+                else:
+                    out.extend(y.split(1))
+        return hidden if in_place else out
 
     @torch.no_grad()
     def logits(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,8 @@ def stage_load(ctx: RunContext) -> None:
 
 def _group_size_error(sm, plan: Plan) -> Optional[str]:
     """The first layer whose input size the plan's group size does not divide, as a message."""
-    from compress.stages.quantize import block_linears, layer_spec, weight_of
+    from compress.stages.passes import weight_of
+    from compress.stages.quantize import block_linears, layer_spec
 
     for i in range(sm.n_blocks):
         for name in (n for g in block_linears(sm.templates[i], sm.arch.sequential) for n in g):

@@ -124,3 +124,12 @@ def test_no_weights_and_no_config(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no weight files"):
         open_checkpoint(tmp_path)
+
+
+def test_rows_of_a_tensor_are_exact_copies(tmp_path):
+    ck = open_checkpoint(sharded(tmp_path))
+    got = ck.load_rows("b.weight", 1, 3)
+    assert torch.equal(got, B["b.weight"][1:3])
+    assert torch.equal(ck.load_rows("a.weight", 1, 99), A["a.weight"][1:])  # clipped at the end
+    with pytest.raises(CheckpointError, match="tensor 'c.weight' is missing"):
+        ck.load_rows("c.weight", 0, 1)

@@ -64,17 +64,18 @@ def test_streaming_batches_windows_like_single_windows(model_dir):
     torch.testing.assert_close(stream_logits(sm4, ids), stream_logits(sm1, ids), rtol=0, atol=ATOL)
 
 
-def test_consuming_run_block_frees_inputs_and_keeps_outputs(model_dir):
-    """With consume=True each input entry is dropped as its batch runs; outputs are unchanged."""
+def test_in_place_run_block_overwrites_inputs_with_the_outputs(model_dir):
+    """With in_place=True the outputs land in the input windows' own tensors (no new stream)."""
     sm = streamed(model_dir("llama"))
     sm.batch_size = 2
     ids = ids_for(5, 16)
     hidden = sm.embed(ids)
     block = sm.load_block(0)
-    kept = sm.run_block(block, 0, list(hidden))
-    got = sm.run_block(block, 0, hidden, consume=True)
-    assert hidden == [None] * 5
-    assert len(got) == 5
+    kept = sm.run_block(block, 0, [h.clone() for h in hidden])
+    ptrs = [h.data_ptr() for h in hidden]
+    got = sm.run_block(block, 0, hidden, in_place=True)
+    assert got is hidden and [h.data_ptr() for h in got] == ptrs
+    assert len(kept) == 5
     for a, b in zip(got, kept):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -18,7 +18,7 @@ def fp16_folder(family: str, tmp_path, tokenizer, tie: bool):
 def logits(sm: StreamedModel, ids: torch.Tensor) -> torch.Tensor:
     hidden = sm.embed(ids)
     for i in range(sm.n_blocks):
-        hidden = sm.run_block(sm.load_block(i), i, hidden, consume=True)
+        hidden = sm.run_block(sm.load_block(i), i, hidden, in_place=True)
     return torch.cat([sm.logits(hidden[w], ids[w : w + 1]) for w in range(ids.shape[0])])
 
 

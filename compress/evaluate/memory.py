@@ -54,15 +54,13 @@ def release_freed() -> None:
         pass
 
 
-def return_large_frees_to_os(threshold: int = 128 * 1024) -> None:
-    """Serve allocations above `threshold` bytes with mmap so that freeing them returns the
-    memory at once. glibc otherwise raises the threshold after the first large free and puts
-    megabyte-sized activations on the heap, where holes keep the resident set from shrinking
-    (measured on the demo: evaluation peak 1020 -> 877 MB). Called by the CLI only."""
+def trim_heap() -> None:
+    """Return free heap pages to the OS (glibc `malloc_trim`), without a garbage collection:
+    cheap enough to call once per decoder block, so the freed temporaries of one block's
+    passes do not stay resident under the next block's."""
     import ctypes
 
-    M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -47,6 +48,12 @@ _ST_DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }
 _COPY_CHUNK = 1 << 24
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """`isfinite(t).all()` in slices, so a large embedding needs no full-size bool copy."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[s : s + chunk]).all()) for s in range(0, flat.numel(), chunk))
 
 
 def _is_empty_dir(p: Path) -> bool:
@@ -117,27 +124,46 @@ class ArtifactWriter:
     # -- content ---------------------------------------------------------------------------
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Buffer tensors; a full buffer is written out as the next shard."""
-        self._check_open()
         for name, t in tensors.items():
-            if name in self._names:
-                raise ValueError(f"tensor '{name}' was already added")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
             t = t.detach().to("cpu").contiguous()
-            if t.dtype not in _ST_DTYPES:
-                raise ValueError(f"tensor '{name}' has dtype {t.dtype}, which safetensors cannot store")
-            size = _tensor_bytes(t)
-            if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-                self._flush()
-            if self._spill is None:
-                self._spill = open(self.tmp_dir / ".spill", "wb")
-            self._spill.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            end = self._buffer_bytes + size
-            self._buffer[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                                  "data_offsets": [self._buffer_bytes, end]}
-            self._buffer_bytes = end
-            self._names.add(name)
-            self._total_bytes += size
+            self.add_tensor_chunks(name, t.dtype, tuple(t.shape), [t])
+
+    def add_tensor_chunks(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]
+    ) -> None:
+        """Add one tensor given as consecutive slices along its first dimension, so a large
+        one (an embedding being cast to fp16) is never whole in memory."""
+        self._check_open()
+        if name in self._names:
+            raise ValueError(f"tensor '{name}' was already added")
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor '{name}' has dtype {dtype}, which safetensors cannot store")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+            self._flush()
+        if self._spill is None:
+            self._spill = open(self.tmp_dir / ".spill", "wb")
+        written = 0
+        try:
+            for c in chunks:
+                c = c.detach().to("cpu").contiguous()
+                if c.dtype != dtype or tuple(c.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(f"tensor '{name}': a slice {c.dtype} {tuple(c.shape)} does not fit {dtype} {shape}")
+                if c.is_floating_point() and not _all_finite(c):
+                    raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
+                self._spill.write(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+                written += _tensor_bytes(c)
+            if written != size:
+                raise ValueError(f"tensor '{name}': slices hold {written} bytes, its shape {shape} needs {size}")
+        except BaseException:
+            if written:  # the spill holds part of this tensor: nothing sound can follow
+                self.abort()
+            raise
+        end = self._buffer_bytes + size
+        self._buffer[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [self._buffer_bytes, end]}
+        self._buffer_bytes = end
+        self._names.add(name)
+        self._total_bytes += size
 
     def _flush(self) -> None:
         """Write the spilled tensors as one safetensors shard: u64 header length, JSON header

@@ -18,6 +18,12 @@ class ArchSpec:
     blocks: str
     sequential: tuple[tuple[str, ...], ...]
     conv1d: bool = False
+    # The block's second half as a chain of submodules: output = h + chain(h), where h (the
+    # residual stream after attention) is the input of the chain's first module. Lets GPTQ
+    # re-run only the MLP half while quantizing it. Empty: always run the whole block.
+    mlp_half: tuple[str, ...] = ()
+    # A config flag that must be true for `mlp_half` to hold (OPT's post-norm variant differs).
+    mlp_half_if: str = ""
 
 
 _LLAMA_SEQ = (
@@ -28,8 +34,11 @@ _LLAMA_SEQ = (
 )
 
 ARCHS: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_SEQ),
-    ArchSpec("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", _LLAMA_SEQ),
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_SEQ,
+             mlp_half=("post_attention_layernorm", "mlp")),
+    ArchSpec("gemma", ("gemma",), "model.layers", _LLAMA_SEQ, mlp_half=("post_attention_layernorm", "mlp")),
+    ArchSpec("gemma2", ("gemma2", "gemma3_text"), "model.layers", _LLAMA_SEQ,
+             mlp_half=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm")),
     ArchSpec(
         "opt",
         ("opt",),
@@ -40,6 +49,8 @@ ARCHS: tuple[ArchSpec, ...] = (
             ("fc1",),
             ("fc2",),
         ),
+        mlp_half=("final_layer_norm", "fc1", "activation_fn", "fc2"),
+        mlp_half_if="do_layer_norm_before",
     ),
     ArchSpec(
         "gpt2",
@@ -47,6 +58,7 @@ ARCHS: tuple[ArchSpec, ...] = (
         "transformer.h",
         (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         conv1d=True,
+        mlp_half=("ln_2", "mlp"),
     ),
 )
 

@@ -60,6 +60,24 @@ class Checkpoint:
         return out
 
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` as a copy on the CPU. The file is mapped
+        only for this call, so reading a large tensor slice by slice never leaves all of its
+        pages resident (a mapping keeps every page it has touched)."""
+        if name not in self.index:
+            raise CheckpointError(f"{self.root}: tensor '{name}' is missing from the checkpoint")
+        if self.pickled:
+            return self.load([name])[name][start:stop].clone()
+        from safetensors import safe_open
+
+        path = self.index[name]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_slice(name)[start:stop]
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot read tensor data ({e})") from None
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, tensors only (`weights_only`): anything else is bad input."""
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -30,6 +30,7 @@ MAX_DAMP_TRIES = 4
 # Range shrink factors tried by ``mse_clip`` (1.0 first: ties keep the plain min/max grid).
 CLIP_SHRINKS = tuple(1.0 - 0.01 * i for i in range(26))  # 1.00 .. 0.75
 CLIP_NORM = 2.0
+STATIC_CHUNK = 1 << 18  # weights per slice of the static-group grid search
 
 
 class GPTQNumericalError(RuntimeError):
@@ -87,20 +88,29 @@ def _params(x: torch.Tensor, spec: QuantSpec, weight: torch.Tensor) -> tuple[tor
     return find_params(x, spec.bits, spec.sym)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp_percent: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and the damping used."""
-    mean_diag = torch.diagonal(H).mean()
+def _inverse_cholesky(make_h: Callable[[], torch.Tensor], damp_percent: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` and the damping used.
+
+    ``make_h()`` returns a fresh copy of ``H`` that may be overwritten: each attempt damps it
+    and factorises, inverts and factorises again in that one buffer (LAPACK works in place;
+    the results equal the out-of-place calls bit for bit), so a wide MLP projection's
+    ``in x in`` matrix is not held three times over."""
     tried: list[float] = []
     damp = damp_percent
     for attempt in range(MAX_DAMP_TRIES):
         tried.append(damp)
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        # H is symmetric: its transpose is the same matrix in column-major order, the layout
+        # LAPACK works in (no hidden copies), and the layout the out-of-place calls return.
+        A = make_h().t()
+        A.diagonal().add_(damp * torch.diagonal(A).mean())
+        info = torch.zeros((), dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))  # A = L
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, damp
+            torch.cholesky_inverse(A, out=A)  # A = H_damped^-1
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))  # A = U
+            if int(info) == 0 and bool(torch.isfinite(A).all()):
+                return A, damp
+        del A
         if attempt + 1 < MAX_DAMP_TRIES:
             log.warning(
                 "GPTQ: Cholesky of the Hessian failed with damp_percent=%g; retrying with %g",
@@ -136,13 +146,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResult:
     W_in = W
     W = W.to(dtype).clone()
     H_in = H
-    H = H.to(device=device, dtype=dtype).clone()
     # Dead inputs (never active in calibration): any value is free, so fix them to 0 and keep
     # H invertible (GPTQ reference, `fasterquant`).
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    dead = torch.diagonal(H_in) == 0
     W[:, dead] = 0.0
-    hdiag = torch.diagonal(H).clone()
+    hdiag = torch.diagonal(H_in).to(device=device, dtype=dtype).clone()
+    hdiag[dead] = 1.0
 
     # Static groups (and per-channel grids) are fixed from the unquantized weight up front;
     # otherwise each group's grid is chosen from the error-updated weights when reached.
@@ -150,29 +159,43 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResult:
     scales = torch.zeros(out_f, n_groups, dtype=dtype, device=device)
     zeros = torch.zeros_like(scales)
     if static:
-        flat = W.reshape(out_f, n_groups, gs).transpose(0, 1).reshape(-1, gs)
-        wgt = hdiag.reshape(n_groups, 1, gs).expand(n_groups, out_f, gs).reshape(-1, gs)
-        s, z = _params(flat, spec, wgt)
-        scales.copy_(s.reshape(n_groups, out_f).t())
-        zeros.copy_(z.reshape(n_groups, out_f).t())
+        # A few groups at a time: the grid search's temporaries stay small for wide layers.
+        step = max(1, STATIC_CHUNK // (out_f * gs))
+        for g0 in range(0, n_groups, step):
+            k = min(step, n_groups - g0)
+            cols = slice(g0 * gs, (g0 + k) * gs)
+            flat = W[:, cols].reshape(out_f, k, gs).transpose(0, 1).reshape(-1, gs)
+            wgt = hdiag[cols].reshape(k, 1, gs).expand(k, out_f, gs).reshape(-1, gs)
+            s, z = _params(flat, spec, wgt)
+            scales[:, g0 : g0 + k] = s.reshape(k, out_f).t()
+            zeros[:, g0 : g0 + k] = z.reshape(k, out_f).t()
 
     # Act-order (the reference's `actorder`): quantize columns of large H_jj first.
     if spec.desc_act:
         perm = torch.argsort(hdiag, descending=True)
     else:
         perm = torch.arange(in_f, device=device)
-    W = W[:, perm]
-    H = H[perm][:, perm]
-    hdiag = hdiag[perm]
+    if spec.desc_act:
+        W = W[:, perm]
+        hdiag = hdiag[perm]
     # Group of each position in processing order: static groups keep the original column's
     # group, dynamic groups are consecutive runs of processing order.
     group_of = perm // gs if static else torch.arange(in_f, device=device) // gs
     group_list = group_of.tolist()
 
-    Hinv, damp = _inverse_cholesky(H, spec.damp_percent)
+    def working_hessian() -> torch.Tensor:
+        """H in processing order, dead diagonal set to 1: a fresh copy each call."""
+        Hw = H_in.to(device=device, dtype=dtype)
+        # One gather (broadcast indices), not H[perm][:, perm]'s two full copies.
+        Hw = Hw[perm[:, None], perm] if spec.desc_act else Hw.clone()
+        dp = dead[perm]
+        Hw[dp, dp] = 1.0
+        return Hw
 
-    Q = torch.zeros_like(W)
-    losses = torch.zeros_like(W)
+    Hinv, damp = _inverse_cholesky(working_hessian, spec.damp_percent)
+
+    Q = torch.zeros(W.shape, dtype=torch.uint8, device=device)  # codes fit 8 bits
+    loss = torch.zeros((), dtype=dtype, device=device)
     bs = spec.block_size
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
@@ -197,7 +220,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResult:
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             Q[:, j] = q
             err = (w - s * (q - z)) / d
-            losses[:, j] = err * err / 2  # Algorithm 1 with the reference's loss bookkeeping
+            loss += (err * err).sum() / 2  # Algorithm 1 with the reference's loss bookkeeping
             # Eq. (3) on the Cholesky row: W[:, j+1:] -= err * Hinv[j, j+1:]
             W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
             Err1[:, i] = err
@@ -207,7 +230,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResult:
     inv = torch.argsort(perm)
     g_idx = group_of[inv].to(torch.int32)
     qw = QuantizedWeight(
-        codes=Q[:, inv].to(torch.uint8),
+        codes=Q[:, inv],
         scales=scales.float(),
         zeros=zeros.to(torch.uint8),
         g_idx=g_idx,
@@ -221,7 +244,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec) -> GPTQResult:
     W_q = qw.dequantize(dtype)
     return GPTQResult(
         weight=qw,
-        loss=float(losses.sum()),
+        loss=float(loss),
         output_error=output_error(W_in, W_q, H_in.to(device)),
         damp_percent=damp,
     )

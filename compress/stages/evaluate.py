@@ -16,7 +16,7 @@ import torch
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
 from compress.evaluate.divergence import DivergenceMeter, NLLMeter
-from compress.evaluate.memory import release_freed
+from compress.evaluate.memory import release_freed, trim_heap
 from compress.progress import progress
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ def _final_hidden(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> list[
     hidden = sm.embed(eval_ids)
     for i in progress(range(sm.n_blocks), desc=f"evaluate {desc}", unit="block"):
         block = sm.load_block(i)
-        hidden = sm.run_block(block, i, hidden, consume=True)
+        hidden = sm.run_block(block, i, hidden, in_place=True)
         del block
+        trim_heap()  # the block's freed temporaries, so they do not sit under the next block
     return hidden
 
 

@@ -60,7 +60,7 @@ class GPTQExporter:
         self.quantized_params = 0
         self.quantized_bytes = 0
         self.permuted = False  # any layer stored with an act-order g_idx
-        self.writer.add_tensors(self._outer_tensors())
+        self._write_outer()
 
     @property
     def linear_bits_per_weight(self) -> float:
@@ -70,18 +70,29 @@ class GPTQExporter:
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", self.dtype if t.is_floating_point() else t.dtype).contiguous()
 
-    def _outer_tensors(self) -> dict[str, torch.Tensor]:
+    def _write_outer(self, rows_per_slice: int = 4096) -> None:
+        """Every tensor outside the block list, read from the checkpoint (not the model, whose
+        memory-mapped embedding would stay resident once read) and cast slice by slice: the
+        embedding is the largest tensor of a small model."""
         model = self.sm.model
-        state = {}
         out_emb = model.get_output_embeddings()
         tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
+        # transformers re-ties lm_head to the embedding on load; storing it twice is waste
+        tied_name = f"{[n for n, m in model.named_modules() if m is out_emb][0]}.weight" if tied else None
+        ckpt = self.sm.checkpoint
         for name, t in model.state_dict().items():
-            if not name.startswith(self.sm.block_prefix):
-                state[name] = self._cast(t)
-        if tied:  # transformers re-ties lm_head to the embedding on load; storing it twice is waste
-            lm = [n for n, m in model.named_modules() if m is out_emb][0]
-            state.pop(f"{lm}.weight", None)
-        return state
+            if name.startswith(self.sm.block_prefix) or name == tied_name:
+                continue
+            ck = self.sm.ckpt_name(name)
+            if ck is None:
+                raise ValueError(f"{ckpt.root}: tensor '{name}' is missing from the checkpoint")
+            dtype = self.dtype if t.is_floating_point() else t.dtype
+            if t.dim() == 0:
+                self.writer.add_tensors({name: self._cast(ckpt.load([ck])[ck])})
+                continue
+            rows = range(0, t.shape[0], rows_per_slice)
+            slices = (self._cast(ckpt.load_rows(ck, s, s + rows_per_slice)) for s in rows)
+            self.writer.add_tensor_chunks(name, dtype, tuple(t.shape), slices)
 
     def add_block(self, i: int, block: nn.Module, qweights: dict[str, QuantizedWeight]) -> None:
         prefix = f"{self.sm.block_prefix}{i}."

@@ -18,11 +18,15 @@ import torch
 from torch import nn
 
 from compress.config import QuantizeConfig, RunConfig
-from compress.engine import StopForward, StreamedModel
+from compress.engine import StreamedModel
 from compress.formats.qweight import QuantizedWeight
+from compress.evaluate.memory import trim_heap
 from compress.progress import progress
 from compress.quantizers import QuantSpec, get_quantizer
-from compress.quantizers.hessian import HessianAccumulator, output_error
+from compress.quantizers.hessian import output_error
+from compress.stages.passes import (
+    block_forward, collect_hessians, mlp_chain, mlp_forward, split_matches, weight_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,69 +105,9 @@ def block_linears(block: nn.Module, groups: tuple[tuple[str, ...], ...]) -> list
     return [g for g in ordered if g] + ([rest] if rest else [])
 
 
-def weight_of(module: nn.Module, conv1d: bool) -> torch.Tensor:
-    """The weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
-    return module.weight.detach().t() if conv1d else module.weight.detach()
-
-
 def set_weight(module: nn.Module, W: torch.Tensor, conv1d: bool) -> None:
     W = W.t() if conv1d else W
     module.weight.data.copy_(W.to(module.weight.dtype))
-
-
-def _collect_hessians(
-    sm: StreamedModel, block: nn.Module, i: int, names: list[str], hidden: list[torch.Tensor],
-    dtype: torch.dtype, early_stop: bool,
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Hessians of `names` over every window; with `early_stop` each batch's forward ends as
-    soon as the last of them has its input (later sub-layers are not computed), and no block
-    outputs are returned."""
-    accs: dict[str, HessianAccumulator] = {}
-    handles = []
-    pending: set[str] = set()
-    # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: it is accumulated
-    # once, by the first of them in each forward (GPTQModel de-duplicates the same way).
-    last: dict = {"x": None, "name": None}
-    aliased: dict[str, list[str]] = {n: [] for n in names}  # per batch: whose input it shared
-
-    def make_hook(n: str, acc: HessianAccumulator):
-        def hook(module, args):
-            x = args[0]
-            if x is last["x"]:
-                aliased[n].append(last["name"])
-            else:
-                acc.add(x.detach())
-                last["x"], last["name"] = x, n
-            pending.discard(n)
-            if early_stop and not pending:
-                raise StopForward
-        return hook
-
-    for n in names:
-        mod = block.get_submodule(n)
-        in_f = weight_of(mod, sm.arch.conv1d).shape[1]
-        accs[n] = HessianAccumulator(in_f, dtype=dtype, device=sm.device)
-        handles.append(mod.register_forward_pre_hook(make_hook(n, accs[n])))
-    out: list[torch.Tensor] = []
-    batches = 0
-    try:
-        for s in range(0, len(hidden), sm.batch_size):
-            pending.update(names)
-            last["x"] = last["name"] = None
-            out.extend(sm.run_block(block, i, hidden[s : s + sm.batch_size]))
-            batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        last["x"] = None
-    hessians = {n: accs[n].hessian for n in names if not aliased[n]}
-    for n in names:
-        if aliased[n]:
-            leader = aliased[n][0]
-            if aliased[n] != [leader] * batches or leader not in hessians:
-                raise RuntimeError(f"block {i}: {n} shared its input with {leader} in only some batches")
-            hessians[n] = hessians[leader]
-    return hessians, out
 
 
 def _quantize_layer(
@@ -219,21 +163,39 @@ def quantize_model(
             raise ValueError(f"quantize.method: {q.method} needs calibration data")
         hidden = sm.embed(calib_ids)
     sm.release_outer()  # the sink (exporter) took its copy of them when it was created
+    chain = mlp_chain(sm) if hidden is not None and q.propagate else ()
     reports: list[LayerReport] = []
     for i in progress(range(sm.n_blocks), desc=f"quantize {plan.name}", unit="block"):
         block = sm.load_block(i)
         groups = block_linears(block, sm.arch.sequential)
+        if chain and i == 0 and not split_matches(sm, block, i, chain, hidden[: sm.batch_size]):
+            log.warning("the %s blocks' MLP half did not reproduce the block's output; running the "
+                        "whole block for every group instead (slower, same result)", sm.arch.family)
+            chain = ()
+        mlp_from = _mlp_start(groups, chain)
         qweights: dict[str, QuantizedWeight] = {}
         hessians: dict[str, torch.Tensor] = {}
+        where = f"{sm.block_prefix}{i}"
+        whole = block_forward(sm, block, i)
         if hidden is not None and not q.propagate:
             # One pass with the original weights gives every Hessian and the next inputs.
             names = [n for g in groups for n in g]
-            hessians, hidden = _collect_hessians(sm, block, i, names, hidden, hdtype, early_stop=False)
-        for group in groups:
+            hessians = collect_hessians(sm, block, names, hidden, hdtype, False, whole, where=where)
+        for g, group in enumerate(groups):
             if hidden is not None and q.propagate:
-                hessians, _ = _collect_hessians(sm, block, i, group, hidden, hdtype, early_stop=True)
+                if mlp_from is None or g < mlp_from:
+                    hessians = collect_hessians(sm, block, group, hidden, hdtype, True, whole, where=where)
+                elif g == mlp_from:  # the attention half is final: h replaces the block inputs
+                    hessians = collect_hessians(sm, block, group, hidden, hdtype, True, whole,
+                                                capture=chain[0], where=where)
+                else:
+                    hessians = collect_hessians(sm, block, group, hidden, hdtype, True,
+                                                mlp_forward(block, chain), where=where)
+            if hidden is not None:
+                # The forward's freed temporaries would otherwise stay resident under GPTQ's.
+                trim_heap()
             for name in group:
-                full = f"{sm.block_prefix}{i}.{name}"
+                full = f"{where}.{name}"
                 mod = block.get_submodule(name)
                 W = weight_of(mod, sm.arch.conv1d)
                 spec = layer_spec(q, full)
@@ -244,8 +206,27 @@ def quantize_model(
                 set_weight(mod, qw.dequantize(torch.float32), sm.arch.conv1d)
                 qweights[name] = qw
                 reports.append(rep)
+            if hidden is not None:
+                trim_heap()  # GPTQ's freed temporaries, before the next forward pass
         if hidden is not None and q.propagate:
-            hidden = sm.run_block(block, i, hidden, consume=True)
+            run = whole if mlp_from is None else mlp_forward(block, chain)
+            for s in range(0, len(hidden), sm.batch_size):
+                run(hidden[s : s + sm.batch_size], True)
         sink(i, block, qweights)
         del block
+        trim_heap()
     return reports
+
+
+def _mlp_start(groups: list[list[str]], chain: tuple[str, ...]) -> Optional[int]:
+    """Index of the first group inside the MLP half, when the groups split cleanly into
+    attention-side groups followed by MLP-half groups; otherwise None (whole-block passes)."""
+    if not chain:
+        return None
+    roots = set(chain)
+    inside = [all(n.split(".")[0] in roots for n in g) for g in groups]
+    mixed = any(any(n.split(".")[0] in roots for n in g) and not ins for g, ins in zip(groups, inside))
+    if mixed or not any(inside):
+        return None
+    first = inside.index(True)
+    return first if all(inside[first:]) else None

@@ -145,3 +145,31 @@ def test_bad_file_names_and_duplicates(tmp_path: Path) -> None:
         w.add_file("sub/readme.txt", src)
         out = w.finish({}, {})
     assert (out / "sub" / "readme.txt").read_text() == "hi"
+
+
+def test_a_tensor_written_in_slices_equals_the_whole(tmp_path: Path) -> None:
+    t = torch.randn(10, 3, generator=torch.Generator().manual_seed(1)).half()
+    with ArtifactWriter(tmp_path / "m") as w:
+        w.add_tensors({"a": torch.ones(2)})
+        w.add_tensor_chunks("emb", torch.float16, (10, 3), (t[s : s + 4] for s in range(0, 10, 4)))
+        w.add_tensors({"z": torch.zeros(3)})
+        w.finish({}, {})
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert torch.equal(got["emb"], t) and torch.equal(got["a"], torch.ones(2)) and torch.equal(got["z"], torch.zeros(3))
+
+
+@pytest.mark.parametrize("slices,match", [
+    ([torch.ones(2, 3)], "slices hold 12 bytes"),  # fewer rows than the shape says
+    ([torch.ones(2, 3), torch.full((2, 3), float("nan"))], "NaN or Inf"),
+    ([torch.ones(2, 4)], "does not fit"),
+])
+def test_bad_slices_abort_the_writer(tmp_path: Path, slices, match) -> None:
+    w = ArtifactWriter(tmp_path / "m")
+    with pytest.raises(ValueError, match=match):
+        w.add_tensor_chunks("emb", torch.float16, (4, 3), (s.half() for s in slices))
+    if match != "does not fit":  # bytes of the tensor reached the spill: nothing sound can follow
+        assert not w.tmp_dir.exists()
+        with pytest.raises(RuntimeError, match="already finished or aborted"):
+            w.add_tensors({"x": torch.ones(1)})
+    w.abort()
+    assert not (tmp_path / "m").exists()
