@@ -12,7 +12,7 @@ statistics + GPTQ + packing/export of every block; GPTQModel: `quantize()`; llm-
 `oneshot()`). Every artifact is then evaluated here, in one process, under one protocol: the
 evaluation split's first N x 512 non-overlapping windows, perplexity, KL(original || candidate)
 and top-1 agreement against the fp32 original. Finished rows are kept under --out, so a rerun
-resumes; --fresh starts over. Writes benchmarks/results/gptq-peers-DATE.{md,json}.
+resumes (the table flags rows measured in an earlier invocation); --fresh starts over. Writes benchmarks/results/gptq-peers-DATE.{md,json}.
 """
 from __future__ import annotations
 
@@ -200,8 +200,10 @@ def main() -> None:
     rows = [r for r in ROWS if not args.only or r.name in args.only]
     model_root, calib_hash = prepare(args.out)
     done: dict[str, dict] = {}
-    # The peers first: their rows never change with our code, so a rerun after a change of ours
-    # (delete its row.json) reuses them. The table keeps the order of ROWS.
+    invocation = time.strftime("%Y-%m-%dT%H:%M:%S")
+    # The peers first, then ours; the table keeps the order of ROWS. A resumed row keeps the
+    # invocation it was measured in, and the table says when rows come from more than one:
+    # times are only side by side within one invocation (same machine load, same code).
     for row in sorted(rows, key=lambda r: r.tool == "compress"):
         work = args.out / slug(row.name)
         record = work / "row.json"
@@ -217,6 +219,7 @@ def main() -> None:
             print(f"  failed: {e}", flush=True)
             continue
         res["row"] = asdict(row)
+        res["invocation"], res["measured_at"] = invocation, time.strftime("%Y-%m-%dT%H:%M:%S")
         record.write_text(json.dumps(res, indent=2, default=str))
         done[row.name] = res
         print(f"  {res['quantize_seconds']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MiB", flush=True)

@@ -49,12 +49,17 @@ def write_results(results_dir: Path, done: dict, metrics: dict, protocol: dict, 
             f"{m['perplexity']:.3f} | {m['kl_divergence']:.4f} | {m['top1_agreement']:.3f} | {m['bytes'] / 1e6:.1f} |"
         )
     versions = sorted({r.get("version", "") for r in done.values()} - {""})
+    invocations = sorted({r.get("invocation", "unrecorded") for r in done.values()})
+    when = (f"All rows quantized in one invocation of the script (started {invocations[0]}), one after another."
+            if len(invocations) == 1 else
+            f"WARNING: rows come from {len(invocations)} invocations ({', '.join(invocations)}); "
+            "their times were not measured side by side.")
     today = dt.date.today().isoformat()
     md = (
         f"# GPTQ side by side on SmolLM2-135M-Instruct ({today})\n\n"
         f"Command: `GPTQMODEL_CPU_WORKERS=2 .venv/bin/python benchmarks/gptq_peers.py` "
         f"(after `bash scripts/setup-peers.sh` and `bash scripts/setup-llmc.sh`).\n\n"
-        f"Machine: {machine}. Versions: {', '.join(versions)}.\n\n"
+        f"Machine: {machine}. Versions: {', '.join(versions)}. {when}\n\n"
         f"Calibration: 64 x 512 Wikipedia windows, the same for every row (sha256 {calib_hash[:16]}...). "
         f"Evaluation: `{protocol['name']}` (sha256 {protocol['windows_sha256'][:16]}...), every artifact "
         "evaluated by the same code against the fp32 original. `quantize s` is the quantize step alone "
