@@ -7,7 +7,7 @@ tool pays (Python, torch and transformers' modeling code, about 370 MiB here), s
 peak cannot fall far below its size. This script shows what the block-streaming engine does
 for larger models: it builds Llama-architecture checkpoints of growing size with random
 weights (the SmolLM2 tokenizer and vocabulary; `HIDDENxLAYERS`, MLP 8/3 x hidden, 64-wide
-heads, 3:1 grouped-query attention), saves each as fp32 safetensors, and runs the full
+heads, 3 or 4 query heads per KV head), saves each as fp32 safetensors, and runs the full
 pipeline on it: RTN w4 g64 and the same evaluation stages as the demo (perplexity and KL vs
 the original over Wikipedia windows; speed off). Each run is its own process; the peak RSS is
 the one the run reports. Random weights make the quality figures meaningless; only memory
@@ -45,9 +45,12 @@ def build(hidden: int, layers: int, folder: Path, tok_src: Path) -> int:
     if (folder / "config.json").exists():
         return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     heads = hidden // 64
+    # Grouped-query attention as in SmolLM2 (9 heads, 3 KV) and Llama 3 (4 query heads per KV
+    # head): the KV head count must divide the head count.
+    group = next(g for g in (4, 3, 2, 1) if heads % g == 0)
     cfg = LlamaConfig(
         vocab_size=49152, hidden_size=hidden, intermediate_size=(8 * hidden // 3 + 63) // 64 * 64,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 3),
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // group,
         max_position_embeddings=2048, tie_word_embeddings=True, torch_dtype="float32",
     )
     torch.manual_seed(0)

@@ -115,6 +115,22 @@ def test_unsupported_architecture_names_supported_types(command, config, good, t
     assert "llama" in supported_model_types() and "gpt2" in supported_model_types()
 
 
+def test_inconsistent_head_counts_exit_2_before_any_work(good, model_dir, tmp_path):
+    folder = _copy_model(model_dir("llama"), tmp_path / "bad-heads")
+    cfg = json.loads((folder / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    kv = next(k for k in range(2, heads) if heads % k)  # a KV head count that does not divide
+    cfg["num_key_value_heads"] = kv
+    (folder / "config.json").write_text(json.dumps(cfg))
+    data, out = good
+    data["model"]["source"] = str(folder)
+    res = invoke("run", write_config(tmp_path, data))
+    assert res.exit_code == 2, res.output
+    assert f"num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})" in res.stderr
+    assert str(folder / "config.json") in res.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
 def _copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -128,7 +128,27 @@ def load_config(root: Path, trust_remote_code: bool = False):
     except Exception as e:
         raise CheckpointError(f"{root / 'config.json'}: cannot read the model config ({e})") from None
     arch_for(config.model_type)  # raises UnsupportedModelError naming the supported types
+    check_attention_shape(config, root / "config.json")
     return config
+
+
+def check_attention_shape(config, where: Path) -> None:
+    """Head counts that cannot describe a model, caught before any weight is read: the model's
+    own forward would only fail at the first attention call, after work was done."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if not heads or not kv:
+        return
+    if heads % kv:
+        raise CheckpointError(
+            f"{where}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
+            f"({kv}); grouped-query attention needs a whole number of query heads per KV head"
+        )
+    if getattr(config, "head_dim", None) is None and config.hidden_size % heads:
+        raise CheckpointError(
+            f"{where}: hidden_size ({config.hidden_size}) is not a multiple of "
+            f"num_attention_heads ({heads}) and no head_dim is given"
+        )
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
