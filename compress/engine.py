@@ -343,6 +343,48 @@ class StreamedModel:
             self._restore()
         return out.logits
 
+    @torch.no_grad()
+    def head_inputs(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the lm_head receives ``[1, L, H]`` for one window, from the last block's output:
+        the model's own forward applies its final norm (and OPT's projection) and stops there."""
+        last = self.n_blocks - 1
+        got: dict[str, torch.Tensor] = {}
+
+        def hook(i, hidden, args, kwargs):
+            return final_hidden if i == last else hidden
+
+        def grab(module, args):
+            got["x"] = args[0]
+            raise _Stop
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(grab)
+        self._with_proxies(hook)
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+            self._restore()
+        return got["x"]
+
+    def head_slices(self, rows: int):
+        """The lm_head as ``(start, weight rows, bias rows)`` slices in the compute dtype, read
+        from the checkpoint a slice at a time (a tied head reads the embedding's rows), so its
+        full table is never resident."""
+        head = self.model.get_output_embeddings()
+        by_module = {id(m): n for n, m in self.model.named_modules()}
+        ck = self.ckpt_name(f"{by_module[id(head)]}.weight")
+        if ck is None and getattr(self.config, "tie_word_embeddings", False):
+            ck = self.ckpt_name(f"{by_module[id(self.model.get_input_embeddings())]}.weight")
+        if ck is None:
+            raise CheckpointError(f"{self.checkpoint.root}: the lm_head's weight is missing from the checkpoint")
+        vocab = head.weight.shape[0]
+        bias = getattr(head, "bias", None)
+        for s in range(0, vocab, rows):
+            w = self.checkpoint.load_rows(ck, s, s + rows).to(self.device, self.dtype)
+            yield s, w, None if bias is None else bias[s : s + rows].to(self.dtype)
+
     def materialize_all(self) -> nn.Module:
         """The whole model in memory (for generation speed only; never for calibration)."""
         for i in range(self.n_blocks):

@@ -1,8 +1,9 @@
 """Stage: evaluate the original and every candidate artifact in one lockstep block walk.
 
-The original is streamed once over the evaluation windows and its final hidden states are
-kept; each candidate is then streamed and its logits compared with the original's, recomputed
-from those hidden states slice by slice, so KL divergence never needs stored logits.
+The original is streamed once over the evaluation windows and what its lm_head receives is
+kept (one hidden vector per position); each candidate is then streamed the same way and both
+heads are read a slice of vocabulary at a time (`compress.evaluate.vocab_stream`), so neither
+model's embedding or head table is ever resident and no logits are stored.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import torch
 
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
-from compress.evaluate.divergence import DivergenceMeter, NLLMeter
 from compress.evaluate.memory import release_freed, trim_heap
+from compress.evaluate.vocab_stream import ROWS, vocab_metrics
 from compress.progress import progress
 
 log = logging.getLogger(__name__)
@@ -41,44 +42,43 @@ def _final_hidden(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> list[
     return hidden
 
 
-def _logit_chunks(sm: StreamedModel, hidden: torch.Tensor, ids: torch.Tensor, chunk: int):
-    """Logits of one window in slices of positions: only `chunk` x vocab floats at a time.
+def head_inputs(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> torch.Tensor:
+    """The lm_head's inputs ``[windows, L, H]`` for every evaluation window."""
+    hidden = _final_hidden(sm, eval_ids, desc)
+    out = None
+    for w in range(eval_ids.shape[0]):
+        x = sm.head_inputs(hidden[w], eval_ids[w : w + 1])
+        if out is None:
+            out = x.new_empty(eval_ids.shape[0], *x.shape[1:])
+        out[w] = x[0]
+        hidden[w] = None  # type: ignore[call-overload]
+    return out
 
-    The last block's output is final; the head (final norm, lm_head, soft-capping) acts per
-    position, so slicing positions gives the same logits as the whole window.
-    """
-    for s in range(0, ids.shape[1], chunk):
-        yield s, sm.logits(hidden[:, s : s + chunk], ids[:, s : s + chunk])
+
+def _softcap(sm: StreamedModel) -> Optional[float]:
+    return getattr(sm.config, "final_logit_softcapping", None)
 
 
 def evaluate_streams(
     original: StreamedModel, candidates: dict[str, Callable[[], StreamedModel]],
-    eval_ids: torch.Tensor, cfg: EvaluateConfig, chunk: int = 32,
+    eval_ids: torch.Tensor, cfg: EvaluateConfig,
 ) -> dict[str, EvalRow]:
-    """The original's final hidden states are kept (small); candidates are then opened and
-    streamed one at a time, so memory holds at most two models' embeddings and heads."""
-    ref_hidden = _final_hidden(original, eval_ids, "original")
-    ref_nll = NLLMeter()
-    for w in range(eval_ids.shape[0]):
-        ids = eval_ids[w : w + 1]
-        for s, logits in _logit_chunks(original, ref_hidden[w], ids, chunk):
-            ref_nll.add_slice(logits, ids, s)
-    rows = {"original": EvalRow("original", ref_nll.perplexity, 0.0, 1.0)}
+    """The original's head inputs are kept (small); candidates are then opened and streamed
+    one at a time, so memory holds one block of each model and two sets of head inputs."""
+    ref = head_inputs(original, eval_ids, "original")
+
+    def ref_head():
+        return original.head_slices(ROWS)
+
+    st = vocab_metrics(ref, ref_head, eval_ids, _softcap(original))
+    rows = {"original": EvalRow("original", st.perplexity, 0.0, 1.0)}
     for name, open_model in candidates.items():
         sm = open_model()
-        hidden = _final_hidden(sm, eval_ids, name)
-        nll, div = NLLMeter(), DivergenceMeter()
-        for w in range(eval_ids.shape[0]):
-            ids = eval_ids[w : w + 1]
-            refs = _logit_chunks(original, ref_hidden[w], ids, chunk)
-            for (s, logits), (_, ref) in zip(_logit_chunks(sm, hidden[w], ids, chunk), refs):
-                nll.add_slice(logits, ids, s)
-                if cfg.divergence:
-                    div.add(ref, logits)
-        rows[name] = EvalRow(
-            name, nll.perplexity, div.kl if cfg.divergence else None, div.top1 if cfg.divergence else None
-        )
-        del sm, hidden
+        x = head_inputs(sm, eval_ids, name)
+        pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap(original)) if cfg.divergence else {}
+        st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap(sm), **pair)
+        rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
+        del sm, x
         release_freed()
     return rows
 

@@ -1,0 +1,134 @@
+"""Perplexity, KL divergence and top-1 agreement with the head read a slice of vocabulary at a time.
+
+The embedding and lm_head are the largest tensors of a small model (SmolLM2's tied 49152 x 576
+table is 21% of it), and a full-vocabulary logit pass touches every row of both models' heads,
+so both would stay resident through evaluation. Here each head is read from its checkpoint in
+slices of rows; every position keeps a running log-sum-exp (the online softmax of Milakov &
+Gimelshein, 2018), its target's logit, its running argmax and, against the original, the running
+sum of ``exp(a - m) * (a - b)``, from which
+
+    KL(P || Q) = sum_i p_i (a_i - b_i) - lse(a) + lse(b),  p_i = exp(a_i - lse(a))
+
+for original logits ``a`` and candidate logits ``b``. Only head inputs (one hidden vector per
+position) and a slice of logits are ever in memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+ROWS = 4096  # vocabulary rows of a head slice
+POSITIONS = 512  # positions per logit tile: ROWS x POSITIONS floats (8 MB) per model
+
+# start row -> (weight rows [r, hidden] in the compute dtype, bias rows [r] or None)
+HeadSlices = Callable[[], Iterator[tuple[int, torch.Tensor, Optional[torch.Tensor]]]]
+
+
+class _Running:
+    """Per-position running max, sum of exp(x - max), argmax and target logit of one model."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.m = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
+        self.s = torch.zeros(n, dtype=torch.float32, device=device)
+        self.arg = torch.zeros(n, dtype=torch.long, device=device)
+        self.target = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor, start: int, tgt: torch.Tensor, sl: slice) -> torch.Tensor:
+        """Fold logits ``x`` [p, r] for vocabulary rows ``start..start+r`` into positions `sl`;
+        returns the old running max, which the caller needs to rescale its own sums."""
+        m_old = self.m[sl].clone()
+        cmax, cidx = x.max(dim=1)
+        m_new = torch.maximum(m_old, cmax)
+        self.s[sl] = self.s[sl] * torch.exp(m_old - m_new) + torch.exp(x - m_new[:, None]).sum(1)
+        # Strictly greater: ties keep the earlier row, as torch.argmax keeps the first maximum.
+        self.arg[sl] = torch.where(cmax > m_old, cidx + start, self.arg[sl])
+        self.m[sl] = m_new
+        local = tgt - start
+        hit = (local >= 0) & (local < x.shape[1])
+        picked = x.gather(1, local.clamp(0, x.shape[1] - 1)[:, None])[:, 0]
+        self.target[sl] = torch.where(hit, picked, self.target[sl])
+        return m_old
+
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.s)
+
+
+@dataclass
+class VocabStats:
+    nll_sum: float
+    tokens: int  # positions with a next token (perplexity)
+    kl_sum: Optional[float] = None
+    agree: Optional[int] = None
+    positions: int = 0  # every position (KL, top-1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def kl(self) -> Optional[float]:
+        return None if self.kl_sum is None else self.kl_sum / self.positions
+
+    @property
+    def top1(self) -> Optional[float]:
+        return None if self.agree is None else self.agree / self.positions
+
+
+def _softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    # Gemma 2/3: logits = cap * tanh(logits / cap), applied by the model after lm_head.
+    return x if not cap else torch.tanh(x / cap) * cap
+
+
+def vocab_metrics(
+    inputs: torch.Tensor, head: HeadSlices, input_ids: torch.Tensor, softcap: Optional[float] = None,
+    ref_inputs: Optional[torch.Tensor] = None, ref_head: Optional[HeadSlices] = None,
+    ref_softcap: Optional[float] = None,
+) -> VocabStats:
+    """Perplexity of the model whose head inputs are ``inputs`` [windows, L, hidden] on
+    ``input_ids`` [windows, L]; with ``ref_*``, also KL(reference || model) and top-1 agreement.
+
+    Position p of a window predicts token p+1 (the last position has no target); KL and
+    agreement count every position. Both heads must enumerate the same vocabulary rows.
+    """
+    w, L = input_ids.shape
+    x = inputs.reshape(w * L, -1)
+    dev = x.device
+    n = w * L
+    # Targets: the next token; the window's last position gets -1 (never hit) and no NLL.
+    nxt = torch.full((w, L), -1, dtype=torch.long)
+    nxt[:, :-1] = input_ids[:, 1:]
+    tgt = nxt.reshape(-1).to(dev)
+    cand = _Running(n, dev)
+    pair = ref_inputs is not None
+    if pair:
+        xr = ref_inputs.reshape(n, -1)
+        ref = _Running(n, dev)
+        t = torch.zeros(n, dtype=torch.float32, device=dev)  # sum exp(a - m_a) * (a - b)
+        slices = zip(head(), ref_head())
+    else:
+        slices = ((h, None) for h in head())
+    for (start, wt, bias), rslice in slices:
+        if pair:
+            rstart, rwt, rbias = rslice
+            if rstart != start or rwt.shape[0] != wt.shape[0]:
+                raise ValueError(f"the two heads' vocabulary slices differ at row {start}")
+        for p0 in range(0, n, POSITIONS):
+            sl = slice(p0, min(p0 + POSITIONS, n))
+            b = _softcap(torch.nn.functional.linear(x[sl], wt, bias).float(), softcap)
+            cand.update(b, start, tgt[sl], sl)
+            if pair:
+                a = _softcap(torch.nn.functional.linear(xr[sl], rwt, rbias).float(), ref_softcap)
+                ma_old = ref.update(a, start, tgt[sl], sl)
+                t[sl] = t[sl] * torch.exp(ma_old - ref.m[sl]) + (torch.exp(a - ref.m[sl, None]) * (a - b)).sum(1)
+    has = tgt >= 0
+    lse = cand.lse
+    stats = VocabStats(float((lse - cand.target)[has].double().sum()), int(has.sum()), positions=n)
+    if pair:
+        kl = t / ref.s - ref.lse + lse
+        stats.kl_sum = float(kl.double().sum())
+        stats.agree = int((ref.arg == cand.arg).sum())
+    return stats
