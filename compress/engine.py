@@ -344,29 +344,42 @@ class StreamedModel:
         return out.logits
 
     @torch.no_grad()
-    def head_inputs(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """What the lm_head receives ``[1, L, H]`` for one window, from the last block's output:
-        the model's own forward applies its final norm (and OPT's projection) and stops there."""
+    def head_inputs(self, final_hidden: list[torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+        """What the lm_head receives, ``[windows, L, H]``, from each window's last-block output:
+        the model's own forward applies its final norm (and OPT's projection) and stops there.
+        Entries of `final_hidden` are dropped as they are used. The forward's embedding output
+        is discarded by the proxies, but it still runs: through the compact table, so the
+        full embedding's pages are not faulted in."""
         last = self.n_blocks - 1
         got: dict[str, torch.Tensor] = {}
+        current: dict[str, torch.Tensor] = {}
 
         def hook(i, hidden, args, kwargs):
-            return final_hidden if i == last else hidden
+            return current["h"] if i == last else hidden
 
         def grab(module, args):
             got["x"] = args[0]
             raise _Stop
 
+        out = None
         handle = self.model.get_output_embeddings().register_forward_pre_hook(grab)
         self._with_proxies(hook)
         try:
-            self.model(input_ids=input_ids.to(self.device), use_cache=False)
-        except _Stop:
-            pass
+            with self._compact_embedding(input_ids) as ids:
+                for w in range(ids.shape[0]):
+                    current["h"] = final_hidden[w]
+                    try:
+                        self.model(input_ids=ids[w : w + 1].to(self.device), use_cache=False)
+                    except _Stop:
+                        pass
+                    if out is None:
+                        out = got["x"].new_empty(ids.shape[0], *got["x"].shape[1:])
+                    out[w] = got["x"][0]
+                    final_hidden[w] = current["h"] = got["x"] = None  # type: ignore[call-overload]
         finally:
             handle.remove()
             self._restore()
-        return got["x"]
+        return out
 
     def head_slices(self, rows: int):
         """The lm_head as ``(start, weight rows, bias rows)`` slices in the compute dtype, read

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 ROWS = 4096  # vocabulary rows of a head slice
-POSITIONS = 512  # positions per logit tile: ROWS x POSITIONS floats (8 MB) per model
+POSITIONS = 256  # positions per logit tile: ROWS x POSITIONS floats (4 MB) per model
 
 # start row -> (weight rows [r, hidden] in the compute dtype, bias rows [r] or None)
 HeadSlices = Callable[[], Iterator[tuple[int, torch.Tensor, Optional[torch.Tensor]]]]
@@ -36,13 +36,16 @@ class _Running:
         self.arg = torch.zeros(n, dtype=torch.long, device=device)
         self.target = torch.zeros(n, dtype=torch.float32, device=device)
 
-    def update(self, x: torch.Tensor, start: int, tgt: torch.Tensor, sl: slice) -> torch.Tensor:
+    def update(self, x: torch.Tensor, start: int, tgt: torch.Tensor, sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold logits ``x`` [p, r] for vocabulary rows ``start..start+r`` into positions `sl`;
-        returns the old running max, which the caller needs to rescale its own sums."""
+        returns the factor ``exp(m_old - m_new)`` that rescales sums taken against the old
+        running max, and ``exp(x - m_new)`` (the caller may overwrite it)."""
         m_old = self.m[sl].clone()
         cmax, cidx = x.max(dim=1)
         m_new = torch.maximum(m_old, cmax)
-        self.s[sl] = self.s[sl] * torch.exp(m_old - m_new) + torch.exp(x - m_new[:, None]).sum(1)
+        rescale = torch.exp(m_old - m_new)
+        e = x.sub(m_new[:, None]).exp_()
+        self.s[sl] = self.s[sl] * rescale + e.sum(1)
         # Strictly greater: ties keep the earlier row, as torch.argmax keeps the first maximum.
         self.arg[sl] = torch.where(cmax > m_old, cidx + start, self.arg[sl])
         self.m[sl] = m_new
@@ -50,7 +53,7 @@ class _Running:
         hit = (local >= 0) & (local < x.shape[1])
         picked = x.gather(1, local.clamp(0, x.shape[1] - 1)[:, None])[:, 0]
         self.target[sl] = torch.where(hit, picked, self.target[sl])
-        return m_old
+        return rescale, e
 
     @property
     def lse(self) -> torch.Tensor:
@@ -119,11 +122,11 @@ def vocab_metrics(
         for p0 in range(0, n, POSITIONS):
             sl = slice(p0, min(p0 + POSITIONS, n))
             b = _softcap(torch.nn.functional.linear(x[sl], wt, bias).float(), softcap)
-            cand.update(b, start, tgt[sl], sl)
+            cand.update(b, start, tgt[sl], sl)  # its exp tile is dropped at once
             if pair:
                 a = _softcap(torch.nn.functional.linear(xr[sl], rwt, rbias).float(), ref_softcap)
-                ma_old = ref.update(a, start, tgt[sl], sl)
-                t[sl] = t[sl] * torch.exp(ma_old - ref.m[sl]) + (torch.exp(a - ref.m[sl, None]) * (a - b)).sum(1)
+                rescale, e = ref.update(a, start, tgt[sl], sl)
+                t[sl] = t[sl] * rescale + e.mul_(a.sub_(b)).sum(1)  # a is spent: overwritten
     has = tgt >= 0
     lse = cand.lse
     stats = VocabStats(float((lse - cand.target)[has].double().sum()), int(has.sum()), positions=n)

@@ -73,12 +73,12 @@ def unpack(words: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         raise ValueError(f"{bits}-bit unpacking needs a multiple of {n_words} words along dim {dim}, got {n}")
     x = x.reshape(n // n_words, n_words, *rest)
     mask = (1 << bits) - 1
-    vals = torch.empty((x.shape[0], n_vals, *rest), dtype=torch.int64, device=words.device)
+    # uint8 from the start (codes are below 2^8): an int64 staging copy would be 8 bytes a code.
+    vals = torch.empty((x.shape[0], n_vals, *rest), dtype=torch.uint8, device=words.device)
     for k in range(n_vals):
         w, s = divmod(bits * k, _WORD)
         v = x[:, w] >> s
         if s + bits > _WORD:
             v = v | (x[:, w + 1] << (_WORD - s))
         vals[:, k] = v & mask
-    out = vals.reshape(-1, *rest).to(torch.uint8)
-    return out.movedim(0, dim).contiguous()
+    return vals.reshape(-1, *rest).movedim(0, dim).contiguous()

@@ -94,10 +94,10 @@ def dequantized_linear(
 ) -> nn.Linear:
     """A plain ``nn.Linear`` holding the dequantized weight (the fake-quant path)."""
     out_f, in_f = qw.shape
-    layer = nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype, device=qw.codes.device)
-    with torch.no_grad():
-        layer.weight.copy_(qw.dequantize(dtype))
-        if bias is not None:
-            layer.bias.copy_(bias.to(dtype))
+    # Built on meta and given the dequantized tensor: no initialised weight to copy over.
+    layer = nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype, device="meta")
+    layer.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device=qw.codes.device, dtype=dtype).clone(), requires_grad=False)
     return layer
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+_DEQ_ELEMS = 1 << 20  # weights dequantized per slice of rows
+
 
 @dataclass(frozen=True)
 class QuantizedWeight:
@@ -54,6 +56,13 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The real-valued weight ``[out, in]`` these codes stand for."""
         g = self.g_idx.long()
-        scale = self.scales.to(dtype)[:, g]
-        zero = self.zeros.to(dtype)[:, g]
-        return (self.codes.to(dtype) - zero) * scale
+        out = torch.empty(self.codes.shape, dtype=dtype, device=self.codes.device)
+        # A slice of rows at a time, in place: the per-column scale and zero of a full-size
+        # weight would otherwise be two more weight-sized temporaries. Same values: (q - z) * s.
+        step = max(1, _DEQ_ELEMS // max(1, self.codes.shape[1]))
+        for r in range(0, self.codes.shape[0], step):
+            rows = slice(r, r + step)
+            w = out[rows]
+            w.copy_(self.codes[rows])
+            w.sub_(self.zeros[rows].to(dtype)[:, g]).mul_(self.scales[rows].to(dtype)[:, g])
+        return out

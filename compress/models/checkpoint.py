@@ -61,9 +61,10 @@ class Checkpoint:
 
 
     def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of tensor ``name`` as a copy on the CPU. The file is mapped
-        only for this call, so reading a large tensor slice by slice never leaves all of its
-        pages resident (a mapping keeps every page it has touched)."""
+        """Rows ``[start, stop)`` of tensor ``name`` on the CPU, read-only: a view into a mapping
+        of the file made for this call and released with the returned tensor, so reading a
+        large tensor slice by slice keeps only the slices in hand resident (a mapping keeps
+        every page it has touched for as long as it lives)."""
         if name not in self.index:
             raise CheckpointError(f"{self.root}: tensor '{name}' is missing from the checkpoint")
         if self.pickled:

@@ -44,15 +44,7 @@ def _final_hidden(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> list[
 
 def head_inputs(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> torch.Tensor:
     """The lm_head's inputs ``[windows, L, H]`` for every evaluation window."""
-    hidden = _final_hidden(sm, eval_ids, desc)
-    out = None
-    for w in range(eval_ids.shape[0]):
-        x = sm.head_inputs(hidden[w], eval_ids[w : w + 1])
-        if out is None:
-            out = x.new_empty(eval_ids.shape[0], *x.shape[1:])
-        out[w] = x[0]
-        hidden[w] = None  # type: ignore[call-overload]
-    return out
+    return sm.head_inputs(_final_hidden(sm, eval_ids, desc), eval_ids)
 
 
 def _softcap(sm: StreamedModel) -> Optional[float]:
