@@ -111,7 +111,7 @@ def vocab_metrics(
         xr = ref_inputs.reshape(n, -1)
         ref = _Running(n, dev)
         t = torch.zeros(n, dtype=torch.float32, device=dev)  # sum exp(a - m_a) * (a - b)
-        slices = zip(head(), ref_head())
+        slices = zip(head(), ref_head(), strict=True)  # a vocabulary size mismatch raises
     else:
         slices = ((h, None) for h in head())
     for (start, wt, bias), rslice in slices:
