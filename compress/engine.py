@@ -144,6 +144,11 @@ class StreamedModel:
             return name[len(prefix):]
         return None
 
+    def _weight_ckpt_name(self, module: nn.Module) -> Optional[str]:
+        """Checkpoint key of an outer module's weight, or None where the checkpoint lacks it."""
+        name = next(n for n, m in self.model.named_modules() if m is module)
+        return self.ckpt_name(f"{name}.weight")
+
     def _load_into(
         self, module: nn.Module, prefix: str, patch: Optional[Callable] = None, keep: frozenset = frozenset()
     ) -> None:
@@ -279,8 +284,7 @@ class StreamedModel:
         up in the memory-mapped embedding itself would leave most of its pages resident (the
         kernel maps neighbouring pages on each fault), the largest tensor of a small model."""
         emb = self.model.get_input_embeddings()
-        name = next(n for n, m in self.model.named_modules() if m is emb) + ".weight"
-        ck = self.ckpt_name(name)
+        ck = self._weight_ckpt_name(emb)
         if ck is None or self.checkpoint.pickled or not isinstance(emb, nn.Embedding):
             yield input_ids  # e.g. a tied weight stored only under the head's name
             return
@@ -386,10 +390,9 @@ class StreamedModel:
         from the checkpoint a slice at a time (a tied head reads the embedding's rows), so its
         full table is never resident."""
         head = self.model.get_output_embeddings()
-        by_module = {id(m): n for n, m in self.model.named_modules()}
-        ck = self.ckpt_name(f"{by_module[id(head)]}.weight")
+        ck = self._weight_ckpt_name(head)
         if ck is None and getattr(self.config, "tie_word_embeddings", False):
-            ck = self.ckpt_name(f"{by_module[id(self.model.get_input_embeddings())]}.weight")
+            ck = self._weight_ckpt_name(self.model.get_input_embeddings())
         if ck is None:
             raise CheckpointError(f"{self.checkpoint.root}: the lm_head's weight is missing from the checkpoint")
         vocab = head.weight.shape[0]

@@ -67,10 +67,15 @@ class VocabStats:
     kl_sum: Optional[float] = None
     agree: Optional[int] = None
     positions: int = 0  # every position (KL, top-1)
+    ref_nll_sum: Optional[float] = None  # the reference's own NLL, from the same logit tiles
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def ref_perplexity(self) -> Optional[float]:
+        return None if self.ref_nll_sum is None else math.exp(self.ref_nll_sum / self.tokens)
 
     @property
     def kl(self) -> Optional[float]:
@@ -92,7 +97,8 @@ def vocab_metrics(
     ref_softcap: Optional[float] = None,
 ) -> VocabStats:
     """Perplexity of the model whose head inputs are ``inputs`` [windows, L, hidden] on
-    ``input_ids`` [windows, L]; with ``ref_*``, also KL(reference || model) and top-1 agreement.
+    ``input_ids`` [windows, L]; with ``ref_*``, also KL(reference || model), top-1 agreement
+    and the reference's own perplexity (its logits are computed anyway).
 
     Position p of a window predicts token p+1 (the last position has no target); KL and
     agreement count every position. Both heads must enumerate the same vocabulary rows.
@@ -134,4 +140,5 @@ def vocab_metrics(
         kl = t / ref.s - ref.lse + lse
         stats.kl_sum = float(kl.double().sum())
         stats.agree = int((ref.arg == cand.arg).sum())
+        stats.ref_nll_sum = float((ref.lse - ref.target)[has].double().sum())
     return stats

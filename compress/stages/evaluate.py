@@ -56,22 +56,29 @@ def evaluate_streams(
     eval_ids: torch.Tensor, cfg: EvaluateConfig,
 ) -> dict[str, EvalRow]:
     """The original's head inputs are kept (small); candidates are then opened and streamed
-    one at a time, so memory holds one block of each model and two sets of head inputs."""
+    one at a time, so memory holds one block of each model and two sets of head inputs. The
+    original's perplexity comes from the first paired pass, which computes its logits anyway;
+    only without one does the original get a pass of its own."""
     ref = head_inputs(original, eval_ids, "original")
 
     def ref_head():
         return original.head_slices(ROWS)
 
-    st = vocab_metrics(ref, ref_head, eval_ids, _softcap(original))
-    rows = {"original": EvalRow("original", st.perplexity, 0.0, 1.0)}
+    rows = {"original": EvalRow("original", float("nan"), 0.0, 1.0)}  # first in the table
+    ref_ppl: Optional[float] = None
     for name, open_model in candidates.items():
         sm = open_model()
         x = head_inputs(sm, eval_ids, name)
         pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap(original)) if cfg.divergence else {}
         st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap(sm), **pair)
         rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
+        if ref_ppl is None:
+            ref_ppl = st.ref_perplexity
         del sm, x
         release_freed()
+    if ref_ppl is None:
+        ref_ppl = vocab_metrics(ref, ref_head, eval_ids, _softcap(original)).perplexity
+    rows["original"].perplexity = ref_ppl
     return rows
 
 

@@ -114,3 +114,31 @@ def test_evaluate_streams_equals_model_logits(family, tie, tmp_path, tiny_tokeni
     assert rows["c"].kl_divergence == pytest.approx(kl, rel=1e-4)
     assert rows["c"].top1_agreement == pytest.approx(top1)
     assert rows["c"].kl_divergence > 1e-3  # the two models differ: the comparison is not vacuous
+
+
+def test_reference_perplexity_from_the_paired_pass_equals_its_own_pass():
+    g = torch.Generator().manual_seed(3)
+    x, xr = torch.randn(2, 11, 8, generator=g), torch.randn(2, 11, 8, generator=g)
+    W, Wr = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
+    ids = torch.randint(0, 40, (2, 11), generator=g)
+    ppl_ref, _, _ = reference(F.linear(xr, Wr), F.linear(xr, Wr), ids)
+    paired = vocab_metrics(x, slices_of(W, None, 9), ids, ref_inputs=xr, ref_head=slices_of(Wr, None, 9))
+    alone = vocab_metrics(xr, slices_of(Wr, None, 9), ids)
+    assert paired.ref_perplexity == alone.perplexity  # the same tiles, the same arithmetic
+    assert alone.perplexity == pytest.approx(ppl_ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("divergence", [True, False])
+def test_original_perplexity_with_and_without_a_paired_pass(divergence, tmp_path, tiny_tokenizer):
+    orig = save_model(make_model("llama", seed=0), tmp_path / "orig", tiny_tokenizer)
+    cand = save_model(make_model("llama", seed=1), tmp_path / "cand", tiny_tokenizer)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    ppl_orig, _, _ = reference(full_logits(_streamed(orig, False), ids), full_logits(_streamed(orig, False), ids), ids)
+    candidate = _streamed(cand, False)
+    rows = evaluate_streams(_streamed(orig, False), {"c": lambda: candidate}, ids,
+                            EvaluateConfig(divergence=divergence))
+    assert list(rows) == ["original", "c"]
+    assert rows["original"].perplexity == pytest.approx(ppl_orig, rel=1e-5)
+    assert (rows["c"].kl_divergence is None) == (not divergence)
+    no_candidates = evaluate_streams(_streamed(orig, False), {}, ids, EvaluateConfig())
+    assert no_candidates["original"].perplexity == pytest.approx(ppl_orig, rel=1e-5)
