@@ -40,6 +40,12 @@ class CalibrationConfig(_Strict):
     seed: int = 0
     chat_template: bool = False
     text_field: str = "text"
+    activations: Literal["auto", "memory", "disk"] = Field(
+        "auto",
+        description="Where the calibration windows' activations wait between decoder blocks: "
+        "'memory', or 'disk' (an unlinked temporary file in export.output_dir: the process holds "
+        "one batch, the page cache the rest); 'auto' is disk on CPU and device memory on CUDA",
+    )
 
 
 class Override(_Strict):

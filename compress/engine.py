@@ -17,11 +17,13 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from compress.activations import WindowStream
 from compress.models.arch import ArchSpec, arch_for
 from compress.models.checkpoint import Checkpoint, CheckpointError
 from compress.stored_outer import install_upcast, stored_outer_names
@@ -249,14 +251,16 @@ class StreamedModel:
             self.layers[i] = t
 
     @torch.no_grad()
-    def embed(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """Inputs of block 0 for each window ``input_ids[w]``; records every block's call."""
+    def embed(self, input_ids: torch.Tensor, spool_dir: Optional[Path] = None) -> WindowStream:
+        """Inputs of block 0 for each window ``input_ids[w]``, as a stream (in memory, or in a
+        temporary file under `spool_dir`); records every block's call."""
         calls: list[Optional[LayerCall]] = [None] * self.n_blocks
-        captured: list[torch.Tensor] = []
+        stream = WindowStream(input_ids.shape[0], self.device, spool_dir)
+        at = {"w": 0}
 
         def hook(i, hidden, args, kwargs):
             if i == 0:
-                captured.append(hidden)
+                stream.write(at["w"], hidden)
             if self._layer_calls is None:
                 calls[i] = LayerCall(args, kwargs)
                 if i < self.n_blocks - 1:
@@ -267,15 +271,19 @@ class StreamedModel:
         try:
             with self._compact_embedding(input_ids) as ids:
                 for w in range(ids.shape[0]):
+                    at["w"] = w
                     try:
                         self.model(input_ids=ids[w : w + 1].to(self.device), use_cache=False)
                     except _Stop:
                         pass
                     if self._layer_calls is None:
                         self._layer_calls = calls  # type: ignore[assignment]
+        except BaseException:
+            stream.close()
+            raise
         finally:
             self._restore()
-        return captured
+        return stream
 
     @contextlib.contextmanager
     def _compact_embedding(self, input_ids: torch.Tensor, rows_per_slice: int = 4096):
@@ -306,31 +314,28 @@ class StreamedModel:
         finally:
             emb.weight, emb.padding_idx = weight, padding_idx
 
-    def run_block(
-        self, block: nn.Module, i: int, hidden: list[torch.Tensor], in_place: bool = False
-    ) -> list[torch.Tensor]:
-        """The block's outputs for every window of `hidden`. With `in_place`, each batch's
-        outputs overwrite its input windows and `hidden` itself is returned: the stream lives
-        in one set of long-lived tensors for the whole walk, instead of a fresh allocation per
-        block interleaved on the heap with the forward's temporaries (which fragments it)."""
-        assert self._layer_calls is not None, "embed() must run before run_block()"
+    def block_output(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s output for one batch ``[b, L, D]`` of windows (a `StopForward` raised
+        by a hook inside it propagates)."""
+        assert self._layer_calls is not None, "embed() must run before the blocks"
         call = self._layer_calls[i]
-        out: list[torch.Tensor] = []
         with torch.no_grad():
             # Windows share one length and no padding, so the recorded batch-1 masks and
             # rotary tables broadcast over a batch of them.
-            for s in range(0, len(hidden), self.batch_size):
-                windows = hidden[s : s + self.batch_size]
-                try:
-                    y = _first(block(torch.cat(windows), *call.args, **call.kwargs))
-                except StopForward:
-                    continue
-                if in_place:
-                    for dst, src in zip(windows, y.split(1)):
-                        dst.copy_(src)
-                else:
-                    out.extend(y.split(1))
-        return hidden if in_place else out
+            return _first(block(x, *call.args, **call.kwargs))
+
+    def run_block(self, block: nn.Module, i: int, stream: WindowStream) -> None:
+        """Block ``i`` over every window of `stream`, batch by batch, each batch's outputs
+        written over its inputs: the stream is one long-lived buffer (or file) for the whole
+        walk, instead of a fresh allocation per block interleaved on the heap with the
+        forward's temporaries (which fragments it). A batch whose forward a hook stopped
+        keeps its inputs."""
+        for s in range(0, len(stream), self.batch_size):
+            try:
+                y = self.block_output(block, i, stream.read(s, s + self.batch_size))
+            except StopForward:
+                continue
+            stream.write(s, y)
 
     @torch.no_grad()
     def logits(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -348,12 +353,11 @@ class StreamedModel:
         return out.logits
 
     @torch.no_grad()
-    def head_inputs(self, final_hidden: list[torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+    def head_inputs(self, final_hidden: WindowStream, input_ids: torch.Tensor) -> torch.Tensor:
         """What the lm_head receives, ``[windows, L, H]``, from each window's last-block output:
         the model's own forward applies its final norm (and OPT's projection) and stops there.
-        Entries of `final_hidden` are dropped as they are used. The forward's embedding output
-        is discarded by the proxies, but it still runs: through the compact table, so the
-        full embedding's pages are not faulted in."""
+        The forward's embedding output is discarded by the proxies, but it still runs: through
+        the compact table, so the full embedding's pages are not faulted in."""
         last = self.n_blocks - 1
         got: dict[str, torch.Tensor] = {}
         current: dict[str, torch.Tensor] = {}
@@ -371,7 +375,7 @@ class StreamedModel:
         try:
             with self._compact_embedding(input_ids) as ids:
                 for w in range(ids.shape[0]):
-                    current["h"] = final_hidden[w]
+                    current["h"] = final_hidden.read(w, w + 1)
                     try:
                         self.model(input_ids=ids[w : w + 1].to(self.device), use_cache=False)
                     except _Stop:
@@ -379,7 +383,7 @@ class StreamedModel:
                     if out is None:
                         out = got["x"].new_empty(ids.shape[0], *got["x"].shape[1:])
                     out[w] = got["x"][0]
-                    final_hidden[w] = current["h"] = got["x"] = None  # type: ignore[call-overload]
+                    current["h"] = got["x"] = None  # type: ignore[assignment]
         finally:
             handle.remove()
             self._restore()

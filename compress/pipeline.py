@@ -147,6 +147,14 @@ def stage_calibrate(ctx: RunContext) -> None:
     }
 
 
+def _spool_dir(ctx: RunContext) -> Optional[Path]:
+    """Where the calibration activations are spooled between blocks; None keeps them in memory."""
+    mode = ctx.cfg.calibration.activations
+    if mode == "auto":
+        mode = "memory" if ctx.loaded.device.type == "cuda" else "disk"
+    return ctx.out_dir if mode == "disk" else None
+
+
 def stage_quantize(ctx: RunContext) -> None:
     from compress.stages.export import GPTQExporter, base_manifest
     from compress.stages.quantize import quantize_model
@@ -160,7 +168,7 @@ def stage_quantize(ctx: RunContext) -> None:
         t0 = time.perf_counter()
         try:
             exporter = GPTQExporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
-            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block)
+            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, _spool_dir(ctx))
             res.quantize_seconds = time.perf_counter() - t0
             res.artifact = exporter.finish(manifest)
             res.metrics["linear_bits_per_weight"] = exporter.linear_bits_per_weight

@@ -23,7 +23,7 @@ from compress.quantizers import QUANTIZERS, QuantSpec
 from compress.quantizers.rtn import quantize_weight as rtn
 from compress.stages import export as export_stage
 from compress.stages.quantize import block_linears
-from tiny_models import VOCAB, run_config
+from tiny_models import VOCAB, run_config, walk_logits
 
 CPU = torch.device("cpu")
 
@@ -66,11 +66,7 @@ def fake_quant_reference(model, qweights_of, other_dtype: torch.dtype):
 
 
 def artifact_logits(path, ids: torch.Tensor) -> torch.Tensor:
-    sm = open_artifact(path, CPU, torch.float32)
-    hidden = sm.embed(ids)
-    for i in range(sm.n_blocks):
-        hidden = sm.run_block(sm.load_block(i), i, hidden)
-    return torch.cat([sm.logits(hidden[w], ids[w : w + 1]) for w in range(ids.shape[0])])
+    return walk_logits(open_artifact(path, CPU, torch.float32), ids)
 
 
 def model_logits(model, ids: torch.Tensor) -> torch.Tensor:

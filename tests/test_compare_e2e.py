@@ -85,7 +85,7 @@ def test_shared_work_is_done_once(model_dir, text_file, tmp_path, monkeypatch):
     import compress.stages.evaluate as ev
 
     calls = {"eval_windows": 0, "final_hidden": []}
-    real_draw, real_hidden = draw.draw_windows, ev._final_hidden
+    real_draw, real_hidden = draw.draw_windows, ev.head_inputs
 
     def count_windows(root, calibration, evaluation, *a, **k):  # windows are drawn in a child
         calls["eval_windows"] += evaluation is not None
@@ -96,7 +96,7 @@ def test_shared_work_is_done_once(model_dir, text_file, tmp_path, monkeypatch):
         return real_hidden(sm, ids, desc)
 
     monkeypatch.setattr(draw, "draw_windows", count_windows)
-    monkeypatch.setattr(ev, "_final_hidden", count_hidden)
+    monkeypatch.setattr(ev, "head_inputs", count_hidden)
     cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "o",
                                   sweep={"bits": [8, 4, 3], "group_size": [64]}))
     run(cfg)

@@ -15,7 +15,7 @@ from compress.config import ModelConfig
 from compress.engine import StreamedModel
 from compress.models.checkpoint import CheckpointError, open_checkpoint
 from compress.stages.load import load_model
-from tiny_models import FAMILIES, VOCAB, make_model, save_model
+from tiny_models import FAMILIES, VOCAB, make_model, save_model, walk_logits
 
 # Exact up to float32 summation order: batched and per-window matmuls may round differently.
 ATOL = 1e-5
@@ -25,11 +25,8 @@ def ids_for(n: int = 3, length: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def stream_logits(sm: StreamedModel, ids: torch.Tensor) -> torch.Tensor:
-    hidden = sm.embed(ids)
-    for i in range(sm.n_blocks):
-        hidden = sm.run_block(sm.load_block(i), i, hidden)
-    return torch.cat([sm.logits(hidden[w], ids[w : w + 1]) for w in range(ids.shape[0])])
+def stream_logits(sm: StreamedModel, ids: torch.Tensor, spool_dir=None) -> torch.Tensor:
+    return walk_logits(sm, ids, spool_dir)
 
 
 def reference_logits(folder, ids: torch.Tensor) -> torch.Tensor:
@@ -64,20 +61,31 @@ def test_streaming_batches_windows_like_single_windows(model_dir):
     torch.testing.assert_close(stream_logits(sm4, ids), stream_logits(sm1, ids), rtol=0, atol=ATOL)
 
 
-def test_in_place_run_block_overwrites_inputs_with_the_outputs(model_dir):
-    """With in_place=True the outputs land in the input windows' own tensors (no new stream)."""
+def test_run_block_writes_each_batch_over_its_inputs(model_dir):
+    """The stream holds block i's outputs after run_block, batch by batch (5 windows in batches
+    of 2, so the last batch is short), equal to the block run on each window alone."""
     sm = streamed(model_dir("llama"))
     sm.batch_size = 2
     ids = ids_for(5, 16)
-    hidden = sm.embed(ids)
-    block = sm.load_block(0)
-    kept = sm.run_block(block, 0, [h.clone() for h in hidden])
-    ptrs = [h.data_ptr() for h in hidden]
-    got = sm.run_block(block, 0, hidden, in_place=True)
-    assert got is hidden and [h.data_ptr() for h in got] == ptrs
-    assert len(kept) == 5
-    for a, b in zip(got, kept):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with sm.embed(ids) as hidden:
+        inputs = hidden.read(0, 5)
+        block = sm.load_block(0)
+        sm.run_block(block, 0, hidden)
+        for w in range(5):
+            alone = sm.block_output(block, 0, inputs[w : w + 1])
+            torch.testing.assert_close(hidden.read(w, w + 1), alone, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt"])
+def test_activations_on_disk_equal_activations_in_memory(family, model_dir, tmp_path):
+    """A walk whose stream is spooled to a file gives the very same logits as one in memory,
+    and leaves nothing in the spool folder."""
+    folder = model_dir(family)
+    ids = ids_for(5, 16)
+    in_memory = stream_logits(streamed(folder), ids)
+    on_disk = stream_logits(streamed(folder), ids, tmp_path)
+    torch.testing.assert_close(on_disk, in_memory, rtol=0, atol=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _strip_prefix(folder, prefix: str) -> None:

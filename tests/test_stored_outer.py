@@ -7,7 +7,7 @@ import torch
 from compress.engine import StreamedModel
 from compress.models.checkpoint import open_checkpoint
 from compress.stored_outer import UpcastLinear
-from tiny_models import VOCAB, make_model, save_model
+from tiny_models import VOCAB, make_model, save_model, walk_logits
 
 
 def fp16_folder(family: str, tmp_path, tokenizer, tie: bool):
@@ -16,10 +16,7 @@ def fp16_folder(family: str, tmp_path, tokenizer, tie: bool):
 
 
 def logits(sm: StreamedModel, ids: torch.Tensor) -> torch.Tensor:
-    hidden = sm.embed(ids)
-    for i in range(sm.n_blocks):
-        hidden = sm.run_block(sm.load_block(i), i, hidden, in_place=True)
-    return torch.cat([sm.logits(hidden[w], ids[w : w + 1]) for w in range(ids.shape[0])])
+    return walk_logits(sm, ids)
 
 
 @pytest.mark.parametrize("family,tie", [("llama", True), ("llama", False), ("gpt2", True), ("gemma", True)])

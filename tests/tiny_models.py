@@ -130,3 +130,11 @@ def run_config(model: Path, text: Path, out: Path, **sections) -> dict:
     for k, v in sections.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
     return cfg
+
+
+def walk_logits(sm, ids: torch.Tensor, spool_dir: Path | None = None) -> torch.Tensor:
+    """Logits ``[windows, L, V]`` of a `StreamedModel`, walked one block at a time."""
+    with sm.embed(ids, spool_dir) as hidden:
+        for i in range(sm.n_blocks):
+            sm.run_block(sm.load_block(i), i, hidden)
+        return torch.cat([sm.logits(hidden.read(w, w + 1), ids[w : w + 1]) for w in range(ids.shape[0])])

@@ -32,19 +32,15 @@ class EvalRow:
     extra: dict = field(default_factory=dict)
 
 
-def _final_hidden(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> list[torch.Tensor]:
-    hidden = sm.embed(eval_ids)
-    for i in progress(range(sm.n_blocks), desc=f"evaluate {desc}", unit="block"):
-        block = sm.load_block(i)
-        hidden = sm.run_block(block, i, hidden, in_place=True)
-        del block
-        trim_heap()  # the block's freed temporaries, so they do not sit under the next block
-    return hidden
-
-
 def head_inputs(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> torch.Tensor:
     """The lm_head's inputs ``[windows, L, H]`` for every evaluation window."""
-    return sm.head_inputs(_final_hidden(sm, eval_ids, desc), eval_ids)
+    with sm.embed(eval_ids) as hidden:
+        for i in progress(range(sm.n_blocks), desc=f"evaluate {desc}", unit="block"):
+            block = sm.load_block(i)
+            sm.run_block(block, i, hidden)
+            del block
+            trim_heap()  # the block's freed temporaries, so they do not sit under the next block
+        return sm.head_inputs(hidden, eval_ids)
 
 
 def _softcap(sm: StreamedModel) -> Optional[float]:

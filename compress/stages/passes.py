@@ -17,13 +17,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from compress.activations import WindowStream
 from compress.engine import StopForward, StreamedModel
 from compress.quantizers.hessian import HessianAccumulator
 
 log = logging.getLogger(__name__)
 
-# (the windows of one batch, write the outputs over them?) -> None
-Forward = Callable[[list[torch.Tensor], bool], None]
+# (the stream, the batch's first window, write the outputs over its inputs?) -> None
+Forward = Callable[[WindowStream, int, bool], None]
 
 
 def weight_of(module: nn.Module, conv1d: bool) -> torch.Tensor:
@@ -32,14 +33,14 @@ def weight_of(module: nn.Module, conv1d: bool) -> torch.Tensor:
 
 
 def block_forward(sm: StreamedModel, block: nn.Module, i: int) -> Forward:
-    def run(windows: list[torch.Tensor], in_place: bool) -> None:
-        sm.run_block(block, i, windows, in_place=in_place)
+    def run(stream: WindowStream, start: int, in_place: bool) -> None:
+        try:
+            y = sm.block_output(block, i, stream.read(start, start + sm.batch_size))
+        except StopForward:
+            return
+        if in_place:
+            stream.write(start, y)
     return run
-
-
-def _write_over(windows: list[torch.Tensor], batch: torch.Tensor) -> None:
-    for dst, src in zip(windows, batch.reshape(len(windows), *windows[0].shape[1:]).split(1)):
-        dst.copy_(src)
 
 
 def _first(out):
@@ -54,12 +55,12 @@ def mlp_chain(sm: StreamedModel) -> tuple[str, ...]:
     return a.mlp_half
 
 
-def mlp_forward(block: nn.Module, chain: tuple[str, ...]) -> Forward:
+def mlp_forward(sm: StreamedModel, block: nn.Module, chain: tuple[str, ...]) -> Forward:
     """Runs only the block's MLP half on windows that hold h: output = h + chain(h)."""
     mods = [block.get_submodule(n) for n in chain]
 
-    def run(windows: list[torch.Tensor], in_place: bool) -> None:
-        h = torch.cat(windows)
+    def run(stream: WindowStream, start: int, in_place: bool) -> None:
+        h = stream.read(start, start + sm.batch_size)
         y = h
         with torch.no_grad():
             try:
@@ -68,13 +69,11 @@ def mlp_forward(block: nn.Module, chain: tuple[str, ...]) -> Forward:
             except StopForward:
                 return
             if in_place:
-                _write_over(windows, h + y.reshape(h.shape))
+                stream.write(start, h + y.reshape(h.shape))
     return run
 
 
-def split_matches(
-    sm: StreamedModel, block: nn.Module, i: int, chain: tuple[str, ...], windows: list[torch.Tensor]
-) -> bool:
+def split_matches(sm: StreamedModel, block: nn.Module, i: int, chain: tuple[str, ...], x: torch.Tensor) -> bool:
     """Whether h + chain(h) reproduces the block's own output on one batch (h read off the
     chain's first module's input during that forward)."""
     got: dict[str, torch.Tensor] = {}
@@ -84,7 +83,7 @@ def split_matches(
 
     handle = block.get_submodule(chain[0]).register_forward_pre_hook(grab)
     try:
-        full = torch.cat(sm.run_block(block, i, windows))
+        full = sm.block_output(block, i, x)
     finally:
         handle.remove()
     if "h" not in got:
@@ -99,7 +98,7 @@ def split_matches(
 
 
 def collect_hessians(
-    sm: StreamedModel, block: nn.Module, names: list[str], hidden: list[torch.Tensor],
+    sm: StreamedModel, block: nn.Module, names: list[str], hidden: WindowStream,
     dtype: torch.dtype, early_stop: bool, forward: Forward, capture: Optional[str] = None,
     where: str = "",
 ) -> dict[str, torch.Tensor]:
@@ -108,12 +107,12 @@ def collect_hessians(
     With `early_stop` each batch's forward ends as soon as the last of them has its input
     (later sub-layers are not computed); without it the outputs overwrite `hidden` in place.
     With `capture`, the input of that submodule (the residual stream h) overwrites each
-    batch's windows as the forward reaches it.
+    batch's windows in `hidden` as the forward reaches it.
     """
     accs: dict[str, HessianAccumulator] = {}
     handles = []
     pending: set[str] = set()
-    batch: dict = {"windows": None}
+    batch: dict = {"start": 0}
     # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: it is accumulated
     # once, by the first of them in each forward (GPTQModel de-duplicates the same way).
     last: dict = {"x": None, "name": None}
@@ -136,7 +135,8 @@ def collect_hessians(
         return hook
 
     def capture_hook(module, args):
-        _write_over(batch["windows"], args[0].detach())
+        x = args[0].detach()
+        hidden.write(batch["start"], x.reshape(-1, *hidden.window_shape))
         done("\0capture")
 
     for n in names:
@@ -153,15 +153,15 @@ def collect_hessians(
             if capture is not None:
                 pending.add("\0capture")
             last["x"] = last["name"] = None
-            batch["windows"] = hidden[s : s + sm.batch_size]
-            forward(batch["windows"], not early_stop)
+            batch["start"] = s
+            forward(hidden, s, not early_stop)
             if pending:
                 raise RuntimeError(f"{where}: the forward never reached {sorted(p for p in pending if p[0] != chr(0))}")
             batches += 1
     finally:
         for h in handles:
             h.remove()
-        last["x"] = batch["windows"] = None
+        last["x"] = None
     hessians = {n: accs[n].hessian for n in names if not aliased[n]}
     for n in names:
         if aliased[n]:

@@ -12,11 +12,13 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from compress.activations import WindowStream
 from compress.config import QuantizeConfig, RunConfig
 from compress.engine import StreamedModel
 from compress.formats.qweight import QuantizedWeight
@@ -146,29 +148,42 @@ BlockSink = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
 
 
 def quantize_model(
-    sm: StreamedModel, plan: Plan, calib_ids: Optional[torch.Tensor], sink: BlockSink
+    sm: StreamedModel, plan: Plan, calib_ids: Optional[torch.Tensor], sink: BlockSink,
+    spool_dir: Optional[Path] = None,
 ) -> list[LayerReport]:
     """Quantize block by block; `sink(i, block, qweights)` receives each finished block.
 
     `sm` is used up: its outer modules are released once the calibration windows are embedded.
+    With `spool_dir`, the calibration activations between blocks live in a temporary file
+    there instead of in memory (`WindowStream`).
 
     The block handed to the sink holds the fake-quantized (dequantized) weights in its linears.
     """
     q = plan.q
-    method = get_quantizer(q.method)
-    hdtype = torch.float64 if q.hessian_dtype == "float64" else torch.float32
     hidden = None
-    if method.needs_hessian:
+    if get_quantizer(q.method).needs_hessian:
         if calib_ids is None:
             raise ValueError(f"quantize.method: {q.method} needs calibration data")
-        hidden = sm.embed(calib_ids)
+        hidden = sm.embed(calib_ids, spool_dir)
+    try:
+        return _quantize_blocks(sm, plan, hidden, sink)
+    finally:
+        if hidden is not None:
+            hidden.close()
+
+
+def _quantize_blocks(
+    sm: StreamedModel, plan: Plan, hidden: Optional[WindowStream], sink: BlockSink
+) -> list[LayerReport]:
+    q = plan.q
+    hdtype = torch.float64 if q.hessian_dtype == "float64" else torch.float32
     sm.release_outer()  # the sink (exporter) took its copy of them when it was created
     chain = mlp_chain(sm) if hidden is not None and q.propagate else ()
     reports: list[LayerReport] = []
     for i in progress(range(sm.n_blocks), desc=f"quantize {plan.name}", unit="block"):
         block = sm.load_block(i)
         groups = block_linears(block, sm.arch.sequential)
-        if chain and i == 0 and not split_matches(sm, block, i, chain, hidden[: sm.batch_size]):
+        if chain and i == 0 and not split_matches(sm, block, i, chain, hidden.read(0, sm.batch_size)):
             log.warning("the %s blocks' MLP half did not reproduce the block's output; running the "
                         "whole block for every group instead (slower, same result)", sm.arch.family)
             chain = ()
@@ -190,7 +205,7 @@ def quantize_model(
                                                 capture=chain[0], where=where)
                 else:
                     hessians = collect_hessians(sm, block, group, hidden, hdtype, True,
-                                                mlp_forward(block, chain), where=where)
+                                                mlp_forward(sm, block, chain), where=where)
             if hidden is not None:
                 # The forward's freed temporaries would otherwise stay resident under GPTQ's.
                 trim_heap()
@@ -209,9 +224,9 @@ def quantize_model(
             if hidden is not None:
                 trim_heap()  # GPTQ's freed temporaries, before the next forward pass
         if hidden is not None and q.propagate:
-            run = whole if mlp_from is None else mlp_forward(block, chain)
+            run = whole if mlp_from is None else mlp_forward(sm, block, chain)
             for s in range(0, len(hidden), sm.batch_size):
-                run(hidden[s : s + sm.batch_size], True)
+                run(hidden, s, True)
         sink(i, block, qweights)
         del block
         trim_heap()

@@ -17,7 +17,7 @@ from compress.engine import StreamedModel
 from compress.evaluate.vocab_stream import vocab_metrics
 from compress.models.checkpoint import open_checkpoint
 from compress.stages.evaluate import evaluate_streams
-from tiny_models import FAMILIES, VOCAB, make_model, save_model
+from tiny_models import FAMILIES, VOCAB, make_model, save_model, walk_logits
 
 
 def reference(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float, float]:
@@ -73,10 +73,7 @@ def test_ties_keep_the_first_row_as_argmax_does():
 
 
 def full_logits(sm: StreamedModel, ids: torch.Tensor) -> torch.Tensor:
-    hidden = sm.embed(ids)
-    for i in range(sm.n_blocks):
-        hidden = sm.run_block(sm.load_block(i), i, hidden)
-    return torch.cat([sm.logits(hidden[w], ids[w : w + 1]) for w in range(ids.shape[0])])
+    return walk_logits(sm, ids)
 
 
 def _streamed(folder, stored: bool) -> StreamedModel:

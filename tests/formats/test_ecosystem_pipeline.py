@@ -25,7 +25,7 @@ from compress.config import parse_config  # noqa: E402
 from compress.formats.artifact import open_artifact  # noqa: E402
 from compress.formats.writer import is_complete  # noqa: E402
 from compress.pipeline import run  # noqa: E402
-from tiny_models import make_model, run_config, save_model  # noqa: E402
+from tiny_models import make_model, run_config, save_model, walk_logits  # noqa: E402
 
 VOCAB = 512
 
@@ -38,11 +38,7 @@ def llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 
 
 def our_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    sm = open_artifact(folder, torch.device("cpu"), torch.float32)
-    hidden = sm.embed(ids)
-    for i in range(sm.n_blocks):
-        hidden = sm.run_block(sm.load_block(i), i, hidden)
-    return torch.cat([sm.logits(hidden[w], ids[w : w + 1]) for w in range(ids.shape[0])])
+    return walk_logits(open_artifact(folder, torch.device("cpu"), torch.float32), ids)
 
 
 # "torch" dequantizes in fp16 (the scale dtype) and multiplies in float32: it differs from our
