@@ -124,3 +124,27 @@ def test_sigkill_leaves_only_a_partial_folder_that_is_not_an_artifact(model_dir,
     assert is_complete(out / NAME, check_hashes=True)
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows[1:]] == [NAME]
+
+
+@pytest.mark.parametrize("mode,spooled", [("auto", True), ("disk", True), ("memory", False)])
+def test_calibration_activations_go_where_the_config_says(mode, spooled, model_dir, text_file, tmp_path, monkeypatch):
+    """On CPU, `auto` and `disk` spool GPTQ's calibration stream to an unlinked file in the
+    output folder; `memory` keeps it in RAM. A run that fails mid-walk leaves no spool file."""
+    import compress.activations as act
+
+    made: list[str] = []
+    real = act.tempfile.mkstemp
+
+    def mkstemp(*a, **k):
+        made.append(k["dir"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(act.tempfile, "mkstemp", mkstemp)
+    out = tmp_path / "out"
+    cfg = parse_config(run_config(model_dir("llama"), text_file, out, evaluate={"enabled": False},
+                                  quantize={"method": "gptq"}, calibration={"activations": mode}))
+    fail_at_block_1(monkeypatch, RuntimeError("boom at block 1"))
+    with pytest.raises(RuntimeError, match="boom"):
+        run(cfg)
+    assert made == ([out] if spooled else [])
+    assert leftovers(out) == []
