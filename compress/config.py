@@ -43,7 +43,7 @@ class CalibrationConfig(_Strict):
     activations: Literal["auto", "memory", "disk"] = Field(
         "auto",
         description="Where the calibration windows' activations wait between decoder blocks: "
-        "'memory', or 'disk' (an unlinked temporary file in export.output_dir: the process holds "
+        "'memory', or 'disk' (an unlinked temporary file in the output folder: the process holds "
         "one batch, the page cache the rest); 'auto' is disk on CPU and device memory on CUDA",
     )
 

@@ -324,18 +324,24 @@ class StreamedModel:
             # rotary tables broadcast over a batch of them.
             return _first(block(x, *call.args, **call.kwargs))
 
-    def run_block(self, block: nn.Module, i: int, stream: WindowStream) -> None:
-        """Block ``i`` over every window of `stream`, batch by batch, each batch's outputs
-        written over its inputs: the stream is one long-lived buffer (or file) for the whole
-        walk, instead of a fresh allocation per block interleaved on the heap with the
-        forward's temporaries (which fragments it). A batch whose forward a hook stopped
+    def run_batch(self, block: nn.Module, i: int, stream: WindowStream, start: int, write: bool = True) -> None:
+        """Block ``i`` over the batch of `stream` that starts at window `start`; with `write`
+        its outputs overwrite its inputs. A batch whose forward a hook stopped (`StopForward`)
         keeps its inputs."""
+        try:
+            y = self.block_output(block, i, stream.read(start, start + self.batch_size))
+        except StopForward:
+            return
+        if write:
+            stream.write(start, y)
+
+    def run_block(self, block: nn.Module, i: int, stream: WindowStream) -> None:
+        """Block ``i`` over every window of `stream`, batch by batch, outputs written over the
+        inputs: the stream is one long-lived buffer (or file) for the whole walk, instead of a
+        fresh allocation per block interleaved on the heap with the forward's temporaries
+        (which fragments it)."""
         for s in range(0, len(stream), self.batch_size):
-            try:
-                y = self.block_output(block, i, stream.read(s, s + self.batch_size))
-            except StopForward:
-                continue
-            stream.write(s, y)
+            self.run_batch(block, i, stream, s)
 
     @torch.no_grad()
     def logits(self, final_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,7 @@ def weight_of(module: nn.Module, conv1d: bool) -> torch.Tensor:
 
 def block_forward(sm: StreamedModel, block: nn.Module, i: int) -> Forward:
     def run(stream: WindowStream, start: int, in_place: bool) -> None:
-        try:
-            y = sm.block_output(block, i, stream.read(start, start + sm.batch_size))
-        except StopForward:
-            return
-        if in_place:
-            stream.write(start, y)
+        sm.run_batch(block, i, stream, start, write=in_place)
     return run
 
 
