@@ -90,10 +90,10 @@ def main() -> None:
                 print(f"  {r['quantize_seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
                 runs.append(r)
     today = dt.date.today().isoformat()
-    cmd = "   .venv/bin/python benchmarks/activations_spool.py " + " ".join(sys.argv[1:])
+    cmd = " ".join([".venv/bin/python benchmarks/activations_spool.py", *sys.argv[1:]])
     md = "\n".join([
         f"# Calibration activations in memory vs on disk: GPTQ W3 g64 on SmolLM2-135M-Instruct ({today})", "",
-        "Command:", "", cmd.rstrip(), "",
+        f"Command: `{cmd}`", "",
         f"Machine: {machine()}. Version: compress {compress_version()}. Each run is its own process, "
         "one at a time, settings alternating.", "",
         table(runs), "",
