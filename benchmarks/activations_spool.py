@@ -20,30 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gptq_peers import CALIB, MODEL, compress_version, machine, run_child  # noqa: E402
+from benchmarks.gptq_peers import CALIB, compress_version, machine, run_ours  # noqa: E402
 
 QUANTIZE = {"method": "gptq", "bits": 3, "group_size": 64, "sym": True, "desc_act": True}
 
 
 def run_once(work: Path, nsamples: int, activations: str) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "model": {"source": MODEL, "dtype": "float32"},
-        "calibration": {**CALIB, "nsamples": nsamples, "activations": activations},
-        "quantize": dict(QUANTIZE),
-        "export": {"output_dir": str(work / "run"), "overwrite": True},
-        "evaluate": {"enabled": False}, "report": {"html": False},
-    }
-    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    compress = Path(sys.executable).parent / "compress"
-    wall, peak = run_child([str(compress), "-q", "run", str(work / "config.yaml")], work / "log.txt")
-    cand = json.loads((work / "run" / "results.json").read_text())["rows"][1]
-    manifest = json.loads((work / "run" / cand["name"] / "compress-manifest.json").read_text())
+    calibration = {**CALIB, "nsamples": nsamples, "activations": activations}
+    wall, peak, cand, _, manifest = run_ours(work, calibration, dict(QUANTIZE))
     return {"nsamples": nsamples, "activations": activations, "quantize_seconds": cand["quantize_seconds"],
             "peak_rss_mb": peak, "process_seconds": wall,
             "weights_sha256": manifest["outputs"]["model.safetensors"]["sha256"]}

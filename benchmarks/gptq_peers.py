@@ -12,7 +12,8 @@ statistics + GPTQ + packing/export of every block; GPTQModel: `quantize()`; llm-
 `oneshot()`). Every artifact is then evaluated here, in one process, under one protocol: the
 evaluation split's first N x 512 non-overlapping windows, perplexity, KL(original || candidate)
 and top-1 agreement against the fp32 original. Finished rows are kept under --out, so a rerun
-resumes (the table flags rows measured in an earlier invocation); --fresh starts over. Writes benchmarks/results/gptq-peers-DATE.{md,json}.
+resumes (the table flags rows measured in an earlier invocation); --fresh starts over.
+Writes benchmarks/results/gptq-peers-DATE.{md,json}.
 """
 from __future__ import annotations
 
@@ -115,22 +116,27 @@ def last_json(log: Path) -> dict:
     raise RuntimeError(f"{log}: the child printed no result line")
 
 
-def quantize_ours(row: Row, work: Path, calib_hash: str) -> dict:
-    q = {"method": row.method, "bits": row.bits, "group_size": row.group_size, "sym": True, **row.quantize}
-    if row.desc_act is not None:
-        q["desc_act"] = row.desc_act
+def run_ours(work: Path, calibration: dict, quantize: dict) -> tuple[float, float, dict, Path, dict]:
+    """One `compress run` (quantize + export, no evaluation) in its own process: wall seconds,
+    peak RSS MiB, the candidate's results row, its artifact folder and its manifest."""
     cfg = {
-        "model": {"source": MODEL, "dtype": "float32"}, "calibration": dict(CALIB), "quantize": q,
+        "model": {"source": MODEL, "dtype": "float32"}, "calibration": calibration, "quantize": quantize,
         "export": {"output_dir": str(work / "run"), "overwrite": True},
         "evaluate": {"enabled": False}, "report": {"html": False},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     compress = Path(sys.executable).parent / "compress"
     wall, peak = run_child([str(compress), "-q", "run", str(work / "config.yaml")], work / "log.txt")
-    res = json.loads((work / "run" / "results.json").read_text())
-    cand = res["rows"][1]
+    cand = json.loads((work / "run" / "results.json").read_text())["rows"][1]
     artifact = work / "run" / cand["name"]
-    manifest = json.loads((artifact / "compress-manifest.json").read_text())
+    return wall, peak, cand, artifact, json.loads((artifact / "compress-manifest.json").read_text())
+
+
+def quantize_ours(row: Row, work: Path, calib_hash: str) -> dict:
+    q = {"method": row.method, "bits": row.bits, "group_size": row.group_size, "sym": True, **row.quantize}
+    if row.desc_act is not None:
+        q["desc_act"] = row.desc_act
+    wall, peak, cand, artifact, manifest = run_ours(work, dict(CALIB), q)
     got = (manifest.get("calibration") or {}).get("windows_sha256")
     if row.method != "rtn" and got != calib_hash:
         raise RuntimeError(f"{row.name}: calibration windows differ ({got} != {calib_hash})")

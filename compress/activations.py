@@ -79,10 +79,9 @@ class WindowStream:
         stop = min(stop, self.n)
         if start < 0 or start >= stop:
             raise IndexError(f"windows {start}..{stop} of a stream of {self.n}")
-        shape = (stop - start, *self.window_shape)
         if self._data is not None:
             return self._data[start:stop].clone()
-        out = torch.empty(shape, dtype=self._dtype)
+        out = torch.empty(stop - start, *self.window_shape, dtype=self._dtype)
         _full(os.preadv, self._fd, _bytes_of(out), start * self._window_bytes)
         return out.to(self.device)
 

@@ -43,7 +43,7 @@ def head_inputs(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> torch.T
         return sm.head_inputs(hidden, eval_ids)
 
 
-def _softcap(sm: StreamedModel) -> Optional[float]:
+def _softcap_of(sm: StreamedModel) -> Optional[float]:
     return getattr(sm.config, "final_logit_softcapping", None)
 
 
@@ -65,15 +65,15 @@ def evaluate_streams(
     for name, open_model in candidates.items():
         sm = open_model()
         x = head_inputs(sm, eval_ids, name)
-        pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap(original)) if cfg.divergence else {}
-        st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap(sm), **pair)
+        pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap_of(original)) if cfg.divergence else {}
+        st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap_of(sm), **pair)
         rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
         if ref_ppl is None:
             ref_ppl = st.ref_perplexity
         del sm, x
         release_freed()
     if ref_ppl is None:
-        ref_ppl = vocab_metrics(ref, ref_head, eval_ids, _softcap(original)).perplexity
+        ref_ppl = vocab_metrics(ref, ref_head, eval_ids, _softcap_of(original)).perplexity
     rows["original"].perplexity = ref_ppl
     return rows
 
