@@ -22,9 +22,9 @@ import torch
 from compress.data.sources import TextSource
 from compress.data.wikipedia import read_wikipedia
 from compress.quantizers.base import QuantSpec
-from compress.quantizers.gptq import clip_search_params, gptq
+from compress.quantizers.gptq import GPTQSpec, clip_search_params, gptq
 from compress.quantizers.hessian import HessianAccumulator
-from compress.quantizers.rtn import quantize_weight as rtn
+from compress.quantizers.rtn import round_to_nearest as rtn
 
 LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -138,11 +138,11 @@ def main() -> None:
             for v in variants:
                 t0 = time.perf_counter()
                 if v == "rtn":
-                    Wq = rtn(W, None, base).dequantize()
+                    Wq = rtn(W, base).dequantize()
                 elif v == "rtn+clip":
                     Wq = rtn_clip(W, base)
                 else:
-                    spec = QuantSpec(**{**base.__dict__, **VARIANTS[v]})
+                    spec = GPTQSpec(**{**base.__dict__, **VARIANTS[v]})
                     Wq = gptq(W, H, spec).weight.dequantize()
                 secs[v] += time.perf_counter() - t0
                 totals[v] += rel_error(W, Wq, X) / len(layers)

@@ -5,13 +5,16 @@ YAML -> ``--set`` overrides -> validation, and nothing runs before validation ha
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from compress.publish.config import PublishConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from compress.quantizers.base import Override, check_group_size  # noqa: F401  (re-exported)
+from pydantic import (
+    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -48,74 +51,82 @@ class CalibrationConfig(_Strict):
     )
 
 
-class Override(_Strict):
-    pattern: str = Field(description="Regular expression matched against full module names")
-    bits: Optional[Literal[2, 3, 4, 8]] = None
-    group_size: Optional[int] = None
-    sym: Optional[bool] = None
-    skip: bool = False
+def _method_union():
+    """`quantize:` is one of the registered methods' configs, chosen by its `method` key
+    (default rtn); the error for an unknown method lists the registered ones."""
+    from compress.quantizers import METHODS
 
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from None
-        return v
+    def which(v: Any) -> str:
+        return v.get("method", "rtn") if isinstance(v, dict) else getattr(v, "method", "rtn")
 
-
-def _check_group_size(v: int) -> int:
-    if v != -1 and (v < 8 or v & (v - 1)):
-        raise ValueError("must be -1 (per output channel) or a power of two >= 8 (32, 64, 128, ...)")
-    return v
+    members = tuple(Annotated[m.config, Tag(name)] for name, m in METHODS.items())
+    return Annotated[
+        Union[members],  # type: ignore[valid-type]
+        Discriminator(
+            which, custom_error_type="unknown_method",
+            custom_error_message=f"unknown method; valid: {', '.join(sorted(METHODS))}",
+        ),
+    ]
 
 
-class QuantizeConfig(_Strict):
-    method: Literal["rtn", "gptq"] = "rtn"
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 128
-    sym: bool = True
-    # GPTQ defaults chosen on SmolLM2-135M W4 g64, 64x512 Wikipedia windows, 16x512 held-out
-    # windows: plain GPTQ (damp 0.01) ppl 32.5 / KL 0.435; these defaults 26.5 / 0.214; RTN 30.2 / 0.464.
-    desc_act: bool = Field(True, description="GPTQ: quantize columns in descending Hessian-diagonal order")
-    static_groups: bool = Field(True, description="GPTQ: group grids fixed up front, so g_idx stays in order")
-    damp_percent: float = Field(0.05, gt=0, lt=1, description="GPTQ: damping as a fraction of mean diag(H)")
-    block_size: int = Field(128, ge=1)
-    mse_clip: bool = Field(True, description="GPTQ: search a shrunk range per group minimising the error")
-    propagate: bool = Field(True, description="Feed quantized outputs to later sub-layers and blocks")
-    hessian_dtype: Literal["float32", "float64"] = "float32"
-    skip: list[str] = Field(default_factory=list, description="Regexes of linear layers kept unquantized")
-    overrides: list[Override] = Field(default_factory=list)
-
-    @field_validator("group_size")
-    @classmethod
-    def _gs(cls, v: int) -> int:
-        return _check_group_size(v)
+QuantizeConfig = _method_union()
 
 
-class Candidate(_Strict):
-    """One quantization level of a sweep: a name plus changes to the `quantize` section."""
+def _method_fields() -> dict[str, Any]:
+    """Every setting of every method except the per-layer lists: what a candidate or a sweep
+    may change, each with its annotation (validators included) from the method that has it."""
+    from compress.quantizers import METHODS
 
-    name: Optional[str] = None
-    method: Optional[Literal["rtn", "gptq"]] = None
-    bits: Optional[Literal[2, 3, 4, 8]] = None
-    group_size: Optional[int] = None
-    sym: Optional[bool] = None
-    desc_act: Optional[bool] = None
-    static_groups: Optional[bool] = None
-    damp_percent: Optional[float] = Field(None, gt=0, lt=1)
-    mse_clip: Optional[bool] = None
-    propagate: Optional[bool] = None
+    fields: dict[str, Any] = {}
+    for m in METHODS.values():
+        for k, f in m.config.model_fields.items():
+            if k not in ("method", "skip", "overrides") and k not in fields:
+                fields[k] = f
+    return fields
 
-    @field_validator("group_size")
-    @classmethod
-    def _gs(cls, v: Optional[int]) -> Optional[int]:
-        return v if v is None else _check_group_size(v)
+
+def _candidate_model() -> type[BaseModel]:
+    from compress.quantizers import METHODS
+
+    fields: dict[str, Any] = {
+        "name": (Optional[str], None),
+        "method": (Optional[Literal[tuple(METHODS)]], None),  # type: ignore[misc]
+    }
+    for k, f in _method_fields().items():
+        fields[k] = (Optional[f.rebuild_annotation()], Field(None, description=f.description))
+    return create_model("Candidate", __base__=_Strict, __doc__=(
+        "One quantization level of a sweep: a name plus changes to the `quantize` section."), **fields)
+
+
+def _sweep_model() -> type[BaseModel]:
+    from compress.quantizers import METHODS
+
+    fields: dict[str, Any] = {"method": (Optional[list[Literal[tuple(METHODS)]]], Field(None, min_length=1))}  # type: ignore[misc]
+    for k, f in _method_fields().items():
+        fields[k] = (Optional[list[f.rebuild_annotation()]], Field(None, min_length=1))
+    return create_model("SweepConfig", __base__=_Strict, __doc__=(
+        "A matrix of candidates: the cartesian product of these lists over the `quantize` "
+        "section. Keys left out keep the `quantize` value; a key the combination's method does "
+        "not have is dropped for that combination (so `method: [rtn, gptq]` x `desc_act: "
+        "[false, true]` gives 3 candidates)."), **fields)
+
+
+Candidate = _candidate_model()
+SweepConfig = _sweep_model()
+
+
+def _format_names() -> tuple[str, ...]:
+    from compress.formats.registry import format_names
+
+    return format_names()
 
 
 class ExportConfig(_Strict):
-    format: Literal["gptq"] = "gptq"
+    format: Literal[_format_names()] = Field(  # type: ignore[valid-type]
+        "compressed-tensors",
+        description="On-disk format: 'compressed-tensors' (transformers + compressed-tensors, "
+        "vLLM; loads where compress is installed) or 'gptq' (GPTQModel/optimum, vLLM)",
+    )
     output_dir: str = "runs/out"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of the tensors that stay unquantized (embeddings, norms)"
@@ -139,27 +150,6 @@ class ReportConfig(_Strict):
     markdown: bool = True
     print: bool = True
     html: bool = Field(True, description="report.html and PNG plots of the comparison (needs matplotlib)")
-
-
-class SweepConfig(_Strict):
-    """A matrix of candidates: the cartesian product of these lists over the `quantize` section.
-
-    Keys left out keep the `quantize` value. GPTQ-only keys (desc_act, propagate) are ignored for
-    RTN combinations, so `method: [rtn, gptq]` x `desc_act: [false, true]` gives 3 candidates.
-    """
-
-    method: Optional[list[Literal["rtn", "gptq"]]] = Field(None, min_length=1)
-    bits: Optional[list[Literal[2, 3, 4, 8]]] = Field(None, min_length=1)
-    group_size: Optional[list[int]] = Field(None, min_length=1)
-    sym: Optional[list[bool]] = Field(None, min_length=1)
-    desc_act: Optional[list[bool]] = Field(None, min_length=1)
-    mse_clip: Optional[list[bool]] = Field(None, min_length=1)
-    propagate: Optional[list[bool]] = Field(None, min_length=1)
-
-    @field_validator("group_size")
-    @classmethod
-    def _gs(cls, v: Optional[list[int]]) -> Optional[list[int]]:
-        return v if v is None else [_check_group_size(g) for g in v]
 
 
 def _fraction(v: Any) -> Optional[float]:
@@ -221,9 +211,9 @@ class PublishSection(PublishConfig):
 class RunConfig(_Strict):
     model: ModelConfig
     calibration: CalibrationConfig = CalibrationConfig()
-    quantize: QuantizeConfig = QuantizeConfig()
-    candidates: list[Candidate] = Field(default_factory=list)
-    sweep: Optional[SweepConfig] = None
+    quantize: QuantizeConfig = Field(default_factory=lambda: _default_quantize())  # type: ignore[valid-type]
+    candidates: list[Candidate] = Field(default_factory=list)  # type: ignore[valid-type]
+    sweep: Optional[SweepConfig] = None  # type: ignore[valid-type]
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
@@ -240,15 +230,34 @@ class RunConfig(_Strict):
         return self
 
 
+def _default_quantize():
+    from compress.quantizers.rtn import RTNConfig
+
+    return RTNConfig()
+
+
+def _key_path(loc: tuple) -> str:
+    """The YAML key path of an error: the union's method tag (`quantize.gptq.bits`) is not a key."""
+    from compress.quantizers import METHODS
+
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] == "quantize" and parts[1] in METHODS:
+        del parts[1]
+    return ".".join(parts)
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        path = _key_path(e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "unknown_method":
+            path += ".method"
+            msg = f"{msg} (got {e['input'].get('method')!r})" if isinstance(e["input"], dict) else msg
         lines.append(f"{path}: {msg}")
     return "\n".join(lines)
 

@@ -85,6 +85,8 @@ def _strip_quant(config):
 
 # (block, block index, the block's tensors by local name) -> names of the modules it replaced
 BlockPatcher = Callable[[nn.Module, int, dict[str, torch.Tensor]], list[str]]
+# (block index, the loaded block, the stream of activations or None) -> None
+BlockProcessor = Callable[[int, nn.Module, Optional[WindowStream]], None]
 
 
 class StreamedModel:
@@ -334,6 +336,19 @@ class StreamedModel:
             return
         if write:
             stream.write(start, y)
+
+    def walk(self, stream: Optional[WindowStream], process: "BlockProcessor", desc: str) -> None:
+        """The one block walk: load block ``i``, hand it to ``process(i, block, stream)``, free
+        it, next. Quantization, evaluation and the tests all walk the model through here, so
+        memory holds one block (plus whatever ``process`` keeps) at a time."""
+        from compress.evaluate.memory import trim_heap
+        from compress.progress import progress
+
+        for i in progress(range(self.n_blocks), desc=desc, unit="block"):
+            block = self.load_block(i)
+            process(i, block, stream)
+            del block
+            trim_heap()  # the block's freed temporaries, so they do not sit under the next block
 
     def run_block(self, block: nn.Module, i: int, stream: WindowStream) -> None:
         """Block ``i`` over every window of `stream`, batch by batch, outputs written over the

@@ -90,8 +90,9 @@ def stage_load(ctx: RunContext) -> None:
     _check_group_sizes(ctx, ctx.loaded.streamed(load_outer=False))
 
 
-def _group_size_error(sm, plan: Plan) -> Optional[str]:
-    """The first layer whose input size the plan's group size does not divide, as a message."""
+def _layer_scheme_error(sm, plan: Plan, fmt) -> Optional[str]:
+    """The first layer whose scheme cannot be used, as a message: a group size that does not
+    divide its input size, or a scheme the export format cannot hold."""
     from compress.stages.passes import weight_of
     from compress.stages.quantize import block_linears, layer_spec
 
@@ -101,18 +102,26 @@ def _group_size_error(sm, plan: Plan) -> Optional[str]:
             spec = layer_spec(plan.q, full)
             if spec is None:
                 continue
+            shape = tuple(weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d).shape)
             try:
-                spec.check_divides(weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d).shape[1], full)
+                spec.check_divides(shape[1], full)
             except ValueError as e:
                 return str(e)
+            why = fmt.check(full, spec, shape, sm.arch.conv1d)
+            if why:
+                return f"export.format: {fmt.name} cannot hold layer '{full}' of candidate '{plan.name}': {why}"
     return None
 
 
 def _check_group_sizes(ctx: RunContext, sm) -> None:
-    """Group sizes that do not divide a layer fail here, before any data is processed: the run
-    stops when it has one candidate, else the candidate is marked failed and the rest go on."""
+    """Group sizes that do not divide a layer, and schemes the format cannot hold, fail here,
+    before any data is processed: the run stops when it has one candidate, else the candidate
+    is marked failed and the rest go on."""
+    from compress.formats.registry import get_format
+
+    fmt = get_format(ctx.cfg.export.format)
     for p in ctx.plans:
-        err = _group_size_error(sm, p)
+        err = _layer_scheme_error(sm, p, fmt)
         if err and len(ctx.plans) == 1:
             raise ConfigError(err)
         if err:
@@ -126,10 +135,10 @@ def stage_calibrate(ctx: RunContext) -> None:
     before any quantization."""
     from compress.data.draw import draw_windows
     from compress.data.windows import windows_sha256
-    from compress.quantizers import get_quantizer
+    from compress.quantizers import get_method
 
     c, e = ctx.cfg.calibration, ctx.cfg.evaluate
-    needs_calib = any(get_quantizer(p.q.method).needs_hessian for p in ctx.plans)
+    needs_calib = any(get_method(p.q.method).needs_calibration for p in ctx.plans)
     calib = dict(source_spec=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
                  chat_template=c.chat_template) if needs_calib else None
     evaluation = dict(source_spec=e.dataset, n_windows=e.windows, seqlen=e.seqlen) if e.enabled else None
@@ -156,7 +165,7 @@ def _spool_dir(ctx: RunContext) -> Optional[Path]:
 
 
 def stage_quantize(ctx: RunContext) -> None:
-    from compress.stages.export import GPTQExporter, base_manifest
+    from compress.stages.export import Exporter, base_manifest
     from compress.stages.quantize import quantize_model
 
     manifest = base_manifest(ctx.cfg, ctx.loaded, ctx.input_hashes, ctx.calibration)
@@ -167,7 +176,7 @@ def stage_quantize(ctx: RunContext) -> None:
         exporter = None
         t0 = time.perf_counter()
         try:
-            exporter = GPTQExporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
+            exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
             res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, _spool_dir(ctx))
             res.quantize_seconds = time.perf_counter() - t0
             res.artifact = exporter.finish(manifest)

@@ -5,14 +5,17 @@ import itertools
 
 from compress.config import Candidate, ConfigError, RunConfig
 
-# Settings that only GPTQ reads: for an RTN combination they are reset to the `quantize` value,
-# so a matrix over method x desc_act does not produce RTN twins that differ in nothing.
-_GPTQ_ONLY = ("desc_act", "propagate")
+# Swept boolean settings that the default candidate name does not show get a suffix when on
+# (mse_clip) or off (propagate), so two combinations never share a name.
+_NAME_FLAGS = {"mse_clip": (True, "mse"), "propagate": (False, "noprop")}
 
 
 def sweep_candidates(cfg: RunConfig) -> list[Candidate]:
-    """The sweep's combinations as named candidates, in the order the keys are declared."""
-    from compress.stages.quantize import candidate_name
+    """The sweep's combinations as named candidates, in the order the keys are declared. A
+    setting the combination's method does not have is dropped for it, so `method: [rtn,
+    gptq]` x `mse_clip: [true, false]` gives one RTN candidate, not two identical ones."""
+    from compress.quantizers import get_method
+    from compress.stages.quantize import candidate_name, merge_method
 
     if cfg.sweep is None:
         return []
@@ -21,18 +24,19 @@ def sweep_candidates(cfg: RunConfig) -> list[Candidate]:
     seen: dict[str, dict] = {}
     for combo in itertools.product(*axes.values()):
         changes = dict(zip(axes, combo))
-        if changes.get("method", cfg.quantize.method) == "rtn":
-            for k in _GPTQ_ONLY:
-                changes.pop(k, None)
-        q = cfg.quantize.model_copy(update=changes)
+        fields = get_method(changes.get("method", cfg.quantize.method)).config.model_fields
+        changes = {k: v for k, v in changes.items() if k in fields}
+        try:
+            q = merge_method(cfg.quantize, changes, "sweep")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         name = candidate_name(q)
-        if "mse_clip" in axes and q.mse_clip:
-            name += "-mse"
-        if "propagate" in axes and q.method == "gptq" and not q.propagate:
-            name += "-noprop"
+        for key, (when, suffix) in _NAME_FLAGS.items():
+            if key in axes and key in fields and getattr(q, key) == when:
+                name += f"-{suffix}"
         if name in seen:
             if seen[name] == changes:
-                continue  # the same candidate reached twice (an RTN twin)
+                continue  # the same candidate reached twice (a setting its method lacks)
             raise ConfigError(f"sweep: combinations {seen[name]} and {changes} both resolve to '{name}'")
         seen[name] = changes
         out.append(Candidate(name=name, **changes))

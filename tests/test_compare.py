@@ -104,7 +104,7 @@ def test_sweep_is_the_cartesian_product_over_quantize():
 
 
 def test_sweep_gptq_only_keys_do_not_duplicate_rtn():
-    cfg = parse_config({"model": {"source": "x"}, "quantize": {"static_groups": False},
+    cfg = parse_config({"model": {"source": "x"}, "quantize": {"method": "gptq", "static_groups": False},
                         "sweep": {"method": ["rtn", "gptq"], "desc_act": [False, True]}})
     assert [c.name for c in with_sweep(cfg).candidates] == ["rtn-w4-g128", "gptq-w4-g128", "gptq-w4-g128-act"]
 

@@ -17,7 +17,13 @@ def cfg_with(**sections) -> dict:
     (cfg_with(quantize={"grop": 64}), "quantize.grop: unknown key"),
     (cfg_with(quantize={"bits": 5}), "quantize.bits: Input should be 2, 3, 4 or 8"),
     (cfg_with(quantize={"group_size": 48}), "quantize.group_size: Value error, must be -1"),
-    (cfg_with(quantize={"method": "awq2"}), "quantize.method: Input should be 'rtn' or 'gptq'"),
+    (cfg_with(quantize={"method": "awq2"}), "quantize.method: unknown method; valid: gptq, rtn (got 'awq2')"),
+    (cfg_with(quantize={"method": "rtn", "damp_percent": 0.1}), "quantize.damp_percent: unknown key"),
+    (cfg_with(quantize={"method": "gptq", "damp_percent": 2}), "quantize.damp_percent: Input should be less than 1"),
+    (cfg_with(quantize={"overrides": [{"pattern": "x", "group_size": 48}]}), "quantize.overrides.0.group_size: Value error"),
+    (cfg_with(candidates=[{"group_size": 12}]), "candidates.0.group_size: Value error"),
+    (cfg_with(sweep={"group_size": [64, 12]}), "sweep.group_size.1: Value error"),
+    (cfg_with(export={"format": "gguf2"}), "export.format: Input should be"),
     (cfg_with(calibration={"nsamples": 0}), "calibration.nsamples: Input should be greater than or equal to 1"),
     (cfg_with(candidates=[{"bits": 4}, {"bitz": 8}]), "candidates.1.bitz: unknown key"),
     (cfg_with(quantize={"overrides": [{"pattern": "(", "bits": 8}]}), "quantize.overrides.0.pattern:"),
@@ -42,7 +48,7 @@ def test_every_error_is_reported_not_just_the_first():
 def test_defaults_are_the_documented_ones():
     cfg = parse_config(BASE)
     assert (cfg.quantize.method, cfg.quantize.bits, cfg.quantize.group_size, cfg.quantize.sym) == ("rtn", 4, 128, True)
-    assert (cfg.export.format, cfg.export.dtype, cfg.export.overwrite) == ("gptq", "float16", False)
+    assert (cfg.export.format, cfg.export.dtype, cfg.export.overwrite) == ("compressed-tensors", "float16", False)
     assert cfg.model.allow_pickle is False
 
 
@@ -80,3 +86,42 @@ def test_missing_and_malformed_files(tmp_path):
 def test_duplicate_candidate_names():
     with pytest.raises(ConfigError, match="duplicate names"):
         parse_config(cfg_with(candidates=[{"name": "a", "bits": 4}, {"name": "a", "bits": 8}]))
+
+
+def test_each_method_has_only_its_own_settings():
+    from compress.quantizers.gptq import GPTQConfig
+    from compress.quantizers.rtn import RTNConfig
+
+    assert type(parse_config(BASE).quantize) is RTNConfig
+    q = parse_config(cfg_with(quantize={"method": "gptq", "bits": 3})).quantize
+    assert type(q) is GPTQConfig and (q.bits, q.damp_percent, q.desc_act) == (3, 0.05, True)
+    # the schema lists one config per registered method, discriminated on `method`
+    from compress.config import RunConfig
+
+    schema = RunConfig.model_json_schema()
+    assert {"RTNConfig", "GPTQConfig"} <= set(schema["$defs"])
+    assert "damp_percent" not in schema["$defs"]["RTNConfig"]["properties"]
+
+
+def test_candidates_change_method_and_keep_only_the_new_methods_settings():
+    from compress.stages.quantize import resolve_plans
+
+    cfg = parse_config(cfg_with(
+        quantize={"method": "gptq", "bits": 4, "group_size": 64, "damp_percent": 0.02},
+        candidates=[{"method": "rtn", "bits": 8}, {"bits": 3}, {"name": "x", "method": "rtn", "desc_act": True}][:2],
+    ))
+    rtn8, gptq3 = resolve_plans(cfg)
+    assert (rtn8.name, rtn8.q.method, rtn8.q.group_size) == ("rtn-w8-g64", "rtn", 64)
+    assert not hasattr(rtn8.q, "damp_percent")
+    assert (gptq3.name, gptq3.q.damp_percent) == ("gptq-w3-g64", 0.02)
+    bad = parse_config(cfg_with(candidates=[{"bits": 8}, {"method": "rtn", "desc_act": True}]))
+    with pytest.raises(ValueError, match="candidates.1.desc_act: not a setting of method 'rtn'"):
+        resolve_plans(bad)
+
+
+def test_sweep_drops_settings_a_method_lacks():
+    from compress.sweep import sweep_candidates
+
+    cfg = parse_config(cfg_with(sweep={"method": ["rtn", "gptq"], "mse_clip": [True, False], "bits": [4]}))
+    names = [c.name for c in sweep_candidates(cfg)]
+    assert names == ["rtn-w4-g128", "gptq-w4-g128-mse", "gptq-w4-g128"]  # one RTN, not two twins

@@ -2,6 +2,8 @@
 corpus; imported by tests/conftest.py (fixtures) and by tests that build their own variants."""
 from __future__ import annotations
 
+import json
+
 import random
 from pathlib import Path
 
@@ -117,12 +119,14 @@ FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma3_text", "opt", "gpt2")
 
 
 def run_config(model: Path, text: Path, out: Path, **sections) -> dict:
-    """A small config dict: RTN, seqlen 32, a few windows, no speed measurement."""
+    """A small config dict: RTN, seqlen 32, a few windows, no speed measurement. GPT-2's
+    Conv1D layers are exported as GPTQ (compressed-tensors quantizes nn.Linear only)."""
+    gpt2 = json.loads((Path(model) / "config.json").read_text()).get("model_type") == "gpt2"
     cfg = {
         "model": {"source": str(model), "dtype": "float32", "device": "cpu"},
         "calibration": {"dataset": str(text), "nsamples": 4, "seqlen": 32},
         "quantize": {"method": "rtn", "bits": 4, "group_size": 64},
-        "export": {"output_dir": str(out)},
+        "export": {"output_dir": str(out), **({"format": "gptq"} if gpt2 else {})},
         "evaluate": {"dataset": str(text), "windows": 4, "seqlen": 32, "speed": False},
         # No plots/HTML: matplotlib costs seconds per run, and tests/report covers them.
         "report": {"print": False, "html": False},
@@ -135,6 +139,5 @@ def run_config(model: Path, text: Path, out: Path, **sections) -> dict:
 def walk_logits(sm, ids: torch.Tensor, spool_dir: Path | None = None) -> torch.Tensor:
     """Logits ``[windows, L, V]`` of a `StreamedModel`, walked one block at a time."""
     with sm.embed(ids, spool_dir) as hidden:
-        for i in range(sm.n_blocks):
-            sm.run_block(sm.load_block(i), i, hidden)
+        sm.walk(hidden, lambda i, block, stream: sm.run_block(block, i, stream), "logits")
         return torch.cat([sm.logits(hidden.read(w, w + 1), ids[w : w + 1]) for w in range(ids.shape[0])])

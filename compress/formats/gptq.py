@@ -19,6 +19,8 @@ import torch
 
 from compress.formats.pack import pack, packed_size, unpack
 from compress.formats.qweight import QuantizedWeight
+from compress.formats.registry import BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format
+from compress.quantizers.base import QuantSpec
 
 TensorSource = Union[Mapping[str, torch.Tensor], Callable[[str], Optional[torch.Tensor]]]
 
@@ -184,3 +186,93 @@ def quantization_config(
     if modules_in_block_to_quantize is not None:
         cfg["modules_in_block_to_quantize"] = [list(g) for g in modules_in_block_to_quantize]
     return cfg
+
+
+def _dynamic_match(name: str, dynamic: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The `+:` (or bare) entry of GPTQModel's `dynamic` that applies to module `name`: the
+    first whose regex matches, as GPTQModel reads it."""
+    for key, value in dynamic.items():
+        if key.startswith("-:"):
+            continue
+        pattern = key[2:] if key.startswith("+:") else key
+        if re.match(pattern, name):
+            return dict(value)
+    return {}
+
+
+@register_format
+class GPTQFormat(Format):
+    """GPTQ v1 safetensors: GPTQModel, transformers + optimum, vLLM's gptq/marlin kernels."""
+
+    name = "gptq"
+    quant_method = "gptq"
+    loaders = "gptqmodel + optimum (transformers), or vLLM"
+
+    def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
+        if spec.bits not in (2, 3, 4, 8):
+            return f"GPTQ stores 2, 3, 4 or 8 bits, not {spec.bits}"
+        out_f, in_f = shape
+        try:
+            packed_size(in_f, spec.bits)
+            packed_size(out_f, spec.bits)
+        except ValueError as e:
+            return f"shape [{out_f}, {in_f}] cannot use the GPTQ layout: {e}"
+        return None
+
+    def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        # GPTQ kernels read fp16 scales whatever the model's dtype
+        if lin.activations is not None:
+            raise ValueError(f"{lin.name}: the GPTQ format holds weight-only quantization")
+        return linear_tensors(lin.name, lin.weight, lin.bias)
+
+    def quantization_config(self, base: QuantSpec, layers: list[LayerScheme], skipped: list[str],
+                            options: dict[str, Any]) -> dict[str, Any]:
+        # Per-layer grids that differ from the plan's go into GPTQModel's `dynamic` map; act-order
+        # needs no entry (a permuted layer implies the global desc_act, which kernels honour).
+        dynamic = {}
+        for s in layers:
+            diff = {k: v for k, v in (("bits", s.bits), ("group_size", s.group_size), ("sym", s.sym))
+                    if v != getattr(base, k)}
+            if diff:
+                dynamic[f"+:^{re.escape(s.name)}$"] = diff
+        return quantization_config(
+            base.bits, base.group_size, base.sym, any(s.permuted for s in layers),
+            modules_to_not_convert=skipped, dynamic=dynamic or None,
+            damp_percent=options.get("damp_percent", 0.01), true_sequential=options.get("propagate", True),
+            meta=options.get("meta"),
+        )
+
+    def side_files(self, qcfg: dict[str, Any]) -> dict[str, bytes]:
+        import json
+
+        return {"quantize_config.json": (json.dumps(qcfg, indent=2, sort_keys=True) + "\n").encode()}
+
+    def patcher(self, qcfg: dict[str, Any], dense_dtype: Optional[torch.dtype], block_prefix: str) -> BlockPatcher:
+        from compress.formats.quant_linear import QuantLinear, dequantized_linear
+
+        sym = bool(qcfg.get("sym", True))
+        dynamic = qcfg.get("dynamic") or {}
+
+        def patch(block: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
+            names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+            for n in names:
+                t = {s: tensors.pop(f"{n}.{s}") for s in SUFFIXES}
+                bias = tensors.pop(f"{n}.bias", None)
+                if bias is not None:
+                    t["bias"] = bias
+                bits, gs = _layer_geometry(t)
+                layer_sym = bool(_dynamic_match(f"{block_prefix}{i}.{n}", dynamic).get("sym", sym))
+                qw, b = read_linear(lambda k, t=t, n=n: t.get(k[len(n) + 1 :]), n, bits, gs, layer_sym)
+                mod = QuantLinear(qw, b) if dense_dtype is None else dequantized_linear(qw, b, dtype=dense_dtype)
+                block.set_submodule(n, mod)
+            return names
+
+        return patch
+
+
+def _layer_geometry(t: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """Bits and group size of one linear, read from its tensor shapes (overrides may differ)."""
+    in_f = t["g_idx"].numel()
+    bits = t["qweight"].shape[0] * 32 // in_f
+    n_groups = t["scales"].shape[0]
+    return bits, (-1 if n_groups == 1 else in_f // n_groups)

@@ -1,5 +1,10 @@
-"""Quantization algorithms. Importing this package registers every built-in method."""
+"""Quantization methods. Importing this package registers every built-in method."""
 from compress.quantizers import gptq, rtn  # noqa: F401  (register "gptq" and "rtn")
-from compress.quantizers.base import QUANTIZERS, QuantSpec, Quantizer, get_quantizer, register
+from compress.quantizers.base import (
+    METHODS, LayerStats, Method, MethodConfig, QuantResult, QuantSpec, get_method, register_method,
+)
 
-__all__ = ["QUANTIZERS", "QuantSpec", "Quantizer", "get_quantizer", "register"]
+__all__ = [
+    "METHODS", "LayerStats", "Method", "MethodConfig", "QuantResult", "QuantSpec", "get_method",
+    "register_method",
+]

@@ -1,27 +1,40 @@
-"""Quantizer registry and the per-layer settings every algorithm receives."""
+"""The method contract: what a quantization method declares, and the registry that holds them.
+
+A method is a pure per-weight function plus declarations the engine acts on:
+
+- ``config``: its own pydantic model, a member of the union discriminated on ``method`` that
+  the run config, candidates and sweeps are derived from (``compress.config``);
+- ``stats``: what the engine collects from the calibration stream for each linear before
+  calling it (nothing, the input Hessian, or per-channel input magnitudes);
+- ``block_transform``: an optional function applied to each loaded decoder block before its
+  weights are quantized (scale folding such as AWQ's or SmoothQuant's goes here);
+- ``quantize``: ``(W, LayerStats, spec) -> QuantResult``, tensors in and out.
+
+The grid (``QuantSpec``) is what every format must be able to hold; method options (GPTQ's
+damping, ...) live in the method's own spec subclass, which the config builds per layer.
+"""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional
 
-import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from compress.formats.qweight import QuantizedWeight
+if TYPE_CHECKING:  # torch stays out of config parsing until a method module imports it
+    import torch
+
+    from compress.formats.qweight import QuantizedWeight
 
 
+# ---- the grid ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class QuantSpec:
-    """Resolved settings for one linear layer (after per-module overrides)."""
+    """The quantization grid of one linear layer (after per-module overrides)."""
 
     bits: int
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
-    # GPTQ options (ignored by methods that do not use a Hessian)
-    damp_percent: float = 0.01
-    block_size: int = 128
-    desc_act: bool = False
-    static_groups: bool = False
-    mse_clip: bool = False  # search a shrunk range per group that minimises the error
 
     def groups_for(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
@@ -33,32 +46,164 @@ class QuantSpec:
                 f"{in_features} of layer '{layer}'; choose a divisor or add an override for it"
             )
 
+    @property
+    def permutes_columns(self) -> bool:
+        """Whether the method may store a permuted g_idx (columns grouped out of order)."""
+        return False
 
-QuantizeFn = Callable[[torch.Tensor, Optional[torch.Tensor], QuantSpec], QuantizedWeight]
+    @property
+    def grid(self) -> "QuantSpec":
+        """Only the grid, without any method options a subclass adds."""
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+
+# ---- statistics and results ----------------------------------------------------------------
+StatKind = Literal["none", "hessian", "act_magnitude"]
 
 
 @dataclass(frozen=True)
-class Quantizer:
+class LayerStats:
+    """What the calibration stream told the engine about one linear's inputs.
+
+    hessian        [in, in]  ``2/n sum x x^T`` (``HessianAccumulator``)
+    act_magnitude  [in]      mean |x| per input channel (``ChannelMagnitude``)
+    """
+
+    hessian: Optional["torch.Tensor"] = None
+    act_magnitude: Optional["torch.Tensor"] = None
+
+
+NO_STATS = LayerStats()
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """A method's answer for one weight: the codes and grid, and the spec actually used."""
+
+    weight: "QuantizedWeight"
+    spec: QuantSpec
+
+
+class NumericalError(RuntimeError):
+    """A method could not quantize a layer for numerical reasons; the engine falls back to
+    round-to-nearest for that layer and says which config key to change."""
+
+
+# ---- configuration -----------------------------------------------------------------------
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_group_size(v: int) -> int:
+    if v != -1 and (v < 8 or v & (v - 1)):
+        raise ValueError("must be -1 (per output channel) or a power of two >= 8 (32, 64, 128, ...)")
+    return v
+
+
+GroupSize = Annotated[int, AfterValidator(check_group_size)]
+Bits = Literal[2, 3, 4, 8]
+
+
+class Override(StrictModel):
+    pattern: str = Field(description="Regular expression matched against full module names")
+    bits: Optional[Bits] = None
+    group_size: Optional[GroupSize] = None
+    sym: Optional[bool] = None
+    skip: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+class MethodConfig(StrictModel):
+    """Settings every method has: the grid, and which layers get which grid.
+
+    A method's config subclasses this (or `CalibratedConfig`) and narrows ``method`` to a
+    ``Literal`` of its registered name, which is the union's discriminator."""
+
+    method: str
+    bits: Bits = 4
+    group_size: GroupSize = 128
+    sym: bool = True
+    skip: list[str] = Field(default_factory=list, description="Regexes of linear layers kept unquantized")
+    overrides: list[Override] = Field(default_factory=list)
+
+    def spec(self, bits: int, group_size: int, sym: bool) -> QuantSpec:
+        """The spec handed to the method for one layer (a subclass adds its options)."""
+        return QuantSpec(bits=bits, group_size=group_size, sym=sym)
+
+    def name_parts(self) -> list[str]:
+        """Extra parts of the candidate's default name (GPTQ marks a permuted g_idx)."""
+        return []
+
+
+class CalibratedConfig(MethodConfig):
+    """Settings of a method that reads statistics of the calibration stream."""
+
+    propagate: bool = Field(True, description="Feed quantized outputs to later sub-layers and blocks")
+    hessian_dtype: Literal["float32", "float64"] = "float32"
+
+
+# ---- the registry ------------------------------------------------------------------------
+QuantizeFn = Callable[["torch.Tensor", LayerStats, QuantSpec], QuantResult]
+
+
+@dataclass(frozen=True)
+class BlockView:
+    """What a block transform may use: the loaded block (modules to rescale in place), its
+    architecture data, the method's config, the calibration stream holding the block's
+    inputs, and the engine's pass that collects statistics of named sub-layers."""
+
+    index: int
+    block: Any  # torch.nn.Module
+    arch: Any  # compress.models.arch.ArchSpec
+    config: MethodConfig
+    inputs: Any  # compress.activations.WindowStream
+    collect: Callable[[list[str], StatKind], dict[str, Any]]
+
+
+BlockTransform = Callable[[BlockView], None]
+
+
+@dataclass(frozen=True)
+class Method:
     name: str
-    quantize_weight: QuantizeFn
-    needs_hessian: bool
+    config: type[MethodConfig]
+    quantize: QuantizeFn
+    stats: StatKind = "none"
+    block_transform: Optional[BlockTransform] = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.stats != "none" or self.block_transform is not None
 
 
-QUANTIZERS: dict[str, Quantizer] = {}
+METHODS: dict[str, Method] = {}
 
 
-def register(name: str, needs_hessian: bool) -> Callable[[QuantizeFn], QuantizeFn]:
+def register_method(
+    name: str, config: type[MethodConfig], stats: StatKind = "none",
+    block_transform: Optional[BlockTransform] = None,
+) -> Callable[[QuantizeFn], QuantizeFn]:
+    """Decorator: register ``fn`` as method ``name``; its config must say ``method: Literal[name]``."""
+    if config.model_fields["method"].annotation != Literal[name]:
+        raise TypeError(f"{config.__name__}.method must be Literal['{name}']")
+
     def wrap(fn: QuantizeFn) -> QuantizeFn:
-        QUANTIZERS[name] = Quantizer(name, fn, needs_hessian)
+        METHODS[name] = Method(name, config, fn, stats, block_transform)
         return fn
 
     return wrap
 
 
-def get_quantizer(name: str) -> Quantizer:
+def get_method(name: str) -> Method:
     try:
-        return QUANTIZERS[name]
+        return METHODS[name]
     except KeyError:
-        raise KeyError(
-            f"unknown quantization method '{name}'; valid: {', '.join(sorted(QUANTIZERS))}"
-        ) from None
+        raise KeyError(f"unknown quantization method '{name}'; valid: {', '.join(sorted(METHODS))}") from None

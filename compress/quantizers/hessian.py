@@ -47,6 +47,10 @@ class HessianAccumulator:
         self.n_rows += x.shape[0]
 
     @property
+    def result(self) -> torch.Tensor:
+        return self.hessian
+
+    @property
     def hessian(self) -> torch.Tensor:
         """``2/n * sum x x^T`` [in, in]; all zeros before any row was added."""
         if self.n_rows == 0:
@@ -63,3 +67,14 @@ def output_error(W: torch.Tensor, W_q: torch.Tensor, H: torch.Tensor) -> float:
     dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
     d = (W.to(dtype) - W_q.to(dtype))
     return float(((d @ H.to(dtype)) * d).sum())
+
+
+def relative_output_error(W: torch.Tensor, W_q: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(D H D^T) / tr(W H W^T)`` with ``D = W - Wq``: the output error as a fraction of the
+    output's own energy, from one product of ``H`` with ``[D; W]``."""
+    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
+    W = W.to(dtype)
+    both = torch.cat([W - W_q.to(dtype), W])
+    e = ((both @ H.to(dtype)) * both).sum(dim=1)
+    n = W.shape[0]
+    return float(e[:n].sum()) / max(float(e[n:].sum()), 1e-30)

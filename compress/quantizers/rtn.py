@@ -1,17 +1,22 @@
 """Round to nearest: each group's min/max sets the grid, each weight takes the nearest code."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal
 
 import torch
 
 from compress.formats.qweight import QuantizedWeight
-from compress.quantizers.base import QuantSpec, register
+from compress.quantizers.base import LayerStats, MethodConfig, QuantResult, QuantSpec, register_method
 from compress.quantizers.grid import find_params, quantize
 
 
-@register("rtn", needs_hessian=False)
-def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+class RTNConfig(MethodConfig):
+    """Round to nearest per group; needs no calibration data."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+def round_to_nearest(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     out_f, in_f = W.shape
     gs = in_f if spec.group_size == -1 else spec.group_size
     W = W.float()
@@ -30,3 +35,8 @@ def quantize_weight(W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec)
         group_size=spec.group_size,
         sym=spec.sym,
     )
+
+
+@register_method("rtn", RTNConfig)
+def quantize_weight(W: torch.Tensor, stats: LayerStats, spec: QuantSpec) -> QuantResult:
+    return QuantResult(round_to_nearest(W, spec), spec.grid)

@@ -43,7 +43,7 @@ def build(ctx) -> dict:
     rows = [orig]
     for name, r in ctx.candidates.items():
         q = r.plan.q
-        row = {"name": name, "status": "failed" if r.error else "ok", **{k: getattr(q, k) for k in _QUANT_KEYS}}
+        row = {"name": name, "status": "failed" if r.error else "ok", **{k: getattr(q, k, None) for k in _QUANT_KEYS}}
         row.update({k: r.metrics.get(k) for k in _METRIC_KEYS if r.metrics.get(k) is not None})
         row["quantize_seconds"] = r.quantize_seconds
         if r.error:

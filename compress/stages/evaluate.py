@@ -16,9 +16,8 @@ import torch
 
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
-from compress.evaluate.memory import release_freed, trim_heap
+from compress.evaluate.memory import release_freed
 from compress.evaluate.vocab_stream import ROWS, vocab_metrics
-from compress.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +34,7 @@ class EvalRow:
 def head_inputs(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> torch.Tensor:
     """The lm_head's inputs ``[windows, L, H]`` for every evaluation window."""
     with sm.embed(eval_ids) as hidden:
-        for i in progress(range(sm.n_blocks), desc=f"evaluate {desc}", unit="block"):
-            block = sm.load_block(i)
-            sm.run_block(block, i, hidden)
-            del block
-            trim_heap()  # the block's freed temporaries, so they do not sit under the next block
+        sm.walk(hidden, lambda i, block, stream: sm.run_block(block, i, stream), f"evaluate {desc}")
         return sm.head_inputs(hidden, eval_ids)
 
 

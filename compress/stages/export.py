@@ -1,4 +1,4 @@
-"""Stage: write a candidate as a GPTQ-layout safetensors folder, block by block.
+"""Stage: write a candidate as a safetensors folder in `export.format`'s layout, block by block.
 
 The writer works in a temporary sibling folder and renames it at the end, so an interrupted
 run never leaves a folder that looks complete (`compress-manifest.json` is written last).
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import re
 import dataclasses
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Optional
@@ -19,11 +19,12 @@ from torch import nn
 from compress import __version__
 from compress.config import RunConfig
 from compress.engine import StreamedModel
-from compress.formats import gptq
 from compress.formats.qweight import QuantizedWeight
+from compress.formats.registry import LayerScheme, QuantizedLinear, get_format
 from compress.formats.writer import ArtifactWriter
+from compress.quantizers.base import QuantResult
 from compress.stages.load import LoadedModel
-from compress.stages.quantize import Plan, layer_spec
+from compress.stages.quantize import Plan
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +46,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-class GPTQExporter:
-    """Receives quantized blocks from the quantize stage and writes them as they come."""
+class Exporter:
+    """Receives quantized blocks from the quantize stage and writes them as they come, in the
+    layout of `export.format` (`compress.formats.registry`)."""
 
     def __init__(self, loaded: LoadedModel, sm: StreamedModel, plan: Plan, cfg: RunConfig, out_dir: Path):
         self.loaded, self.sm, self.plan, self.cfg = loaded, sm, plan, cfg
+        self.format = get_format(cfg.export.format)
         self.dtype = getattr(torch, cfg.export.dtype)
         self.out_dir = out_dir
         self.writer = ArtifactWriter(
             out_dir, overwrite=cfg.export.overwrite, max_shard_bytes=cfg.export.max_shard_bytes
         )
         self.skipped: list[str] = []
-        self.dynamic: dict[str, dict] = {}
+        self.layers: list[LayerScheme] = []
         self.quantized_params = 0
         self.quantized_bytes = 0
-        self.permuted = False  # any layer stored with an act-order g_idx
-        self._write_outer()
+        try:
+            self._write_outer()
+        except BaseException:
+            self.writer.abort()
+            raise
 
     @property
     def linear_bits_per_weight(self) -> float:
@@ -94,28 +100,26 @@ class GPTQExporter:
             slices = (self._cast(ckpt.load_rows(ck, s, s + rows_per_slice)) for s in rows)
             self.writer.add_tensor_chunks(name, dtype, tuple(t.shape), slices)
 
-    def add_block(self, i: int, block: nn.Module, qweights: dict[str, QuantizedWeight]) -> None:
+    def add_block(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> None:
         prefix = f"{self.sm.block_prefix}{i}."
         tensors: dict[str, torch.Tensor] = {}
         for name, t in block.state_dict().items():
-            if name.rsplit(".", 1)[0] in qweights:
+            if name.rsplit(".", 1)[0] in results:
                 continue
             tensors[prefix + name] = self._cast(t)
-        for name, qw in qweights.items():
-            mod = block.get_submodule(name)
-            bias = getattr(mod, "bias", None)
-            lin = gptq.linear_tensors(prefix + name, _to_cpu(qw), None if bias is None else bias.detach().cpu())
-            self.permuted |= qw.desc_act
-            self.quantized_params += qw.codes.numel()
-            self.quantized_bytes += sum(v.numel() * v.element_size() for k, v in lin.items() if not k.endswith(".bias"))
-            tensors.update(lin)
-            spec = (qw.bits, qw.group_size)
-            if spec != (self.plan.q.bits, self.plan.q.group_size):
-                self.dynamic[f"+:^{re.escape(prefix + name)}$"] = {"bits": qw.bits, "group_size": qw.group_size}
+        for name, res in results.items():
+            bias = getattr(block.get_submodule(name), "bias", None)
+            lin = QuantizedLinear(prefix + name, _to_cpu(res.weight), res.spec.grid,
+                                  None if bias is None else bias.detach().cpu())
+            out = self.format.linear_tensors(lin, self.dtype)
+            self.quantized_params += lin.weight.codes.numel()
+            self.quantized_bytes += sum(v.numel() * v.element_size() for k, v in out.items() if not k.endswith(".bias"))
+            self.layers.append(LayerScheme.of(lin))
+            tensors.update(out)
         from transformers.pytorch_utils import Conv1D
 
         for name, mod in block.named_modules():
-            if isinstance(mod, (nn.Linear, Conv1D)) and name not in qweights:
+            if isinstance(mod, (nn.Linear, Conv1D)) and name not in results:
                 self.skipped.append(prefix + name)
         self.writer.add_tensors(tensors)
 
@@ -126,25 +130,27 @@ class GPTQExporter:
 
     def finish(self, manifest: dict) -> Path:
         q = self.plan.q
-        qcfg = gptq.quantization_config(
-            q.bits, q.group_size, q.sym, self.permuted,
-            modules_to_not_convert=self.skipped, dynamic=self.dynamic or None,
-            damp_percent=q.damp_percent, true_sequential=q.propagate,
-            meta={"quantizer": [f"compress:{__version__}"], "method": q.method},
-        )
+        algorithm = q.model_dump(mode="json")
+        options = {**algorithm, "act_order": bool(algorithm.get("desc_act")),
+                   "meta": {"quantizer": [f"compress:{__version__}"], "method": q.method}}
+        base = q.spec(q.bits, q.group_size, q.sym).grid
+        qcfg = self.format.quantization_config(base, self.layers, self.skipped, options)
         config = self.loaded.config.to_dict()
         config["quantization_config"] = qcfg
         config["dtype"] = self.cfg.export.dtype
-        self.writer.add_file("quantize_config.json", _json_bytes(qcfg))
+        for name, content in self.format.side_files(qcfg).items():
+            self.writer.add_file(name, content)
         self._copy_side_files()
         manifest = dict(manifest)
+        overrides = [dataclasses.asdict(s) for s in self.layers if s.key[:3] != (q.bits, q.group_size, q.sym)]
         manifest["quantization"] = {
-            "method": q.method, "format": "gptq", "bits": q.bits, "group_size": q.group_size,
-            "sym": q.sym, "desc_act": self.permuted, "static_groups": q.static_groups,
-            "mse_clip": q.mse_clip, "propagate": q.propagate, "damp_percent": q.damp_percent,
-            "skipped": self.skipped, "overrides": self.dynamic,
+            # the file's fields, then the algorithm's settings as configured
+            "format": self.format.name, "method": q.method, "bits": q.bits, "group_size": q.group_size,
+            "sym": q.sym, "permuted_g_idx": any(s.permuted for s in self.layers),
+            "skipped": self.skipped, "overrides": overrides,
             "quantized_params": self.quantized_params,
             "linear_bits_per_weight": self.linear_bits_per_weight,
+            "algorithm": algorithm,
         }
         return self.writer.finish(config, manifest)
 
@@ -156,12 +162,6 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(
         qw, codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu()
     )
-
-
-def _json_bytes(obj) -> bytes:
-    import json
-
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def base_manifest(cfg: RunConfig, loaded: LoadedModel, input_hashes: dict[str, str],

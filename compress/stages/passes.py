@@ -1,4 +1,4 @@
-"""Calibration passes over one decoder block: Hessian collection and the block's two halves.
+"""Calibration passes over one decoder block: statistics collection and the block's two halves.
 
 GPTQ's sequential order needs the inputs of each group of linears after the earlier groups
 are quantized. Running the whole block for every group repeats the attention for each MLP
@@ -19,7 +19,8 @@ from torch import nn
 
 from compress.activations import WindowStream
 from compress.engine import StopForward, StreamedModel
-from compress.quantizers.hessian import HessianAccumulator
+from compress.quantizers.base import StatKind
+from compress.quantizers.channel_stats import accumulator
 
 log = logging.getLogger(__name__)
 
@@ -92,19 +93,20 @@ def split_matches(sm: StreamedModel, block: nn.Module, i: int, chain: tuple[str,
     return bool(torch.allclose(split, full, rtol=1e-4, atol=1e-5 * float(full.abs().max().clamp_min(1))))
 
 
-def collect_hessians(
+def collect_stats(
     sm: StreamedModel, block: nn.Module, names: list[str], hidden: WindowStream,
     dtype: torch.dtype, early_stop: bool, forward: Forward, capture: Optional[str] = None,
-    where: str = "",
+    where: str = "", kind: StatKind = "hessian",
 ) -> dict[str, torch.Tensor]:
-    """Hessians of `names` over every window, running `forward` batch by batch.
+    """Statistic `kind` (Hessian, or per-channel input magnitude) of the inputs of each of
+    `names` over every window, running `forward` batch by batch.
 
     With `early_stop` each batch's forward ends as soon as the last of them has its input
     (later sub-layers are not computed); without it the outputs overwrite `hidden` in place.
     With `capture`, the input of that submodule (the residual stream h) overwrites each
     batch's windows in `hidden` as the forward reaches it.
     """
-    accs: dict[str, HessianAccumulator] = {}
+    accs: dict = {}
     handles = []
     pending: set[str] = set()
     batch: dict = {"start": 0}
@@ -118,7 +120,7 @@ def collect_hessians(
         if early_stop and not pending:
             raise StopForward
 
-    def make_hook(n: str, acc: HessianAccumulator):
+    def make_hook(n: str, acc):
         def hook(module, args):
             x = args[0]
             if x is last["x"]:
@@ -137,7 +139,7 @@ def collect_hessians(
     for n in names:
         mod = block.get_submodule(n)
         in_f = weight_of(mod, sm.arch.conv1d).shape[1]
-        accs[n] = HessianAccumulator(in_f, dtype=dtype, device=sm.device)
+        accs[n] = accumulator(kind, in_f, dtype, sm.device)
         handles.append(mod.register_forward_pre_hook(make_hook(n, accs[n])))
     if capture is not None:  # registered last: runs after a Hessian hook on the same module
         handles.append(block.get_submodule(capture).register_forward_pre_hook(capture_hook))
@@ -157,11 +159,11 @@ def collect_hessians(
         for h in handles:
             h.remove()
         last["x"] = None
-    hessians = {n: accs[n].hessian for n in names if not aliased[n]}
+    stats = {n: accs[n].result for n in names if not aliased[n]}
     for n in names:
         if aliased[n]:
             leader = aliased[n][0]
-            if aliased[n] != [leader] * batches or leader not in hessians:
+            if aliased[n] != [leader] * batches or leader not in stats:
                 raise RuntimeError(f"{where}: {n} shared its input with {leader} in only some batches")
-            hessians[n] = hessians[leader]
-    return hessians
+            stats[n] = stats[leader]
+    return stats

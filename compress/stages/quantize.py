@@ -1,7 +1,7 @@
 """Stage: quantize every decoder block, one block at a time.
 
-Input capture, Hessian accumulation and module swapping live here; the algorithms in
-`compress.quantizers` only see tensors. Inside a block, linears are quantized in the
+Input capture, statistics accumulation, the method's block transform and module swapping live
+here; the methods in `compress.quantizers` only see tensors. Inside a block, linears are quantized in the
 architecture's sequential groups (attention inputs, attention output, MLP inputs, MLP output);
 with `quantize.propagate` each group's Hessian is collected from the outputs of the already
 quantized groups, and the next block receives the quantized block's outputs.
@@ -19,15 +19,16 @@ import torch
 from torch import nn
 
 from compress.activations import WindowStream
-from compress.config import QuantizeConfig, RunConfig
+from compress.config import RunConfig
 from compress.engine import StreamedModel
-from compress.formats.qweight import QuantizedWeight
 from compress.evaluate.memory import trim_heap
-from compress.progress import progress
-from compress.quantizers import QuantSpec, get_quantizer
-from compress.quantizers.hessian import output_error
+from compress.quantizers import get_method
+from compress.quantizers.base import (
+    NO_STATS, BlockView, LayerStats, Method, MethodConfig, NumericalError, QuantResult, QuantSpec,
+)
+from compress.quantizers.hessian import relative_output_error
 from compress.stages.passes import (
-    block_forward, collect_hessians, mlp_chain, mlp_forward, split_matches, weight_of,
+    block_forward, collect_stats, mlp_chain, mlp_forward, split_matches, weight_of,
 )
 
 log = logging.getLogger(__name__)
@@ -35,20 +36,34 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Plan:
-    """One candidate: a name and its fully resolved `quantize` settings."""
+    """One candidate: a name and its fully resolved `quantize` settings (a method's config)."""
 
     name: str
-    q: QuantizeConfig
+    q: MethodConfig
 
 
-def candidate_name(q: QuantizeConfig) -> str:
+def candidate_name(q: MethodConfig) -> str:
     gs = "ch" if q.group_size == -1 else f"g{q.group_size}"  # per output channel: "ch"
-    name = f"{q.method}-w{q.bits}-{gs}"
-    if not q.sym:
-        name += "-asym"
-    if q.method == "gptq" and q.desc_act and not q.static_groups:
-        name += "-act"  # a permuted g_idx in the file
-    return name
+    parts = [q.method, f"w{q.bits}", gs] + ([] if q.sym else ["asym"]) + q.name_parts()
+    return "-".join(parts)
+
+
+def merge_method(base: MethodConfig, changes: dict, where: str) -> MethodConfig:
+    """`base` with `changes` applied; a change of method keeps only the settings the new
+    method has. A change the method does not have is an error naming `where.key`."""
+    from pydantic import ValidationError
+
+    method = get_method(changes.get("method", base.method))
+    fields = method.config.model_fields
+    alien = sorted(k for k in changes if k not in fields)
+    if alien:
+        raise ValueError(f"{where}.{alien[0]}: not a setting of method '{method.name}'")
+    data = {k: v for k, v in base.model_dump().items() if k in fields and k != "method"}
+    try:
+        return method.config.model_validate({**data, **changes, "method": method.name})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ValueError(f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def resolve_plans(cfg: RunConfig) -> list[Plan]:
@@ -56,9 +71,9 @@ def resolve_plans(cfg: RunConfig) -> list[Plan]:
     if not cfg.candidates:
         return [Plan(candidate_name(cfg.quantize), cfg.quantize)]
     plans = []
-    for c in cfg.candidates:
+    for k, c in enumerate(cfg.candidates):
         changes = c.model_dump(exclude_none=True, exclude={"name"})
-        q = cfg.quantize.model_copy(update=changes)
+        q = merge_method(cfg.quantize, changes, f"candidates.{k}")
         plans.append(Plan(c.name or candidate_name(q), q))
     names = [p.name for p in plans]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -67,7 +82,7 @@ def resolve_plans(cfg: RunConfig) -> list[Plan]:
     return plans
 
 
-def layer_spec(q: QuantizeConfig, name: str) -> Optional[QuantSpec]:
+def layer_spec(q: MethodConfig, name: str) -> Optional[QuantSpec]:
     """Settings for linear `name` after `skip` and `overrides`, or None to keep it unquantized."""
     if any(re.search(p, name) for p in q.skip):
         return None
@@ -79,10 +94,7 @@ def layer_spec(q: QuantizeConfig, name: str) -> Optional[QuantSpec]:
             bits = o.bits if o.bits is not None else bits
             gs = o.group_size if o.group_size is not None else gs
             sym = o.sym if o.sym is not None else sym
-    return QuantSpec(
-        bits=bits, group_size=gs, sym=sym, damp_percent=q.damp_percent, block_size=q.block_size,
-        desc_act=q.desc_act, static_groups=q.static_groups, mse_clip=q.mse_clip,
-    )
+    return q.spec(bits, gs, sym)
 
 
 @dataclass
@@ -113,45 +125,42 @@ def set_weight(module: nn.Module, W: torch.Tensor, conv1d: bool) -> None:
 
 
 def _quantize_layer(
-    name: str, W: torch.Tensor, H: Optional[torch.Tensor], spec: QuantSpec, method: str
-) -> tuple[QuantizedWeight, LayerReport]:
-    from compress.quantizers.gptq import GPTQNumericalError
-
+    name: str, W: torch.Tensor, stats: LayerStats, spec: QuantSpec, method: Method
+) -> tuple[QuantResult, LayerReport]:
     t0 = time.perf_counter()
-    used = method
+    used = method.name
     if not torch.isfinite(W).all():
         raise ValueError(f"layer '{name}': weights contain NaN or Inf")
-    if H is not None and not torch.isfinite(H).all():
-        raise ValueError(f"layer '{name}': calibration inputs produced NaN or Inf")
+    for kind, t in vars(stats).items():
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"layer '{name}': calibration inputs produced NaN or Inf ({kind})")
     try:
-        qw = get_quantizer(method).quantize_weight(W, H, spec)
-    except GPTQNumericalError as e:
+        res = method.quantize(W, stats, spec)
+    except NumericalError as e:
         log.warning(
             "layer '%s': %s; falling back to RTN for this layer (raise quantize.damp_percent "
             "or add calibration samples to avoid this)", name, e,
         )
         used = "rtn-fallback"
-        qw = get_quantizer("rtn").quantize_weight(W, None, spec)
-    Wq = qw.dequantize(torch.float32)
+        res = get_method("rtn").quantize(W, NO_STATS, spec.grid)
+    Wq = res.weight.dequantize(torch.float32)
     if not torch.isfinite(Wq).all():
         raise ValueError(f"layer '{name}': quantized weights contain NaN or Inf")
     Wf = W.float()
     w_err = float((Wf - Wq).pow(2).sum() / Wf.pow(2).sum().clamp_min(1e-30))
-    o_err = None
-    if H is not None:
-        o_err = output_error(Wf, Wq, H) / max(output_error(Wf, torch.zeros_like(Wf), H), 1e-30)
-    rep = LayerReport(name, spec.bits, spec.group_size, used, w_err, o_err, time.perf_counter() - t0)
-    return qw, rep
+    o_err = None if stats.hessian is None else relative_output_error(Wf, Wq, stats.hessian)
+    rep = LayerReport(name, res.spec.bits, res.spec.group_size, used, w_err, o_err, time.perf_counter() - t0)
+    return res, rep
 
 
-BlockSink = Callable[[int, nn.Module, dict[str, QuantizedWeight]], None]
+BlockSink = Callable[[int, nn.Module, dict[str, QuantResult]], None]
 
 
 def quantize_model(
     sm: StreamedModel, plan: Plan, calib_ids: Optional[torch.Tensor], sink: BlockSink,
     spool_dir: Optional[Path] = None,
 ) -> list[LayerReport]:
-    """Quantize block by block; `sink(i, block, qweights)` receives each finished block.
+    """Quantize block by block; `sink(i, block, results)` receives each finished block.
 
     `sm` is used up: its outer modules are released once the calibration windows are embedded.
     With `spool_dir`, the calibration activations between blocks live in a temporary file
@@ -159,78 +168,100 @@ def quantize_model(
 
     The block handed to the sink holds the fake-quantized (dequantized) weights in its linears.
     """
-    q = plan.q
+    method = get_method(plan.q.method)
     hidden = None
-    if get_quantizer(q.method).needs_hessian:
+    if method.needs_calibration:
         if calib_ids is None:
-            raise ValueError(f"quantize.method: {q.method} needs calibration data")
+            raise ValueError(f"quantize.method: {method.name} needs calibration data")
         hidden = sm.embed(calib_ids, spool_dir)
     try:
-        return _quantize_blocks(sm, plan, hidden, sink)
+        walker = _BlockQuantizer(sm, plan, method, hidden, sink)
+        sm.release_outer()  # the sink (exporter) took its copy of them when it was created
+        sm.walk(hidden, walker, f"quantize {plan.name}")
+        return walker.reports
     finally:
         if hidden is not None:
             hidden.close()
 
 
-def _quantize_blocks(
-    sm: StreamedModel, plan: Plan, hidden: Optional[WindowStream], sink: BlockSink
-) -> list[LayerReport]:
-    q = plan.q
-    hdtype = torch.float64 if q.hessian_dtype == "float64" else torch.float32
-    sm.release_outer()  # the sink (exporter) took its copy of them when it was created
-    chain = mlp_chain(sm) if hidden is not None and q.propagate else ()
-    reports: list[LayerReport] = []
-    for i in progress(range(sm.n_blocks), desc=f"quantize {plan.name}", unit="block"):
-        block = sm.load_block(i)
+class _BlockQuantizer:
+    """The quantize stage's block processor: statistics, the method's block transform, then
+    each sequential group of linears, with the quantized block's outputs fed onwards."""
+
+    def __init__(self, sm: StreamedModel, plan: Plan, method: Method, hidden: Optional[WindowStream],
+                 sink: BlockSink) -> None:
+        self.sm, self.plan, self.method, self.sink = sm, plan, method, sink
+        q = plan.q
+        self.propagate = hidden is not None and getattr(q, "propagate", False)
+        self.sdtype = torch.float64 if getattr(q, "hessian_dtype", "float32") == "float64" else torch.float32
+        self.chain = mlp_chain(sm) if self.propagate else ()
+        self.reports: list[LayerReport] = []
+
+    def _collect(self, block, i, names, hidden, early_stop, forward, capture=None, kind=None):
+        return collect_stats(self.sm, block, names, hidden, self.sdtype, early_stop, forward,
+                             capture=capture, where=f"{self.sm.block_prefix}{i}", kind=kind or self.method.stats)
+
+    def __call__(self, i: int, block: nn.Module, hidden: Optional[WindowStream]) -> None:
+        sm, q, method = self.sm, self.plan.q, self.method
         groups = block_linears(block, sm.arch.sequential)
+        chain = self.chain
         if chain and i == 0 and not split_matches(sm, block, i, chain, hidden.read(0, sm.batch_size)):
             log.warning("the %s blocks' MLP half did not reproduce the block's output; running the "
                         "whole block for every group instead (slower, same result)", sm.arch.family)
-            chain = ()
-        mlp_from = _mlp_start(groups, chain)
-        qweights: dict[str, QuantizedWeight] = {}
-        hessians: dict[str, torch.Tensor] = {}
-        where = f"{sm.block_prefix}{i}"
+            chain = self.chain = ()
         whole = block_forward(sm, block, i)
-        if hidden is not None and not q.propagate:
-            # One pass with the original weights gives every Hessian and the next inputs.
-            names = [n for g in groups for n in g]
-            hessians = collect_hessians(sm, block, names, hidden, hdtype, False, whole, where=where)
+        if method.block_transform is not None and hidden is not None:
+            method.block_transform(BlockView(
+                i, block, sm.arch, q, hidden,
+                lambda names, kind: self._collect(block, i, names, hidden, True, whole, kind=kind),
+            ))
+        mlp_from = _mlp_start(groups, chain)
+        results: dict[str, QuantResult] = {}
+        stats: dict[str, torch.Tensor] = {}
+        collect = hidden is not None and method.stats != "none"
+        if collect and not self.propagate:
+            # One pass with the original weights gives every statistic and the next inputs.
+            stats = self._collect(block, i, [n for g in groups for n in g], hidden, False, whole)
         for g, group in enumerate(groups):
-            if hidden is not None and q.propagate:
+            if collect and self.propagate:
                 if mlp_from is None or g < mlp_from:
-                    hessians = collect_hessians(sm, block, group, hidden, hdtype, True, whole, where=where)
+                    stats = self._collect(block, i, group, hidden, True, whole)
                 elif g == mlp_from:  # the attention half is final: h replaces the block inputs
-                    hessians = collect_hessians(sm, block, group, hidden, hdtype, True, whole,
-                                                capture=chain[0], where=where)
+                    stats = self._collect(block, i, group, hidden, True, whole, capture=chain[0])
                 else:
-                    hessians = collect_hessians(sm, block, group, hidden, hdtype, True,
-                                                mlp_forward(sm, block, chain), where=where)
+                    stats = self._collect(block, i, group, hidden, True, mlp_forward(sm, block, chain))
+            elif hidden is not None and self.propagate and g == mlp_from:
+                _capture_h(sm, block, i, hidden, chain[0])
             if hidden is not None:
-                # The forward's freed temporaries would otherwise stay resident under GPTQ's.
+                # The forward's freed temporaries would otherwise stay resident under the method's.
                 trim_heap()
             for name in group:
-                full = f"{where}.{name}"
+                full = f"{sm.block_prefix}{i}.{name}"
                 mod = block.get_submodule(name)
                 W = weight_of(mod, sm.arch.conv1d)
                 spec = layer_spec(q, full)
                 if spec is None:
                     continue
                 spec.check_divides(W.shape[1], full)
-                qw, rep = _quantize_layer(full, W, hessians.pop(name, None), spec, q.method)
-                set_weight(mod, qw.dequantize(torch.float32), sm.arch.conv1d)
-                qweights[name] = qw
-                reports.append(rep)
+                layer_stats = LayerStats(**{method.stats: stats.pop(name)}) if name in stats else NO_STATS
+                res, rep = _quantize_layer(full, W, layer_stats, spec, method)
+                set_weight(mod, res.weight.dequantize(torch.float32), sm.arch.conv1d)
+                results[name] = res
+                self.reports.append(rep)
             if hidden is not None:
-                trim_heap()  # GPTQ's freed temporaries, before the next forward pass
-        if hidden is not None and q.propagate:
+                trim_heap()  # the method's freed temporaries, before the next forward pass
+        if self.propagate:
             run = whole if mlp_from is None else mlp_forward(sm, block, chain)
             for s in range(0, len(hidden), sm.batch_size):
                 run(hidden, s, True)
-        sink(i, block, qweights)
-        del block
-        trim_heap()
-    return reports
+        self.sink(i, block, results)
+
+
+def _capture_h(sm: StreamedModel, block: nn.Module, i: int, hidden: WindowStream, at: str) -> None:
+    """Write the residual stream h (the input of `at`) over the block's inputs, for a method
+    that propagates without collecting statistics of the MLP groups."""
+    collect_stats(sm, block, [], hidden, torch.float32, True, block_forward(sm, block, i), capture=at,
+                  where=f"{sm.block_prefix}{i}")
 
 
 def _mlp_start(groups: list[list[str]], chain: tuple[str, ...]) -> Optional[int]:

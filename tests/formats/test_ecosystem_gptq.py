@@ -27,7 +27,8 @@ from compress.formats.qweight import QuantizedWeight  # noqa: E402
 from compress.formats.quant_linear import QuantLinear  # noqa: E402
 from compress.formats.writer import ArtifactWriter  # noqa: E402
 from compress.quantizers.base import QuantSpec  # noqa: E402
-from compress.quantizers.rtn import quantize_weight  # noqa: E402
+from compress.quantizers.gptq import GPTQSpec  # noqa: E402
+from compress.quantizers.rtn import round_to_nearest as quantize_weight  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def act_order_rtn(W: torch.Tensor, spec: QuantSpec, seed: int) -> QuantizedWeigh
     groups formed in permuted order, so g_idx is a non-trivial map."""
     in_f = W.shape[1]
     perm = torch.randperm(in_f, generator=torch.Generator().manual_seed(seed))
-    qp = quantize_weight(W[:, perm], None, spec)
+    qp = quantize_weight(W[:, perm], spec)
     codes = torch.empty_like(qp.codes)
     codes[:, perm] = qp.codes
     g_idx = torch.empty(in_f, dtype=torch.int32)
@@ -71,7 +72,7 @@ def write_artifact(model: LlamaForCausalLM, spec: QuantSpec, out: Path) -> None:
     with ArtifactWriter(out, max_shard_bytes=1_000_000) as w:  # several shards on purpose
         for k, name in enumerate(sorted(quantized)):
             W = state[f"{name}.weight"]
-            qw = act_order_rtn(W, spec, k) if spec.desc_act else quantize_weight(W, None, spec)
+            qw = act_order_rtn(W, spec, k) if spec.desc_act else quantize_weight(W, spec)
             w.add_tensors(gptq.linear_tensors(name, qw, state.get(f"{name}.bias")))
         w.add_tensors({k: v for k, v in state.items() if k.rsplit(".", 2)[0] not in quantized
                        and not any(k.startswith(q + ".") for q in quantized)})
@@ -105,7 +106,7 @@ CASES = {
     "4bit-g128-sym": QuantSpec(bits=4, group_size=128, sym=True),
     "4bit-per-channel": QuantSpec(bits=4, group_size=-1, sym=True),
     "3bit-g128": QuantSpec(bits=3, group_size=128, sym=True),
-    "4bit-g64-desc-act": QuantSpec(bits=4, group_size=64, sym=True, desc_act=True),
+    "4bit-g64-desc-act": GPTQSpec(bits=4, group_size=64, sym=True, desc_act=True),
 }
 
 

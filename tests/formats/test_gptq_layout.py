@@ -8,12 +8,12 @@ from compress.formats import gptq
 from compress.formats.pack import unpack
 from compress.formats.qweight import QuantizedWeight
 from compress.quantizers.base import QuantSpec
-from compress.quantizers.rtn import quantize_weight
+from compress.quantizers.rtn import round_to_nearest as quantize_weight
 
 
 def rtn(out_f: int, in_f: int, bits: int, group_size: int, sym: bool = True, seed: int = 0) -> QuantizedWeight:
     W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
-    return quantize_weight(W, None, QuantSpec(bits=bits, group_size=group_size, sym=sym))
+    return quantize_weight(W, QuantSpec(bits=bits, group_size=group_size, sym=sym))
 
 
 def permuted(qw: QuantizedWeight, seed: int = 0) -> QuantizedWeight:

@@ -8,7 +8,7 @@ from torch import nn
 from compress.formats import gptq
 from compress.formats.quant_linear import QuantLinear, dequantized_linear
 from compress.quantizers.base import QuantSpec
-from compress.quantizers.rtn import quantize_weight
+from compress.quantizers.rtn import round_to_nearest as quantize_weight
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (3, 64), (2, -1), (8, 128)])
@@ -16,7 +16,7 @@ def test_forward_matches_dequantized_linear(bits: int, group_size: int) -> None:
     g = torch.Generator().manual_seed(bits)
     W = torch.randn(64, 256, generator=g)
     b = torch.randn(64, generator=g)
-    qw = quantize_weight(W, None, QuantSpec(bits=bits, group_size=group_size))
+    qw = quantize_weight(W, QuantSpec(bits=bits, group_size=group_size))
     ql = QuantLinear(qw, b)
     ref = dequantized_linear(qw, b)
     x = torch.randn(2, 5, 256, generator=g)
@@ -30,7 +30,7 @@ def test_forward_matches_dequantized_linear(bits: int, group_size: int) -> None:
 
 
 def test_holds_no_float_weight_and_round_trips_state() -> None:
-    qw = quantize_weight(torch.randn(64, 256), None, QuantSpec(bits=4, group_size=128))
+    qw = quantize_weight(torch.randn(64, 256), QuantSpec(bits=4, group_size=128))
     ql = QuantLinear(qw)
     names = dict(ql.named_buffers())
     assert set(names) == {"qweight", "zeros", "scales", "g_idx"}
@@ -45,7 +45,7 @@ def test_holds_no_float_weight_and_round_trips_state() -> None:
 
 
 def test_from_gptq_tensors_uses_fp16_scales() -> None:
-    qw = quantize_weight(torch.randn(32, 128), None, QuantSpec(bits=4, group_size=64))
+    qw = quantize_weight(torch.randn(32, 128), QuantSpec(bits=4, group_size=64))
     t = gptq.linear_tensors("p", qw, torch.randn(32))
     ql = QuantLinear.from_gptq_tensors(t, "p", 4, 64, True)
     assert torch.equal(ql.scales, qw.scales.half().float())

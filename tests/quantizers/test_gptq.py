@@ -3,17 +3,19 @@ import logging
 import pytest
 import torch
 
-from compress.quantizers import get_quantizer
-from compress.quantizers.base import QuantSpec
+from compress.quantizers import get_method
+from compress.quantizers.base import LayerStats, NumericalError
 from compress.quantizers.gptq import (
+    GPTQConfig,
     GPTQNumericalError,
+    GPTQSpec,
     clip_search_params,
     gptq,
     quantize_weight,
 )
 from compress.quantizers.grid import find_params
-from compress.quantizers.hessian import HessianAccumulator, output_error
-from compress.quantizers.rtn import quantize_weight as rtn_quantize
+from compress.quantizers.hessian import HessianAccumulator, output_error, relative_output_error
+from compress.quantizers.rtn import round_to_nearest
 
 
 def reference_gptq(W, H, spec):
@@ -82,20 +84,20 @@ def random_problem(out_f, in_f, seed, dead=()):
 
 
 CASES = [
-    QuantSpec(bits=4, group_size=16, sym=True),
-    QuantSpec(bits=4, group_size=16, sym=False),
-    QuantSpec(bits=3, group_size=-1, sym=False),
-    QuantSpec(bits=2, group_size=32, sym=False),
-    QuantSpec(bits=4, group_size=160, sym=False),  # one group that straddles two blocks
-    QuantSpec(bits=8, group_size=-1, sym=True),
-    QuantSpec(bits=4, group_size=16, sym=False, desc_act=True),
-    QuantSpec(bits=3, group_size=16, sym=True, desc_act=True, static_groups=True),
-    QuantSpec(bits=4, group_size=16, sym=False, static_groups=True),
-    QuantSpec(bits=4, group_size=16, sym=False, mse_clip=True),
-    QuantSpec(bits=3, group_size=-1, sym=True, desc_act=True, mse_clip=True),
+    GPTQSpec(bits=4, group_size=16, sym=True),
+    GPTQSpec(bits=4, group_size=16, sym=False),
+    GPTQSpec(bits=3, group_size=-1, sym=False),
+    GPTQSpec(bits=2, group_size=32, sym=False),
+    GPTQSpec(bits=4, group_size=160, sym=False),  # one group that straddles two blocks
+    GPTQSpec(bits=8, group_size=-1, sym=True),
+    GPTQSpec(bits=4, group_size=16, sym=False, desc_act=True),
+    GPTQSpec(bits=3, group_size=16, sym=True, desc_act=True, static_groups=True),
+    GPTQSpec(bits=4, group_size=16, sym=False, static_groups=True),
+    GPTQSpec(bits=4, group_size=16, sym=False, mse_clip=True),
+    GPTQSpec(bits=3, group_size=-1, sym=True, desc_act=True, mse_clip=True),
     # groups straddle blocks and blocks hold several groups
-    QuantSpec(bits=4, group_size=32, sym=False, block_size=24),
-    QuantSpec(bits=4, group_size=8, sym=False, block_size=20, desc_act=True),
+    GPTQSpec(bits=4, group_size=32, sym=False, block_size=24),
+    GPTQSpec(bits=4, group_size=8, sym=False, block_size=20, desc_act=True),
 ]
 
 
@@ -114,15 +116,15 @@ def test_matches_column_by_column_reference(spec):
 
 def test_float32_path_close_to_float64():
     W, H, _ = random_problem(16, 64, seed=5)
-    spec = QuantSpec(bits=4, group_size=16, sym=False)
-    e64 = gptq(W, H, spec).output_error
-    e32 = gptq(W.float(), H.float(), spec).output_error
+    spec = GPTQSpec(bits=4, group_size=16, sym=False)
+    e64 = output_error(W, gptq(W, H, spec).weight.dequantize(torch.float64), H)
+    e32 = output_error(W.float(), gptq(W.float(), H.float(), spec).weight.dequantize(), H.float())
     assert e32 == pytest.approx(e64, rel=0.05)
 
 
 def test_act_order_g_idx_is_processing_order_group():
     W, H, _ = random_problem(8, 64, seed=6)
-    qw = gptq(W, H, QuantSpec(bits=4, group_size=16, sym=False, desc_act=True)).weight
+    qw = gptq(W, H, GPTQSpec(bits=4, group_size=16, sym=False, desc_act=True)).weight
     perm = torch.argsort(torch.diagonal(H), descending=True)
     assert torch.equal(qw.g_idx[perm].long(), torch.arange(64) // 16)
     assert not torch.equal(qw.g_idx.long(), torch.arange(64) // 16)
@@ -138,17 +140,21 @@ def test_layer_output_error_below_rtn_on_correlated_inputs(bits, group_size):
     W = torch.randn(out_f, in_f, generator=g)
     acc = HessianAccumulator(in_f)
     acc.add(x)
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=False)
+    spec = GPTQSpec(bits=bits, group_size=group_size, sym=False)
     res = gptq(W, acc.hessian, spec)
-    err_rtn = ((x @ (W - rtn_quantize(W, None, spec).dequantize()).t()) ** 2).mean()
+    err_rtn = ((x @ (W - round_to_nearest(W, spec).dequantize()).t()) ** 2).mean()
     err_gptq = ((x @ (W - res.weight.dequantize()).t()) ** 2).mean()
     assert err_gptq < 0.7 * err_rtn
-    assert res.output_error == pytest.approx(2 * out_f * float(err_gptq), rel=1e-3)
+    Wq = res.weight.dequantize()
+    assert output_error(W, Wq, acc.hessian) == pytest.approx(2 * out_f * float(err_gptq), rel=1e-3)
+    # relative: the mean squared output error over the mean squared output
+    energy = float(((x @ W.t()) ** 2).mean())
+    assert relative_output_error(W, Wq, acc.hessian) == pytest.approx(float(err_gptq) / energy, rel=1e-3)
 
 
 def test_dead_columns_are_zero_and_finite():
     W, H, _ = random_problem(8, 32, seed=7, dead=(3, 17))
-    res = gptq(W, H, QuantSpec(bits=4, group_size=16, sym=False))
+    res = gptq(W, H, GPTQSpec(bits=4, group_size=16, sym=False))
     Wq = res.weight.dequantize()
     assert torch.isfinite(Wq).all()
     assert torch.equal(Wq[:, [3, 17]], torch.zeros(8, 2))
@@ -167,7 +173,7 @@ def test_cholesky_failure_retries_with_more_damping(caplog):
     H = _indefinite_hessian(32, -0.5)  # needs damping > 0.5 / ~10: fails at 1 %, passes at 10 %
     W = torch.randn(4, 32, dtype=torch.float64)
     with caplog.at_level(logging.WARNING, logger="compress.quantizers.gptq"):
-        res = gptq(W, H, QuantSpec(bits=4, group_size=16))
+        res = gptq(W, H, GPTQSpec(bits=4, group_size=16))
     assert res.damp_percent == pytest.approx(0.1)
     assert any("damp_percent=0.01" in r.getMessage() for r in caplog.records)
     assert torch.isfinite(res.weight.dequantize()).all()
@@ -176,7 +182,7 @@ def test_cholesky_failure_retries_with_more_damping(caplog):
 def test_cholesky_failure_raises_after_retries():
     H = -torch.eye(16, dtype=torch.float64)  # negative definite: no damping fraction helps
     with pytest.raises(GPTQNumericalError, match="quantize.damp_percent") as info:
-        gptq(torch.randn(4, 16, dtype=torch.float64), H, QuantSpec(bits=4, group_size=16))
+        gptq(torch.randn(4, 16, dtype=torch.float64), H, GPTQSpec(bits=4, group_size=16))
     assert len(info.value.damp_percents) == 4
 
 
@@ -188,14 +194,34 @@ def test_nan_or_inf_is_rejected(bad):
     else:
         H[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        gptq(W, H, QuantSpec(bits=4, group_size=16))
+        gptq(W, H, GPTQSpec(bits=4, group_size=16))
 
 
-def test_registered_and_needs_hessian():
-    q = get_quantizer("gptq")
-    assert q.needs_hessian and q.quantize_weight is quantize_weight
+def test_registered_with_its_config_and_hessian():
+    m = get_method("gptq")
+    assert m.stats == "hessian" and m.quantize is quantize_weight and m.config is GPTQConfig
+    assert issubclass(GPTQNumericalError, NumericalError)  # the engine falls back to RTN on it
     with pytest.raises(ValueError, match="Hessian"):
-        quantize_weight(torch.randn(4, 16), None, QuantSpec(bits=4, group_size=16))
+        quantize_weight(torch.randn(4, 16), LayerStats(), GPTQSpec(bits=4, group_size=16))
+
+
+def test_contract_returns_the_spec_it_used():
+    W, H, _ = random_problem(4, 32, seed=11)
+    spec = GPTQSpec(bits=4, group_size=16, sym=False, damp_percent=0.02)
+    res = quantize_weight(W, LayerStats(hessian=H), spec)
+    assert res.spec == spec and torch.equal(res.weight.codes, gptq(W, H, spec).weight.codes)
+    res = quantize_weight(torch.randn(4, 32, dtype=torch.float64), LayerStats(hessian=_indefinite_hessian(32, -0.5)),
+                          GPTQSpec(bits=4, group_size=16))
+    assert res.spec.damp_percent == pytest.approx(0.1)  # what the retries settled on
+
+
+def test_config_builds_the_layer_spec():
+    q = GPTQConfig(bits=3, group_size=64, damp_percent=0.02, desc_act=True, static_groups=False)
+    spec = q.spec(8, -1, False)
+    assert (spec.bits, spec.group_size, spec.sym, spec.damp_percent, spec.desc_act) == (8, -1, False, 0.02, True)
+    assert spec.grid == type(spec).__mro__[1](8, -1, False)
+    assert not spec.permutes_columns  # per-channel: one group, nothing to permute
+    assert q.spec(4, 64, True).permutes_columns and q.name_parts() == ["act"]
 
 
 def test_clip_search_matches_brute_force():

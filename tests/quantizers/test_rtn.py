@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from compress.quantizers import get_quantizer
-from compress.quantizers.base import QuantSpec
-from compress.quantizers.rtn import quantize_weight
+from compress.quantizers import get_method
+from compress.quantizers.base import NO_STATS, QuantSpec
+from compress.quantizers.rtn import RTNConfig, quantize_weight, round_to_nearest
 
 
 def slow_rtn(W, bits, group_size, sym):
@@ -42,7 +42,7 @@ def test_rtn_matches_per_element_reference(bits, group_size, sym):
     W[0, :64] = W[0, :64].abs()  # a group with no negative value
     W[1, :] = 0.0  # an all-zero row
     spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
-    qw = quantize_weight(W, None, spec)
+    qw = round_to_nearest(W, spec)
     codes, scales, zeros = slow_rtn(W, bits, group_size, sym)
     assert qw.codes.dtype == torch.uint8
     assert int(qw.codes.min()) >= 0 and int(qw.codes.max()) <= 2**bits - 1
@@ -56,6 +56,11 @@ def test_rtn_matches_per_element_reference(bits, group_size, sym):
         assert ((qw.dequantize(torch.float64) - W).abs() <= step / 2 + 1e-6).all()
 
 
-def test_rtn_registered_without_hessian():
-    q = get_quantizer("rtn")
-    assert q.quantize_weight is quantize_weight and not q.needs_hessian
+def test_rtn_registered_without_statistics():
+    m = get_method("rtn")
+    assert m.quantize is quantize_weight and m.stats == "none" and not m.needs_calibration
+    assert m.config is RTNConfig and "damp_percent" not in RTNConfig.model_fields  # no GPTQ options
+    W = torch.randn(8, 64)
+    res = quantize_weight(W, NO_STATS, QuantSpec(bits=4, group_size=32, sym=False))
+    assert res.spec == QuantSpec(4, 32, False)
+    assert torch.equal(res.weight.codes, round_to_nearest(W, res.spec).codes)

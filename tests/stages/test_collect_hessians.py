@@ -7,7 +7,7 @@ import torch
 
 from compress.config import ModelConfig
 from compress.stages.load import load_model
-from compress.stages.passes import block_forward, collect_hessians
+from compress.stages.passes import block_forward, collect_stats
 from tiny_models import VOCAB
 
 
@@ -39,7 +39,7 @@ def test_shared_inputs_share_one_hessian_equal_to_their_own(family, names, model
     hidden = sm.embed(ids)
     block = sm.load_block(1)
     ref = reference_hessians(block, sm, 1, names, hidden)
-    got = collect_hessians(sm, block, names, hidden, torch.float32, False, block_forward(sm, block, 1))
+    got = collect_stats(sm, block, names, hidden, torch.float32, False, block_forward(sm, block, 1))
     for n in names:
         torch.testing.assert_close(got[n].double(), ref[n], rtol=1e-5, atol=1e-5)
     first, *rest = [n for n in names if n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))]

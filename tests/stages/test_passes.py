@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import compress.stages.quantize as quantize_stage
-from compress.config import ModelConfig, QuantizeConfig
+from compress.config import ModelConfig
+from compress.quantizers.gptq import GPTQConfig
 from compress.stages.load import load_model
 from compress.stages.passes import mlp_chain, split_matches
 from compress.stages.quantize import Plan, quantize_model
@@ -42,10 +43,10 @@ def test_a_wrong_chain_is_detected(model_dir):
 def _quantize(sm, ids, spool_dir=None):
     got = {}
 
-    def sink(i, block, qweights):
-        got.update({f"{i}.{n}": qw for n, qw in qweights.items()})
+    def sink(i, block, results):
+        got.update({f"{i}.{n}": r.weight for n, r in results.items()})
 
-    q = QuantizeConfig(method="gptq", bits=4, group_size=32, desc_act=True)
+    q = GPTQConfig(bits=4, group_size=32, desc_act=True)
     quantize_model(sm, Plan("t", q), ids, sink, spool_dir)
     return got
 

@@ -1,0 +1,219 @@
+"""compressed-tensors `pack-quantized` (``quant_method: compressed-tensors``): what vLLM reads
+natively and llm-compressor writes; transformers loads it with the `compressed-tensors` package.
+
+For a linear named ``P`` (compressed-tensors' PackedQuantizationCompressor layout):
+
+  P.weight_packed      int32 [out, ceil(in*bits/32)]  signed codes + 2**(bits-1), a dense
+                                                      little-endian bit stream along the input dim
+  P.weight_scale       export dtype [out, G]
+  P.weight_zero_point  int32 [ceil(out*bits/32), G]   asymmetric only: signed zero points packed
+                                                      along the output dim
+  P.weight_shape       int64 [2]                      (out, in)
+  P.bias               export dtype [out]
+
+compressed-tensors' grid is signed: ``w = scale * (q - zp)`` with ``q`` in
+``[-2**(bits-1), 2**(bits-1) - 1]``. Ours is unsigned with the same scale, so
+``q = code - 2**(bits-1)`` and ``zp = zero - 2**(bits-1)`` (0 for our symmetric grids).
+The packing itself is the package's own `pack_to_int32`.
+
+Act-order: compressed-tensors >= 0.20 keeps only ``actorder: weight`` (columns processed in
+activation order, groups in plain column order), which is GPTQ's act-order with static groups;
+a permuted g_idx (``actorder: group``) was removed, so such a plan fails at preflight.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from compress.formats.qweight import QuantizedWeight
+from compress.formats.registry import (
+    BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format,
+)
+from compress.quantizers.base import QuantSpec
+
+_FP16_MAX = torch.finfo(torch.float16).max
+SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+
+
+def _offset(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+def linear_tensors(lin: QuantizedLinear, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    qw, p = lin.weight, lin.name
+    if qw.desc_act:
+        raise ValueError(f"{p}: compressed-tensors cannot store a permuted g_idx (actorder 'group')")
+    scales = qw.scales.to(torch.float32)
+    if not bool(torch.isfinite(scales).all()) or float(scales.abs().max()) > torch.finfo(scale_dtype).max:
+        raise ValueError(f"{p}.weight_scale: non-finite or beyond the {scale_dtype} range")
+    if bool(((scales != 0) & (scales.to(scale_dtype) == 0)).any()):
+        raise ValueError(f"{p}.weight_scale: a scale underflows to 0 in {scale_dtype}")
+    off = _offset(qw.bits)
+    q = (qw.codes.to(torch.int16) - off).to(torch.int8)
+    out = {
+        f"{p}.weight_packed": pack_to_int32(q, qw.bits, packed_dim=1),
+        f"{p}.weight_scale": scales.to(scale_dtype).contiguous(),
+        f"{p}.weight_shape": torch.tensor(list(qw.shape), dtype=torch.int64),
+    }
+    if not qw.sym:
+        zp = (qw.zeros.to(torch.int16) - off).to(torch.int8)
+        out[f"{p}.weight_zero_point"] = pack_to_int32(zp, qw.bits, packed_dim=0)
+    elif bool((qw.zeros.to(torch.int16) != off).any()):
+        raise ValueError(f"{p}: a symmetric grid must have zero point {off}")
+    if lin.bias is not None:
+        if not bool(torch.isfinite(lin.bias).all()):
+            raise ValueError(f"{p}.bias: contains NaN or Inf")
+        out[f"{p}.bias"] = lin.bias.detach().to(scale_dtype).contiguous()
+    return out
+
+
+def read_linear(t: dict[str, torch.Tensor], scheme: dict[str, Any], name: str) -> tuple[QuantizedWeight, Optional[torch.Tensor]]:
+    """Inverse of :func:`linear_tensors` for one layer's tensors (local keys) and its
+    config group's ``weights`` arguments."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    bits, sym = int(scheme["num_bits"]), bool(scheme["symmetric"])
+    shape = torch.Size([int(v) for v in t["weight_shape"].tolist()])
+    out_f, in_f = shape
+    q = unpack_from_int32(t["weight_packed"], bits, shape, packed_dim=1)
+    scales = t["weight_scale"].to(torch.float32)
+    n_groups = scales.shape[1]
+    off = _offset(bits)
+    if sym:
+        zeros = torch.full((out_f, n_groups), off, dtype=torch.uint8)
+    else:
+        zp = unpack_from_int32(t["weight_zero_point"], bits, torch.Size([out_f, n_groups]), packed_dim=0)
+        zeros = (zp.to(torch.int16) + off).to(torch.uint8)
+    gs = -1 if scheme.get("strategy") == "channel" else int(scheme["group_size"])
+    if scales.shape != (out_f, 1 if gs == -1 else in_f // gs):
+        raise ValueError(f"{name}.weight_scale: shape {tuple(scales.shape)} does not fit weight {tuple(shape)}")
+    qw = QuantizedWeight(
+        codes=(q.to(torch.int16) + off).to(torch.uint8),
+        scales=scales,
+        zeros=zeros,
+        g_idx=torch.arange(in_f, dtype=torch.int32) // (in_f if gs == -1 else gs),
+        bits=bits, group_size=gs, sym=sym,
+    )
+    return qw, t.get("bias")
+
+
+def _weights_args(s: LayerScheme, actorder: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=s.bits, type="int", symmetric=s.sym, dynamic=False,
+        strategy="channel" if s.group_size == -1 else "group",
+        group_size=None if s.group_size == -1 else s.group_size,
+        actorder="weight" if actorder else None,
+    )
+
+
+def _activation_args(s: LayerScheme):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    a = s.activations
+    if a is None:
+        return None
+    return QuantizationArgs(num_bits=a.bits, type="int", symmetric=a.sym, dynamic=a.dynamic, strategy=a.strategy)
+
+
+@register_format
+class CompressedTensorsFormat(Format):
+    name = "compressed-tensors"
+    quant_method = "compressed-tensors"
+    loaders = "transformers + compressed-tensors (installed with compress), or vLLM"
+
+    def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
+        if conv1d:
+            return ("a GPT-2 Conv1D layer, which compressed-tensors does not quantize (it matches "
+                    "nn.Linear); use export.format: gptq")
+        if not 1 <= spec.bits <= 8:
+            return f"pack-quantized holds 1 to 8 bits, not {spec.bits}"
+        if spec.permutes_columns:
+            return ("a permuted g_idx (act-order with dynamic groups), which compressed-tensors no "
+                    "longer stores; set quantize.static_groups: true (act-order kept as actorder 'weight')")
+        return None
+
+    def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return linear_tensors(lin, dtype)
+
+    def quantization_config(self, base: QuantSpec, layers: list[LayerScheme], skipped: list[str],
+                            options: dict[str, Any]) -> dict[str, Any]:
+        """One config group per distinct layer scheme. The plan's own scheme targets the
+        class `Linear`; every other group names its layers exactly, and compressed-tensors
+        (like vLLM) prefers an exact name over a class match."""
+        import compressed_tensors
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+        actorder = bool(options.get("act_order"))
+        by_key: dict[tuple, list[LayerScheme]] = {}
+        for s in layers:
+            by_key.setdefault(s.key, []).append(s)
+        base_key = (base.bits, base.group_size, base.sym, layers[0].activations if layers else None)
+        keys = sorted(by_key, key=lambda k: (k != base_key, str(k)))
+        groups = {}
+        for g, k in enumerate(keys):
+            members = by_key[k]
+            targets = ["Linear"] if k == base_key else [s.name for s in members]
+            groups[f"group_{g}"] = QuantizationScheme(
+                targets=targets, weights=_weights_args(members[0], actorder),
+                input_activations=_activation_args(members[0]), format="pack-quantized",
+            )
+        qc = QuantizationConfig(
+            config_groups=groups, format="pack-quantized", quantization_status="compressed",
+            ignore=sorted(skipped),
+        )
+        out = qc.model_dump(exclude={"quant_method"})
+        return {"version": compressed_tensors.__version__, "quant_method": self.quant_method,
+                "sparsity_config": {}, "transform_config": {}, **out}
+
+    def patcher(self, qcfg: dict[str, Any], dense_dtype: Optional[torch.dtype], block_prefix: str) -> BlockPatcher:
+        from compress.formats.quant_linear import QuantLinear, dequantized_linear
+
+        scheme_of = _scheme_lookup(qcfg)
+
+        def patch(block: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
+            names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+            for n in names:
+                t = {s: tensors.pop(f"{n}.{s}") for s in SUFFIXES}
+                for extra in ("weight_zero_point", "bias"):
+                    if f"{n}.{extra}" in tensors:
+                        t[extra] = tensors.pop(f"{n}.{extra}")
+                full = f"{block_prefix}{i}.{n}"
+                qw, b = read_linear(t, scheme_of(full), full)
+                mod = QuantLinear(qw, b) if dense_dtype is None else dequantized_linear(qw, b, dtype=dense_dtype)
+                block.set_submodule(n, mod)
+            return names
+
+        return patch
+
+
+def _scheme_lookup(qcfg: dict[str, Any]):
+    """Module name -> its config group's `weights` arguments, by compressed-tensors' own rule:
+    an exact name beats a `re:` pattern, which beats a class name (all our layers are Linear)."""
+    import re
+
+    exact, patterns, by_class = {}, [], None
+    for group in qcfg.get("config_groups", {}).values():
+        for t in group.get("targets", []):
+            if t.startswith("re:"):
+                patterns.append((t[3:], group["weights"]))
+            elif t in ("Linear", "LinearBase"):
+                by_class = group["weights"]
+            else:
+                exact[t] = group["weights"]
+
+    def lookup(name: str) -> dict[str, Any]:
+        if name in exact:
+            return exact[name]
+        for p, w in sorted(patterns):
+            if re.match(p, name):
+                return w
+        if by_class is None:
+            raise ValueError(f"{name}: no config group of quantization_config targets this layer")
+        return by_class
+
+    return lookup
