@@ -33,8 +33,9 @@ def test_family_end_to_end(family, model_dir, text_file, tmp_path):
         assert is_complete(out / name, check_hashes=True)
         config = json.loads((out / name / "config.json").read_text())
         assert config["model_type"] == family
-        assert config["quantization_config"]["bits"] == (8 if name == "w8" else 4)
-        assert config["quantization_config"]["group_size"] == (-1 if name == "w8" else 64)
+        quant = json.loads((out / name / MANIFEST).read_text())["quantization"]
+        assert config["quantization_config"]["quant_method"] == quant["format"] == cfg.export.format
+        assert (quant["bits"], quant["group_size"]) == ((8, -1) if name == "w8" else (4, 64))
         # 2 blocks x (attention + MLP linears): every block linear was quantized.
         n_linears = {"gpt2": 4, "opt": 6}.get(family, 7)
         assert len(res.layers) == 2 * n_linears

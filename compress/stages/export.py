@@ -86,6 +86,12 @@ class Exporter:
         # transformers re-ties lm_head to the embedding on load; storing it twice is waste
         tied_name = f"{[n for n, m in model.named_modules() if m is out_emb][0]}.weight" if tied else None
         ckpt = self.sm.checkpoint
+        from transformers.pytorch_utils import Conv1D
+
+        # Linears outside the blocks (the lm_head) stay in float: formats that quantize every
+        # Linear by class (compressed-tensors) must be told to leave them alone.
+        with self.sm._outer_only() as outer:
+            self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
         for name, t in model.state_dict().items():
             if name.startswith(self.sm.block_prefix) or name == tied_name:
                 continue
