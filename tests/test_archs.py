@@ -39,22 +39,22 @@ def test_family_end_to_end(family, model_dir, text_file, tmp_path):
         # 2 blocks x (attention + MLP linears): every block linear was quantized.
         n_linears = {"gpt2": 4, "opt": 6}.get(family, 7)
         assert len(res.layers) == 2 * n_linears
-        assert res.metrics["linear_bits_per_weight"] < (9 if name == "w8" else 5)
+        assert res.metrics.linear_bits_per_weight < (9 if name == "w8" else 5)
 
-    ppl0 = ctx.original["perplexity"]
-    kl8 = ctx.candidates["w8"].metrics["kl_divergence"]
-    kl4 = ctx.candidates["w4"].metrics["kl_divergence"]
+    ppl0 = ctx.original.perplexity
+    kl8 = ctx.candidates["w8"].metrics.kl_divergence
+    kl4 = ctx.candidates["w4"].metrics.kl_divergence
     for m in (ctx.candidates["w8"].metrics, ctx.candidates["w4"].metrics):
-        assert math.isfinite(m["perplexity"]) and m["perplexity"] > 1
-        assert m["kl_divergence"] >= 0
-        assert 0 <= m["top1_agreement"] <= 1
+        assert math.isfinite(m.perplexity) and m.perplexity > 1
+        assert m.kl_divergence >= 0
+        assert 0 <= m.top1_agreement <= 1
     assert math.isfinite(ppl0) and ppl0 > 1
     # A random model predicts near-uniformly over the 512 ids: perplexity in the hundreds.
     assert 100 < ppl0 < 4 * 512
     assert kl4 > 1e-3, "4-bit rounding must visibly change the logits"
     assert kl8 < kl4 / 30, (kl8, kl4)
-    assert ctx.candidates["w8"].metrics["top1_agreement"] > ctx.candidates["w4"].metrics["top1_agreement"]
-    assert abs(ctx.candidates["w8"].metrics["perplexity"] / ppl0 - 1) < 0.01
+    assert ctx.candidates["w8"].metrics.top1_agreement > ctx.candidates["w4"].metrics.top1_agreement
+    assert abs(ctx.candidates["w8"].metrics.perplexity / ppl0 - 1) < 0.01
 
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]][1:] == ["w8", "w4"]

@@ -206,7 +206,7 @@ def test_internal_failure_exits_1(good, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(export.GPTQExporter, "add_block", boom)
+    monkeypatch.setattr(export.Exporter, "add_block", boom)
     data, out = good
     res = invoke("run", write_config(tmp_path, data))
     assert res.exit_code == 1, res.output

@@ -37,7 +37,7 @@ def test_sweep_runs_every_combination_and_records_the_failure(sweep_run):
     for n, r in ctx.candidates.items():
         if n not in failed:
             assert (out / n / "compress-manifest.json").is_file()
-            assert r.metrics["kl_divergence"] >= 0
+            assert r.metrics.kl_divergence >= 0
     comp = json.loads((out / "comparison.json").read_text())
     rows = {r["name"]: r for r in comp["rows"]}
     assert rows["rtn-w4-g256"]["status"] == "failed" and "256" in rows["rtn-w4-g256"]["error"]

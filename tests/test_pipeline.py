@@ -27,7 +27,7 @@ NAME = "rtn-w4-g64"
 def fail_at_block_1(monkeypatch, exc: BaseException) -> list[int]:
     """Make the exporter raise `exc` when block 1 arrives; returns the blocks it received."""
     seen: list[int] = []
-    add_block = export_stage.GPTQExporter.add_block
+    add_block = export_stage.Exporter.add_block
 
     def flaky(self, i, block, qweights):
         seen.append(i)
@@ -35,7 +35,7 @@ def fail_at_block_1(monkeypatch, exc: BaseException) -> list[int]:
             raise exc
         return add_block(self, i, block, qweights)
 
-    monkeypatch.setattr(export_stage.GPTQExporter, "add_block", flaky)
+    monkeypatch.setattr(export_stage.Exporter, "add_block", flaky)
     return seen
 
 
@@ -67,14 +67,14 @@ def test_one_failed_candidate_does_not_stop_the_others(model_dir, text_file, tmp
         model_dir("llama"), text_file, out, evaluate={"enabled": False},
         candidates=[{"name": "a", "bits": 8, "group_size": -1}, {"name": "b", "bits": 4}],
     ))
-    add_block = export_stage.GPTQExporter.add_block
+    add_block = export_stage.Exporter.add_block
 
     def flaky(self, i, block, qweights):
         if self.out_dir.name == "a" and i == 1:
             raise RuntimeError("candidate a breaks")
         return add_block(self, i, block, qweights)
 
-    monkeypatch.setattr(export_stage.GPTQExporter, "add_block", flaky)
+    monkeypatch.setattr(export_stage.Exporter, "add_block", flaky)
     ctx = run(cfg)
     assert ctx.candidates["a"].error == "RuntimeError: candidate a breaks"
     assert ctx.candidates["a"].artifact is None
@@ -88,12 +88,12 @@ def test_one_failed_candidate_does_not_stop_the_others(model_dir, text_file, tmp
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from compress.stages import export
-    add_block = export.GPTQExporter.add_block
+    add_block = export.Exporter.add_block
     def killed(self, i, block, qweights):
         add_block(self, i, block, qweights)
         if i == 1:  # both blocks handed over, shards on disk, manifest not yet written
             os.kill(os.getpid(), signal.SIGKILL)
-    export.GPTQExporter.add_block = killed
+    export.Exporter.add_block = killed
     from compress.cli import main
     sys.exit(main(["-q", "run", sys.argv[1]]))
 """)

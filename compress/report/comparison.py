@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from compress.compare import pareto_front, ppl_increase, recommend
+from compress.stages.context import as_json
 from compress.serving import GIB, attention_shape, fits, load_gpus, safetensors_tensor_bytes, serving_need
 
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "desc_act", "propagate")
@@ -38,13 +39,13 @@ def build(ctx) -> dict:
     shape = attention_shape(ctx.loaded.config)
     gpus = load_gpus(cfg.serving.gpus)
     orig = {"name": "original", "status": "ok", "dtype": str(ctx.loaded.dtype).replace("torch.", "")}
-    orig.update({k: ctx.original.get(k) for k in _METRIC_KEYS if ctx.original.get(k) is not None})
+    orig.update({k: v for k, v in ctx.original.as_row().items() if k in _METRIC_KEYS})
     orig.update(_serving_cols(safetensors_tensor_bytes(ctx.loaded.root), shape, cfg.serving, gpus))
     rows = [orig]
     for name, r in ctx.candidates.items():
         q = r.plan.q
         row = {"name": name, "status": "failed" if r.error else "ok", **{k: getattr(q, k, None) for k in _QUANT_KEYS}}
-        row.update({k: r.metrics.get(k) for k in _METRIC_KEYS if r.metrics.get(k) is not None})
+        row.update({k: v for k, v in r.metrics.as_row().items() if k in _METRIC_KEYS})
         row["quantize_seconds"] = r.quantize_seconds
         if r.error:
             row["error"] = r.error
@@ -61,7 +62,7 @@ def build(ctx) -> dict:
     rec = recommend(rows[1:], orig, cfg.select)
     return {
         "model": cfg.model.source,
-        "protocol": ctx.protocol,
+        "protocol": as_json(ctx.protocol) or {},
         "select": cfg.select.model_dump(),
         "recommendation": {"name": rec.name, "line": rec.line},
         "pareto": fronts,
@@ -71,7 +72,7 @@ def build(ctx) -> dict:
             "formula": "2 x layers x kv_heads x head_dim x context_length x batch x bytes(kv_dtype)",
             "gpus": [{"name": g.name, "memory_gb": g.memory_gb} for g in gpus],
         },
-        "calibration": ctx.calibration,
+        "calibration": as_json(ctx.calibration),
         "shared": shared_work(ctx),
         "rows": rows,
         "layers": {n: [vars(l) for l in r.layers] for n, r in ctx.candidates.items()},

@@ -75,3 +75,45 @@ def evaluate_streams(
 
 def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin")) -> int:
     return sum(p.stat().st_size for pat in patterns for p in Path(path).glob(pat))
+
+
+def stage_evaluate(ctx) -> None:
+    """Bytes of every artifact; with `evaluate.enabled`, perplexity, KL and top-1 of the
+    original and every candidate on the evaluation windows, and their speed."""
+    from compress.data.windows import windows_sha256
+    from compress.evaluate.speed import measure_in_subprocess
+    from compress.formats.artifact import open_artifact
+    from compress.stages.context import Protocol
+
+    e = ctx.cfg.evaluate
+    done = {n: r for n, r in ctx.candidates.items() if r.artifact is not None}
+    l = ctx.loaded
+    n_params = l.streamed(load_outer=False).n_params  # read off the skeleton: no weights needed
+    orig_bytes = dir_bytes(ctx.loaded.root)
+    ctx.original.update(bytes=orig_bytes, bits_per_weight=8 * orig_bytes / n_params, params=n_params)
+    for r in done.values():
+        r.metrics.update(bytes=dir_bytes(r.artifact))
+        r.metrics.update(bits_per_weight=8 * r.metrics.bytes / n_params)
+    if not e.enabled:
+        return
+    original = l.streamed()
+    eval_ids = ctx.eval_ids
+    ctx.protocol = Protocol(
+        name=f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}",
+        dataset=e.dataset, split="evaluation", windows=e.windows, seqlen=e.seqlen,
+        windows_sha256=windows_sha256(eval_ids),
+        description="perplexity = exp(mean next-token NLL) over consecutive non-overlapping "
+        "windows cut from the start of the dataset's evaluation split (see calibration/README.md); "
+        "KL(original || candidate) and top-1 agreement averaged over every token position.",
+    )
+    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
+    rows = evaluate_streams(original, cands, eval_ids, e)
+    ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
+    for n, r in done.items():
+        r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
+                         top1_agreement=rows[n].top1_agreement)
+    if e.speed:
+        dev = l.device.type
+        ctx.original.update(**measure_in_subprocess(l.root, False, e.speed_prompt_tokens, e.speed_new_tokens, dev))
+        for r in done.values():
+            r.metrics.update(**measure_in_subprocess(r.artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, dev))

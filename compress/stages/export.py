@@ -164,6 +164,41 @@ class Exporter:
         self.writer.abort()
 
 
+def stage_quantize(ctx) -> None:
+    """Quantize and export every candidate, one at a time: the block walk hands each finished
+    block to the exporter. A failing candidate is marked failed and the others go on (a run
+    with one candidate stops)."""
+    import time
+
+    from compress.evaluate.memory import release_freed
+    from compress.stages.calibrate import spool_dir
+    from compress.stages.quantize import quantize_model
+
+    manifest = base_manifest(ctx.cfg, ctx.loaded, ctx.input_hashes, ctx.calibration)
+    for name, res in ctx.candidates.items():
+        if res.error:
+            continue
+        sm = ctx.loaded.streamed()
+        exporter = None
+        t0 = time.perf_counter()
+        try:
+            exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
+            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx))
+            res.quantize_seconds = time.perf_counter() - t0
+            res.artifact = exporter.finish(manifest)
+            res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
+        except BaseException as e:  # Ctrl-C too: no temporary folder may outlive the run
+            if exporter is not None:
+                exporter.abort()
+            if len(ctx.candidates) == 1 or not isinstance(e, Exception):
+                raise
+            log.exception("candidate %s failed", name)
+            res.error = f"{type(e).__name__}: {e}"
+        finally:
+            sm = exporter = None  # this candidate's model and buffers go before the next
+            release_freed()
+
+
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
     return dataclasses.replace(
         qw, codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu()
@@ -171,7 +206,7 @@ def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
 
 
 def base_manifest(cfg: RunConfig, loaded: LoadedModel, input_hashes: dict[str, str],
-                  calibration: Optional[dict]) -> dict:
+                  calibration) -> dict:
     return {
         "compress_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -184,5 +219,5 @@ def base_manifest(cfg: RunConfig, loaded: LoadedModel, input_hashes: dict[str, s
             "files": input_hashes,
             "license": None,
         },
-        "calibration": calibration,
+        "calibration": None if calibration is None else dataclasses.asdict(calibration),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -160,3 +161,52 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         cfg.source, root, config, checkpoint, arch_for(config.model_type), device,
         resolve_dtype(cfg.dtype, device),
     )
+
+
+def stage_load(ctx) -> None:
+    """Open the model (converting a GGUF once), hash its files, and check every candidate's
+    layer schemes against the model's shapes and the export format before any data is read."""
+    from compress.hashing import sha256_file
+
+    ctx.loaded = load_model(ctx.cfg.model)
+    ctx.input_hashes = {p.name: sha256_file(p) for p in ctx.loaded.checkpoint.files}
+    check_layer_schemes(ctx, ctx.loaded.streamed(load_outer=False))
+
+
+def _layer_scheme_error(sm: StreamedModel, plan, fmt) -> Optional[str]:
+    """The first layer whose scheme cannot be used, as a message: a group size that does not
+    divide its input size, or a scheme the export format cannot hold."""
+    from compress.stages.passes import weight_of
+    from compress.stages.quantize import block_linears, layer_spec
+
+    for i in range(sm.n_blocks):
+        for name in (n for g in block_linears(sm.templates[i], sm.arch.sequential) for n in g):
+            full = f"{sm.block_prefix}{i}.{name}"
+            spec = layer_spec(plan.q, full)
+            if spec is None:
+                continue
+            shape = tuple(weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d).shape)
+            try:
+                spec.check_divides(shape[1], full)
+            except ValueError as e:
+                return str(e)
+            why = fmt.check(full, spec, shape, sm.arch.conv1d)
+            if why:
+                return f"export.format: {fmt.name} cannot hold layer '{full}' of candidate '{plan.name}': {why}"
+    return None
+
+
+def check_layer_schemes(ctx, sm: StreamedModel) -> None:
+    """Group sizes that do not divide a layer, and schemes the format cannot hold, fail here,
+    before any data is processed: the run stops when it has one candidate, else the candidate
+    is marked failed and the rest go on."""
+    from compress.config import ConfigError
+    from compress.formats.registry import get_format
+
+    fmt = get_format(ctx.cfg.export.format)
+    for p in ctx.plans:
+        err = _layer_scheme_error(sm, p, fmt)
+        if err and len(ctx.plans) == 1:
+            raise ConfigError(err)
+        if err:
+            ctx.candidates[p.name].error = err

@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from compress.stages.context import as_json
+
 log = logging.getLogger(__name__)
 
 COLUMNS = [
@@ -29,9 +31,9 @@ COLUMNS = [
 
 
 def rows_of(ctx) -> list[dict]:
-    rows = [{"name": f"original ({ctx.loaded.dtype})".replace("torch.", ""), **ctx.original}]
+    rows = [{"name": f"original ({ctx.loaded.dtype})".replace("torch.", ""), **ctx.original.as_row()}]
     for name, r in ctx.candidates.items():
-        row = {"name": name, **r.metrics, "quantize_seconds": r.quantize_seconds}
+        row = {"name": name, **r.metrics.as_row(), "quantize_seconds": r.quantize_seconds}
         if r.error:
             row["error"] = f"FAILED: {r.error}"
         rows.append(row)
@@ -63,7 +65,7 @@ def _write_json(path: Path, obj) -> None:
 def results_of(ctx) -> dict:
     mem = ctx.memory
     return {
-        "protocol": ctx.protocol,
+        "protocol": as_json(ctx.protocol) or {},
         "rows": rows_of(ctx),
         "run": {
             "peak_rss_mb": mem.peak / 2**20 if mem else None,
@@ -79,17 +81,21 @@ def results_of(ctx) -> dict:
     }
 
 
+def stage_report(ctx) -> None:
+    write_report(ctx)
+
+
 def write_report(ctx) -> None:
     results = results_of(ctx)
     _write_json(ctx.out_dir / "results.json", results)
     run = results["run"]
-    orig_mb = ctx.original.get("bytes", 0) / 1e6
+    orig_bytes = ctx.original.bytes or 0
     lines = [
         f"# compress run: {ctx.cfg.model.source}",
         "",
         markdown_table(results["rows"]),
         "",
-        f"Evaluation protocol: {ctx.protocol.get('name', 'not run')}.",
+        f"Evaluation protocol: {ctx.protocol.name if ctx.protocol else 'not run'}.",
     ]
     if run["peak_rss_mb"] is not None and run["runtime_rss_mb"] is not None:
         model_mb = run["peak_rss_mb"] - run["runtime_rss_mb"]
@@ -97,8 +103,8 @@ def write_report(ctx) -> None:
             f"Peak resident memory of this run: {run['peak_rss_mb']:.0f} MB, of which "
             f"{run['runtime_rss_mb']:.0f} MB is the runtime before any weight is loaded (Python, "
             f"torch, transformers, the model skeleton) and {model_mb:.0f} MB the streamed model data: "
-            f"{model_mb * 2**20 / max(ctx.original.get('bytes', 0), 1):.2f}x the "
-            f"{ctx.original.get('bytes', 0) / 2**20:.0f} MiB of original weights on disk (RSS in MiB)."
+            f"{model_mb * 2**20 / max(orig_bytes, 1):.2f}x the "
+            f"{orig_bytes / 2**20:.0f} MiB of original weights on disk (RSS in MiB)."
         )
     md = "\n".join(lines) + "\n"
     if ctx.cfg.report.markdown:
@@ -108,7 +114,7 @@ def write_report(ctx) -> None:
             continue
         own = [row for row in results["rows"] if row["name"] in (name,) or row is results["rows"][0]]
         _write_json(Path(r.artifact) / "compress-results.json",
-                    {"protocol": ctx.protocol, "rows": own, "this": name})
+                    {"protocol": results["protocol"], "rows": own, "this": name})
     if ctx.cfg.report.print:
         print(md)
     write_comparison(ctx)

@@ -1,0 +1,43 @@
+"""Stage: token windows for calibration and evaluation, and where activations wait between blocks."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from compress.stages.context import RunContext
+
+
+def stage_calibrate(ctx: "RunContext") -> None:
+    """Token windows for calibration (when a method reads the calibration stream) and for
+    evaluation, drawn in a child process (compress/data/draw.py): this process never holds the
+    tokenizer or the text. Evaluation's windows are drawn here too, so a too-short evaluation
+    split fails before any quantization."""
+    from compress.data.draw import draw_windows
+    from compress.data.windows import windows_sha256
+    from compress.quantizers import get_method
+    from compress.stages.context import CalibrationRecord
+
+    c, e = ctx.cfg.calibration, ctx.cfg.evaluate
+    needs_calib = any(get_method(p.q.method).needs_calibration for p in ctx.plans)
+    calib = dict(source_spec=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
+                 chat_template=c.chat_template) if needs_calib else None
+    evaluation = dict(source_spec=e.dataset, n_windows=e.windows, seqlen=e.seqlen) if e.enabled else None
+    ctx.calibration = None  # RTN only: no calibration data is read
+    if calib is None and evaluation is None:
+        return
+    drawn = draw_windows(ctx.loaded.root, calib, evaluation, ctx.cfg.model.trust_remote_code)
+    ctx.eval_ids = drawn.get("evaluation")
+    if calib is None:
+        return
+    ctx.calib_ids = drawn["calibration"]
+    ctx.calibration = CalibrationRecord(c.dataset, c.nsamples, c.seqlen, c.seed, c.chat_template,
+                                        windows_sha256(ctx.calib_ids))
+
+
+def spool_dir(ctx: "RunContext") -> Optional[Path]:
+    """Where the calibration activations are spooled between blocks; None keeps them in memory."""
+    mode = ctx.cfg.calibration.activations
+    if mode == "auto":
+        mode = "memory" if ctx.loaded.device.type == "cuda" else "disk"
+    return ctx.out_dir if mode == "disk" else None

@@ -1,0 +1,98 @@
+"""The run's state as typed values: what each stage reads and what it leaves for the next."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from compress.config import RunConfig
+from compress.evaluate.memory import PeakMemory
+from compress.stages.load import LoadedModel
+from compress.stages.quantize import LayerReport, Plan
+
+
+@dataclass
+class Metrics:
+    """One row's measurements; None where a stage did not run or does not apply."""
+
+    bytes: Optional[int] = None
+    bits_per_weight: Optional[float] = None
+    linear_bits_per_weight: Optional[float] = None
+    params: Optional[int] = None
+    perplexity: Optional[float] = None
+    kl_divergence: Optional[float] = None
+    top1_agreement: Optional[float] = None
+    prefill_tokens_per_s: Optional[float] = None
+    decode_tokens_per_s: Optional[float] = None
+    serving_peak_rss_mb: Optional[float] = None
+
+    def update(self, **values: Any) -> None:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KeyError(f"not a metric: {unknown}")
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def as_row(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class CalibrationRecord:
+    dataset: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    chat_template: bool
+    windows_sha256: str
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the evaluation figures were measured (written with every result)."""
+
+    name: str
+    dataset: str
+    split: str
+    windows: int
+    seqlen: int
+    windows_sha256: str
+    description: str
+
+
+@dataclass
+class CandidateResult:
+    plan: Plan
+    artifact: Optional[Path] = None
+    layers: list[LayerReport] = field(default_factory=list)
+    quantize_seconds: Optional[float] = None
+    error: Optional[str] = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+
+@dataclass
+class RunContext:
+    cfg: RunConfig
+    out_dir: Path
+    plans: list[Plan] = field(default_factory=list)
+    loaded: Optional[LoadedModel] = None
+    calib_ids: Optional[torch.Tensor] = None
+    eval_ids: Optional[torch.Tensor] = None
+    calibration: Optional[CalibrationRecord] = None
+    input_hashes: dict[str, str] = field(default_factory=dict)
+    candidates: dict[str, CandidateResult] = field(default_factory=dict)
+    original: Metrics = field(default_factory=Metrics)
+    protocol: Optional[Protocol] = None
+    timings: dict[str, float] = field(default_factory=dict)
+    stage_peak_mb: dict[str, float] = field(default_factory=dict)
+    runtime_rss_mb: Optional[float] = None
+    published: object = None
+    memory: Optional[PeakMemory] = None
+
+
+def as_json(value: Any) -> Any:
+    """A record (or None) as plain JSON data."""
+    return None if value is None else asdict(value)
