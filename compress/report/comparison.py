@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 
 from compress.compare import pareto_front, ppl_increase, recommend
+from compress.report import columns
+from compress.report.columns import cell
 from compress.stages.context import as_json
 from compress.serving import GIB, attention_shape, fits, load_gpus, safetensors_tensor_bytes, serving_need
 
@@ -93,43 +95,8 @@ def shared_work(ctx) -> dict:
 
 
 # ---- tables --------------------------------------------------------------------------------
-COLUMNS = [  # key, header, format
-    ("name", "candidate", "{}"),
-    ("pareto", "pareto", "{}"),
-    ("perplexity", "ppl", "{:.3f}"),
-    ("ppl_increase", "ppl +%", "{:+.2%}"),
-    ("kl_divergence", "KL", "{:.4f}"),
-    ("top1_agreement", "top-1", "{:.3f}"),
-    ("bytes", "MB on disk", "{:.1f}"),
-    ("bits_per_weight", "bits/w", "{:.2f}"),
-    ("serving_bytes", "serve GiB", "{:.3f}"),
-    ("smallest_gpu", "fits on", "{}"),
-    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
-    ("quantize_seconds", "quantize s", "{:.1f}"),
-    ("status", "status", "{}"),
-]
-
-
-def cell(row: dict, key: str, fmt: str) -> str:
-    v = row.get(key)
-    if key == "pareto":
-        return "*" if v else ""
-    if key == "status":
-        return f"FAILED: {row['error']}" if row.get("error") else "ok"
-    if v is None:
-        return "-"
-    if key == "bytes":
-        v = v / 1e6
-    elif key == "serving_bytes":
-        v = v / GIB
-    return fmt.format(v)
-
-
 def markdown(comp: dict) -> str:
-    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(cell(r, k, f).replace("|", "\\|") for k, _, f in COLUMNS) + " |"
-            for r in comp["rows"]]
+    table = columns.markdown_table(comp["rows"], columns.COMPARISON_TABLE)
     s = comp["serving"]
     notes = [
         "",
@@ -140,13 +107,13 @@ def markdown(comp: dict) -> str:
         "",
         comp["recommendation"]["line"],
     ]
-    return "\n".join([head, sep, *body, *notes]) + "\n"
+    return "\n".join([table, *notes]) + "\n"
 
 
 def terminal(comp: dict) -> str:
-    cols = [c for c in COLUMNS if c[0] not in ("pareto",)]
-    table = [["" if not r.get("pareto") else "*"] + [cell(r, k, f) for k, _, f in cols] for r in comp["rows"]]
-    header = [" "] + [h for _, h, _ in cols]
+    keys = [k for k in columns.COMPARISON_TABLE if k != "pareto"]
+    table = [[cell(r, "pareto")] + [cell(r, k) for k in keys] for r in comp["rows"]]
+    header = [" "] + [columns.COLUMNS[k].header for k in keys]
     widths = [max(len(x[i]) for x in [header, *table]) for i in range(len(header))]
     widths[-1] = min(widths[-1], 60)
     fmt = lambda xs: "  ".join(x[:60].ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731

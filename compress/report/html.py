@@ -5,7 +5,7 @@ import base64
 import html
 import json
 
-from compress.report.comparison import COLUMNS, cell
+from compress.report.columns import COLUMNS, COMPARISON_TABLE, cell
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
@@ -53,14 +53,15 @@ def _sort_value(row: dict, key: str) -> str:
 
 def table_html(comp: dict) -> str:
     rec = comp["recommendation"]["name"]
-    head = "".join(f"<th title='sort by {html.escape(h)}'>{html.escape(h)}</th>" for _, h, _ in COLUMNS)
+    heads = [COLUMNS[k].header for k in COMPARISON_TABLE]
+    head = "".join(f"<th title='sort by {html.escape(h)}'>{html.escape(h)}</th>" for h in heads)
     body = []
     for r in comp["rows"]:
         cls = " ".join(c for c, on in (("pareto", r.get("pareto")), ("failed", r.get("error")),
                                        ("recommended", r["name"] == rec)) if on)
         tds = []
-        for k, _, f in COLUMNS:
-            text = cell(r, k, f)
+        for k in COMPARISON_TABLE:
+            text = cell(r, k)
             if k == "smallest_gpu" and r.get("fits_on"):
                 text = f"{text} (+{len(r['fits_on']) - 1} larger)" if len(r["fits_on"]) > 1 else text
             td_cls = " class='err'" if k == "status" and r.get("error") else ""

@@ -10,25 +10,10 @@ import logging
 import os
 from pathlib import Path
 
+from compress.report import columns
 from compress.stages.context import as_json
 
 log = logging.getLogger(__name__)
-
-COLUMNS = [
-    ("name", "candidate", "{}"),
-    ("perplexity", "ppl", "{:.3f}"),
-    ("kl_divergence", "KL", "{:.4f}"),
-    ("top1_agreement", "top-1", "{:.3f}"),
-    ("bytes", "MB on disk", "{:.1f}"),
-    ("bits_per_weight", "bits/w (file)", "{:.2f}"),
-    ("linear_bits_per_weight", "bits/w (linears)", "{:.2f}"),
-    ("prefill_tokens_per_s", "prefill tok/s", "{:.0f}"),
-    ("decode_tokens_per_s", "decode tok/s", "{:.1f}"),
-    ("serving_peak_rss_mb", "serve RSS MB", "{:.0f}"),
-    ("quantize_seconds", "quantize s", "{:.1f}"),
-    ("error", "status", "{}"),
-]
-
 
 def rows_of(ctx) -> list[dict]:
     rows = [{"name": f"original ({ctx.loaded.dtype})".replace("torch.", ""), **ctx.original.as_row()}]
@@ -40,20 +25,8 @@ def rows_of(ctx) -> list[dict]:
     return rows
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    v = row.get(key)
-    if v is None:
-        return "ok" if key == "error" else "-"
-    if key == "bytes":
-        v = v / 1e6
-    return fmt.format(v)
-
-
 def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(c[1] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+    return columns.markdown_table(rows, columns.RUN_TABLE)
 
 
 def _write_json(path: Path, obj) -> None:
