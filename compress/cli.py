@@ -64,7 +64,7 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
     from compress.pipeline import run
 
     try:
-        run(cfg, Path(output) if output else None)
+        ctx = run(cfg, Path(output) if output else None)
     except _input_errors() as e:
         _bad_input(str(e))
     except KeyboardInterrupt:
@@ -74,6 +74,22 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
         logging.getLogger("compress").debug("traceback", exc_info=True)
         click.echo(f"failed: {type(e).__name__}: {e}", err=True)
         sys.exit(FAILURE)
+    _print_how_to_load(ctx)
+
+
+def _print_how_to_load(ctx) -> None:
+    """The two lines that load each finished artifact, and what they need installed."""
+    from compress.formats.registry import get_format
+
+    done = [r.artifact for r in ctx.candidates.values() if r.artifact is not None]
+    if not done:
+        return
+    fmt = get_format(ctx.cfg.export.format)
+    click.echo(f"\nLoad an artifact ({fmt.name}; needs {fmt.loaders}):")
+    for path in done:
+        p = json.dumps(str(Path(path).resolve()))
+        click.echo("    from transformers import AutoModelForCausalLM, AutoTokenizer")
+        click.echo(f"    model, tokenizer = AutoModelForCausalLM.from_pretrained({p}), AutoTokenizer.from_pretrained({p})")
 
 
 _SET = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",

@@ -6,9 +6,6 @@ from pathlib import Path
 from typing import Union
 
 
-def sha256_file(path: Union[str, Path], chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Union[str, Path]) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -35,15 +35,19 @@ def describe(path: Path) -> str:
     config = json.loads((path / "config.json").read_text())
     q = config.get("quantization_config") or {}
     shapes = _shapes(ckpt)
+    fmt = None
+    if q:
+        from compress.formats.registry import format_of_artifact
+
+        try:
+            fmt = format_of_artifact(q)
+        except ValueError as e:
+            raise CheckpointError(f"{path / 'config.json'}: quantization_config: {e}") from None
     params = 0
+    plain = {n: s for n, (s, _) in shapes.items()}
     for name, (shape, _) in shapes.items():
-        if name.endswith(".qweight"):
-            g_idx = shapes[name[: -len("qweight")] + "g_idx"][0][0]
-            params += shape[1] * g_idx  # out x in weights behind the packed words
-        elif name.endswith((".qzeros", ".scales", ".g_idx")):
-            continue
-        else:
-            params += _numel(shape)
+        behind = fmt.weights_behind(name, plain, lambda k: ckpt.load([k])[k]) if fmt else None
+        params += _numel(shape) if behind is None else behind
     size = sum(p.stat().st_size for p in ckpt.files)
     lines = [
         f"path:          {path}",
@@ -52,12 +56,10 @@ def describe(path: Path) -> str:
         f"weight bytes:  {size:,} ({size / 1e6:.1f} MB in {len(ckpt.files)} file(s))",
         f"bits/weight:   {8 * size / max(params, 1):.2f} (whole file, incl. scales and unquantized tensors)",
     ]
-    if q:
-        keys = ("quant_method", "checkpoint_format", "bits", "group_size", "sym", "desc_act")
-        lines.append("quantization:  " + ", ".join(f"{k}={q.get(k)}" for k in keys if k in q))
-        dyn = q.get("dynamic") or {}
-        if dyn:
-            lines.append(f"overrides:     {len(dyn)} dynamic rule(s): {', '.join(list(dyn)[:4])}")
+    if fmt is not None:
+        first, *rest = fmt.describe(q)
+        lines.append("quantization:  " + first)
+        lines += [" " * 15 + line for line in rest]
     else:
         dtypes = sorted({d for _, d in shapes.values()})
         lines.append(f"quantization:  none (tensor dtypes {', '.join(dtypes)})")

@@ -47,9 +47,9 @@ def test_schema_is_json_schema_of_the_config():
     schema = json.loads(res.stdout)
     assert schema["required"] == ["model"]
     assert {"model", "calibration", "quantize", "export", "evaluate"} <= set(schema["properties"])
-    bits = schema["$defs"]["QuantizeConfig"]["properties"]["bits"]
-    assert bits["enum"] == [2, 3, 4, 8]
-    assert schema["$defs"]["QuantizeConfig"]["additionalProperties"] is False
+    for method in ("RTNConfig", "GPTQConfig"):  # one config per registered method
+        assert schema["$defs"][method]["properties"]["bits"]["enum"] == [2, 3, 4, 8]
+        assert schema["$defs"][method]["additionalProperties"] is False
 
 
 def test_validate_ok_and_set_applies_before_validation(good, tmp_path):
@@ -172,7 +172,8 @@ def test_pickled_checkpoint_needs_allow_pickle(good, model_dir, tmp_path):
 def test_run_then_inspect_then_refuse_to_clobber(good, tmp_path):
     data, out = good
     path = write_config(tmp_path, data)
-    res = invoke("run", path, "--set", "quantize.group_size=32", "--output", str(tmp_path / "elsewhere"))
+    res = res_run = CliRunner().invoke(main, ["-q", "run", path, "--set", "quantize.group_size=32", "--output",
+                                              str(tmp_path / "elsewhere")])
     assert res.exit_code == 0, res.output
     art = tmp_path / "elsewhere" / "rtn-w4-g32"
     assert is_complete(art, check_hashes=True)
@@ -182,8 +183,19 @@ def test_run_then_inspect_then_refuse_to_clobber(good, tmp_path):
 
     res = invoke("inspect", str(art))
     assert res.exit_code == 0, res.output
-    assert "bits=4" in res.stdout and "group_size=32" in res.stdout and "quant_method=gptq" in res.stdout
+    assert "quant_method=compressed-tensors" in res.stdout
+    assert "group_0: bits=4, group_size=32, sym=True" in res.stdout and "-> Linear (1 target(s))" in res.stdout
     assert "(model_type llama)" in res.stdout
+    # The packed tensors stand for as many weights as the original holds.
+    params = [l for l in res.stdout.splitlines() if l.startswith("parameters:")]
+    orig = invoke("inspect", data["model"]["source"])
+    assert params and params == [l for l in orig.stdout.splitlines() if l.startswith("parameters:")]
+    # The end of the run printed the two lines that load the artifact: they do, as printed.
+    lines = [l.strip() for l in res_run.stdout.splitlines() if l.startswith("    ")]
+    assert len(lines) == 2 and "from_pretrained" in lines[1]
+    scope: dict = {}
+    exec("\n".join(lines), scope)
+    assert type(scope["model"].hf_quantizer).__name__ == "CompressedTensorsHfQuantizer"
 
     res = invoke("inspect", str(art.parent / "does-not-exist"))
     assert res.exit_code == 2

@@ -170,6 +170,24 @@ class CompressedTensorsFormat(Format):
         return {"version": compressed_tensors.__version__, "quant_method": self.quant_method,
                 "sparsity_config": {}, "transform_config": {}, **out}
 
+    def weights_behind(self, name, shapes, read) -> Optional[int]:
+        if name.endswith(".weight_packed"):
+            out_f, in_f = (int(v) for v in read(name[: -len("packed")] + "shape").tolist())
+            return out_f * in_f
+        return 0 if name.endswith((".weight_scale", ".weight_zero_point", ".weight_shape")) else None
+
+    def describe(self, qcfg: dict[str, Any]) -> list[str]:
+        lines = [f"quant_method={qcfg.get('quant_method')}, format={qcfg.get('format')}"]
+        for gname, g in (qcfg.get("config_groups") or {}).items():
+            w = g.get("weights") or {}
+            a = g.get("input_activations")
+            t = g.get("targets") or []
+            grid = (f"bits={w.get('num_bits')}, group_size={w.get('group_size') or -1}, "
+                    f"sym={w.get('symmetric')}, actorder={w.get('actorder')}")
+            acts = f", activations int{a.get('num_bits')} {a.get('strategy')}" if a else ""
+            lines.append(f"{gname}: {grid}{acts} -> {', '.join(t[:3])}{' ...' if len(t) > 3 else ''} ({len(t)} target(s))")
+        return lines
+
     def patcher(self, qcfg: dict[str, Any], dense_dtype: Optional[torch.dtype], block_prefix: str) -> BlockPatcher:
         from compress.formats.quant_linear import QuantLinear, dequantized_linear
 

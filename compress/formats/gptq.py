@@ -247,6 +247,19 @@ class GPTQFormat(Format):
 
         return {"quantize_config.json": (json.dumps(qcfg, indent=2, sort_keys=True) + "\n").encode()}
 
+    def weights_behind(self, name, shapes, read) -> Optional[int]:
+        if name.endswith(".qweight"):
+            return shapes[name][1] * shapes[name[: -len("qweight")] + "g_idx"][0]  # out x in
+        return 0 if name.endswith((".qzeros", ".scales", ".g_idx")) else None
+
+    def describe(self, qcfg: dict[str, Any]) -> list[str]:
+        keys = ("quant_method", "checkpoint_format", "bits", "group_size", "sym", "desc_act")
+        lines = [", ".join(f"{k}={qcfg.get(k)}" for k in keys if k in qcfg)]
+        dyn = qcfg.get("dynamic") or {}
+        if dyn:
+            lines.append(f"overrides: {len(dyn)} dynamic rule(s): {', '.join(list(dyn)[:4])}")
+        return lines
+
     def patcher(self, qcfg: dict[str, Any], dense_dtype: Optional[torch.dtype], block_prefix: str) -> BlockPatcher:
         from compress.formats.quant_linear import QuantLinear, dequantized_linear
 

@@ -88,6 +88,15 @@ class Format:
     def side_files(self, qcfg: dict[str, Any]) -> dict[str, bytes]:
         return {}
 
+    def weights_behind(self, name: str, shapes: dict[str, tuple[int, ...]], read: Callable[[str], torch.Tensor]) -> Optional[int]:
+        """How many weights stored tensor `name` stands for: the full count for a packed
+        weight, 0 for its scales/zeros/indices, None for a tensor the format does not own."""
+        raise NotImplementedError
+
+    def describe(self, qcfg: dict[str, Any]) -> list[str]:
+        """`compress inspect`'s lines for the quantization (after the `quantization:` label)."""
+        raise NotImplementedError
+
     def patcher(self, qcfg: dict[str, Any], dense_dtype: Optional[torch.dtype], block_prefix: str) -> BlockPatcher:
         """Swap a freshly built block's quantized linears for modules built from the stored
         tensors: `QuantLinear`, or with `dense_dtype` an `nn.Linear` of the dequantized weight
