@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -36,8 +37,13 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from compress.config import ConfigError
     from compress.models.arch import UnsupportedModelError
     from compress.models.checkpoint import CheckpointError
+    from compress.lock import OutputBusy
 
-    return (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError)
+    return (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError, OutputBusy)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, systemd, docker stop) cleans up like Ctrl-C
 
 
 def _load(config: str, overrides: tuple[str, ...]):
@@ -63,6 +69,7 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
     cfg = _load(config, overrides)
     from compress.pipeline import run
 
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(cfg, Path(output) if output else None)
     except _input_errors() as e:

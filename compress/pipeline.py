@@ -15,6 +15,7 @@ import torch
 
 from compress.config import ConfigError, RunConfig
 from compress.evaluate.memory import PeakMemory, release_freed, rss_bytes
+from compress.lock import holding_output_dir
 from compress.stages.load import LoadedModel
 from compress.stages.quantize import LayerReport, Plan
 
@@ -136,7 +137,7 @@ def stage_calibrate(ctx: RunContext) -> None:
     ctx.calibration = None  # RTN only: no calibration data is read
     if calib is None and evaluation is None:
         return
-    drawn = draw_windows(ctx.loaded.root, calib, evaluation, ctx.cfg.model.trust_remote_code)
+    drawn = draw_windows(ctx.loaded.root, calib, evaluation, ctx.cfg.model.trust_remote_code, ctx.out_dir)
     ctx.eval_ids = drawn.get("evaluation")
     if calib is None:
         return
@@ -267,6 +268,7 @@ STAGES: list[tuple[str, Callable[[RunContext], None]]] = [
 _AFTER_MEASURE = ("report", "publish")
 
 
+@holding_output_dir
 def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
     out_dir = Path(out_dir or cfg.export.output_dir)
     plans = preflight(cfg, out_dir)

@@ -60,7 +60,11 @@ class GPTQExporter:
         self.quantized_params = 0
         self.quantized_bytes = 0
         self.permuted = False  # any layer stored with an act-order g_idx
-        self._write_outer()
+        try:
+            self._write_outer()
+        except BaseException:  # the caller gets no exporter to abort: remove the partial here
+            self.writer.abort()
+            raise
 
     @property
     def linear_bits_per_weight(self) -> float:
