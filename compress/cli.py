@@ -69,7 +69,7 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
     cfg = _load(config, overrides)
     from compress.pipeline import run
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         run(cfg, Path(output) if output else None)
     except _input_errors() as e:
@@ -81,6 +81,8 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
         logging.getLogger("compress").debug("traceback", exc_info=True)
         click.echo(f"failed: {type(e).__name__}: {e}", err=True)
         sys.exit(FAILURE)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # for callers in this process (tests)
 
 
 _SET = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
