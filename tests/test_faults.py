@@ -25,7 +25,7 @@ import yaml
 from compress.config import parse_config
 from compress.formats.writer import is_complete
 from compress.lock import LOCK, OutputBusy, OutputLock
-from compress.owner import OWNER, make_partial, owner_gone, owner_record, sweep_dead
+from compress.owner import OWNER, _start_ticks, make_partial, owner_gone, owner_record, sweep_dead
 from compress.pipeline import run
 from tiny_models import make_model, make_tokenizer, run_config, save_model
 
@@ -138,6 +138,17 @@ def plant(parent: Path, prefix: str, **record) -> Path:
 
 
 @pytest.fixture
+def reaper():
+    """`reaper(pid)`: killed at teardown if still running (the same process: its start time is
+    compared), so a failing test leaves no process behind."""
+    started: list[tuple[int, int]] = []
+    yield lambda pid: started.append((pid, _start_ticks(pid)))
+    for pid, ticks in started:
+        if alive(pid) and _start_ticks(pid) == ticks:
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
 def fast_cfg(model_dir, text_file):
     """RTN without evaluation: load, quantize, export (no draw child), a second or two."""
     return lambda out: parse_config(run_config(model_dir("llama"), text_file, out, evaluate={"enabled": False}))
@@ -217,11 +228,13 @@ def test_gguf_conversion_is_atomic_and_sweeps_dead_partials(model_dir, tmp_path,
 
 # -- killed processes --------------------------------------------------------------------------
 
-def test_concurrent_run_exits_2_at_once_and_sigterm_cleans_up(model_dir, text_file, tmp_path):
+def test_concurrent_run_exits_2_at_once_and_sigterm_cleans_up(model_dir, text_file, tmp_path, reaper):
     out = tmp_path / "out"
     config = write_config(tmp_path, run_config(model_dir("llama"), text_file, out))
     first = start(tmp_path, "calibrate", config)
+    reaper(first.pid)
     child = paused_draw_child(tmp_path, first)
+    reaper(child)
     assert [p.name.startswith(".compress-windows.partial-") for p in partials(out)] == [True]
 
     second = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(config)], env=ENV,
@@ -238,10 +251,12 @@ def test_concurrent_run_exits_2_at_once_and_sigterm_cleans_up(model_dir, text_fi
     assert leftovers(out) == []  # no windows folder, no lock file; the folder it made is gone
 
 
-def test_sigkill_while_drawing_kills_the_child_and_next_run_sweeps(model_dir, text_file, tmp_path, fast_cfg):
+def test_sigkill_while_drawing_kills_the_child_and_next_run_sweeps(model_dir, text_file, tmp_path, fast_cfg, reaper):
     out = tmp_path / "out"
     proc = start(tmp_path, "calibrate", write_config(tmp_path, run_config(model_dir("llama"), text_file, out)))
+    reaper(proc.pid)
     child = paused_draw_child(tmp_path, proc)
+    reaper(child)
     proc.kill()
     proc.wait(timeout=30)
     wait_for(lambda: not alive(child), 10, f"draw child {child} to die with its parent")
