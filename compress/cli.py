@@ -1,6 +1,7 @@
 """Thin click commands; heavy imports stay inside the command bodies.
 
-Exit codes: 0 ok, 2 bad input (config, paths, unsupported or corrupt model), 1 internal failure.
+Exit codes: 0 ok, 2 bad input (config, paths, unsupported or corrupt model, output folder held
+by another run), 1 internal failure, 130 interrupted (SIGINT or SIGTERM, after cleanup).
 """
 from __future__ import annotations
 
