@@ -13,7 +13,6 @@ dies with the parent (compress/children.py), and its files live in a ``.partial-
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
