@@ -1,11 +1,13 @@
 """Thin click commands; heavy imports stay inside the command bodies.
 
-Exit codes: 0 ok, 2 bad input (config, paths, unsupported or corrupt model), 1 internal failure.
+Exit codes: 0 ok, 2 bad input (config, paths, unsupported or corrupt model, output folder held
+by another run), 1 internal failure, 130 interrupted (SIGINT or SIGTERM, after cleanup).
 """
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -36,8 +38,13 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from compress.config import ConfigError
     from compress.models.arch import UnsupportedModelError
     from compress.models.checkpoint import CheckpointError
+    from compress.lock import OutputBusy
 
-    return (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError)
+    return (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError, OutputBusy)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, systemd, docker stop) cleans up like Ctrl-C
 
 
 def _load(config: str, overrides: tuple[str, ...]):
@@ -63,6 +70,7 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
     cfg = _load(config, overrides)
     from compress.pipeline import run
 
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         ctx = run(cfg, Path(output) if output else None)
     except _input_errors() as e:
@@ -74,6 +82,8 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
         logging.getLogger("compress").debug("traceback", exc_info=True)
         click.echo(f"failed: {type(e).__name__}: {e}", err=True)
         sys.exit(FAILURE)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # for callers in this process (tests)
     _print_how_to_load(ctx)
 
 

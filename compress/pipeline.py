@@ -21,6 +21,7 @@ from compress.stages.load import stage_load
 from compress.stages.publish import stage_publish
 from compress.stages.report import stage_report
 from compress.stages.quantize import Plan
+from compress.lock import holding_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ STAGES: list[tuple[str, Callable[[RunContext], None]]] = [
 _AFTER_MEASURE = ("report", "publish")
 
 
+@holding_output_dir
 def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
     out_dir = Path(out_dir or cfg.export.output_dir)
     plans = preflight(cfg, out_dir)

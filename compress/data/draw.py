@@ -4,15 +4,16 @@ Reading and tokenizing the text (gensim's Wikipedia parser, the tokenizer itself
 concatenated token ids) leaves tens of megabytes resident that the quantizing process would
 then carry through every block. A short-lived child does it instead and hands back two small
 int64 tensors, so the parent never loads a tokenizer. A ValueError in the child (e.g. a split
-too short for the windows asked) comes back as a ValueError with the child's message.
+too short for the windows asked) comes back as a ValueError with the child's message. The child
+dies with the parent (compress/children.py), and its files live in a ``.partial-`` folder of
+`work_dir` (the run's output folder), removed when it is done or, after a kill, by a later run.
 
     python -m compress.data.draw SPEC.json   (written by `draw_windows`; not a user command)
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,33 +21,41 @@ from typing import Optional
 
 import torch
 
+from compress.children import die_with_parent, run_child
+from compress.owner import make_partial
+
 _VALUE_ERROR = 3  # exit status of the child for a ValueError (its message on the last line of stderr)
 
 
 def draw_windows(
     tokenizer_dir: Path, calibration: Optional[dict], evaluation: Optional[dict],
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, work_dir: Optional[Path] = None,
 ) -> dict[str, torch.Tensor]:
     """`calibration`: calibration_windows' keyword arguments (source_spec, nsamples, seqlen,
     seed, chat_template); `evaluation`: evaluation_windows' (source_spec, n_windows, seqlen).
+    `work_dir`: where the exchange files go (the system's temporary folder when None).
     Returns {"calibration": ..., "evaluation": ...} for those asked."""
     from safetensors.torch import load_file
 
-    with tempfile.TemporaryDirectory(prefix="compress-windows-") as tmp:
+    if work_dir is None:
+        tmp = Path(tempfile.mkdtemp(prefix="compress-windows-"))
+    else:
+        tmp = make_partial(Path(work_dir), ".compress-windows.partial-")
+    try:
         spec = {
             "tokenizer": str(tokenizer_dir), "trust_remote_code": trust_remote_code,
-            "calibration": calibration, "evaluation": evaluation, "out": os.path.join(tmp, "windows.safetensors"),
+            "calibration": calibration, "evaluation": evaluation, "out": str(tmp / "windows.safetensors"),
         }
-        spec_path = Path(tmp) / "spec.json"
+        spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run(
-            [sys.executable, "-m", "compress.data.draw", str(spec_path)], capture_output=True, text=True
-        )
+        proc = run_child([sys.executable, "-m", "compress.data.draw", str(spec_path)])
         if proc.returncode == _VALUE_ERROR:
             raise ValueError(proc.stderr.strip().splitlines()[-1])
         if proc.returncode != 0:
             raise RuntimeError(f"drawing the token windows failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return load_file(spec["out"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _main(spec_path: str) -> int:
@@ -71,4 +80,5 @@ def _main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent()
     sys.exit(_main(sys.argv[1]))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from compress.children import die_with_parent, run_child
 
 
 def _median(xs: list[float]) -> float:
@@ -81,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
 def measure_in_subprocess(path: Path, artifact: bool, prompt: int, new: int, device: str) -> dict:
     cmd = [sys.executable, "-m", "compress.evaluate.speed", str(path), "--prompt", str(prompt),
            "--new", str(new), "--device", device] + (["--artifact"] if artifact else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = run_child(cmd)
     if proc.returncode != 0:
         raise RuntimeError(f"speed measurement failed for {path}: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
+    die_with_parent()
     main()

@@ -3,7 +3,8 @@
 Everything is written into a hidden sibling ``.<name>.partial-<random>`` and renamed to the
 final name only once complete, with ``compress-manifest.json`` (sizes and sha256 of every
 other file) written last. A folder at the final path therefore always holds a finished
-artifact; a crash leaves at most a ``.partial-`` folder that nothing mistakes for a model.
+artifact; a crash leaves at most a ``.partial-`` folder that nothing mistakes for a model, and
+its owner record (compress/owner.py) lets a later run remove it once this process is gone.
 
 Tensor bytes are appended to a spill file as they arrive and turned into a safetensors shard
 (header, then the spilled bytes copied in chunks) whenever a shard would exceed
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 
 from compress.hashing import sha256_file
+from compress.owner import OWNER, make_partial
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2_000_000_000  # "2GB" as transformers' save_pretrained counts it
-_RESERVED = {MANIFEST, CONFIG, SINGLE, INDEX}
+_RESERVED = {MANIFEST, CONFIG, SINGLE, INDEX, OWNER}
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -77,8 +79,7 @@ class ArtifactWriter:
         self.max_shard_bytes = max_shard_bytes
         self._refuse_clobber()
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.final_dir.parent / f".{self.final_dir.name}.partial-{secrets.token_hex(4)}"
-        self.tmp_dir.mkdir()
+        self.tmp_dir = make_partial(self.final_dir.parent, f".{self.final_dir.name}.partial-")
         self._buffer: dict[str, dict[str, Any]] = {}  # header entries of the shard in progress
         self._spill: Optional[Any] = None  # open file receiving that shard's tensor bytes
         self._buffer_bytes = 0
@@ -222,7 +223,7 @@ class ArtifactWriter:
     def _outputs(self) -> dict[str, dict[str, Any]]:
         out = {}
         for p in sorted(self.tmp_dir.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p != self.tmp_dir / OWNER:
                 rel = p.relative_to(self.tmp_dir).as_posix()
                 out[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         return out
@@ -242,6 +243,7 @@ class ArtifactWriter:
             f.write(json.dumps(full, indent=2, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        (self.tmp_dir / OWNER).unlink()  # the finished folder carries no trace of this process
         self._move_into_place()
         self._done = True
         log.info("wrote %s (%d shard(s), %d tensor bytes)", self.final_dir, len(self._shards), self._total_bytes)

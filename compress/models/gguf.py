@@ -2,17 +2,19 @@
 
 GGUF tensors are dequantized by transformers' GGUF loader; the result is saved so that every
 later run streams blocks from safetensors like any other checkpoint. The conversion itself
-holds the model once in memory; it is cached by the GGUF file's content hash.
+holds the model once in memory; it is cached by the GGUF file's content hash. It is written in
+a ``.partial-`` sibling renamed into place when complete; the sibling of a conversion that was
+killed is removed by a later conversion once its owner is gone (compress/owner.py).
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from compress.hashing import sha256_file
+from compress.owner import OWNER, make_partial, sweep_dead
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    sweep_dead(target.parent)
+    tmp = make_partial(target.parent, f".{target.name}.partial-")
     try:
         kwargs = dict(gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -53,7 +55,12 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
         (tmp / "compress-source.txt").write_text(f"{gguf_path}\nsha256-prefix {digest}\n")
-        os.replace(tmp, target)
+        (tmp / OWNER).unlink()
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a concurrent conversion of the same file finished first
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

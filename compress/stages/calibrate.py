@@ -26,7 +26,7 @@ def stage_calibrate(ctx: "RunContext") -> None:
     ctx.calibration = None  # RTN only: no calibration data is read
     if calib is None and evaluation is None:
         return
-    drawn = draw_windows(ctx.loaded.root, calib, evaluation, ctx.cfg.model.trust_remote_code)
+    drawn = draw_windows(ctx.loaded.root, calib, evaluation, ctx.cfg.model.trust_remote_code, ctx.out_dir)
     ctx.eval_ids = drawn.get("evaluation")
     if calib is None:
         return

@@ -64,7 +64,7 @@ class Exporter:
         self.quantized_bytes = 0
         try:
             self._write_outer()
-        except BaseException:
+        except BaseException:  # the caller gets no exporter to abort: remove the partial here
             self.writer.abort()
             raise
 
