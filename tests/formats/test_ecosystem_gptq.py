@@ -72,11 +72,11 @@ def write_artifact(model: LlamaForCausalLM, spec: QuantSpec, out: Path) -> None:
     with ArtifactWriter(out, max_shard_bytes=1_000_000) as w:  # several shards on purpose
         for k, name in enumerate(sorted(quantized)):
             W = state[f"{name}.weight"]
-            qw = act_order_rtn(W, spec, k) if spec.desc_act else quantize_weight(W, spec)
+            qw = act_order_rtn(W, spec, k) if getattr(spec, "desc_act", False) else quantize_weight(W, spec)
             w.add_tensors(gptq.linear_tensors(name, qw, state.get(f"{name}.bias")))
         w.add_tensors({k: v for k, v in state.items() if k.rsplit(".", 2)[0] not in quantized
                        and not any(k.startswith(q + ".") for q in quantized)})
-        qcfg = gptq.quantization_config(spec.bits, spec.group_size, spec.sym, spec.desc_act,
+        qcfg = gptq.quantization_config(spec.bits, spec.group_size, spec.sym, getattr(spec, "desc_act", False),
                                         meta={"quantizer": ["compress:test"]})
         w.add_file("quantize_config.json", json.dumps(qcfg, indent=2).encode())
         config = model.config.to_dict()

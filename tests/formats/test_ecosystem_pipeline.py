@@ -49,10 +49,12 @@ def our_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 def test_pipeline_artifact_loads_in_transformers_with_our_logits(
     method, bits, group_size, desc_act, llama_dir, text_file, tmp_path
 ):
+    quantize = {"method": method, "bits": bits, "group_size": group_size}
+    if method == "gptq":
+        quantize.update(desc_act=desc_act, static_groups=False)  # a really permuted g_idx
     cfg = parse_config(run_config(
-        llama_dir, text_file, tmp_path / "out", evaluate={"enabled": False},
-        quantize={"method": method, "bits": bits, "group_size": group_size, "desc_act": desc_act,
-                  "static_groups": False},  # a really permuted g_idx when desc_act
+        llama_dir, text_file, tmp_path / "out", evaluate={"enabled": False}, quantize=quantize,
+        export={"format": "gptq"},
     ))
     ctx = run(cfg)
     (res,) = ctx.candidates.values()
@@ -74,3 +76,28 @@ def test_pipeline_artifact_loads_in_transformers_with_our_logits(
     assert (ours - ref).abs().max().item() > 0.01 * scale
     diff = (theirs - ours).abs().max().item()
     assert diff < 2e-3 * scale, f"max |peer - ours| = {diff:.3g}, logit scale {scale:.3g}"
+
+
+def test_per_layer_overrides_load_in_gptqmodel(llama_dir, text_file, tmp_path):
+    """Bits, group size and symmetry of one layer differ from the plan's: GPTQModel's own loader
+    reads them from the `dynamic` map (transformers + optimum ignores `dynamic`, so this is the
+    loader that serves such an artifact), with our logits."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    cfg = parse_config(run_config(
+        llama_dir, text_file, tmp_path / "out", evaluate={"enabled": False}, export={"format": "gptq"},
+        quantize={"method": "rtn", "bits": 4, "group_size": 128, "overrides": [
+            {"pattern": r"layers\.1\.mlp\.down_proj", "bits": 8, "group_size": -1, "sym": False}]},
+    ))
+    (res,) = run(cfg).candidates.values()
+    # TorchLinear computes in fp16 or bf16 only: fp16 is the closer of the two to our float32.
+    peer = GPTQModel.load(str(res.artifact), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+    layer = peer.model.model.layers[1].mlp.down_proj
+    assert (layer.bits, layer.group_size, layer.sym) == (8, 512, False)  # -1 reads as in_features (512)
+    assert peer.model.model.layers[0].mlp.down_proj.bits == 4
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = torch.cat([peer.model(ids[w : w + 1]).logits.float() for w in range(ids.shape[0])])
+    ours = our_logits(res.artifact, ids)
+    lp, lq = torch.log_softmax(ours.double(), -1), torch.log_softmax(theirs.double(), -1)
+    assert float((lp.exp() * (lp - lq)).sum(-1).mean()) < 1e-4
