@@ -10,6 +10,7 @@ from artifact_fixture import build_artifact
 from click.testing import CliRunner
 
 from compress.publish import PublishConfig, PublishInputError, publish_artifact, publish_stage
+from compress.formats.seal import seal_file
 from compress.publish import dirhub
 from compress.publish.command import publish
 
@@ -121,8 +122,8 @@ def test_tokens_caches_locks_and_temp_folders_are_never_published(artifact, hub)
     assert not any(p.startswith(("__pycache__", ".partial-", ".cache")) for p in published)
 
 
-def test_a_file_holding_an_access_token_is_refused(artifact, hub):
-    (artifact / "notes.txt").write_text("use hf_" + "a1B2" * 9 + " to log in")
+def test_a_listed_file_holding_an_access_token_is_refused(artifact, hub):
+    seal_file(artifact, "notes.txt", ("use hf_" + "a1B2" * 9 + " to log in").encode())
     with pytest.raises(PublishInputError, match="'notes.txt' contains what looks like a Hugging Face access token"):
         publish_artifact(artifact, f"file://{hub}")
 
@@ -139,15 +140,15 @@ def test_interrupted_publish_leaves_nothing_that_looks_published(artifact, hub, 
     before = _tree(hub / "revisions" / "main")
     refs_before = (hub / "refs.json").read_text()
     calls = {"n": 0}
-    real_copy = shutil.copyfile
+    real_write = dirhub._write_file
 
-    def copy_then_die(src, dst, **kwargs):
+    def write_then_die(item, dest):
         calls["n"] += 1
         if calls["n"] % 4 == 3:
             raise KeyboardInterrupt  # the user pressed Ctrl-C mid-copy
-        return real_copy(src, dst, **kwargs)
+        return real_write(item, dest)
 
-    monkeypatch.setattr(dirhub.shutil, "copyfile", copy_then_die)
+    monkeypatch.setattr(dirhub, "_write_file", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         publish_artifact(artifact, f"file://{hub}", revision="v2")
     with pytest.raises(KeyboardInterrupt):
