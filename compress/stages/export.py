@@ -22,6 +22,7 @@ from compress.engine import StreamedModel
 from compress.formats import gptq
 from compress.formats.qweight import QuantizedWeight
 from compress.formats.writer import ArtifactWriter
+from compress.models.provenance import describe_source
 from compress.stages.load import LoadedModel
 from compress.stages.quantize import Plan, layer_spec
 
@@ -176,7 +177,7 @@ def base_manifest(cfg: RunConfig, loaded: LoadedModel, input_hashes: dict[str, s
             "architecture": (loaded.config.architectures or ["?"])[0],
             "model_type": loaded.config.model_type,
             "files": input_hashes,
-            "license": None,
+            **describe_source(loaded.root),  # name, hub_id, license, language, gguf: for the model card
         },
         "calibration": calibration,
     }
