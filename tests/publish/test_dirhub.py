@@ -232,3 +232,31 @@ def test_cli_internal_failure_exits_1(artifact, hub, monkeypatch):
     monkeypatch.setattr(dirhub, "publish_to_directory", broken)
     result = CliRunner().invoke(publish, [str(artifact), "--to", f"file://{hub}"])
     assert result.exit_code == 1 and "disk full" in result.output
+
+
+def test_uploaded_set_is_the_manifest_outputs_plus_manifest_and_card(artifact, hub):
+    (artifact / "README.md").write_text("# my own notes\n")  # replaced by the generated card
+    (artifact / ".DS_Store").write_bytes(b"\0")  # debris that is never published
+    (artifact / "__pycache__").mkdir()
+    (artifact / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    manifest = json.loads((artifact / "compress-manifest.json").read_text())
+    assert "compress-results.json" in manifest["outputs"]  # sealed by the fixture, as write_report does
+
+    result = publish_artifact(artifact, f"file://{hub}")
+    published = _tree(hub / "revisions" / "main")
+    assert set(published) == set(manifest["outputs"]) | {"compress-manifest.json", "README.md"}
+    assert {p for p, _ in result.files} == set(published)
+    for path, entry in manifest["outputs"].items():
+        assert hashlib.sha256(published[path]).hexdigest() == entry["sha256"], path
+    assert published["compress-manifest.json"] == (artifact / "compress-manifest.json").read_bytes()
+    assert published["README.md"] != b"# my own notes\n"
+
+
+def test_without_a_card_only_a_listed_readme_is_published(artifact, hub):
+    (artifact / "README.md").write_text("# my own notes\n")
+    with pytest.raises(PublishInputError, match="'README.md' is a file that compress-manifest.json does not list"):
+        publish_artifact(artifact, f"file://{hub}", card=False)
+    assert not hub.exists()
+    seal_file(artifact, "README.md", b"# my own notes\n")
+    publish_artifact(artifact, f"file://{hub}", card=False)
+    assert (hub / "revisions" / "main" / "README.md").read_bytes() == b"# my own notes\n"
