@@ -152,12 +152,14 @@ def _refuse_unlisted(rel: str) -> None:
             f"to regenerate the artifact, or delete {RESULTS} to publish without measurements"
         )
     kind = "a weight file" if is_weight_file(rel) else "a file"
-    raise PublishInputError(f"{_quoted(rel)} is {kind} that {MANIFEST} does not list; remove it (only listed files are published)")
+    raise PublishInputError(
+        f"{_quoted(rel)} is {kind} that {MANIFEST} does not list; remove it (only listed files are published)"
+    )
 
 
 def load_artifact(artifact_dir: Union[str, Path], *, card: bool = True) -> Artifact:
-    """Verify the artifact and return its upload set. With `card`, an artifact's own README.md is left out
-    (the generated card replaces it); without, an unlisted README.md is refused like any other file."""
+    """Verify the artifact and return its upload set. With `card`, an unlisted README.md is left out (the
+    generated card replaces it); without, it is refused like any other unlisted file."""
     root = Path(artifact_dir)
     if not root.is_dir():
         raise PublishInputError(f"{root}: not a directory")
