@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from compress.hashing import sha256_file
+from compress.models.provenance import is_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,13 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
 
 
 # An https://huggingface.co/<org>/<name> address, as GGUF's general.*.repo_url fields hold one.
-_HF_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)/?")
+_HF_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/([^/?#]+/[^/?#]+)/?")
 _UNQUANTIZED = frozenset({"F32", "F16", "BF16", "F64"})
 
 
 def _hub_id(url) -> str | None:
     match = _HF_URL.fullmatch(url) if isinstance(url, str) else None
-    return match.group(1) if match and ".." not in match.group(1) else None
+    return match.group(1) if match and is_hub_id(match.group(1)) else None
 
 
 def gguf_metadata(path: Path) -> dict:
@@ -108,8 +109,7 @@ def gguf_metadata(path: Path) -> dict:
         "name": field("general.name"),
         "license": field("general.license"),
         "languages": list(languages) if isinstance(languages, list) and languages else None,
-        "source_repo": _hub_id(field("general.source.repo_url"))
-        or (repo if isinstance(repo, str) and _hub_id(f"https://huggingface.co/{repo}") else None),
+        "source_repo": _hub_id(field("general.source.repo_url")) or (repo if is_hub_id(repo) else None),
         "base_models": [b for b in base_models if b],
         "file_type": kind,
         "quantized": kind is not None and kind not in _UNQUANTIZED,

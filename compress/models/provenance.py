@@ -28,7 +28,8 @@ def _text(value: Any) -> Optional[str]:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def _languages(value: Any) -> Optional[list[str]]:
+def languages(value: Any) -> Optional[list[str]]:
+    """A model card's `language`: one code or a list of them; None when there is none."""
     items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
     found = [v.strip() for v in items if isinstance(v, str) and v.strip()]
     return found or None
@@ -85,6 +86,6 @@ def describe_source(folder: Path) -> dict[str, Any]:
         "name": _text(gguf.get("name")) or _text(config.get("_model_name_or_path")) or hub_id,
         "hub_id": hub_id,
         "license": _text(readme.get("license")) or _text(gguf.get("license")),
-        "language": _languages(readme.get("language")) or gguf.get("languages"),
+        "language": languages(readme.get("language")) or gguf.get("languages"),
         "gguf": gguf or None,
     }

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from compress.models.provenance import is_hub_id, readme_metadata
+from compress.models.provenance import is_hub_id, languages, readme_metadata
 
 # Columns of the evaluation table, in order: (results key, header, format).
 _COLUMNS = (
@@ -59,7 +59,8 @@ def base_model(manifest: dict[str, Any]) -> Optional[str]:
     named = _section(_section(manifest, "config"), "model").get("name")
     source = _section(manifest, "source")
     model = source.get("model")
-    for candidate in (named, model if isinstance(model, str) and not Path(model).exists() else None, source.get("hub_id")):
+    given = model if isinstance(model, str) and not Path(model).exists() else None  # a local folder is no id
+    for candidate in (named, given, source.get("hub_id")):
         if is_hub_id(candidate):
             return candidate
     return None
@@ -88,12 +89,6 @@ def source_license(manifest: dict[str, Any]) -> Optional[str]:
         return None
     value = readme_metadata(Path(model)).get("license")  # manifests written before the source was described
     return value.strip() if isinstance(value, str) and value.strip() else None
-
-
-def source_language(manifest: dict[str, Any]) -> Optional[list[str]]:
-    value = _section(manifest, "source").get("language")
-    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
-    return [v for v in items if isinstance(v, str) and v.strip()] or None
 
 
 def gguf_note(manifest: dict[str, Any]) -> Optional[str]:
@@ -132,7 +127,7 @@ def front_matter(manifest: dict[str, Any], config: dict[str, Any]):
         base_model=base,
         base_model_relation="quantized" if base else None,
         license=source_license(manifest),
-        language=source_language(manifest),
+        language=languages(_section(manifest, "source").get("language")),
         library_name="onnxruntime" if fmt == "onnx" else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
