@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from compress.models.provenance import is_hub_id
 from compress.publish.config import PublishConfig
 from compress.quantizers.base import Override, check_group_size  # noqa: F401  (re-exported)
 from pydantic import (
@@ -34,6 +35,18 @@ class ModelConfig(_Strict):
     allow_pickle: bool = Field(False, description="Opt in to loading pickled .bin checkpoints")
     trust_remote_code: bool = False
     cache_dir: Optional[str] = Field(None, description="Where converted GGUF checkpoints are cached")
+    name: Optional[str] = Field(
+        None,
+        description="The source's Hub id (org/name), for the model card's base_model when `source` is a "
+        "local folder or a GGUF file that does not record it",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _hub_id(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not is_hub_id(v):
+            raise ValueError(f"{v!r} is not a Hub id of the form org/name")
+        return v
 
 
 class CalibrationConfig(_Strict):

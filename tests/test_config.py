@@ -30,6 +30,8 @@ def cfg_with(**sections) -> dict:
     ({"quantize": {"bits": 4}}, "model: required key is missing"),
     (cfg_with(modle={"source": "x"}), "modle: unknown key"),
     ([1, 2], "(top level): the config must be a mapping"),
+    ({"model": {"source": "x.gguf", "name": "org/.."}}, "model.name: Value error, 'org/..' is not a Hub id"),
+    ({"model": {"source": "x.gguf", "name": "SmolLM2"}}, "model.name: Value error, 'SmolLM2' is not a Hub id"),
 ])
 def test_errors_name_the_key_path(data, message):
     with pytest.raises(ConfigError) as err:

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from compress.hashing import sha256_file
+<<<<<<< HEAD
 from compress.owner import OWNER, make_partial, sweep_dead
+=======
+from compress.models.provenance import is_hub_id
+>>>>>>> i14-publish
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +69,59 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# An https://huggingface.co/<org>/<name> address, as GGUF's general.*.repo_url fields hold one.
+_HF_URL = re.compile(r"https?://(?:www\.)?huggingface\.co/([^/?#]+/[^/?#]+)/?")
+_UNQUANTIZED = frozenset({"F32", "F16", "BF16", "F64"})
+
+
+def _hub_id(url) -> str | None:
+    match = _HF_URL.fullmatch(url) if isinstance(url, str) else None
+    return match.group(1) if match and is_hub_id(match.group(1)) else None
+
+
+def gguf_metadata(path: Path) -> dict:
+    """What a GGUF file says about itself (keys from the GGUF spec's `general.*` section).
+
+    `source_repo` is the Hub repo the file was converted from (general.source.repo_url or the older
+    general.source.huggingface.repository); `base_models` are that model's own parents
+    (general.base_model.N.repo_url), recorded but not the model this file holds. `file_type` is
+    general.file_type's name (e.g. Q4_1), else the commonest tensor type; `bits` is the nominal
+    code width it names (Q4_1 -> 4), None when it names none.
+    """
+    from collections import Counter
+
+    from gguf import GGUFReader, LlamaFileType
+
+    reader = GGUFReader(path)
+
+    def field(key: str):
+        value = reader.fields.get(key)
+        try:
+            return value.contents() if value is not None else None
+        except Exception:  # a field of a type this gguf version cannot decode: not recorded
+            return None
+
+    count = field("general.base_model.count") or 0
+    base_models = [_hub_id(field(f"general.base_model.{i}.repo_url")) for i in range(int(count))]
+    file_type = field("general.file_type")
+    known = {t.value: t.name for t in LlamaFileType if t is not LlamaFileType.GUESSED}
+    if file_type in known:
+        kind = known[file_type].removeprefix("MOSTLY_").removeprefix("ALL_")
+    else:  # no (or an unknown) file type: the type most tensors have
+        kind = Counter(t.tensor_type.name for t in reader.tensors).most_common(1)[0][0] if reader.tensors else None
+    bits = re.match(r"(?:I?Q|TQ)(\d)", kind or "")
+    languages = field("general.languages")
+    repo = field("general.source.huggingface.repository")
+    return {
+        "file": Path(path).name,
+        "name": field("general.name"),
+        "license": field("general.license"),
+        "languages": list(languages) if isinstance(languages, list) and languages else None,
+        "source_repo": _hub_id(field("general.source.repo_url")) or (repo if is_hub_id(repo) else None),
+        "base_models": [b for b in base_models if b],
+        "file_type": kind,
+        "quantized": kind is not None and kind not in _UNQUANTIZED,
+        "bits": int(bits.group(1)) if bits else None,
+    }

@@ -1,13 +1,12 @@
 """publish_artifact: verify an artifact, add its model card, send it to a destination, check what arrived."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlsplit
 
 from compress.publish.card import render_card
 from compress.publish.config import PublishConfig
@@ -16,7 +15,7 @@ from compress.publish.verify import CARD, UploadFile, in_memory, load_artifact
 
 log = logging.getLogger(__name__)
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
 @dataclass(frozen=True)
@@ -40,34 +39,45 @@ class PublishResult:
         return sum(size for _, size in self.files)
 
 
+def check_repo_id(repo_id: str, given: str) -> str:
+    """`org/name`, each part letters, digits, '.', '_', '-' starting with a letter or digit, no '..'.
+
+    Checked on the raw text, before any URL decoding or path join, so '%2F..' or '..' cannot reach a path.
+    """
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise PublishInputError(
+            f"--to {given!r}: {repo_id!r} is not a repo id of the form org/name "
+            "(letters, digits, '.', '_', '-'; no empty, '.' or '..' part)"
+        )
+    return repo_id
+
+
 def parse_destination(dest: str, repo_id: Optional[str] = None) -> Destination:
     """`file:///root/org/name`, `hf://org/name` or `org/name`; `repo_id` overrides the id a file:// path implies."""
+    if repo_id is not None:
+        check_repo_id(repo_id, dest)
     if dest.startswith("file://"):
-        parsed = urlparse(dest)
+        parsed = urlsplit(dest)
         if parsed.netloc not in ("", "localhost"):
-            raise PublishInputError(f"--to {dest}: file:// destinations must be local (file:///path/org/name)")
-        path = Path(unquote(parsed.path))
-        if not path.is_absolute() or len(path.parts) < 3:
-            raise PublishInputError(f"--to {dest}: expected file:///path/to/hub/<org>/<name>")
-        return Destination("dir", repo_id or f"{path.parent.name}/{path.name}", path)
+            raise PublishInputError(f"--to {dest!r}: file:// destinations must be local (file:///path/org/name)")
+        if parsed.query or parsed.fragment or "?" in dest or "#" in dest:
+            raise PublishInputError(f"--to {dest!r}: a file:// destination takes no '?' or '#' part")
+        head, _, tail = parsed.path.rpartition("/")
+        head, _, org = head.rpartition("/")
+        implied = check_repo_id(f"{org}/{tail}", dest)  # the raw text: '%2F' and '..' fail here
+        folder = unquote(head)  # only the hub folder above org/name is decoded
+        if "\x00" in folder or any(part in (".", "..") for part in folder.split("/")):
+            raise PublishInputError(f"--to {dest!r}: expected file:///path/to/hub/<org>/<name> with no '.' or '..' folder")
+        return Destination("dir", repo_id or implied, Path(folder or "/") / org / tail)
     name = dest[len("hf://"):] if dest.startswith("hf://") else dest
     if "://" in name:
-        raise PublishInputError(f"--to {dest}: unknown scheme; use file:///path/org/name, hf://org/name or org/name")
-    name = repo_id or name.strip("/")
-    if not _REPO_ID.match(name) or ".." in name:
-        raise PublishInputError(f"--to {dest}: '{name}' is not a Hub repo id of the form org/name")
-    return Destination("hf", name)
+        raise PublishInputError(f"--to {dest!r}: unknown scheme; use file:///path/org/name, hf://org/name or org/name")
+    return Destination("hf", repo_id or check_repo_id(name, dest))
 
 
-def _card(artifact, repo_id: str) -> UploadFile:
-    config_path = artifact.root / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as err:
-        raise PublishInputError(f"{config_path}: cannot read: {err}") from None
-    listing = {f.path: (f.size, f.sha256) for f in artifact.files}
-    text = render_card(artifact.manifest, artifact.results, config if isinstance(config, dict) else {}, repo_id, listing)
-    return in_memory(CARD, text.encode("utf-8"))
+def _card(artifact, files: list[UploadFile], repo_id: str) -> UploadFile:
+    listing = {f.path: (f.size, f.sha256) for f in files}
+    return in_memory(CARD, render_card(artifact.manifest, artifact.results, artifact.config, repo_id, listing).encode())
 
 
 def _default_message(manifest: dict) -> str:
@@ -99,10 +109,10 @@ def publish_artifact(
     target = parse_destination(dest, repo_id)
     if not revision or not revision.strip():
         raise PublishInputError("--revision must not be empty")
-    artifact = load_artifact(artifact_dir, drop=frozenset({CARD}) if card else frozenset())
-    files = list(artifact.files)
+    artifact = load_artifact(artifact_dir, card=card)
+    files = [f for f in artifact.files if not (card and f.path == CARD)]  # the generated card replaces one listed
     if card:
-        files.append(_card(artifact, target.repo_id))
+        files.append(_card(artifact, files, target.repo_id))
     files.sort(key=lambda f: f.path)
     listing = tuple((f.path, f.size) for f in files)
     message = commit_message or _default_message(artifact.manifest)

@@ -1,17 +1,17 @@
 """Model card (README.md) from the manifest and the evaluation results.
 
 Front matter follows the Hub's model card metadata
-(https://huggingface.co/docs/hub/model-cards#model-card-metadata); it is written with yaml.safe_dump so
-user text (model names, dataset names, licenses) is always quoted correctly.
+(https://huggingface.co/docs/hub/model-cards#model-card-metadata) and is built with huggingface_hub's
+ModelCardData/ModelCard, which dump it as YAML, so user text (model names, licenses) is always quoted.
+Markdown text goes through `cell`, so a name cannot add table cells, links or HTML.
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
+from compress.models.provenance import is_hub_id, languages, readme_metadata
 
 # Columns of the evaluation table, in order: (results key, header, format).
 _COLUMNS = (
@@ -24,7 +24,6 @@ _COLUMNS = (
     ("decode_tokens_per_s", "Decode tok/s", "{:.1f}"),
     ("peak_rss_mb", "Peak RSS (MB)", "{:.0f}"),
 )
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _VLLM_FORMATS = frozenset({"gptq", "awq", "compressed-tensors"})
 
 
@@ -52,32 +51,60 @@ def _fmt(value: Any, fmt: Optional[str], key: str) -> str:
 
 
 def base_model(manifest: dict[str, Any]) -> Optional[str]:
-    """The source model's Hub id, or None when it was a local path."""
-    model = _section(manifest, "source").get("model")
-    if isinstance(model, str) and _HUB_ID.match(model) and not Path(model).exists():
-        return model
+    """The Hub id of the model that was quantized, or None when nothing names one.
+
+    In order: the run config's `model.name`; `model.source` when it was a Hub id; the id the source
+    records about itself (a GGUF's general.source.repo_url, a config's `_name_or_path`).
+    """
+    named = _section(_section(manifest, "config"), "model").get("name")
+    source = _section(manifest, "source")
+    model = source.get("model")
+    given = model if isinstance(model, str) and not Path(model).exists() else None  # a local folder is no id
+    for candidate in (named, given, source.get("hub_id")):
+        if is_hub_id(candidate):
+            return candidate
     return None
 
 
+def model_name(manifest: dict[str, Any]) -> str:
+    """What the title calls the source: its Hub name, else the name it declares, else its file or folder name."""
+    base = base_model(manifest)
+    if base:
+        return base.split("/")[-1]
+    source = _section(manifest, "source")
+    if isinstance(source.get("name"), str) and source["name"].strip():
+        return source["name"].strip()
+    gguf = _section(source, "gguf")
+    where = gguf.get("file") or str(source.get("model") or "").rstrip("/").split("/")[-1]
+    return where.removesuffix(".gguf") or "an unnamed model"
+
+
 def source_license(manifest: dict[str, Any]) -> Optional[str]:
-    """The license recorded for the source model, else the one in a local source folder's README front matter."""
+    """The license the source declares (recorded at export), else a local source folder's README front matter."""
     source = _section(manifest, "source")
     if isinstance(source.get("license"), str) and source["license"].strip():
         return source["license"].strip()
     model = source.get("model")
-    readme = Path(model) / "README.md" if isinstance(model, str) and model else None
-    if readme is None or not readme.is_file():
+    if not isinstance(model, str) or not model or not Path(model).is_dir():
         return None
-    text = readme.read_text(encoding="utf-8", errors="replace")
-    match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.S)
-    if not match:
-        return None
-    try:
-        meta = yaml.safe_load(match.group(1))
-    except yaml.YAMLError:
-        return None
-    value = meta.get("license") if isinstance(meta, dict) else None
+    value = readme_metadata(Path(model)).get("license")  # manifests written before the source was described
     return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def gguf_note(manifest: dict[str, Any]) -> Optional[str]:
+    """A sentence saying the source was a GGUF file, and that its weights were already quantized if so."""
+    gguf = _section(_section(manifest, "source"), "gguf")
+    if not gguf:
+        return None
+    kind = f"{cell(gguf['file_type'])} " if gguf.get("file_type") else ""
+    what = f"The source is a {kind}GGUF file ({cell(gguf.get('file') or '?')})"  # no code span: it shows escapes
+    if not gguf.get("quantized"):
+        return what + "."
+    bits = f" to {gguf['bits']} bits" if isinstance(gguf.get("bits"), int) else ""
+    return (
+        f"{what}, so its weights were already quantized{bits} before this run: they were dequantized "
+        "to fp32 and quantized again, and the measurements compare with those dequantized weights."
+    )
 
 
 def quant_format(manifest: dict[str, Any], config: dict[str, Any]) -> Optional[str]:
@@ -85,25 +112,26 @@ def quant_format(manifest: dict[str, Any], config: dict[str, Any]) -> Optional[s
     return fmt or _section(config, "quantization_config").get("quant_method")
 
 
-def front_matter(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+def front_matter(manifest: dict[str, Any], config: dict[str, Any]):
+    """The Hub's model card metadata as huggingface_hub.ModelCardData (fields left None are omitted)."""
+    from huggingface_hub import ModelCardData
+
     quant = _section(manifest, "quantization")
     tags = ["compress", "quantized"]
     fmt = quant_format(manifest, config)
     for tag in (fmt, quant.get("method"), f"{quant['bits']}-bit" if quant.get("bits") else None):
         if isinstance(tag, str) and tag and tag not in tags:
             tags.append(tag)
-    meta: dict[str, Any] = {}
     base = base_model(manifest)
-    if base:
-        meta["base_model"] = base
-        meta["base_model_relation"] = "quantized"
-    license_ = source_license(manifest)
-    if license_:
-        meta["license"] = license_
-    meta["library_name"] = "onnxruntime" if fmt == "onnx" else "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = tags
-    return meta
+    return ModelCardData(
+        base_model=base,
+        base_model_relation="quantized" if base else None,
+        license=source_license(manifest),
+        language=languages(_section(manifest, "source").get("language")),
+        library_name="onnxruntime" if fmt == "onnx" else "transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+    )
 
 
 def _usage(repo_id: str, fmt: Optional[str]) -> list[str]:
@@ -196,20 +224,22 @@ def render_card(
     files: Optional[dict[str, tuple[int, str]]] = None,
 ) -> str:
     """README.md text. `config` is the artifact's config.json; `files` maps path -> (bytes, sha256)."""
+    from huggingface_hub import ModelCard
+
     quant = _section(manifest, "quantization")
     calib = _section(manifest, "calibration")
     source = _section(manifest, "source")
     fmt = quant_format(manifest, config)
-    meta = yaml.safe_dump(front_matter(manifest, config), sort_keys=False, allow_unicode=True)
-
     base = base_model(manifest)
-    origin = f"[{base}](https://huggingface.co/{base})" if base else cell(source.get("model") or "an unnamed model")
+    name = cell(model_name(manifest))
+    origin = f"[{base}](https://huggingface.co/{base})" if base else name
     bits = f"{quant['bits']}-bit " if quant.get("bits") else ""
+    note = gguf_note(manifest)
     lines = [
-        "---", meta.rstrip("\n"), "---", "",
-        f"# {cell(repo_id.split('/')[-1])}", "",
+        f"# {name} ({bits}{cell(fmt or 'quantized')})", "",
         f"A {bits}{cell(fmt or 'quantized')} quantization of {origin}, made with "
         f"compress {cell(manifest.get('compress_version') or '?')}.", "",
+        *([note, ""] if note else []),
         "## Usage", "",
         *_usage(repo_id, fmt),
         "## Quantization", "",
@@ -239,4 +269,4 @@ def render_card(
         lines += ["## Files", "", "| File | Bytes | sha256 |", "|---|---:|---|"]
         lines += [f"| {cell(p)} | {size} | `{digest}` |" for p, (size, digest) in sorted(files.items())]
         lines.append("")
-    return "\n".join(lines)
+    return str(ModelCard(f"---\n{front_matter(manifest, config).to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 @click.option("--private", is_flag=True, help="Create the Hub repo as private (an existing repo keeps its visibility).")
 @click.option("--message", "commit_message", default=None, help="Commit message.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing revision.")
-@click.option("--no-card", is_flag=True, help="Do not generate README.md (the artifact's own README.md is kept).")
+@click.option("--no-card", is_flag=True, help="Do not generate README.md (a README.md the manifest lists is published as it is).")
 @click.option("--dry-run", is_flag=True, help="Verify the artifact and list what would be uploaded; upload nothing.")
 def publish(artifact_dir, dest, revision, private, commit_message, overwrite, no_card, dry_run):
     """Verify ARTIFACT_DIR against its manifest, add a model card and publish it to DEST."""

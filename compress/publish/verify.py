@@ -1,10 +1,19 @@
-"""Check an artifact folder against its manifest and choose the files that may be published."""
+"""Check an artifact folder against its manifest; the upload set is exactly what the manifest lists.
+
+The manifest's "outputs" (bytes + sha256 per file, written by compress/formats/writer.py and extended by
+compress/formats/seal.py for compress-results.json) is the only source of what gets published, plus the
+manifest itself (it cannot list itself) and the generated card. Anything else in the folder is refused,
+except debris that is never published (dotfiles, caches, locks). Symbolic links and special files are
+refused wherever they are: a link could point anywhere, a FIFO would hang the hashing.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -16,10 +25,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "compress-manifest.json"
 RESULTS = "compress-results.json"
+CONFIG = "config.json"
 CARD = "README.md"
 
-# Files the manifest deliberately does not list (it cannot list itself; results and the card come later).
-UNLISTED_OK = frozenset({MANIFEST, RESULTS, CARD})
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".onnx_data", ".onnx.data",
     ".h5", ".msgpack", ".npz", ".npy",
@@ -31,6 +39,9 @@ _SKIP_SUFFIXES = (".lock", ".pyc", ".token", ".incomplete", ".tmp")
 # A Hugging Face user access token: "hf_" and 34 letters (see huggingface.co/settings/tokens).
 _TOKEN_RE = re.compile(rb"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}")
 _SCAN_LIMIT = 64 * 2**20  # text files above this are weights or data, not config
+# Files up to this size are read once: hashed, parsed and uploaded from the same bytes.
+_IN_MEMORY_LIMIT = 16 * 2**20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 @dataclass(frozen=True)
@@ -50,8 +61,9 @@ class UploadFile:
 class Artifact:
     root: Path
     manifest: dict[str, Any]
-    results: Optional[dict[str, Any]]
-    files: tuple[UploadFile, ...]  # verified, filtered, sorted by path
+    results: Optional[dict[str, Any]]  # parsed from the verified bytes; None when the artifact has none
+    config: dict[str, Any]  # config.json, parsed from the verified bytes; {} when not listed
+    files: tuple[UploadFile, ...]  # the manifest's outputs and the manifest, verified, sorted by path
 
 
 def is_weight_file(path: str) -> bool:
@@ -67,88 +79,123 @@ def is_skipped(relpath: str) -> bool:
     return name in _SKIP_NAMES or name.endswith(_SKIP_SUFFIXES)
 
 
-def _load_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PublishInputError(f"{path.parent}: no {path.name}; is this a compress artifact folder?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PublishInputError(f"{path}: cannot read {what}: {err}") from None
-    if not isinstance(data, dict):
-        raise PublishInputError(f"{path}: {what} must be a JSON object")
-    return data
+def _quoted(rel: str) -> str:
+    """A file name for a one-line message: quoted, with control characters escaped."""
+    return repr(rel) if _CONTROL.search(rel) else f"'{rel}'"
 
 
-def _walk(root: Path) -> list[str]:
-    found = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not is_skipped(rel):
-            found.append(rel)
+def _walk(root: Path) -> dict[str, int]:
+    """relative path -> size of every regular file under `root`; refuses links and special files."""
+
+    def unreadable(err: OSError) -> None:
+        raise PublishInputError(f"{err.filename}: cannot read the artifact folder: {err.strerror}")
+
+    found = {}
+    for folder, dirs, names in os.walk(root, onerror=unreadable):  # does not enter linked folders
+        for name in sorted(dirs + names):
+            path = Path(folder, name)
+            rel = path.relative_to(root).as_posix()
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                raise PublishInputError(f"{_quoted(rel)} is a symbolic link; an artifact holds plain files only")
+            if stat.S_ISREG(st.st_mode):
+                found[rel] = st.st_size
+            elif not stat.S_ISDIR(st.st_mode):
+                raise PublishInputError(f"{_quoted(rel)} is not a regular file; an artifact holds plain files only")
     return found
 
 
-def _check_outputs(root: Path, outputs: dict[str, Any]) -> dict[str, str]:
-    """Every file the manifest lists exists with its recorded size and sha256; returns path -> sha256."""
-    checked = {}
-    for rel, entry in sorted(outputs.items()):
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            raise PublishInputError(f"{MANIFEST}: outputs['{rel}'] needs a sha256 (and bytes)")
-        if is_skipped(rel) or rel in UNLISTED_OK:
-            raise PublishInputError(f"{MANIFEST}: outputs lists '{rel}', which is never published")
-        path = root / rel
-        if not path.is_file():
-            raise PublishInputError(f"artifact incomplete: '{rel}' is listed in {MANIFEST} but missing from {root}")
-        size = path.stat().st_size
-        if entry.get("bytes") is not None and size != entry["bytes"]:
-            raise PublishInputError(
-                f"artifact mismatch: '{rel}' is {size} bytes, {MANIFEST} records {entry['bytes']}"
-            )
-        digest = sha256_file(path)
-        if digest != entry["sha256"].lower():
-            raise PublishInputError(
-                f"artifact mismatch: sha256 of '{rel}' is {digest}, {MANIFEST} records {entry['sha256']}"
-            )
-        checked[rel] = digest
-    return checked
+def _check_path(rel: str) -> None:
+    parts = rel.split("/")
+    if rel.startswith("/") or _CONTROL.search(rel) or any(p in ("", ".", "..") for p in parts):
+        raise PublishInputError(f"{MANIFEST}: outputs lists {rel!r}, which is not a plain relative path")
+    if is_skipped(rel) or rel == MANIFEST:
+        raise PublishInputError(f"{MANIFEST}: outputs lists '{rel}', which is never published")
 
 
-def _scan_for_tokens(root: Path, rel: str) -> None:
+def _verified(root: Path, rel: str, entry: Any, size: int) -> UploadFile:
+    """The file `rel` as the manifest's `entry` records it (size, then sha256), or a refusal naming it."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        raise PublishInputError(f"{MANIFEST}: outputs['{rel}'] needs a sha256 (and bytes)")
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        raise PublishInputError(f"artifact mismatch: '{rel}' is {size} bytes, {MANIFEST} records {entry['bytes']}")
     path = root / rel
-    if is_weight_file(rel) or path.stat().st_size > _SCAN_LIMIT:
+    source: Union[Path, bytes] = path.read_bytes() if size <= _IN_MEMORY_LIMIT else path
+    digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else sha256_file(path)
+    if digest != entry["sha256"].lower():
+        raise PublishInputError(f"artifact mismatch: sha256 of '{rel}' is {digest}, {MANIFEST} records {entry['sha256']}")
+    return UploadFile(rel, len(source) if isinstance(source, bytes) else size, digest, source)
+
+
+def _json(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PublishInputError(f"{where}: not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise PublishInputError(f"{where}: must be a JSON object")
+    return value
+
+
+def _scan_for_tokens(item: UploadFile) -> None:
+    if is_weight_file(item.path) or item.size > _SCAN_LIMIT:
         return
-    if _TOKEN_RE.search(path.read_bytes()):
-        raise PublishInputError(f"'{rel}' contains what looks like a Hugging Face access token; remove it first")
+    if _TOKEN_RE.search(item.read()):
+        raise PublishInputError(f"'{item.path}' contains what looks like a Hugging Face access token; remove it first")
 
 
-def load_artifact(artifact_dir: Union[str, Path], *, drop: frozenset[str] = frozenset()) -> Artifact:
-    """Verify the artifact and return its publishable files; `drop` names files to leave out (e.g. README.md)."""
+def _refuse_unlisted(rel: str) -> None:
+    if rel == RESULTS:
+        raise PublishInputError(
+            f"'{RESULTS}' is not recorded in {MANIFEST}, so the model card's numbers cannot be verified "
+            f"(an artifact from before results were sealed, or an edited manifest); re-run `compress run` "
+            f"to regenerate the artifact, or delete {RESULTS} to publish without measurements"
+        )
+    kind = "a weight file" if is_weight_file(rel) else "a file"
+    raise PublishInputError(
+        f"{_quoted(rel)} is {kind} that {MANIFEST} does not list; remove it (only listed files are published)"
+    )
+
+
+def load_artifact(artifact_dir: Union[str, Path], *, card: bool = True) -> Artifact:
+    """Verify the artifact and return its upload set. With `card`, an unlisted README.md is left out (the
+    generated card replaces it); without, it is refused like any other unlisted file."""
     root = Path(artifact_dir)
     if not root.is_dir():
         raise PublishInputError(f"{root}: not a directory")
-    manifest = _load_json(root / MANIFEST, "the manifest")
+    found = _walk(root)
+    if MANIFEST not in found:
+        raise PublishInputError(f"{root}: no {MANIFEST}; is this a compress artifact folder?")
+    manifest_bytes = (root / MANIFEST).read_bytes()
+    manifest = _json(manifest_bytes, str(root / MANIFEST))
     outputs = manifest.get("outputs")
     if not isinstance(outputs, dict) or not outputs:
         raise PublishInputError(f"{root / MANIFEST}: 'outputs' must list the artifact's files")
-    results = _load_json(root / RESULTS, "the results") if (root / RESULTS).is_file() else None
+    for rel in outputs:
+        _check_path(rel)
+    for rel in found:
+        if rel not in outputs and rel != MANIFEST and not (card and rel == CARD) and not is_skipped(rel):
+            _refuse_unlisted(rel)
 
-    verified = _check_outputs(root, outputs)
-    files = []
-    for rel in _walk(root):
-        if rel in drop:
-            continue
-        if rel not in verified:
-            if is_weight_file(rel):
-                raise PublishInputError(f"'{rel}' is a weight file that {MANIFEST} does not list; remove it")
-            if rel not in UNLISTED_OK:
-                log.warning("publishing '%s', which %s does not list", rel, MANIFEST)
-            _scan_for_tokens(root, rel)
-        elif not is_weight_file(rel):
-            _scan_for_tokens(root, rel)
-        path = root / rel
-        digest = verified.get(rel) or sha256_file(path)
-        files.append(UploadFile(rel, path.stat().st_size, digest, path))
-    return Artifact(root, manifest, results, tuple(files))
+    files = [UploadFile(MANIFEST, len(manifest_bytes), hashlib.sha256(manifest_bytes).hexdigest(), manifest_bytes)]
+    for rel, entry in sorted(outputs.items()):
+        if rel not in found:
+            raise PublishInputError(f"artifact incomplete: '{rel}' is listed in {MANIFEST} but missing from {root}")
+        files.append(_verified(root, rel, entry, found[rel]))
+    by_path = {f.path: f for f in files}
+    for item in files:
+        _scan_for_tokens(item)
+
+    def parsed(name: str) -> Optional[dict[str, Any]]:
+        item = by_path.get(name)
+        if item is None:
+            return None
+        if not isinstance(item.source, bytes):
+            raise PublishInputError(f"'{name}' is {item.size} bytes; too large to be what compress writes")
+        return _json(item.source, f"{root / name}")
+
+    files.sort(key=lambda f: f.path)
+    return Artifact(root, manifest, parsed(RESULTS), parsed(CONFIG) or {}, tuple(files))
 
 
 def in_memory(path: str, data: bytes) -> UploadFile:

@@ -23,6 +23,7 @@ from compress.formats.qweight import QuantizedWeight
 from compress.formats.registry import LayerScheme, QuantizedLinear, get_format
 from compress.formats.writer import ArtifactWriter
 from compress.quantizers.base import QuantResult
+from compress.models.provenance import describe_source
 from compress.stages.load import LoadedModel
 from compress.stages.quantize import Plan
 
@@ -217,7 +218,7 @@ def base_manifest(cfg: RunConfig, loaded: LoadedModel, input_hashes: dict[str, s
             "architecture": (loaded.config.architectures or ["?"])[0],
             "model_type": loaded.config.model_type,
             "files": input_hashes,
-            "license": None,
+            **describe_source(loaded.root),  # name, hub_id, license, language, gguf: for the model card
         },
         "calibration": None if calibration is None else dataclasses.asdict(calibration),
     }

@@ -59,6 +59,8 @@ def stage_report(ctx) -> None:
 
 
 def write_report(ctx) -> None:
+    from compress.formats.seal import seal_json
+
     results = results_of(ctx)
     _write_json(ctx.out_dir / "results.json", results)
     run = results["run"]
@@ -86,8 +88,8 @@ def write_report(ctx) -> None:
         if r.artifact is None:
             continue
         own = [row for row in results["rows"] if row["name"] in (name,) or row is results["rows"][0]]
-        _write_json(Path(r.artifact) / "compress-results.json",
-                    {"protocol": results["protocol"], "rows": own, "this": name})
+        # Sealed: the manifest records its sha256, so a published card's numbers are verified.
+        seal_json(r.artifact, "compress-results.json", {"protocol": results["protocol"], "rows": own, "this": name})
     if ctx.cfg.report.print:
         print(md)
     write_comparison(ctx)

@@ -8,12 +8,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from compress.formats.seal import seal_json
+
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_artifact(root: Path, *, sharded: bool = False, results: bool = True, license_: str | None = None) -> Path:
+def build_artifact(
+    root: Path, *, sharded: bool = False, results: bool = True, sealed: bool = True, license_: str | None = None
+) -> Path:
+    """`sealed=False` writes compress-results.json outside the manifest, as artifacts made before sealing did."""
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     tensors = {
@@ -58,7 +63,7 @@ def build_artifact(root: Path, *, sharded: bool = False, results: bool = True, l
     }
     (root / "compress-manifest.json").write_text(json.dumps(manifest, indent=2))
     if results:
-        (root / "compress-results.json").write_text(json.dumps({
+        data = {
             "protocol": {"name": "wikipedia-eval-nonoverlap", "dataset": "wikipedia", "split": "evaluation",
                          "windows": 40, "seqlen": 512, "description": "40 non-overlapping windows | held out"},
             "rows": [
@@ -69,5 +74,9 @@ def build_artifact(root: Path, *, sharded: bool = False, results: bool = True, l
                  "bytes": None},
             ],
             "this": "rtn-w4-g64",
-        }))
+        }
+        if sealed:
+            seal_json(root, "compress-results.json", data)
+        else:
+            (root / "compress-results.json").write_text(json.dumps(data))
     return root

@@ -10,6 +10,7 @@ from artifact_fixture import build_artifact
 from click.testing import CliRunner
 
 from compress.publish import PublishConfig, PublishInputError, publish_artifact, publish_stage
+from compress.formats.seal import seal_file
 from compress.publish import dirhub
 from compress.publish.command import publish
 
@@ -121,8 +122,8 @@ def test_tokens_caches_locks_and_temp_folders_are_never_published(artifact, hub)
     assert not any(p.startswith(("__pycache__", ".partial-", ".cache")) for p in published)
 
 
-def test_a_file_holding_an_access_token_is_refused(artifact, hub):
-    (artifact / "notes.txt").write_text("use hf_" + "a1B2" * 9 + " to log in")
+def test_a_listed_file_holding_an_access_token_is_refused(artifact, hub):
+    seal_file(artifact, "notes.txt", ("use hf_" + "a1B2" * 9 + " to log in").encode())
     with pytest.raises(PublishInputError, match="'notes.txt' contains what looks like a Hugging Face access token"):
         publish_artifact(artifact, f"file://{hub}")
 
@@ -139,15 +140,15 @@ def test_interrupted_publish_leaves_nothing_that_looks_published(artifact, hub, 
     before = _tree(hub / "revisions" / "main")
     refs_before = (hub / "refs.json").read_text()
     calls = {"n": 0}
-    real_copy = shutil.copyfile
+    real_write = dirhub._write_file
 
-    def copy_then_die(src, dst, **kwargs):
+    def write_then_die(item, dest):
         calls["n"] += 1
         if calls["n"] % 4 == 3:
             raise KeyboardInterrupt  # the user pressed Ctrl-C mid-copy
-        return real_copy(src, dst, **kwargs)
+        return real_write(item, dest)
 
-    monkeypatch.setattr(dirhub.shutil, "copyfile", copy_then_die)
+    monkeypatch.setattr(dirhub, "_write_file", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         publish_artifact(artifact, f"file://{hub}", revision="v2")
     with pytest.raises(KeyboardInterrupt):
@@ -231,3 +232,31 @@ def test_cli_internal_failure_exits_1(artifact, hub, monkeypatch):
     monkeypatch.setattr(dirhub, "publish_to_directory", broken)
     result = CliRunner().invoke(publish, [str(artifact), "--to", f"file://{hub}"])
     assert result.exit_code == 1 and "disk full" in result.output
+
+
+def test_uploaded_set_is_the_manifest_outputs_plus_manifest_and_card(artifact, hub):
+    (artifact / "README.md").write_text("# my own notes\n")  # replaced by the generated card
+    (artifact / ".DS_Store").write_bytes(b"\0")  # debris that is never published
+    (artifact / "__pycache__").mkdir()
+    (artifact / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    manifest = json.loads((artifact / "compress-manifest.json").read_text())
+    assert "compress-results.json" in manifest["outputs"]  # sealed by the fixture, as write_report does
+
+    result = publish_artifact(artifact, f"file://{hub}")
+    published = _tree(hub / "revisions" / "main")
+    assert set(published) == set(manifest["outputs"]) | {"compress-manifest.json", "README.md"}
+    assert {p for p, _ in result.files} == set(published)
+    for path, entry in manifest["outputs"].items():
+        assert hashlib.sha256(published[path]).hexdigest() == entry["sha256"], path
+    assert published["compress-manifest.json"] == (artifact / "compress-manifest.json").read_bytes()
+    assert published["README.md"] != b"# my own notes\n"
+
+
+def test_without_a_card_only_a_listed_readme_is_published(artifact, hub):
+    (artifact / "README.md").write_text("# my own notes\n")
+    with pytest.raises(PublishInputError, match="'README.md' is a file that compress-manifest.json does not list"):
+        publish_artifact(artifact, f"file://{hub}", card=False)
+    assert not hub.exists()
+    seal_file(artifact, "README.md", b"# my own notes\n")
+    publish_artifact(artifact, f"file://{hub}", card=False)
+    assert (hub / "revisions" / "main" / "README.md").read_bytes() == b"# my own notes\n"

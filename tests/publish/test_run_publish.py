@@ -26,6 +26,9 @@ def test_run_publishes_the_recommended_candidate(model_dir, text_file, tmp_path)
     assert sha256_file(published / "model.safetensors") == sha256_file(artifact / "model.safetensors")
     manifest = json.loads((published / "compress-manifest.json").read_text())
     assert manifest["quantization"]["bits"] == 4
+    # write_report sealed the results into the manifest; exactly its files, itself and the card went out.
+    assert manifest["outputs"]["compress-results.json"]["sha256"] == sha256_file(artifact / "compress-results.json")
+    assert {p.name for p in published.iterdir()} == set(manifest["outputs"]) | {"compress-manifest.json", "README.md"}
     card = (published / "README.md").read_text()
     assert "rtn-w4-g64" in card and "perplexity" in card.lower()
 
