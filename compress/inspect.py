@@ -4,19 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compress.models.checkpoint import CheckpointError, open_checkpoint
-
-
-def _shapes(ckpt) -> dict[str, tuple[tuple[int, ...], str]]:
-    from safetensors import safe_open
-
-    out = {}
-    for path in ckpt.files:
-        with safe_open(str(path), framework="pt") as f:
-            for n in f.keys():
-                s = f.get_slice(n)
-                out[n] = (tuple(s.get_shape()), s.get_dtype())
-    return out
+from compress.models.checkpoint import CheckpointError, open_checkpoint, read_config_json
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -27,18 +15,25 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def describe(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
     if path.is_file():
         raise CheckpointError(f"{path}: inspect takes a model folder (convert GGUF files with `compress run`)")
     ckpt = open_checkpoint(path)
     if ckpt.pickled:
         raise CheckpointError(f"{path}: pickled checkpoints are not inspected")
-    config = json.loads((path / "config.json").read_text())
+    config = read_config_json(path)
     q = config.get("quantization_config") or {}
-    shapes = _shapes(ckpt)
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config must be a JSON object")
+    shapes = ckpt.tensor_info()
     params = 0
     for name, (shape, _) in shapes.items():
         if name.endswith(".qweight"):
-            g_idx = shapes[name[: -len("qweight")] + "g_idx"][0][0]
+            g_idx_name = name[: -len("qweight")] + "g_idx"
+            if g_idx_name not in shapes:
+                raise CheckpointError(f"{ckpt.index[name]}: '{name}' has no '{g_idx_name}' beside it")
+            g_idx = shapes[g_idx_name][0][0]
             params += shape[1] * g_idx  # out x in weights behind the packed words
         elif name.endswith((".qzeros", ".scales", ".g_idx")):
             continue
@@ -63,6 +58,11 @@ def describe(path: Path) -> str:
         lines.append(f"quantization:  none (tensor dtypes {', '.join(dtypes)})")
     manifest = path / "compress-manifest.json"
     if manifest.is_file():
-        m = json.loads(manifest.read_text())
+        try:
+            m = json.loads(manifest.read_bytes().decode("utf-8"))
+        except ValueError as e:  # bad JSON or not UTF-8
+            raise CheckpointError(f"{manifest}: not a valid JSON manifest ({e})") from None
+        if not isinstance(m, dict):
+            raise CheckpointError(f"{manifest}: must hold a JSON object")
         lines.append(f"made by:       compress {m.get('compress_version')} on {m.get('created')}")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from compress.hashing import sha256_file
+from compress.models.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,30 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
+def check_gguf(path: Path) -> None:
+    """The GGUF header and tensor table, read without loading any tensor: a file that is not
+    GGUF or was cut short fails here naming the file, instead of deep inside the conversion."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install 'compress[gguf]'") from None
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader fails on a cut or garbled file with numpy/struct errors of any kind
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CheckpointError(
+                f"{path}: truncated GGUF file: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, "
+                f"the file has {size}"
+            )
+
+
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Path of a folder holding the dequantized checkpoint (converted on first use)."""
     import torch
@@ -39,6 +64,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf_path)
     log.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
