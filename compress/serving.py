@@ -116,7 +116,9 @@ def load_gpus(path: Optional[str | Path] = None) -> list[GPU]:
     except UnicodeDecodeError as e:
         raise ValueError(f"serving.gpus: {p}: not UTF-8 text ({e.reason})") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"serving.gpus: {p}: not valid YAML ({' '.join(str(e).split())})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"serving.gpus: {p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
     rows = data.get("gpus") if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise ValueError(f"serving.gpus: {p} must hold a list under 'gpus:'")

@@ -127,7 +127,9 @@ class ArtifactWriter:
     def _refuse_clobber(self) -> None:
         d = self.final_dir
         if d.exists() and not self.overwrite and not _is_empty_dir(d):
-            raise FileExistsError(f"{d} exists and is not empty; pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{d} exists and is not empty; pass overwrite=True (export.overwrite: true) to replace it"
+            )
 
     def _check_open(self) -> None:
         if self._done:
