@@ -72,7 +72,12 @@ class WindowStream:
             self._data[start : start + x.shape[0]].copy_(x)
             return
         buf = _bytes_of(x.detach().to("cpu").contiguous())
-        _full(os.pwritev, self._fd, buf, start * self._window_bytes)
+        try:
+            _full(os.pwritev, self._fd, buf, start * self._window_bytes)
+        except OSError as e:  # a full disk names no file: name the spool's folder
+            if e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, f"{self.spool_dir} (activation spool)") from e
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """A fresh ``[stop - start, L, D]`` tensor of those windows, on the stream's device."""

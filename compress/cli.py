@@ -1,15 +1,21 @@
 """Thin click commands; heavy imports stay inside the command bodies.
 
-Exit codes: 0 ok, 2 bad input (config, paths, unsupported or corrupt model, output folder held
-by another run), 1 internal failure, 130 interrupted (SIGINT or SIGTERM, after cleanup).
+Exit codes: 0 ok; 2 bad input (config, paths, unsupported or corrupt model, a full or read-only
+disk, an output folder another live run holds), reported as one `error: ...` line naming the
+key path or file; 1 an internal failure, reported as one `failed: ...` line (a traceback only
+under `--debug`); 130 interrupted (SIGINT or SIGTERM, after cleanup).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -17,74 +23,132 @@ from compress import __version__
 
 BAD_INPUT = 2
 FAILURE = 1
+INTERRUPTED = 130
+
+# OS errors that a user fixes (a path, a permission, the disk), not failures of ours.
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+_LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
+class _Formatter(logging.Formatter):
+    """A logged exception (`log.exception`) shows as one line; its traceback only under --debug."""
+
+    def __init__(self, debug: bool):
+        super().__init__(_LOG_FORMAT)
+        self.debug = debug
+
+    def formatException(self, ei) -> str:
+        if self.debug:
+            return super().formatException(ei)
+        return f"  {ei[0].__name__}: {_one_line(ei[1])} (--debug shows the traceback)"
+
+
+def _setup_logging(verbose: int, quiet: bool, debug: bool) -> None:
     from compress.progress import set_enabled
 
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 or debug else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(debug))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     set_enabled(not quiet)
 
 
+def _one_line(msg: object) -> str:
+    """A message as one line: several lines (e.g. one per config error) are joined with '; '."""
+    return "; ".join(line.strip() for line in str(msg).splitlines() if line.strip())
+
+
 def _bad_input(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
+    click.echo(f"error: {_one_line(msg)}", err=True)
     sys.exit(BAD_INPUT)
 
 
-def _input_errors() -> tuple[type[BaseException], ...]:
+def _under(path: str, folder: Path) -> bool:
+    try:
+        Path(path).absolute().relative_to(folder.absolute())
+        return True
+    except ValueError:
+        return False
+
+
+def _bad_input_message(e: Exception, out_dir: Optional[Path]) -> Optional[str]:
+    """What to tell the user when `e` is bad input; None when it is a failure of ours."""
     from compress.config import ConfigError
+    from compress.lock import OutputBusy
     from compress.models.arch import UnsupportedModelError
     from compress.models.checkpoint import CheckpointError
-    from compress.lock import OutputBusy
 
-    return (ConfigError, CheckpointError, UnsupportedModelError, FileNotFoundError, OutputBusy)
+    if isinstance(e, (ConfigError, CheckpointError, UnsupportedModelError, OutputBusy)):
+        return str(e)
+    if not isinstance(e, OSError) or not (isinstance(e, _USER_OS_ERRORS) or e.errno in _USER_ERRNOS):
+        return None
+    if e.filename is None:
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    msg = f"{where}: {e.strerror}"
+    return f"export.output_dir: {msg}" if out_dir is not None and _under(str(e.filename), out_dir) else msg
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM (kill, systemd, docker stop) cleans up like Ctrl-C
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
 
 
-def _load(config: str, overrides: tuple[str, ...]):
-    from compress.config import load_config
-
+@contextlib.contextmanager
+def _exit_codes(out_dir: Optional[Path] = None):
+    """The exit-code contract around a command's work; `out_dir`: the run's output folder, so
+    that a full or read-only disk there is reported against `export.output_dir`."""
     try:
-        return load_config(config, list(overrides))
-    except _input_errors() as e:
-        _bad_input(str(e))
+        yield
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except KeyboardInterrupt:
+        click.echo("interrupted: no partial artifact was left in place", err=True)
+        sys.exit(INTERRUPTED)
+    except Exception as e:
+        msg = _bad_input_message(e, out_dir)
+        if msg is not None:
+            _bad_input(msg)
+        if _debug():
+            traceback.print_exc()
+        hint = "" if _debug() else " (--debug shows the traceback)"
+        click.echo(f"failed: {type(e).__name__}: {_one_line(e)}{hint}", err=True)
+        sys.exit(FAILURE)
 
 
 @click.group()
 @click.version_option(__version__, prog_name="compress")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and the final table only; no progress bars.")
+@click.option("--debug", is_flag=True, help="Debug logging, and the traceback of an internal failure.")
 @click.pass_context
-def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     """Quantize a causal language model, export it, and measure what it cost."""
-    _setup_logging(verbose, quiet)
+    _setup_logging(verbose, quiet, debug)
 
 
 def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
-    cfg = _load(config, overrides)
-    from compress.pipeline import run
+    from compress.config import load_config
 
+    with _exit_codes():
+        cfg = load_config(config, list(overrides))
+    out_dir = Path(output or cfg.export.output_dir)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        ctx = run(cfg, Path(output) if output else None)
-    except _input_errors() as e:
-        _bad_input(str(e))
-    except KeyboardInterrupt:
-        click.echo("interrupted: no partial artifact was left in place", err=True)
-        sys.exit(130)
-    except Exception as e:  # internal failure: say what, keep the traceback for -v
-        logging.getLogger("compress").debug("traceback", exc_info=True)
-        click.echo(f"failed: {type(e).__name__}: {e}", err=True)
-        sys.exit(FAILURE)
+        with _exit_codes(out_dir):
+            from compress.pipeline import run
+
+            ctx = run(cfg, out_dir)
     finally:
         signal.signal(signal.SIGTERM, previous)  # for callers in this process (tests)
     _print_how_to_load(ctx)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, systemd, docker stop) cleans up like Ctrl-C
 
 
 def _print_how_to_load(ctx) -> None:
@@ -109,7 +173,7 @@ _OUT = click.option("--output", type=click.Path(file_okay=False), default=None,
 
 
 @main.command("run")
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", type=click.Path())
 @_SET
 @_OUT
 def run_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> None:
@@ -118,7 +182,7 @@ def run_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> None
 
 
 @main.command("compare")
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", type=click.Path())
 @_SET
 @_OUT
 def compare_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> None:
@@ -131,17 +195,17 @@ def compare_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> 
 
 
 @main.command("validate")
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", type=click.Path())
 @_SET
 def validate_cmd(config: str, overrides: tuple[str, ...]) -> None:
     """Check CONFIG without running anything."""
-    cfg = _load(config, overrides)
-    from compress.pipeline import preflight
+    from compress.config import load_config
 
-    try:
+    with _exit_codes():
+        cfg = load_config(config, list(overrides))
+        from compress.pipeline import preflight
+
         plans = preflight(cfg, Path(cfg.export.output_dir))
-    except _input_errors() as e:
-        _bad_input(str(e))
     click.echo(f"ok: {len(plans)} candidate(s): {', '.join(p.name for p in plans)}")
 
 
@@ -154,15 +218,13 @@ def schema_cmd() -> None:
 
 
 @main.command("inspect")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path())
 def inspect_cmd(path: str) -> None:
     """Architecture, parameters, bytes, bits per weight and quantization of PATH."""
-    from compress.inspect import describe
+    with _exit_codes():
+        from compress.inspect import describe
 
-    try:
         click.echo(describe(Path(path)))
-    except _input_errors() as e:
-        _bad_input(str(e))
 
 
 def _register_optional() -> None:

@@ -275,23 +275,79 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _coerce(value: str) -> Any:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: `line L, column C: problem` (PyYAML's own text spans lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(problem.split())
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str, path: tuple[str, ...], seen: set[int]) -> None:
+    """PyYAML keeps the last of two equal keys without a word; a config must not, since the
+    first value would then read as if it had been applied."""
+    if id(node) in seen:  # an alias to a node already walked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else "?"
+            line = k.start_mark.line + 1
+            if key in first and key != "<<":
+                raise ConfigError(
+                    f"{'.'.join((*path, key))}: duplicate key in {where} (line {line}; first on line {first[key]})"
+                )
+            first.setdefault(key, line)
+            _refuse_duplicate_keys(v, where, (*path, key), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _refuse_duplicate_keys(v, where, (*path, str(i)), seen)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load` that refuses duplicate keys, naming the key path and both lines."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, where, (), set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _coerce(path: str, value: str) -> Any:
     """`--set` values are YAML scalars: `4` is an int, `true` a bool, `[8, 4]` a list."""
-    return yaml.safe_load(value)
+    try:
+        return load_yaml(value, f"--set {path}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: --set value {value!r} is not valid YAML ({_yaml_problem(e)})") from None
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: Any, overrides: list[str]) -> Any:
+    if overrides and not isinstance(data, dict):
+        raise ConfigError(
+            f"(top level): the config must be a mapping of sections, not a {type(data).__name__}; "
+            "--set cannot apply to it"
+        )
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         path, value = item.split("=", 1)
-        keys = path.strip().split(".")
+        path = path.strip()
+        keys = path.split(".")
+        if not all(keys):
+            raise ConfigError(f"--set {item!r}: '{path}' is not a key path (empty part)")
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # `quantize:` written with nothing under it
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise ConfigError(f"{path}: cannot set a key inside a non-mapping value")
-        node[keys[-1]] = _coerce(value)
+        node[keys[-1]] = _coerce(path, value)
     return data
 
 
@@ -306,10 +362,18 @@ def parse_config(data: Any) -> RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        data = load_yaml(text, str(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(apply_overrides(data, list(overrides)))
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    return parse_config(apply_overrides({} if data is None else data, list(overrides)))

@@ -4,19 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from compress.models.checkpoint import CheckpointError, open_checkpoint
-
-
-def _shapes(ckpt) -> dict[str, tuple[tuple[int, ...], str]]:
-    from safetensors import safe_open
-
-    out = {}
-    for path in ckpt.files:
-        with safe_open(str(path), framework="pt") as f:
-            for n in f.keys():
-                s = f.get_slice(n)
-                out[n] = (tuple(s.get_shape()), s.get_dtype())
-    return out
+from compress.models.checkpoint import CheckpointError, open_checkpoint, read_config_json
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -27,14 +15,18 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def describe(path: Path) -> str:
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
     if path.is_file():
         raise CheckpointError(f"{path}: inspect takes a model folder (convert GGUF files with `compress run`)")
     ckpt = open_checkpoint(path)
     if ckpt.pickled:
         raise CheckpointError(f"{path}: pickled checkpoints are not inspected")
-    config = json.loads((path / "config.json").read_text())
+    config = read_config_json(path)
     q = config.get("quantization_config") or {}
-    shapes = _shapes(ckpt)
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config must be a JSON object")
+    shapes = ckpt.tensor_info()
     fmt = None
     if q:
         from compress.formats.registry import format_of_artifact
@@ -46,7 +38,10 @@ def describe(path: Path) -> str:
     params = 0
     plain = {n: s for n, (s, _) in shapes.items()}
     for name, (shape, _) in shapes.items():
-        behind = fmt.weights_behind(name, plain, lambda k: ckpt.load([k])[k]) if fmt else None
+        try:
+            behind = fmt.weights_behind(name, plain, lambda k: ckpt.load([k])[k]) if fmt else None
+        except KeyError as e:  # a packed weight without its companion tensor
+            raise CheckpointError(f"{ckpt.index[name]}: '{name}' has no {e} beside it") from None
         params += _numel(shape) if behind is None else behind
     size = sum(p.stat().st_size for p in ckpt.files)
     lines = [
@@ -65,6 +60,11 @@ def describe(path: Path) -> str:
         lines.append(f"quantization:  none (tensor dtypes {', '.join(dtypes)})")
     manifest = path / "compress-manifest.json"
     if manifest.is_file():
-        m = json.loads(manifest.read_text())
+        try:
+            m = json.loads(manifest.read_bytes().decode("utf-8"))
+        except ValueError as e:  # bad JSON or not UTF-8
+            raise CheckpointError(f"{manifest}: not a valid JSON manifest ({e})") from None
+        if not isinstance(m, dict):
+            raise CheckpointError(f"{manifest}: must hold a JSON object")
         lines.append(f"made by:       compress {m.get('compress_version')} on {m.get('created')}")
     return "\n".join(lines)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
     """Every check that needs no model weights; raises ConfigError naming the key."""
     from compress.data.sources import resolve_source
+    from compress.paths import unwritable_dir
+    from compress.serving import load_gpus
     from compress.stages.quantize import resolve_plans
     from compress.stages.load import check_source
     from compress.sweep import with_sweep
@@ -38,6 +40,12 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_source(cfg.model)
+    if problem := unwritable_dir(out_dir):
+        raise ConfigError(f"export.output_dir: {problem}")
+    try:
+        load_gpus(cfg.serving.gpus)  # the report reads it after all the work; fail now instead
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key, spec, field_ in (
         ("calibration.dataset", cfg.calibration.dataset, cfg.calibration.text_field),
         ("evaluate.dataset", cfg.evaluate.dataset, cfg.calibration.text_field),

@@ -110,8 +110,15 @@ def load_gpus(path: Optional[str | Path] = None) -> list[GPU]:
     if not p.is_file():
         if path is None:
             return list(DEFAULT_GPUS)
-        raise ValueError(f"serving.gpus: {p} not found")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise ValueError(f"serving.gpus: {p} not found" + (" (it is a folder)" if p.is_dir() else ""))
+    try:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"serving.gpus: {p}: not UTF-8 text ({e.reason})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"serving.gpus: {p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
     rows = data.get("gpus") if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise ValueError(f"serving.gpus: {p} must hold a list under 'gpus:'")
@@ -119,6 +126,8 @@ def load_gpus(path: Optional[str | Path] = None) -> list[GPU]:
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or set(r) != {"name", "memory_gb"}:
             raise ValueError(f"serving.gpus: {p}: gpus.{i} needs exactly 'name' and 'memory_gb'")
+        if isinstance(r["memory_gb"], bool) or not isinstance(r["memory_gb"], (int, float)):
+            raise ValueError(f"serving.gpus: {p}: gpus.{i}.memory_gb must be a number, not {r['memory_gb']!r}")
         gpus.append(GPU(str(r["name"]), float(r["memory_gb"])))
     return sorted(gpus, key=lambda g: g.memory_gb)
 

@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +230,38 @@ def test_internal_failure_exits_1(good, tmp_path, monkeypatch):
     assert res.exit_code == 1, res.output
     assert "failed: RuntimeError: disk on fire" in res.stderr
     assert not (out / "rtn-w4-g64").exists()
+
+
+_FAILING = textwrap.dedent("""
+    import sys
+    from compress.stages import load
+    def broken(cfg):
+        raise RuntimeError("disk on fire")
+    load.load_model = broken  # an internal failure right after preflight
+    from compress.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("flags,shows_traceback", [(["-vv"], False), (["--debug"], True)])
+def test_internal_failure_traceback_only_under_debug(flags, shows_traceback, good, tmp_path):
+    data, _ = good
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", _FAILING, *flags, "run", write_config(tmp_path, data)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert ("Traceback" in proc.stderr) is shows_traceback, proc.stderr
+    assert "failed: RuntimeError: disk on fire" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_logged_exception_is_one_line_unless_debug():
+    from compress.cli import _Formatter
+
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        record = logging.LogRecord("compress", logging.ERROR, __file__, 1, "candidate %s failed", ("a",), sys.exc_info())
+    quiet = _Formatter(debug=False).format(record)
+    assert quiet == "ERROR compress: candidate a failed\n  ValueError: bad; thing (--debug shows the traceback)"
+    record.exc_text = None  # the formatter caches the rendered exception on the record
+    assert "Traceback (most recent call last)" in _Formatter(debug=True).format(record)

@@ -4,15 +4,18 @@ Reading and tokenizing the text (gensim's Wikipedia parser, the tokenizer itself
 concatenated token ids) leaves tens of megabytes resident that the quantizing process would
 then carry through every block. A short-lived child does it instead and hands back two small
 int64 tensors, so the parent never loads a tokenizer. A ValueError in the child (e.g. a split
-too short for the windows asked) comes back as a ValueError with the child's message. The child
-dies with the parent (compress/children.py), and its files live in a ``.partial-`` folder of
-`work_dir` (the run's output folder), removed when it is done or, after a kill, by a later run.
+too short for the windows asked) is bad input: it comes back as a ConfigError whose message
+names the config key (the child prefixes `calibration.dataset:` / `evaluate.dataset:` /
+`model.source:` to messages that name none). The child dies with the parent
+(compress/children.py), and its files live in a ``.partial-`` folder of `work_dir` (the run's
+output folder), removed when it is done or, after a kill, by a later run.
 
     python -m compress.data.draw SPEC.json   (written by `draw_windows`; not a user command)
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -23,6 +26,8 @@ import torch
 
 from compress.children import die_with_parent, run_child
 from compress.owner import make_partial
+
+log = logging.getLogger(__name__)
 
 _VALUE_ERROR = 3  # exit status of the child for a ValueError (its message on the last line of stderr)
 
@@ -50,9 +55,13 @@ def draw_windows(
         spec_path.write_text(json.dumps(spec))
         proc = run_child([sys.executable, "-m", "compress.data.draw", str(spec_path)])
         if proc.returncode == _VALUE_ERROR:
-            raise ValueError(proc.stderr.strip().splitlines()[-1])
-        if proc.returncode != 0:
-            raise RuntimeError(f"drawing the token windows failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            from compress.config import ConfigError
+
+            raise ConfigError(proc.stderr.strip().splitlines()[-1])
+        if proc.returncode != 0:  # a failure of ours: its traceback goes to the debug log only
+            log.debug("the window-drawing child's stderr:\n%s", proc.stderr)
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"drawing the token windows failed (exit {proc.returncode}): {last}")
         return load_file(spec["out"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,15 +74,23 @@ def _main(spec_path: str) -> int:
     from compress.data.windows import calibration_windows, evaluation_windows
 
     spec = json.loads(Path(spec_path).read_text())
+    out = {}
     try:
-        tok = AutoTokenizer.from_pretrained(spec["tokenizer"], trust_remote_code=spec["trust_remote_code"])
-        out = {}
+        key = "model.source"
+        try:
+            tok = AutoTokenizer.from_pretrained(spec["tokenizer"], trust_remote_code=spec["trust_remote_code"])
+        except (OSError, ValueError) as e:  # no or broken tokenizer files in the model folder
+            raise ValueError(f"{spec['tokenizer']}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
         if spec["calibration"]:
+            key = "calibration.dataset"
             out["calibration"] = calibration_windows(tok, **spec["calibration"])
         if spec["evaluation"]:
+            key = "evaluate.dataset"
             out["evaluation"] = evaluation_windows(tok, **spec["evaluation"])
     except ValueError as e:
-        print(str(e).replace("\n", " "), file=sys.stderr)
+        msg = " ".join(str(e).split())
+        section = key.split(".")[0] + "."
+        print(msg if msg.startswith((section, key)) else f"{key}: {msg}", file=sys.stderr)
         return _VALUE_ERROR
     save_file({k: v.contiguous() for k, v in out.items()}, spec["out"])
     return 0

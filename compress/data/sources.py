@@ -92,6 +92,8 @@ def resolve_source(spec: str, text_field: str = "text", eval_fraction: float = 0
     if suffix in FILE_SUFFIXES:
         if not os.path.isfile(spec):
             raise ValueError(f"text file '{spec}' does not exist (or is not a file)")
+        if os.path.getsize(spec) == 0:
+            raise ValueError(f"text file '{spec}' is empty")
         if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
             raise ValueError(_pyarrow_missing(spec))
         return TextSource(suffix[1:], spec, None, text_field, eval_fraction)
@@ -121,32 +123,40 @@ def _register_builtins() -> None:
 # ---- user files ---------------------------------------------------------------------------
 
 
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; other bytes are a ValueError naming the file
+    (not the line: the file is decoded in chunks ahead of the line being read)."""
+    with open(path, encoding="utf-8") as fh:
+        try:
+            yield from enumerate(fh, 1)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x})") from None
+
+
 @register_source("txt")
 def _read_txt(source: TextSource) -> Iterator[Document]:
     """Documents are separated by one or more blank lines."""
-    with open(source.path, encoding="utf-8") as fh:
-        paragraph: list[str] = []
-        for line in fh:
-            if line.strip():
-                paragraph.append(line.rstrip("\n"))
-            elif paragraph:
-                yield _content_keyed("\n".join(paragraph))
-                paragraph = []
-        if paragraph:
+    paragraph: list[str] = []
+    for _, line in _lines(source.path):
+        if line.strip():
+            paragraph.append(line.rstrip("\n"))
+        elif paragraph:
             yield _content_keyed("\n".join(paragraph))
+            paragraph = []
+    if paragraph:
+        yield _content_keyed("\n".join(paragraph))
 
 
 @register_source("jsonl")
 def _read_jsonl(source: TextSource) -> Iterator[Document]:
-    with open(source.path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{source.path}:{lineno}: not valid JSON ({exc.msg})") from None
-            yield from _from_record(record, source, f"{source.path}:{lineno}")
+    for lineno, line in _lines(source.path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source.path}:{lineno}: not valid JSON ({exc.msg})") from None
+        yield from _from_record(record, source, f"{source.path}:{lineno}")
 
 
 @register_source("parquet")

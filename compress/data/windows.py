@@ -6,6 +6,7 @@ with the ids of "\\n\\n" (model-agnostic, and the separator of the usual perplex
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Iterable, Iterator, Union
 
 import torch
@@ -28,6 +29,7 @@ def calibration_windows(
     replacement) in the concatenated calibration split; int64 [nsamples, seqlen]."""
     source = _as_source(source_spec)
     _check_positive(("calibration.nsamples", nsamples), ("calibration.seqlen", seqlen))
+    _check_fits_memory("calibration.nsamples", nsamples, "calibration.seqlen", seqlen)
     gen = torch.Generator().manual_seed(seed)
     if not source.has_documents:
         if chat_template:
@@ -43,7 +45,14 @@ def calibration_windows(
             f"'{source.describe()}' ({ids.numel()} tokens); lower it or use a larger "
             "calibration.dataset"
         )
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    n_starts = ids.numel() - seqlen + 1
+    if nsamples > n_starts:
+        raise ValueError(
+            f"calibration.nsamples={nsamples} is more than the {n_starts} distinct windows of "
+            f"calibration.seqlen={seqlen} tokens that the calibration split of '{source.describe()}' "
+            "holds; lower it or use a larger calibration.dataset"
+        )
+    starts = torch.randint(0, n_starts, (nsamples,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 
 
@@ -54,6 +63,7 @@ def evaluation_windows(
     consecutive non-overlapping windows of `seqlen`; the first `n_windows`, int64 [n, seqlen]."""
     source = _as_source(source_spec)
     _check_positive(("evaluate.windows", n_windows), ("evaluate.seqlen", seqlen))
+    _check_fits_memory("evaluate.windows", n_windows, "evaluate.seqlen", seqlen)
     if not source.has_documents:
         gen = torch.Generator().manual_seed(_RANDOM_EVAL_SEED)
         return _random_tokens(tokenizer, n_windows, seqlen, gen)
@@ -100,6 +110,21 @@ def _check_positive(*named: tuple[str, int]) -> None:
     for key, value in named:
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _check_fits_memory(n_key: str, n: int, len_key: str, seqlen: int) -> None:
+    """The int64 ids of `n` windows must fit in this machine's memory (a typo such as
+    nsamples: 1280000 would otherwise end in an allocation failure, or the OOM killer)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no bound to check
+        return
+    need = n * seqlen * 8
+    if need > ram:
+        raise ValueError(
+            f"{n_key}={n} x {len_key}={seqlen} is {n * seqlen} token ids ({need / 2**30:.0f} GiB), "
+            f"more than this machine's {ram / 2**30:.0f} GiB of memory; lower {n_key}"
+        )
 
 
 def _random_tokens(tokenizer, n: int, seqlen: int, gen: torch.Generator) -> torch.Tensor:

@@ -14,6 +14,7 @@ Shard names follow the Hugging Face convention (``model.safetensors`` or
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import torch
 
 from compress.hashing import sha256_file
+from compress.models.checkpoint import all_finite
 from compress.owner import OWNER, make_partial
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,20 @@ _ST_DTYPES = {
 _COPY_CHUNK = 1 << 24
 
 
-def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
-    """`isfinite(t).all()` in slices, so a large embedding needs no full-size bool copy."""
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[s : s + chunk]).all()) for s in range(0, flat.numel(), chunk))
+def _names_folder(method):
+    """An OSError without a file name (a full disk fails `write()`, which names nothing) is
+    raised again naming the folder being written, so the user learns which disk filled up."""
+
+    @functools.wraps(method)
+    def wrapper(self: "ArtifactWriter", *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            if e.filename is not None or e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(self.tmp_dir)) from e
+
+    return wrapper
 
 
 def _is_empty_dir(p: Path) -> bool:
@@ -116,7 +128,9 @@ class ArtifactWriter:
     def _refuse_clobber(self) -> None:
         d = self.final_dir
         if d.exists() and not self.overwrite and not _is_empty_dir(d):
-            raise FileExistsError(f"{d} exists and is not empty; pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{d} exists and is not empty; pass overwrite=True (export.overwrite: true) to replace it"
+            )
 
     def _check_open(self) -> None:
         if self._done:
@@ -129,6 +143,7 @@ class ArtifactWriter:
             t = t.detach().to("cpu").contiguous()
             self.add_tensor_chunks(name, t.dtype, tuple(t.shape), [t])
 
+    @_names_folder
     def add_tensor_chunks(
         self, name: str, dtype: torch.dtype, shape: tuple[int, ...], chunks: Iterable[torch.Tensor]
     ) -> None:
@@ -150,7 +165,7 @@ class ArtifactWriter:
                 c = c.detach().to("cpu").contiguous()
                 if c.dtype != dtype or tuple(c.shape[1:]) != tuple(shape[1:]):
                     raise ValueError(f"tensor '{name}': a slice {c.dtype} {tuple(c.shape)} does not fit {dtype} {shape}")
-                if c.is_floating_point() and not _all_finite(c):
+                if c.is_floating_point() and not all_finite(c):
                     raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
                 self._spill.write(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
                 written += _tensor_bytes(c)
@@ -188,6 +203,7 @@ class ArtifactWriter:
         self._buffer = {}
         self._buffer_bytes = 0
 
+    @_names_folder
     def add_file(self, name: str, content: Union[bytes, str, os.PathLike]) -> None:
         """Add a side file (tokenizer, generation config, ...): ``bytes`` or a path to copy."""
         self._check_open()
@@ -228,6 +244,7 @@ class ArtifactWriter:
                 out[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         return out
 
+    @_names_folder
     def finish(self, config_json: Mapping[str, Any], manifest: Mapping[str, Any]) -> Path:
         """Write shards, ``config.json`` and the manifest, then move the folder into place."""
         self._check_open()

@@ -9,7 +9,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -26,10 +26,25 @@ class Checkpoint:
     index: dict[str, Path]  # tensor name -> file holding it
     pickled: bool = False
     _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _info: Optional[dict[str, tuple[tuple[int, ...], str]]] = field(default=None, repr=False)
 
     @property
     def files(self) -> list[Path]:
         return sorted(set(self.index.values()))
+
+    def tensor_info(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and safetensors dtype name ("F32", "I32", ...) of every tensor, read from the
+        file headers only; empty for a pickled checkpoint, which has no headers."""
+        if self._info is None:
+            from safetensors import safe_open
+
+            self._info = {}
+            for path in [] if self.pickled else self.files:
+                with safe_open(str(path), framework="pt") as f:
+                    for n in f.keys():
+                        s = f.get_slice(n)
+                        self._info[n] = (tuple(s.get_shape()), s.get_dtype())
+        return self._info
 
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.index if n.startswith(prefix)]
@@ -79,6 +94,58 @@ class Checkpoint:
             raise CheckpointError(f"{path}: cannot read tensor data ({e})") from None
 
 
+def read_config_json(root: Path) -> dict:
+    """`config.json` of a model folder as a dict; anything else is a CheckpointError naming it."""
+    path = Path(root) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{root}: no config.json; not a Hugging Face model folder")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object of settings, not a {type(data).__name__}")
+    return data
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """`isfinite(t).all()` in slices, so a large embedding needs no full-size bool copy."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[s : s + chunk]).all()) for s in range(0, flat.numel(), chunk))
+
+
+def _misfit(shape: tuple[int, ...], is_float: bool, dtype: object, like: torch.Tensor) -> Optional[str]:
+    if tuple(shape) != tuple(like.shape):
+        return f"has shape {list(shape)} where the model's config.json implies {list(like.shape)}"
+    if like.is_floating_point() and not is_float:
+        return f"is {dtype} where a floating-point tensor is expected"
+    return None
+
+
+def check_header(ckpt: Checkpoint, name: str, like: torch.Tensor) -> None:
+    """Tensor `name` as the safetensors header describes it against the model's own tensor
+    `like` (a meta tensor of the skeleton): shape and float-ness, before any data is read."""
+    info = ckpt.tensor_info().get(name)
+    if info is None:
+        return
+    shape, dtype = info
+    problem = _misfit(shape, dtype.startswith(("F", "BF")), dtype, like)
+    if problem:
+        raise CheckpointError(f"{ckpt.index[name]}: tensor '{name}' {problem}")
+
+
+def check_loaded(ckpt: Checkpoint, name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """A loaded tensor against the model's tensor `like`: shape, float-ness and finite values
+    (a NaN or Inf weight would otherwise flow through every later statistic unnoticed)."""
+    problem = _misfit(tuple(t.shape), t.is_floating_point(), t.dtype, like)
+    if problem is None and t.is_floating_point() and not all_finite(t):
+        problem = "holds NaN or Inf values"
+    if problem:
+        raise CheckpointError(f"{ckpt.index.get(name, ckpt.root)}: tensor '{name}' {problem}")
+
+
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A pickled state dict, tensors only (`weights_only`): anything else is bad input."""
     try:
@@ -101,8 +168,7 @@ def _safetensors_names(path: Path) -> list[str]:
 
 def open_checkpoint(root: str | Path, allow_pickle: bool = False) -> Checkpoint:
     root = Path(root)
-    if not (root / "config.json").is_file():
-        raise CheckpointError(f"{root}: no config.json; not a Hugging Face model folder")
+    read_config_json(root)
     st_index = root / "model.safetensors.index.json"
     single = root / "model.safetensors"
     if st_index.is_file():

@@ -15,11 +15,9 @@ import shutil
 from pathlib import Path
 
 from compress.hashing import sha256_file
-<<<<<<< HEAD
-from compress.owner import OWNER, make_partial, sweep_dead
-=======
+from compress.models.checkpoint import CheckpointError
 from compress.models.provenance import is_hub_id
->>>>>>> i14-publish
+from compress.owner import OWNER, make_partial, sweep_dead
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +34,30 @@ def default_cache_dir() -> Path:
     return Path(base)
 
 
+def check_gguf(path: Path) -> None:
+    """The GGUF header and tensor table, read without loading any tensor: a file that is not
+    GGUF or was cut short fails here naming the file, instead of deep inside the conversion."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: pip install 'compress[gguf]'") from None
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader fails on a cut or garbled file with numpy/struct errors of any kind
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CheckpointError(
+                f"{path}: truncated GGUF file: tensor '{t.name}' ends at byte {t.data_offset + t.n_bytes}, "
+                f"the file has {size}"
+            )
+
+
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Path of a folder holding the dequantized checkpoint (converted on first use)."""
     import torch
@@ -46,6 +68,7 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     target = (cache_dir or default_cache_dir()) / "gguf" / f"{gguf_path.stem}-{digest}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf_path)
     log.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
     sweep_dead(target.parent)
     tmp = make_partial(target.parent, f".{target.name}.partial-")

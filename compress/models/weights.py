@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compress.models.arch import ArchSpec, arch_for
-from compress.models.checkpoint import Checkpoint, CheckpointError
+from compress.models.checkpoint import Checkpoint, CheckpointError, check_header, check_loaded
 from compress.stored_outer import install_upcast, stored_outer_names
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class ModelWeights:
         self.n_blocks = len(self.templates)
         self.block_prefix = self.arch.blocks + "."
         self.stored_outer = stored_outer  # embedding/head kept in the checkpoint's dtype
+        self._check_headers()
         if load_outer:  # a skeleton without weights suffices for shape checks
             self._materialize_outer()
 
@@ -98,6 +99,15 @@ class ModelWeights:
             return name[len(prefix):]
         return None
 
+    def _check_headers(self) -> None:
+        """Every checkpoint tensor the skeleton has a place for must fit it (shape, float-ness),
+        read off the safetensors headers: a config.json that does not describe the weights
+        fails here, naming the tensor, before any block is read."""
+        for name, like in self.model.state_dict().items():
+            ck = self.ckpt_name(name)
+            if ck is not None:
+                check_header(self.checkpoint, ck, like)
+
     def _weight_ckpt_name(self, module: nn.Module) -> Optional[str]:
         """Checkpoint key of an outer module's weight, or None where the checkpoint lacks it."""
         name = next(n for n, m in self.model.named_modules() if m is module)
@@ -113,19 +123,21 @@ class ModelWeights:
                 base = getattr(self.model, "base_model_prefix", "") + "."
                 ck_prefix = prefix[len(base):] if prefix.startswith(base) else prefix
             raw = self.checkpoint.load(self.checkpoint.names(ck_prefix), device=self.device)
-            local = {k[len(ck_prefix):]: v for k, v in raw.items()}
+            ck_of = {k[len(ck_prefix):]: k for k in raw}
         else:
             found = {k: self.ckpt_name(k) for k in module.state_dict()}
             raw = self.checkpoint.load([c for c in found.values() if c], device=self.device)
-            local = {k: raw[c] for k, c in found.items() if c}
+            ck_of = {k: c for k, c in found.items() if c}
+        local = {k: raw[c] for k, c in ck_of.items()}
         replaced: list[str] = patch(module, local) if patch is not None else []
         state = {}
         missing = []
-        for k in module.state_dict():
+        for k, like in module.state_dict().items():
             if any(k.startswith(r + ".") for r in replaced):
                 continue
             if k in local:
                 t = local.pop(k)
+                check_loaded(self.checkpoint, ck_of[k], t, like)
                 state[k] = t.to(self.dtype) if t.is_floating_point() and k not in keep else t
             elif not self._is_tied(k):
                 missing.append(k)

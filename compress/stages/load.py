@@ -8,10 +8,10 @@ from typing import Optional
 
 import torch
 
-from compress.config import ModelConfig
+from compress.config import ConfigError, ModelConfig
 from compress.engine import StreamedModel
 from compress.models.arch import ArchSpec, arch_for
-from compress.models.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from compress.models.checkpoint import Checkpoint, CheckpointError, open_checkpoint, read_config_json
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class LoadedModel:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("model.device: cuda was asked for but no CUDA device is available")
+        raise ConfigError("model.device: cuda was asked for but no CUDA device is available; use auto or cpu")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -96,10 +96,15 @@ def resolve_folder(cfg: ModelConfig) -> Path:
 
 
 def check_source(cfg: ModelConfig) -> None:
-    """Cheap checks of `model.source` before any work: the file or folder exists and, for a
-    Hugging Face folder, its architecture is one we support. Hub ids are checked at load."""
-    import json
+    """Cheap checks of the `model` section before any work: the device exists, the cache folder
+    is usable, the file or folder exists and, for a Hugging Face folder, its architecture is one
+    we support; a GGUF file's header and tensor table are complete. Hub ids are checked at load."""
+    from compress.models.gguf import check_gguf
+    from compress.paths import unwritable_dir
 
+    resolve_device(cfg.device)
+    if cfg.cache_dir and (problem := unwritable_dir(cfg.cache_dir)):
+        raise ConfigError(f"model.cache_dir: {problem}")
     if cfg.source.startswith("package:"):
         src = package_file(cfg.source)
     else:
@@ -108,16 +113,17 @@ def check_source(cfg: ModelConfig) -> None:
             return  # a hub id
     if not src.exists():
         raise CheckpointError(f"model.source: {src} does not exist")
-    if src.is_dir() and not cfg.gguf_file:
-        cfg_file = src / "config.json"
-        if not cfg_file.is_file():
+    if src.is_dir() and cfg.gguf_file:
+        if not (src / cfg.gguf_file).is_file():
+            raise CheckpointError(f"model.gguf_file: {src / cfg.gguf_file} not found")
+        check_gguf(src / cfg.gguf_file)
+    elif src.is_dir():
+        if not (src / "config.json").is_file():
             raise CheckpointError(f"model.source: {src} has no config.json; not a Hugging Face model folder")
-        try:
-            model_type = json.loads(cfg_file.read_text()).get("model_type", "?")
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-        arch_for(model_type)
-    elif src.is_file() and src.suffix != ".gguf":
+        arch_for(read_config_json(src).get("model_type", "?"))
+    elif src.suffix == ".gguf":
+        check_gguf(src)
+    else:
         raise CheckpointError(f"model.source: {src} is a file but not a .gguf file")
 
 
