@@ -12,18 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from compress.models.provenance import is_hub_id, languages, readme_metadata
+from compress.report.columns import CARD_TABLE, COLUMNS, Column
 
-# Columns of the evaluation table, in order: (results key, header, format).
-_COLUMNS = (
-    ("perplexity", "Perplexity", "{:.3f}"),
-    ("kl_divergence", "KL div.", "{:.4f}"),
-    ("top1_agreement", "Top-1 agree", "{:.3f}"),
-    ("bytes", "Size (MB)", None),
-    ("bits_per_weight", "Bits/weight", "{:.2f}"),
-    ("prefill_tokens_per_s", "Prefill tok/s", "{:.1f}"),
-    ("decode_tokens_per_s", "Decode tok/s", "{:.1f}"),
-    ("peak_rss_mb", "Peak RSS (MB)", "{:.0f}"),
-)
 _VLLM_FORMATS = frozenset({"gptq", "awq", "compressed-tensors"})
 
 
@@ -40,13 +30,11 @@ def cell(value: Any) -> str:
     return text
 
 
-def _fmt(value: Any, fmt: Optional[str], key: str) -> str:
+def _fmt(value: Any, column: Column) -> str:
     if value is None:
         return "–"
-    if key == "bytes" and isinstance(value, (int, float)):
-        return f"{value / 1e6:.1f}"
-    if fmt and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return fmt.format(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return column.text(value)
     return cell(value)
 
 
@@ -204,14 +192,15 @@ def _evaluation(results: Optional[dict[str, Any]]) -> list[str]:
     if protocol.get("description"):
         lines.append(cell(protocol["description"]))
     lines.append("")
-    columns = [c for c in _COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    # Columns, headers and formats come from the one column model (compress/report/columns.py).
+    columns = [COLUMNS[k] for k in CARD_TABLE if any(r.get(k) is not None for r in rows)]
     this = results.get("this")
-    lines.append("| Model | " + " | ".join(c[1] for c in columns) + " |")
+    lines.append("| Model | " + " | ".join(c.card_header for c in columns) + " |")
     lines.append("|---|" + "---:|" * len(columns))
     for row in rows:
         name = cell(row.get("name", "?"))
         name = f"**{name}** (this model)" if this is not None and row.get("name") == this else name
-        values = [_fmt(row.get(key), fmt, key) for key, _, fmt in columns]
+        values = [_fmt(row.get(c.key), c) for c in columns]
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return lines + [""]
 

@@ -69,7 +69,7 @@ def build_artifact(
             "rows": [
                 {"name": "original (fp32)", "perplexity": 17.7, "kl_divergence": 0.0, "top1_agreement": 1.0,
                  "bytes": 538000000, "bits_per_weight": 32.0, "prefill_tokens_per_s": 900.0,
-                 "decode_tokens_per_s": 40.0, "peak_rss_mb": 700.0},
+                 "decode_tokens_per_s": 40.0, "serving_peak_rss_mb": 700.0},
                 {"name": "rtn-w4-g64", "perplexity": 25.1, "kl_divergence": 0.2, "top1_agreement": 0.8,
                  "bytes": None},
             ],

@@ -94,3 +94,15 @@ def test_onnx_format_gets_onnxruntime_instructions(tmp_path):
     meta, body = _split(render_card(manifest, results, config, "org/x"))
     assert meta["library_name"] == "onnxruntime"
     assert "ORTModelForCausalLM" in body and "vllm" not in body.lower()
+
+
+def test_card_table_uses_the_run_tables_columns():
+    """Every figure of a results row is shown with the header and format of the one column
+    model, the serving RSS included (its key is the run table's, not a card-only one)."""
+    from compress.publish.card import _evaluation
+
+    row = {"name": "c", "perplexity": 25.1234, "bytes": 114_523_776, "serving_peak_rss_mb": 612.4,
+           "decode_tokens_per_s": 31.25}
+    body = "\n".join(_evaluation({"rows": [row], "this": "c"}))
+    assert "| Model | Perplexity | Size (MB) | Decode tok/s | Peak RSS (MB) |" in body
+    assert "| **c** (this model) | 25.123 | 114.5 | 31.2 | 612 |" in body
