@@ -39,6 +39,12 @@ class OutputLock:
         self._created = False
 
     def __enter__(self) -> "OutputLock":
+        from compress.config import ConfigError
+        from compress.paths import unwritable_dir
+
+        why = unwritable_dir(self.out_dir)  # mkdir would say only "File exists" or "Read-only"
+        if why:
+            raise ConfigError(f"export.output_dir: {why}")
         self._created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         try:

@@ -201,8 +201,14 @@ def test_gguf_conversion_is_atomic_and_sweeps_dead_partials(model_dir, tmp_path,
 
     from compress.models.gguf import convert_gguf
 
-    gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF not really")
+    import gguf as gguf_pkg
+
+    gguf = tmp_path / "tiny.gguf"  # a complete GGUF header (preflight reads it); the load is faked
+    writer = gguf_pkg.GGUFWriter(str(gguf), "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     cache = tmp_path / "cache"
     dead = plant(cache / "gguf", ".tiny-0-v2.partial-", pid=dead_pid())
     live = plant(cache / "gguf", ".tiny-1-v2.partial-")
