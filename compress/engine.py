@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from compress.activations import WindowStream
-from compress.models.checkpoint import Checkpoint
 from compress.models.weights import BlockPatcher, ModelWeights  # noqa: F401  (BlockPatcher re-exported)
 
 log = logging.getLogger(__name__)
@@ -73,20 +72,12 @@ class StreamedModel(ModelWeights):
     run batch by batch over a `WindowStream`, and logits or head inputs come out of the
     model's own forward with proxies standing in for the blocks."""
 
-    def __init__(
-        self,
-        config,
-        checkpoint: Checkpoint,
-        device: torch.device,
-        dtype: torch.dtype,
-        patch_block: Optional[BlockPatcher] = None,
-        batch_size: int = 2,
-        load_outer: bool = True,
-        stored_outer: bool = False,
-    ) -> None:
-        super().__init__(config, checkpoint, device, dtype, patch_block, load_outer, stored_outer)
+    def __init__(self, *args: Any, batch_size: int = 2, **kwargs: Any) -> None:
+        """`ModelWeights`' arguments, and how many windows run through a block at once."""
+        super().__init__(*args, **kwargs)
         self.batch_size = batch_size
         self._layer_calls: Optional[list[LayerCall]] = None
+
     # ---- forward through proxies -----------------------------------------------------------
     def _with_proxies(self, hook) -> None:
         for i in range(self.n_blocks):
