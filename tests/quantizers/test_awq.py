@@ -269,3 +269,17 @@ def test_pipeline_exports_awq_that_our_loader_reads_back(fmt, model_dir, text_fi
                 assert torch.equal(got.codes, want.codes) and torch.equal(got.g_idx, want.g_idx)
                 stored = torch.float16 if fmt == "gptq" else torch.float32  # the format's scale dtype
                 torch.testing.assert_close(got.scales, want.scales.to(stored).float())
+
+
+def test_a_mapping_the_block_does_not_follow_is_checked_and_skipped(tmp_path, tiny_tokenizer, caplog):
+    """OPT's post-norm variant: self_attn_layer_norm does not feed q/k/v, so folding into it
+    would change the function; the fold check reverts that mapping and says so."""
+    folder = save_model(make_model("opt", do_layer_norm_before=False), tmp_path / "opt-post", tiny_tokenizer)
+    sm = load_model(ModelConfig(source=str(folder), dtype="float32", device="cpu")).streamed()
+    blocks = {}
+    with caplog.at_level("WARNING", logger="compress.quantizers.awq"):
+        quantize_model(sm, Plan("t", AWQConfig(group_size=32, grid=4)), IDS,
+                       lambda i, b, r: blocks.setdefault(i, b.self_attn_layer_norm.weight.detach().clone()))
+    assert "self_attn_layer_norm -> self_attn.q_proj" in caplog.text and "folding changed" in caplog.text
+    original = load_model(ModelConfig(source=str(folder), dtype="float32", device="cpu")).streamed()
+    assert all(torch.equal(w, original.load_block(i).self_attn_layer_norm.weight) for i, w in blocks.items())
