@@ -5,7 +5,8 @@ A method is a pure per-weight function plus declarations the engine acts on:
 - ``config``: its own pydantic model, a member of the union discriminated on ``method`` that
   the run config, candidates and sweeps are derived from (``compress.config``);
 - ``stats``: what the engine collects from the calibration stream for each linear before
-  calling it (nothing, the input Hessian, or per-channel input magnitudes);
+  calling it (nothing, the input Hessian, or per-channel input magnitudes), or a function of
+  the method's config that says which (AWQ needs the Hessian only for GPTQ rounding or clipping);
 - ``block_transform``: an optional function applied to each loaded decoder block before its
   weights are quantized (scale folding such as AWQ's or SmoothQuant's goes here);
 - ``quantize``: ``(W, LayerStats, spec) -> QuantResult``, tensors in and out.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -166,9 +167,14 @@ class BlockView:
     config: MethodConfig
     inputs: Any  # compress.activations.WindowStream
     collect: Callable[[list[str], StatKind], dict[str, Any]]
+    # The block's output for one batch ``[b, L, D]`` of windows read off ``inputs`` (the engine
+    # supplies the masks and rotary tables); an exception raised by a hook inside propagates.
+    forward: Optional[Callable[["torch.Tensor"], "torch.Tensor"]] = None
+    batch_size: int = 1  # windows per forward, as the engine runs them
 
 
 BlockTransform = Callable[[BlockView], None]
+StatsDecl = Union[StatKind, Callable[[MethodConfig], StatKind]]
 
 
 @dataclass(frozen=True)
@@ -176,19 +182,24 @@ class Method:
     name: str
     config: type[MethodConfig]
     quantize: QuantizeFn
-    stats: StatKind = "none"
+    stats: StatsDecl = "none"
     block_transform: Optional[BlockTransform] = None
+
+    def stats_for(self, config: MethodConfig) -> StatKind:
+        """The statistic the engine collects for this method under `config`."""
+        return self.stats(config) if callable(self.stats) else self.stats
 
     @property
     def needs_calibration(self) -> bool:
-        return self.stats != "none" or self.block_transform is not None
+        # A config-dependent statistic counts as calibrated (conservative: no config here).
+        return callable(self.stats) or self.stats != "none" or self.block_transform is not None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(
-    name: str, config: type[MethodConfig], stats: StatKind = "none",
+    name: str, config: type[MethodConfig], stats: StatsDecl = "none",
     block_transform: Optional[BlockTransform] = None,
 ) -> Callable[[QuantizeFn], QuantizeFn]:
     """Decorator: register ``fn`` as method ``name``; its config must say ``method: Literal[name]``."""

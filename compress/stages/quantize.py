@@ -195,11 +195,12 @@ class _BlockQuantizer:
         self.propagate = hidden is not None and getattr(q, "propagate", False)
         self.sdtype = torch.float64 if getattr(q, "hessian_dtype", "float32") == "float64" else torch.float32
         self.chain = mlp_chain(sm) if self.propagate else ()
+        self.stats = method.stats_for(q)
         self.reports: list[LayerReport] = []
 
     def _collect(self, block, i, names, hidden, early_stop, forward, capture=None, kind=None):
         return collect_stats(self.sm, block, names, hidden, self.sdtype, early_stop, forward,
-                             capture=capture, where=f"{self.sm.block_prefix}{i}", kind=kind or self.method.stats)
+                             capture=capture, where=f"{self.sm.block_prefix}{i}", kind=kind or self.stats)
 
     def __call__(self, i: int, block: nn.Module, hidden: Optional[WindowStream]) -> None:
         sm, q, method = self.sm, self.plan.q, self.method
@@ -214,11 +215,12 @@ class _BlockQuantizer:
             method.block_transform(BlockView(
                 i, block, sm.arch, q, hidden,
                 lambda names, kind: self._collect(block, i, names, hidden, True, whole, kind=kind),
+                forward=lambda x: sm.block_output(block, i, x), batch_size=sm.batch_size,
             ))
         mlp_from = _mlp_start(groups, chain)
         results: dict[str, QuantResult] = {}
         stats: dict[str, torch.Tensor] = {}
-        collect = hidden is not None and method.stats != "none"
+        collect = hidden is not None and self.stats != "none"
         if collect and not self.propagate:
             # One pass with the original weights gives every statistic and the next inputs.
             stats = self._collect(block, i, [n for g in groups for n in g], hidden, False, whole)
@@ -243,7 +245,7 @@ class _BlockQuantizer:
                 if spec is None:
                     continue
                 spec.check_divides(W.shape[1], full)
-                layer_stats = LayerStats(**{method.stats: stats.pop(name)}) if name in stats else NO_STATS
+                layer_stats = LayerStats(**{self.stats: stats.pop(name)}) if name in stats else NO_STATS
                 res, rep = _quantize_layer(full, W, layer_stats, spec, method)
                 set_weight(mod, res.weight.dequantize(torch.float32), sm.arch.conv1d)
                 results[name] = res

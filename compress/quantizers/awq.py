@@ -1,0 +1,372 @@
+"""AWQ: activation-aware weight quantization by per-channel scale folding.
+
+Lin et al., 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration", Sec. 3.2, as llm-compressor's ``AWQModifier`` runs it with ``duo_scaling``. Per
+block and per scale mapping (``compress.models.arch.ScaleMapping``: a smooth layer feeding
+balance linears), the scale ``s = x_mean^r / w_mean^(1-r)`` is searched over a grid of ``r``
+in [0, 1): the balance weights are scaled by ``s``, fake-quantized on the method's grid and
+divided by ``s`` again, and the ``r`` whose parent-module output is closest (MSE) to the
+unquantized one wins. ``1/s`` is then folded into the smooth layer and ``s`` into the balance
+layers' input columns, which leaves the block's function unchanged before quantization.
+
+The engine then quantizes the rescaled weights with ``quantize_weight``: round to nearest,
+optionally with AutoAWQ's clipping search (a shrunk range per group minimising that group's
+output error, ``dw^T H_gg dw``), or GPTQ's rounding (``rounding: gptq``); those two read the
+layer's Hessian, which is the only statistic this method asks the engine for.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compress.formats.qweight import QuantizedWeight
+from compress.quantizers.base import (
+    BlockView, CalibratedConfig, LayerStats, QuantResult, QuantSpec, StatKind, register_method,
+)
+from compress.quantizers.gptq import GPTQSpec, gptq
+from compress.quantizers.grid import dequantize, find_params, quantize
+
+log = logging.getLogger(__name__)
+
+# AutoAWQ's auto_clip: max_shrink 0.5 over a grid of 20 -> range factors 1.00, 0.95, .., 0.55.
+CLIP_SHRINKS = tuple(1.0 - 0.05 * i for i in range(10))
+EPS = 1e-4  # llm-compressor's floor in the duo-scaling formula; keeps s finite and > 0
+
+
+class AWQConfig(CalibratedConfig):
+    """AWQ scale search and folding, then RTN (or GPTQ) rounding of the rescaled weights."""
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(20, ge=1, description="Points r = 0, 1/grid, .. of the scale search")
+    duo_scaling: bool = Field(True, description="s = x^r / w^(1-r) (llm-compressor); false: s = x^r (AutoAWQ)")
+    max_windows: Optional[int] = Field(None, ge=1, description="Calibration windows the search reads (all: null)")
+    clip: bool = Field(False, description="Search a shrunk range per group minimising the layer's output error")
+    rounding: Literal["rtn", "gptq"] = Field("rtn", description="How the rescaled weights are rounded")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="GPTQ damping (rounding: gptq only)")
+
+    def spec(self, bits: int, group_size: int, sym: bool) -> "AWQSpec":
+        return AWQSpec(bits=bits, group_size=group_size, sym=sym, rounding=self.rounding, clip=self.clip,
+                       damp_percent=self.damp_percent)
+
+    def name_parts(self) -> list[str]:
+        return (["gptq"] if self.rounding == "gptq" else []) + (["clip"] if self.clip else [])
+
+
+@dataclass(frozen=True)
+class AWQSpec(QuantSpec):
+    rounding: str = "rtn"
+    clip: bool = False
+    damp_percent: float = 0.05
+
+
+def _stats(q: AWQConfig) -> StatKind:
+    return "hessian" if q.clip or q.rounding == "gptq" else "none"
+
+
+# ---- pure numerical cores ------------------------------------------------------------------
+def _groups(W: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``W`` [out, in] as one row per (group, output row): ``[G * out, gs]``, group-major."""
+    out_f, in_f = W.shape
+    gs = in_f if group_size == -1 else group_size
+    return W.reshape(out_f, in_f // gs, gs).permute(1, 0, 2).reshape(-1, gs)
+
+
+def _ungroup(flat: torch.Tensor, out_f: int) -> torch.Tensor:
+    n_g, gs = flat.shape[0] // out_f, flat.shape[1]
+    return flat.reshape(n_g, out_f, gs).permute(1, 0, 2).reshape(out_f, n_g * gs)
+
+
+def fake_quantize(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """RTN of ``W`` [out, in] on ``spec``'s grid, dequantized (float32)."""
+    flat = _groups(W.float(), spec.group_size)
+    s, z = find_params(flat, spec.bits, spec.sym)
+    return _ungroup(dequantize(quantize(flat, s, z, spec.bits), s, z), W.shape[0])
+
+
+def weight_mean(weights: list[torch.Tensor], group_sizes: list[int]) -> torch.Tensor:
+    """Mean over every output row of ``|W|`` normalised by its group's max (llm-compressor's
+    ``w_mean``), per input channel ``[in]``, over all balance layers stacked."""
+    rows = []
+    for W, gs in zip(weights, group_sizes):
+        flat = _groups(W.float().abs(), gs)
+        rows.append(_ungroup(flat / (flat.amax(dim=1, keepdim=True) + 1e-6), W.shape[0]))
+    return torch.cat(rows).mean(dim=0)
+
+
+def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, duo: bool) -> torch.Tensor:
+    """AWQ's per-channel scale for one grid point, normalised so that max * min = 1."""
+    x = x_mean.float()
+    if duo:
+        s = (x.pow(ratio) / (w_mean.float().pow(1 - ratio) + EPS)).clamp(min=EPS)
+    else:
+        s = x.pow(ratio).clamp(min=EPS)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def best_ratio(losses: torch.Tensor) -> Optional[int]:
+    """Index of the smallest finite loss (the first on ties), or None when none is finite."""
+    finite = torch.isfinite(losses)
+    if not bool(finite.any()):
+        return None
+    return int(torch.where(finite, losses, torch.full_like(losses, float("inf"))).argmin())
+
+
+def clip_params(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec,
+                shrinks: tuple[float, ...] = CLIP_SHRINKS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (group, row) scale and zero ``[G * out]`` minimising the group's output error
+    ``dw H_gg dw^T`` over shrunk ranges (AutoAWQ's ``auto_clip``: the error of ``x_g . w_g``
+    over the calibration tokens, which is what the diagonal block of the Hessian measures)."""
+    out_f, in_f = W.shape
+    flat = _groups(W.float(), spec.group_size)
+    gs = flat.shape[1]
+    n_g = in_f // gs
+    Hb = torch.stack([H[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(n_g)]).float()
+    best = torch.full((flat.shape[0],), float("inf"), device=flat.device)
+    scale, zero = torch.empty_like(best), torch.empty_like(best)
+    for p in shrinks:
+        s, z = find_params(flat, spec.bits, spec.sym, shrink=p)
+        d = (dequantize(quantize(flat, s, z, spec.bits), s, z) - flat).reshape(n_g, out_f, gs)
+        err = torch.einsum("goi,gij,goj->go", d, Hb, d).reshape(-1)
+        better = err < best
+        best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def _on_grid(W: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor) -> QuantizedWeight:
+    out_f, in_f = W.shape
+    flat = _groups(W.float(), spec.group_size)
+    gs, n_g = flat.shape[1], in_f // flat.shape[1]
+    return QuantizedWeight(
+        codes=_ungroup(quantize(flat, scale, zero, spec.bits), out_f).to(torch.uint8),
+        scales=scale.reshape(n_g, out_f).t().contiguous(),
+        zeros=zero.reshape(n_g, out_f).t().contiguous().to(torch.uint8),
+        g_idx=torch.arange(in_f, dtype=torch.int32) // gs,
+        bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+    )
+
+
+def quantize_weight(W: torch.Tensor, stats: LayerStats, spec: AWQSpec) -> QuantResult:
+    """Rounds a weight the block transform already rescaled."""
+    if spec.rounding == "gptq" or spec.clip:
+        if stats.hessian is None:
+            raise ValueError("awq with clip or rounding: gptq needs the layer's Hessian; calibration gave none")
+    if spec.rounding == "gptq":
+        # GPTQ's defaults (act-order over static groups, so g_idx stays in order); its own
+        # clipping search stands in for AWQ's here.
+        res = gptq(W, stats.hessian, GPTQSpec(spec.bits, spec.group_size, spec.sym, damp_percent=spec.damp_percent,
+                                               desc_act=True, static_groups=True, mse_clip=spec.clip))
+        if res.damp_percent != spec.damp_percent:
+            spec = AWQSpec(**{**spec.__dict__, "damp_percent": res.damp_percent})
+        return QuantResult(res.weight, spec)
+    if spec.clip:
+        scale, zero = clip_params(W, stats.hessian, spec)
+    else:
+        scale, zero = find_params(_groups(W.float(), spec.group_size), spec.bits, spec.sym)
+    return QuantResult(_on_grid(W, spec, scale, zero), spec)
+
+
+# ---- the block transform -------------------------------------------------------------------
+class _Captured(Exception):
+    """Stops the block's forward once the parent module's call arguments are recorded."""
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, (nn.Linear, Conv1D))
+
+
+def _weight(mod: nn.Module, conv1d: bool) -> torch.Tensor:
+    """The weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
+    return mod.weight.detach().t() if conv1d else mod.weight.detach()
+
+
+def _set_weight(mod: nn.Module, W: torch.Tensor, conv1d: bool) -> None:
+    mod.weight.data.copy_((W.t() if conv1d else W).to(mod.weight.dtype))
+
+
+def _channels_out(mod: nn.Module, conv1d: bool) -> Optional[int]:
+    """How many channels the smooth layer emits (None: it has no weight to fold into)."""
+    if getattr(mod, "weight", None) is None:
+        return None
+    return _weight(mod, conv1d).shape[0] if _is_linear(mod) else mod.weight.numel()
+
+
+def fold_scales(block: nn.Module, smooth: str, balance: tuple[str, ...], s: torch.Tensor, conv1d: bool,
+                norm_plus_one: bool, where: str = "") -> None:
+    """``smooth``'s outputs / s, every balance layer's input columns * s (in place). Computed in
+    float32; a result that does not fit the module's dtype is an error naming the layer."""
+    s = s.float()
+    sm = block.get_submodule(smooth)
+    new: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, parameter, value)
+    if _is_linear(sm):
+        new.append((smooth, sm.weight, (_weight(sm, conv1d).float() / s[:, None])))
+    elif norm_plus_one:  # y = norm(x) * (1 + w): (1 + w') = (1 + w) / s
+        new.append((smooth, sm.weight, (1 + sm.weight.detach().float()) / s - 1))
+    else:
+        new.append((smooth, sm.weight, sm.weight.detach().float() / s))
+    if getattr(sm, "bias", None) is not None:
+        new.append((smooth, sm.bias, sm.bias.detach().float() / s))
+    for b in balance:
+        mod = block.get_submodule(b)
+        new.append((b, mod.weight, _weight(mod, conv1d).float() * s))
+    for name, p, v in new:
+        if v.ndim == 2 and conv1d:
+            v = v.t()
+        cast = v.to(p.dtype)
+        if not bool(torch.isfinite(cast).all()):
+            raise ValueError(f"layer '{where}{name}': AWQ's scales make its weights overflow {p.dtype} "
+                             "(load in float32 or bfloat16 via model.dtype, or skip the layer)")
+    for name, p, v in new:
+        p.data.copy_((v.t() if v.ndim == 2 and conv1d else v).to(p.dtype))
+
+
+def _parent_call(view: BlockView, parent: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
+    got: dict = {}
+
+    def hook(module, args, kwargs):
+        got["call"] = (args, kwargs)
+        raise _Captured
+
+    handle = parent.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        view.forward(x)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if "call" not in got:
+        raise RuntimeError(f"block {view.index}: the forward never reached the AWQ parent module")
+    return got["call"]
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _search(view: BlockView, smooth: str, balance: tuple[str, ...], parent_name: str,
+            x_mean: torch.Tensor, specs: list[Optional[QuantSpec]], n: int, where: str) -> Optional[torch.Tensor]:
+    """The best scale of one mapping, or None when no grid point gave a finite error."""
+    q, conv1d, block = view.config, view.arch.conv1d, view.block
+    mods = [block.get_submodule(b) for b in balance]
+    saved = [m.weight.data.clone() for m in mods]
+    W0 = [_weight(m, conv1d).float().clone() for m in mods]
+    gsizes = [(sp or q).group_size for sp in specs]
+    w_mean = weight_mean(W0, gsizes)
+    scales = [candidate_scales(x_mean, w_mean, k / q.grid, q.duo_scaling) for k in range(q.grid)]
+    losses = torch.zeros(q.grid, dtype=torch.float64)
+    parent = block.get_submodule(parent_name) if parent_name else None
+    try:
+        with torch.no_grad():
+            for start in range(0, n, view.batch_size):
+                x = view.inputs.read(start, min(start + view.batch_size, n))
+                if parent is None:
+                    def run():
+                        return view.forward(x)
+                else:
+                    args, kwargs = _parent_call(view, parent, x)
+
+                    def run():
+                        return _first(parent(*args, **kwargs))
+                ref = run().float()
+                if not bool(torch.isfinite(ref).all()):
+                    raise ValueError(f"{where}{parent_name or 'block'}: NaN or Inf in its unquantized output")
+                for k, s in enumerate(scales):
+                    if not torch.isfinite(losses[k]):
+                        continue
+                    for m, W, sp in zip(mods, W0, specs):
+                        Ws = W * s
+                        Wq = Ws if sp is None else fake_quantize(Ws, sp)
+                        cand = (Wq / s).to(m.weight.dtype)
+                        if not (torch.isfinite(Ws.to(m.weight.dtype)).all() and torch.isfinite(cand).all()):
+                            losses[k] = float("inf")  # overflows the module's dtype: not a candidate
+                            break
+                        _set_weight(m, cand, conv1d)
+                    else:
+                        losses[k] += float((run().float() - ref).pow(2).mean())
+                    for m, w in zip(mods, saved):
+                        m.weight.data.copy_(w)
+    finally:
+        for m, w in zip(mods, saved):
+            m.weight.data.copy_(w)
+    k = best_ratio(losses)
+    if k is None:
+        return None
+    log.debug("awq %s%s -> %s: r = %.2f (error %.3g; r = 0: %.3g)", where, smooth, ",".join(balance),
+              k / q.grid, float(losses[k]), float(losses[0]))
+    return scales[k]
+
+
+def _mappings(view: BlockView, where: str):
+    """The family's mappings that apply to this block: (mapping, balance specs)."""
+    from compress.stages.quantize import layer_spec  # overrides/skip resolve per full layer name
+
+    arch, block = view.arch, view.block
+    if not arch.awq:
+        raise ValueError(f"quantize.method: awq has no scale mappings for the '{arch.family}' family "
+                         "(ArchSpec.awq in compress/models/arch.py); use rtn or gptq for it")
+    live = []
+    for m in arch.awq:
+        width = _channels_out(block.get_submodule(m.smooth), arch.conv1d)
+        ins = [_weight(block.get_submodule(b), arch.conv1d).shape[1] for b in m.balance]
+        if width is None or any(i != width for i in ins):
+            log.debug("awq %s%s -> %s: skipped (%s outputs, inputs %s)", where, m.smooth, m.balance, width, ins)
+            continue
+        specs = [layer_spec(view.config, where + b) for b in m.balance]
+        if all(sp is None for sp in specs):
+            continue  # nothing it would protect is quantized
+        for b, sp in zip(m.balance, specs):
+            if sp is not None:
+                sp.check_divides(ins[0], where + b)
+        live.append((m, specs))
+    return live
+
+
+def _rel_change(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
+def apply_awq(view: BlockView) -> None:
+    """Search and fold AWQ's scales for every mapping of the block (the method's block transform)."""
+    arch, q, block = view.arch, view.config, view.block
+    where = f"{arch.blocks}.{view.index}."
+    live = _mappings(view, where)
+    if not live:
+        return
+    if view.forward is None:
+        raise ValueError("awq needs the block's forward in its BlockView; this engine gave none")
+    names = sorted({b for m, _ in live for b in m.balance})
+    x_means = view.collect(names, "act_magnitude")  # one pass: each fold keeps the others' inputs
+    n = len(view.inputs) if q.max_windows is None else min(q.max_windows, len(view.inputs))
+    probe = view.inputs.read(0, min(view.batch_size, n))
+    ref = view.forward(probe)
+    dtype = next(block.parameters()).dtype
+    tol = max(1e-3, 8 * torch.finfo(dtype).eps)
+    for m, specs in live:
+        x_mean = x_means[m.balance[0]]
+        if not bool(torch.isfinite(x_mean).all()):
+            raise ValueError(f"layer '{where}{m.balance[0]}': calibration inputs produced NaN or Inf")
+        s = _search(view, m.smooth, m.balance, m.parent, x_mean, specs, n, where)
+        if s is None:
+            log.warning("awq %s%s -> %s: every scale candidate overflowed %s or gave NaN; left unscaled",
+                        where, m.smooth, ",".join(m.balance), dtype)
+            continue
+        touched = [block.get_submodule(p) for p in (m.smooth, *m.balance)]
+        saved = [{k: v.data.clone() for k, v in t.named_parameters(recurse=False)} for t in touched]
+        fold_scales(block, m.smooth, m.balance, s, arch.conv1d, arch.norm_plus_one, where)
+        change = _rel_change(view.forward(probe), ref)
+        if change > tol:  # the mapping's data do not describe this block (e.g. OPT's post-norm)
+            for t, params in zip(touched, saved):
+                for k, v in params.items():
+                    getattr(t, k).data.copy_(v)
+            log.warning("awq %s%s -> %s: folding changed the block's output (relative %.2g); this "
+                        "mapping is skipped (check ArchSpec.awq in compress/models/arch.py)",
+                        where, m.smooth, ",".join(m.balance), change)
+
+
+register_method("awq", AWQConfig, stats=_stats, block_transform=apply_awq)(quantize_weight)
