@@ -110,7 +110,7 @@ def test_candidates_change_method_and_keep_only_the_new_methods_settings():
 
     cfg = parse_config(cfg_with(
         quantize={"method": "gptq", "bits": 4, "group_size": 64, "damp_percent": 0.02},
-        candidates=[{"method": "rtn", "bits": 8}, {"bits": 3}, {"name": "x", "method": "rtn", "desc_act": True}][:2],
+        candidates=[{"method": "rtn", "bits": 8}, {"bits": 3}],
     ))
     rtn8, gptq3 = resolve_plans(cfg)
     assert (rtn8.name, rtn8.q.method, rtn8.q.group_size) == ("rtn-w8-g64", "rtn", 64)
