@@ -82,7 +82,7 @@ def fingerprint(ctx) -> dict[str, Any]:
         "config": {
             "model.dtype": cfg.model.dtype, "model.device": cfg.model.device,
             "export.format": cfg.export.format, "export.dtype": cfg.export.dtype,
-            "candidates": {p.name: p.q.model_dump(mode="json") for p in ctx.plans},
+            "candidates": [{"name": p.name, **p.q.model_dump(mode="json")} for p in ctx.plans],
         },
     }
 
@@ -91,31 +91,44 @@ def _first_difference(old: Any, new: Any, path: str) -> str:
     """The first key path where two JSON values differ, with both values."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new), key=str):
-            if k not in old:
-                return f"{path}.{k} is new" if path else f"{k} is new"
-            if k not in new:
-                return f"{path}.{k} is gone" if path else f"{k} is gone"
+            here = f"{path}.{k}" if path else str(k)
+            if k not in old or k not in new:
+                return f"{here} {'is new' if k not in old else 'is gone'}"
             if old[k] != new[k]:
-                return _first_difference(old[k], new[k], f"{path}.{k}" if path else str(k))
+                return _first_difference(old[k], new[k], here)
     return f"{path}: {json.dumps(old)} -> {json.dumps(new)}"
+
+
+def _config_difference(old: dict, new: dict) -> str:
+    """Where the weight-shaping settings differ, as the key a user edits: `quantize.bits` for
+    a run of one candidate, `candidates.K.bits` for the K-th of several."""
+    a, b = old.get("candidates"), new.get("candidates")
+    if a != b and isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return f"candidates: {len(a)} -> {len(b)} candidates"
+        k = next(k for k, (x, y) in enumerate(zip(a, b)) if x != y)
+        x, y = ({n: v for n, v in c.items() if n != "name"} for c in (a[k], b[k]))
+        where = "quantize" if len(a) == 1 else f"candidates.{k}"
+        if x == y:
+            return f"{where}.name: {json.dumps(a[k].get('name'))} -> {json.dumps(b[k].get('name'))}"
+        return _first_difference(x, y, where)
+    return _first_difference(old, new, "")
 
 
 def changed_input(old: dict, new: dict) -> Optional[str]:
     """A sentence naming the first input that differs between two fingerprints, or None."""
     for key in ("compress version", "package versions", "model files", "calibration windows", "config"):
-        if old.get(key) == new.get(key):
-            continue
         a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
         if key == "model files" and isinstance(a, dict) and isinstance(b, dict):
             names = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
             return f"the model files changed since the interrupted run ({', '.join(names)})"
         if key == "calibration windows":
             return (f"the calibration windows changed since the interrupted run (sha256 "
                     f"{str(a)[:12]} -> {str(b)[:12]})")
-        if key == "config":
-            # candidates.<name>.bits reads better as the key a user edits
-            where = _first_difference(a, b, "").replace("candidates.", "candidate ", 1)
-            return f"the config changed since the interrupted run ({where})"
+        if key == "config" and isinstance(a, dict) and isinstance(b, dict):
+            return f"the config changed since the interrupted run ({_config_difference(a, b)})"
         return f"the {key} changed since the interrupted run ({_first_difference(a, b, key)})"
     return None
 
@@ -133,13 +146,14 @@ class ResumePoint:
 class CandidateStore:
     """One candidate's finished blocks and progress."""
 
-    def __init__(self, folder: Path, name: str) -> None:
-        self.folder, self.name = folder, name
+    def __init__(self, folder: Path, name: str, store: "ResumeStore") -> None:
+        self.folder, self.name, self.store = folder, name, store
 
     def _block(self, i: int) -> Path:
         return self.folder / f"block-{i:05d}.rec"
 
     def _ensure(self) -> None:
+        self.store.ensure()
         self.folder.mkdir(parents=True, exist_ok=True)
 
     # -- writing -----------------------------------------------------------------------------
@@ -255,11 +269,18 @@ class CandidateStore:
 class ResumeStore:
     """The store of one output folder; made by `open_store` while the run holds the folder."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, fp: Optional[dict] = None) -> None:
+        self.folder, self.fp = folder, fp
 
     def candidate(self, name: str) -> CandidateStore:
-        return CandidateStore(self.folder / _folder_name(name), name)
+        return CandidateStore(self.folder / _folder_name(name), name, self)
+
+    def ensure(self) -> None:
+        """Made with its fingerprint before the first record (a run that fails before any
+        block is finished leaves no store)."""
+        if not (self.folder / _FINGERPRINT).is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_record(self.folder / _FINGERPRINT, {"kind": "fingerprint", "fingerprint": self.fp})
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -284,7 +305,7 @@ def open_store(out_dir: Path, fp: dict, resume: bool) -> ResumeStore:
     """The store for this run. With `resume`, an earlier store must match `fp` (else
     ConfigError naming the changed input); a missing or torn one means starting from scratch."""
     folder = store_dir(out_dir)
-    store = ResumeStore(folder)
+    store = ResumeStore(folder, fp)
     if resume:
         got = read_header(folder / _FINGERPRINT)
         if got is not None and got[0].get("kind") == "fingerprint":
@@ -297,10 +318,8 @@ def open_store(out_dir: Path, fp: dict, resume: bool) -> ResumeStore:
         if folder.exists():
             log.warning("--resume: the store in %s has no readable fingerprint; starting from scratch", folder)
         else:
-            log.info("--resume: no resume store in %s; starting from scratch", out_dir)
+            log.warning("--resume: no resume store in %s; starting from scratch", out_dir)
     store.discard()
-    folder.mkdir(parents=True)
-    write_record(folder / _FINGERPRINT, {"kind": "fingerprint", "fingerprint": fp})
     return store
 
 

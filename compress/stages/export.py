@@ -11,7 +11,7 @@ import dataclasses
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -82,6 +82,7 @@ class Exporter:
         self.writer = ArtifactWriter(
             out_dir, overwrite=cfg.export.overwrite, max_shard_bytes=cfg.export.max_shard_bytes
         )
+        self.keep: Optional[Callable[[int, BlockRecord], None]] = None  # sees each finished block
         self.skipped: list[str] = []
         self.layers: list[LayerScheme] = []
         self.quantized_params = 0
@@ -130,11 +131,12 @@ class Exporter:
             slices = (self._cast(ckpt.load_rows(ck, s, s + rows_per_slice)) for s in rows)
             self.writer.add_tensor_chunks(name, dtype, tuple(t.shape), slices)
 
-    def add_block(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> "BlockRecord":
-        """Write block `i`; returns what was written, for the resume store."""
+    def add_block(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> None:
+        """Write block `i`, and hand what was written to `self.keep` (the resume store)."""
         rec = self.block_record(i, block, results)
         self.write_block(rec)
-        return rec
+        if self.keep is not None:
+            self.keep(i, rec)
 
     def block_record(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> "BlockRecord":
         """Block `i` as this format writes it: its tensors (cast, packed) and layer metadata."""
@@ -230,12 +232,8 @@ def stage_quantize(ctx) -> None:
             exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
             for i in range(point.start):  # the interrupted run's blocks, as it wrote them
                 exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
-
-            def sink(i: int, block: nn.Module, results: dict[str, QuantResult]) -> None:
-                rec = exporter.add_block(i, block, results)
-                saved.save_block(i, rec.tensors, rec.meta())
-
-            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, sink, spool_dir(ctx), saved, point)
+            exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
+            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
             res.quantize_seconds = time.perf_counter() - t0
             res.artifact = exporter.finish(manifest)
             res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
