@@ -57,9 +57,9 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
     if not cfg.export.overwrite:
-        from compress.resume import finished_candidates
+        from compress.resume import stored_candidates
 
-        kept = finished_candidates(out_dir, [p.name for p in plans]) if resume else set()
+        kept = stored_candidates(out_dir, [p.name for p in plans]) if resume else set()
         for p in plans:
             if p.name not in kept and (out_dir / p.name / "compress-manifest.json").exists():
                 raise ConfigError(

@@ -294,11 +294,12 @@ def discard_store(out_dir: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def finished_candidates(out_dir: Path, names: list[str]) -> set[str]:
-    """The names among `names` whose resume store records a complete artifact (for preflight,
-    before the fingerprint can be computed: `open_store` checks it before anything is reused)."""
+def stored_candidates(out_dir: Path, names: list[str]) -> set[str]:
+    """The names among `names` with records in the resume store: for preflight, which lets
+    `--resume` decide about their folders (a finished artifact is kept, one renamed into place
+    just before the kill is rewritten from the stored blocks) once the fingerprint is checked."""
     store = ResumeStore(store_dir(out_dir))
-    return {n for n in names if store.candidate(n).done() is not None}
+    return {n for n in names if any(store.candidate(n).folder.glob("*.rec"))}
 
 
 def open_store(out_dir: Path, fp: dict, resume: bool) -> ResumeStore:

@@ -171,6 +171,12 @@ def _before_rename(mp) -> None:
     mp.setattr(ArtifactWriter, "_move_into_place", move)
 
 
+def _before_done(mp) -> None:
+    def mark_done(self, record):
+        raise Killed("artifact in place, not yet recorded as done")
+    mp.setattr(CandidateStore, "mark_done", mark_done)
+
+
 def _at_evaluate(mp) -> None:
     def evaluate(ctx):
         raise Killed("evaluating")
@@ -185,16 +191,18 @@ def _at_seal(mp) -> None:
     mp.setattr(seal, "seal_json", seal_json)
 
 
+# point: (patch, what the resumed run says, whether the artifact was complete at the kill)
 POINTS = {
-    "load": (lambda mp: _after_stage(mp, "load"), "no store"),
-    "calibrate": (lambda mp: _after_stage(mp, "calibrate"), "no store"),
-    "block-0": (lambda mp: _at_layer(mp, 3), "no store"),  # nothing finished yet
-    "block-1": (lambda mp: _at_layer(mp, LINEARS + 4), "at block 1"),
-    "after-block-1": (lambda mp: _after_progress(mp, 2), "at block 2"),
-    "last-block": (lambda mp: _at_layer(mp, (BLOCKS - 1) * LINEARS + 5), f"at block {BLOCKS - 1}"),
-    "before-rename": (_before_rename, f"at block {BLOCKS}"),
-    "evaluate": (_at_evaluate, "finished"),
-    "report": (_at_seal, "finished"),
+    "load": (lambda mp: _after_stage(mp, "load"), "no store", False),
+    "calibrate": (lambda mp: _after_stage(mp, "calibrate"), "no store", False),
+    "block-0": (lambda mp: _at_layer(mp, 3), "no store", False),  # nothing finished yet
+    "block-1": (lambda mp: _at_layer(mp, LINEARS + 4), "at block 1", False),
+    "after-block-1": (lambda mp: _after_progress(mp, 2), "at block 2", False),
+    "last-block": (lambda mp: _at_layer(mp, (BLOCKS - 1) * LINEARS + 5), f"at block {BLOCKS - 1}", False),
+    "before-rename": (_before_rename, f"at block {BLOCKS}", False),
+    "after-rename": (_before_done, f"at block {BLOCKS}", True),  # rewritten from the stored blocks
+    "evaluate": (_at_evaluate, "finished", True),
+    "report": (_at_seal, "finished", True),
 }
 
 
@@ -203,13 +211,13 @@ def test_killed_gptq_run_resumes_byte_identical(point, model3, text_file, tmp_pa
     ref = reference("gptq")
     out = tmp_path / "out"
     cfg = parse_config(config(model3, text_file, out))
-    patch, expect = POINTS[point]
+    patch, expect, complete = POINTS[point]
     with monkeypatch.context() as mp:
         patch(mp)
         with pytest.raises(Killed):
             pipeline.run(cfg)
     finished = is_complete(out / GPTQ)
-    assert finished == (expect == "finished")
+    assert finished == complete
     shard = out / GPTQ / sorted(p.name for p in (ref / GPTQ).glob("*.safetensors"))[0]
     before = shard.stat() if finished else None
     caplog.set_level(logging.INFO, logger="compress")
@@ -417,3 +425,30 @@ def test_killed_process_resumes_byte_identical(point, code, at, model3, text_fil
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {RTN} at block {at} of {BLOCKS}" in resumed.stderr
     assert_same(out, reference("rtn", evaluate={"enabled": False}), (RTN,))
+
+
+def test_changed_input_names_versions_and_files():
+    from compress.resume import changed_input
+
+    fp = {"compress version": "0.4.0", "package versions": {"torch": "2.5.0", "transformers": "4.50.0"},
+          "model files": {"model.safetensors": "aa", "config.json": "bb"}, "calibration windows": None,
+          "config": {"model.dtype": "float32", "candidates": [{"name": "a", "bits": 8}, {"name": "b", "bits": 4}]}}
+
+    def changed(**edits) -> str:
+        new = json.loads(json.dumps(fp))
+        for key, value in edits.items():
+            new[key.replace("_", " ")] = value
+        return changed_input(fp, new)
+
+    assert changed_input(fp, fp) is None
+    assert changed(compress_version="0.5.0") == (
+        'the compress version changed since the interrupted run (compress version: "0.4.0" -> "0.5.0")')
+    assert changed(package_versions={"torch": "2.6.0", "transformers": "4.50.0"}) == (
+        'the package versions changed since the interrupted run (package versions.torch: "2.5.0" -> "2.6.0")')
+    assert changed(model_files={"model.safetensors": "aa", "config.json": "cc"}) == (
+        "the model files changed since the interrupted run (config.json)")
+    cands = [{"name": "a", "bits": 8}, {"name": "b", "bits": 3}]
+    assert changed(config={"model.dtype": "float32", "candidates": cands}) == (
+        "the config changed since the interrupted run (candidates.1.bits: 4 -> 3)")
+    assert changed(config={"model.dtype": "float32", "candidates": cands[:1]}) == (
+        "the config changed since the interrupted run (candidates: 2 -> 1 candidates)")

@@ -74,13 +74,16 @@ class Exporter:
     """Receives quantized blocks from the quantize stage and writes them as they come, in the
     layout of `export.format` (`compress.formats.registry`)."""
 
-    def __init__(self, loaded: LoadedModel, sm: StreamedModel, plan: Plan, cfg: RunConfig, out_dir: Path):
+    def __init__(self, loaded: LoadedModel, sm: StreamedModel, plan: Plan, cfg: RunConfig, out_dir: Path,
+                 overwrite: Optional[bool] = None):
+        """`overwrite`: replace a finished folder at `out_dir` (default: `export.overwrite`)."""
         self.loaded, self.sm, self.plan, self.cfg = loaded, sm, plan, cfg
         self.format = get_format(cfg.export.format)
         self.dtype = getattr(torch, cfg.export.dtype)
         self.out_dir = out_dir
         self.writer = ArtifactWriter(
-            out_dir, overwrite=cfg.export.overwrite, max_shard_bytes=cfg.export.max_shard_bytes
+            out_dir, overwrite=cfg.export.overwrite if overwrite is None else overwrite,
+            max_shard_bytes=cfg.export.max_shard_bytes,
         )
         self.keep: Optional[Callable[[int, BlockRecord], None]] = None  # sees each finished block
         self.skipped: list[str] = []
@@ -229,7 +232,10 @@ def stage_quantize(ctx) -> None:
         t0 = time.perf_counter()
         try:
             point = saved.resume_point(sm.n_blocks)
-            exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
+            # Every block stored but no record that the artifact is done: the kill fell between
+            # its rename and that record, so the folder there is this run's and is rewritten.
+            exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name,
+                                overwrite=True if point.start == sm.n_blocks else None)
             for i in range(point.start):  # the interrupted run's blocks, as it wrote them
                 exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
             exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
