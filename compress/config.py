@@ -56,6 +56,12 @@ class CalibrationConfig(_Strict):
     seed: int = 0
     chat_template: bool = False
     text_field: str = "text"
+    split: Literal["auto", "all", "held-out"] = Field(
+        "auto",
+        description="Which documents of calibration.dataset calibration draws from: 'all', or "
+        "'held-out' (the documents that the deterministic split does not keep for evaluation); "
+        "'auto' is held-out when evaluate.dataset is the same source, otherwise all",
+    )
     activations: Literal["auto", "memory", "disk"] = Field(
         "auto",
         description="Where the calibration windows' activations wait between decoder blocks: "

@@ -148,3 +148,20 @@ def test_calibration_activations_go_where_the_config_says(mode, spooled, model_d
         run(cfg)
     assert made == ([out] if spooled else [])
     assert leftovers(out) == [".resume"]  # block 0 kept for --resume; the spool file is gone
+
+
+def test_gptq_runs_with_equal_settings_give_identical_weights(model_dir, text_file, tmp_path):
+    """Determinism: same inputs, same thread count and packages -> the same weight bytes (the
+    manifest records the settings the bytes depend on)."""
+    import hashlib
+
+    def weights(out: Path) -> dict[str, str]:
+        cfg = parse_config(run_config(model_dir("llama"), text_file, out, quantize={"method": "gptq"},
+                                      evaluate={"enabled": False}))
+        art = run(cfg).candidates["gptq-w4-g64"].artifact
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(art.iterdir()) if p.suffix == ".safetensors" or p.name == "config.json"}
+
+    first, second = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert any(n.endswith(".safetensors") for n in first)
+    assert first == second

@@ -39,7 +39,8 @@ def draw_windows(
     """`calibration`: calibration_windows' keyword arguments (source_spec, nsamples, seqlen,
     seed, chat_template); `evaluation`: evaluation_windows' (source_spec, n_windows, seqlen).
     `work_dir`: where the exchange files go (the system's temporary folder when None).
-    Returns {"calibration": ..., "evaluation": ...} for those asked."""
+    Returns {"calibration": ..., "evaluation": ...} for those asked, and with calibration
+    "calibration_text": int64 [documents, tokens] of the text its windows were drawn from."""
     from safetensors.torch import load_file
 
     if work_dir is None:
@@ -71,7 +72,7 @@ def _main(spec_path: str) -> int:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from compress.data.windows import calibration_windows, evaluation_windows
+    from compress.data.windows import calibration_draw, evaluation_windows
 
     spec = json.loads(Path(spec_path).read_text())
     out = {}
@@ -83,7 +84,10 @@ def _main(spec_path: str) -> int:
             raise ValueError(f"{spec['tokenizer']}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
         if spec["calibration"]:
             key = "calibration.dataset"
-            out["calibration"] = calibration_windows(tok, **spec["calibration"])
+            drawn = calibration_draw(tok, **spec["calibration"])
+            out["calibration"] = drawn.windows
+            # what the windows were drawn from, for the log and the manifest
+            out["calibration_text"] = torch.tensor([drawn.documents, drawn.tokens], dtype=torch.int64)
         if spec["evaluation"]:
             key = "evaluate.dataset"
             out["evaluation"] = evaluation_windows(tok, **spec["evaluation"])

@@ -45,6 +45,14 @@ class TextSource:
     def has_documents(self) -> bool:
         return self.name != RANDOM_TOKENS
 
+    def same_text(self, other: "TextSource") -> bool:
+        """Whether both read the same documents (files compared by their real path)."""
+        def where(src: TextSource) -> Optional[str]:
+            return os.path.realpath(src.path) if src.path and src.name != "hf" else src.path
+
+        return (self.name, self.hf_config, self.text_field, where(self)) == (
+            other.name, other.hf_config, other.text_field, where(other))
+
     def describe(self) -> str:
         if self.name == "hf":
             return f"hf:{self.path}" + (f":{self.hf_config}" if self.hf_config else "")

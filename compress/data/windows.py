@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Iterable, Iterator, Union
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal, Union
 
 import torch
 
-from compress.data.sources import Document, TextSource, resolve_source
+from compress.data.sources import Document, TextSource, iter_documents, resolve_source
 from compress.data.splits import split_documents
 
 SourceSpec = Union[str, TextSource]
@@ -21,12 +22,36 @@ _BATCH_DOCS = 32
 _RANDOM_EVAL_SEED = 0x5EED_E7A1
 
 
+CalibrationSplit = Literal["calibration", "all"]
+
+
+@dataclass(frozen=True)
+class CalibrationDraw:
+    """The calibration windows and what they were drawn from: `documents` and `tokens` (each
+    document tokenized on its own, separators not counted) of the text the offsets range over."""
+
+    windows: torch.Tensor
+    documents: int
+    tokens: int
+
+
 def calibration_windows(
     tokenizer, source_spec: SourceSpec, nsamples: int, seqlen: int, seed: int,
-    chat_template: bool = False,
+    chat_template: bool = False, split: CalibrationSplit = "calibration",
 ) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens, each starting at a uniformly drawn offset (with
-    replacement) in the concatenated calibration split; int64 [nsamples, seqlen]."""
+    replacement) in the concatenated calibration split (`split="all"`: the whole source);
+    int64 [nsamples, seqlen]."""
+    return calibration_draw(tokenizer, source_spec, nsamples, seqlen, seed, chat_template, split).windows
+
+
+def calibration_draw(
+    tokenizer, source_spec: SourceSpec, nsamples: int, seqlen: int, seed: int,
+    chat_template: bool = False, split: CalibrationSplit = "calibration",
+) -> CalibrationDraw:
+    """calibration_windows, with the counts of the text they were drawn from."""
+    if split not in ("calibration", "all"):
+        raise ValueError(f"calibration.split: unknown split '{split}'; valid: calibration, all")
     source = _as_source(source_spec)
     _check_positive(("calibration.nsamples", nsamples), ("calibration.seqlen", seqlen))
     _check_fits_memory("calibration.nsamples", nsamples, "calibration.seqlen", seqlen)
@@ -34,14 +59,18 @@ def calibration_windows(
     if not source.has_documents:
         if chat_template:
             raise ValueError("calibration.chat_template: 'random-tokens' has no text to wrap")
-        return _random_tokens(tokenizer, nsamples, seqlen, gen)
-    docs: Iterable[Document] = split_documents(source, "calibration")
+        return CalibrationDraw(_random_tokens(tokenizer, nsamples, seqlen, gen), 0, nsamples * seqlen)
+    docs: Iterable[Document] = (
+        split_documents(source, "calibration") if split == "calibration" else iter_documents(source)
+    )
     if chat_template:
         docs = (Document(d.key, as_chat(tokenizer, d.text)) for d in docs)
-    ids = _concat_ids(tokenizer, docs, limit=None)
+    counts = [0, 0]  # documents, their tokens
+    ids = _concat_ids(tokenizer, docs, limit=None, counts=counts)
+    what = "calibration split" if split == "calibration" else "text"
     if ids.numel() < seqlen:
         raise ValueError(
-            f"calibration.seqlen={seqlen} is longer than the whole calibration split of "
+            f"calibration.seqlen={seqlen} is longer than the whole {what} of "
             f"'{source.describe()}' ({ids.numel()} tokens); lower it or use a larger "
             "calibration.dataset"
         )
@@ -49,11 +78,11 @@ def calibration_windows(
     if nsamples > n_starts:
         raise ValueError(
             f"calibration.nsamples={nsamples} is more than the {n_starts} distinct windows of "
-            f"calibration.seqlen={seqlen} tokens that the calibration split of '{source.describe()}' "
+            f"calibration.seqlen={seqlen} tokens that the {what} of '{source.describe()}' "
             "holds; lower it or use a larger calibration.dataset"
         )
     starts = torch.randint(0, n_starts, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return CalibrationDraw(torch.stack([ids[s : s + seqlen] for s in starts.tolist()]), *counts)
 
 
 def evaluation_windows(
@@ -137,9 +166,12 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _concat_ids(tokenizer, docs: Iterable[Document], limit: int | None) -> torch.Tensor:
+def _concat_ids(
+    tokenizer, docs: Iterable[Document], limit: int | None, counts: list[int] | None = None
+) -> torch.Tensor:
     """Token ids of the documents joined by SEPARATOR; stops once `limit` tokens are reached
-    (documents are tokenized in small batches, so only the text needed is tokenized)."""
+    (documents are tokenized in small batches, so only the text needed is tokenized).
+    `counts`, when given, gets [documents joined, their tokens without separators]."""
     sep = _encode(tokenizer, [SEPARATOR])[0]
     pieces: list[torch.Tensor] = []
     total = 0
@@ -150,6 +182,9 @@ def _concat_ids(tokenizer, docs: Iterable[Document], limit: int | None) -> torch
                 total += len(sep)
             pieces.append(torch.tensor(ids, dtype=torch.int64))
             total += len(ids)
+            if counts is not None:
+                counts[0] += 1
+                counts[1] += len(ids)
             if limit is not None and total >= limit:
                 return torch.cat(pieces)
     return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int64)

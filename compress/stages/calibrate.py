@@ -1,11 +1,14 @@
 """Stage: token windows for calibration and evaluation, and where activations wait between blocks."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     from compress.stages.context import RunContext
+
+log = logging.getLogger(__name__)
 
 
 def stage_calibrate(ctx: "RunContext") -> None:
@@ -20,8 +23,9 @@ def stage_calibrate(ctx: "RunContext") -> None:
 
     c, e = ctx.cfg.calibration, ctx.cfg.evaluate
     needs_calib = any(get_method(p.q.method).needs_calibration for p in ctx.plans)
+    split = calibration_split(ctx.cfg)
     calib = dict(source_spec=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
-                 chat_template=c.chat_template) if needs_calib else None
+                 chat_template=c.chat_template, split=split) if needs_calib else None
     evaluation = dict(source_spec=e.dataset, n_windows=e.windows, seqlen=e.seqlen) if e.enabled else None
     ctx.calibration = None  # RTN only: no calibration data is read
     if calib is None and evaluation is None:
@@ -31,8 +35,30 @@ def stage_calibrate(ctx: "RunContext") -> None:
     if calib is None:
         return
     ctx.calib_ids = drawn["calibration"]
+    documents, tokens = (int(v) for v in drawn["calibration_text"])
     ctx.calibration = CalibrationRecord(c.dataset, c.nsamples, c.seqlen, c.seed, c.chat_template,
-                                        windows_sha256(ctx.calib_ids))
+                                        windows_sha256(ctx.calib_ids), split, documents, tokens)
+    if documents:
+        held = " (the documents not held out for evaluation; calibration.split)" if split == "calibration" else ""
+        log.info("calibration: %d windows of %d tokens drawn from %s documents (%s tokens) of %s%s",
+                 c.nsamples, c.seqlen, f"{documents:,}", f"{tokens:,}", c.dataset, held)
+
+
+def calibration_split(cfg) -> str:
+    """The documents calibration draws from: "calibration" (the hash split's share that is not
+    evaluation's) or "all". `auto` holds the evaluation share out only when evaluation reads
+    the same source, so a user's own calibration file is used whole."""
+    from compress.data.sources import resolve_source
+
+    mode = cfg.calibration.split
+    if mode != "auto":
+        return "all" if mode == "all" else "calibration"
+    if not cfg.evaluate.enabled:
+        return "all"
+    field_ = cfg.calibration.text_field
+    same = resolve_source(cfg.calibration.dataset, text_field=field_).same_text(
+        resolve_source(cfg.evaluate.dataset, text_field=field_))
+    return "calibration" if same else "all"
 
 
 def spool_dir(ctx: "RunContext") -> Optional[Path]:

@@ -48,6 +48,11 @@ class CalibrationRecord:
     seed: int
     chat_template: bool
     windows_sha256: str
+    # which documents the windows' offsets range over ("calibration" split, or "all" of them),
+    # and how many documents and tokens that is (each document tokenized on its own)
+    split: str = "calibration"
+    documents: int = 0
+    tokens: int = 0
 
 
 @dataclass(frozen=True)

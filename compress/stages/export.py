@@ -302,4 +302,17 @@ def base_manifest(cfg: RunConfig, loaded: LoadedModel, input_hashes: dict[str, s
             **describe_source(loaded.root),  # name, hub_id, license, language, gguf: for the model card
         },
         "calibration": None if calibration is None else dataclasses.asdict(calibration),
+        "runtime": runtime_settings(loaded.device),
+    }
+
+
+def runtime_settings(device: torch.device) -> dict:
+    """What the quantized bytes depend on besides the inputs: reductions in the Hessian and the
+    block forward are summed in an order that follows the thread count (and, on CUDA, the
+    kernels chosen), so hashes reproduce only at equal settings and package versions."""
+    return {
+        "device": device.type,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "hashes_reproduce_with": "the same device, torch_threads and package versions",
     }

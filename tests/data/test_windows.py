@@ -7,7 +7,7 @@ import torch
 from compress.data import (
     calibration_windows, evaluation_windows, resolve_source, split_of, windows_sha256,
 )
-from compress.data.windows import as_chat
+from compress.data.windows import as_chat, calibration_draw
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,28 @@ def test_calibration_windows_come_from_calibration_split_only(tokenizer, corpus)
     for w in windows.tolist():
         assert _contains(cal_stream, w)
         assert not _contains(ev_stream, w)
+
+
+def test_split_all_draws_from_every_document_and_counts_them(tokenizer, corpus):
+    source, docs = corpus
+    ev = [d for d in docs if split_of(d, source.eval_fraction) == "evaluation"]
+    whole = _reference_stream(tokenizer, docs)
+    drawn = calibration_draw(tokenizer, source, nsamples=200, seqlen=12, seed=0, split="all")
+    assert drawn.documents == len(docs)
+    assert drawn.tokens == sum(len(tokenizer.encode(d, add_special_tokens=False)) for d in docs)
+    assert all(_contains(whole, w) for w in drawn.windows.tolist())
+    # 200 draws over the whole file reach the evaluation share too (held out by default)
+    ev_stream = _reference_stream(tokenizer, ev)
+    assert any(_contains(ev_stream, w) for w in drawn.windows.tolist())
+
+
+def test_held_out_draw_counts_the_calibration_share(tokenizer, corpus):
+    source, docs = corpus
+    cal = [d for d in docs if split_of(d, source.eval_fraction) == "calibration"]
+    drawn = calibration_draw(tokenizer, source, nsamples=4, seqlen=12, seed=0)
+    assert (drawn.documents, drawn.tokens) == (
+        len(cal), sum(len(tokenizer.encode(d, add_special_tokens=False)) for d in cal))
+    assert torch.equal(drawn.windows, calibration_windows(tokenizer, source, nsamples=4, seqlen=12, seed=0))
 
 
 def test_evaluation_windows_are_consecutive_from_the_start(tokenizer, corpus):
