@@ -14,7 +14,8 @@ format metadata that `Exporter.finish` needs, so replaying them rebuilds the sam
 for byte. The state is written after the block's record, so it never points past a block that
 is not on disk; only the latest activation stream is kept. A block is restored only while
 every input in the fingerprint is unchanged: the model files, the calibration windows, the
-resolved settings that shape the weights, and the compress, torch and transformers versions.
+resolved settings that shape the weights, the compress, torch and transformers versions, and
+the runtime settings the bytes depend on (device, torch threads).
 """
 from __future__ import annotations
 
@@ -74,9 +75,14 @@ def fingerprint(ctx) -> dict[str, Any]:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
+    from compress.stages.export import runtime_settings
+
+    runtime = runtime_settings(ctx.loaded.device)
     return {
         "compress version": __version__,
         "package versions": versions,
+        # reductions follow the thread count: blocks of another setting would not be the same bytes
+        "runtime settings": {k: runtime[k] for k in ("device", "torch_threads", "deterministic_algorithms")},
         "model files": files,
         "calibration windows": ctx.calibration.windows_sha256 if calibrated and ctx.calibration else None,
         "config": {
@@ -117,7 +123,8 @@ def _config_difference(old: dict, new: dict) -> str:
 
 def changed_input(old: dict, new: dict) -> Optional[str]:
     """A sentence naming the first input that differs between two fingerprints, or None."""
-    for key in ("compress version", "package versions", "model files", "calibration windows", "config"):
+    for key in ("compress version", "package versions", "runtime settings", "model files", "calibration windows",
+                "config"):
         a, b = old.get(key), new.get(key)
         if a == b:
             continue

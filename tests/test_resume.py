@@ -431,6 +431,7 @@ def test_changed_input_names_versions_and_files():
     from compress.resume import changed_input
 
     fp = {"compress version": "0.4.0", "package versions": {"torch": "2.5.0", "transformers": "4.50.0"},
+          "runtime settings": {"device": "cpu", "torch_threads": 2, "deterministic_algorithms": False},
           "model files": {"model.safetensors": "aa", "config.json": "bb"}, "calibration windows": None,
           "config": {"model.dtype": "float32", "candidates": [{"name": "a", "bits": 8}, {"name": "b", "bits": 4}]}}
 
@@ -445,6 +446,8 @@ def test_changed_input_names_versions_and_files():
         'the compress version changed since the interrupted run (compress version: "0.4.0" -> "0.5.0")')
     assert changed(package_versions={"torch": "2.6.0", "transformers": "4.50.0"}) == (
         'the package versions changed since the interrupted run (package versions.torch: "2.5.0" -> "2.6.0")')
+    assert changed(runtime_settings={"device": "cpu", "torch_threads": 4, "deterministic_algorithms": False}) == (
+        "the runtime settings changed since the interrupted run (runtime settings.torch_threads: 2 -> 4)")
     assert changed(model_files={"model.safetensors": "aa", "config.json": "cc"}) == (
         "the model files changed since the interrupted run (config.json)")
     cands = [{"name": "a", "bits": 8}, {"name": "b", "bits": 3}]
