@@ -106,8 +106,8 @@ def _exit_codes(out_dir: Optional[Path] = None):
     except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
     except KeyboardInterrupt:
-        click.echo("interrupted: no partial artifact was left in place; finished blocks are kept for "
-                   "--resume", err=True)
+        click.echo("interrupted: no partial artifact was left in place; run again with --resume to "
+                   "continue from the last finished block", err=True)
         sys.exit(INTERRUPTED)
     except Exception as e:
         msg = _bad_input_message(e, out_dir)

@@ -415,7 +415,7 @@ def test_killed_process_resumes_byte_identical(point, code, at, model3, text_fil
     if point == "torn-record":
         assert [p.name[:19] for p in (out / STORE / RTN).glob(".tmp-*")] == [".tmp-block-00001.rec"[:19]]
     if point == "sigterm":
-        assert "finished blocks are kept for --resume" in killed.stderr
+        assert "run again with --resume to continue from the last finished block" in killed.stderr
         refused = cli("-", "-q", "run", str(path), "--resume", "--set", "export.dtype=bfloat16")
         assert refused.returncode == 2, refused.stderr
         assert refused.stderr.strip().splitlines()[-1] == (
