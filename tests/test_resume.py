@@ -455,3 +455,13 @@ def test_changed_input_names_versions_and_files():
         "the config changed since the interrupted run (candidates.1.bits: 4 -> 3)")
     assert changed(config={"model.dtype": "float32", "candidates": cands[:1]}) == (
         "the config changed since the interrupted run (candidates: 2 -> 1 candidates)")
+
+
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_both_commands_take_resume(command):
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    got = CliRunner().invoke(main, [command, "--help"])
+    assert got.exit_code == 0 and "--resume" in got.output
