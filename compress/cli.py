@@ -106,7 +106,8 @@ def _exit_codes(out_dir: Optional[Path] = None):
     except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
     except KeyboardInterrupt:
-        click.echo("interrupted: no partial artifact was left in place", err=True)
+        click.echo("interrupted: no partial artifact was left in place; run again with --resume to "
+                   "continue from the last finished block", err=True)
         sys.exit(INTERRUPTED)
     except Exception as e:
         msg = _bad_input_message(e, out_dir)
@@ -130,7 +131,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     _setup_logging(verbose, quiet, debug)
 
 
-def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
+def _run(config: str, overrides: tuple[str, ...], output: str | None, resume: bool = False) -> None:
     from compress.config import load_config
 
     with _exit_codes():
@@ -141,7 +142,7 @@ def _run(config: str, overrides: tuple[str, ...], output: str | None) -> None:
         with _exit_codes(out_dir):
             from compress.pipeline import run
 
-            ctx = run(cfg, out_dir)
+            ctx = run(cfg, out_dir, resume=resume)
     finally:
         signal.signal(signal.SIGTERM, previous)  # for callers in this process (tests)
     _print_how_to_load(ctx)
@@ -168,6 +169,8 @@ def _print_how_to_load(ctx) -> None:
 
 _SET = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                     help="Override a config value before validation (repeatable).")
+_RESUME = click.option("--resume", is_flag=True,
+                       help="Continue an interrupted run on the same output folder from its last finished block.")
 _OUT = click.option("--output", type=click.Path(file_okay=False), default=None,
                     help="Output folder (overrides export.output_dir).")
 
@@ -176,22 +179,24 @@ _OUT = click.option("--output", type=click.Path(file_okay=False), default=None,
 @click.argument("config", type=click.Path())
 @_SET
 @_OUT
-def run_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> None:
+@_RESUME
+def run_cmd(config: str, overrides: tuple[str, ...], output: str | None, resume: bool) -> None:
     """Run the stages of CONFIG: load, calibrate, quantize, export, evaluate, report."""
-    _run(config, overrides, output)
+    _run(config, overrides, output, resume)
 
 
 @main.command("compare")
 @click.argument("config", type=click.Path())
 @_SET
 @_OUT
-def compare_cmd(config: str, overrides: tuple[str, ...], output: str | None) -> None:
+@_RESUME
+def compare_cmd(config: str, overrides: tuple[str, ...], output: str | None, resume: bool) -> None:
     """Run every candidate of CONFIG (`candidates:` and/or `sweep:`) and compare them.
 
     The same as `run`; the output folder gets comparison.json/.csv/.md, PNG plots and a
     self-contained report.html, and the table and a recommendation (`select:`) are printed.
     """
-    _run(config, overrides, output)
+    _run(config, overrides, output, resume)
 
 
 @main.command("validate")

@@ -143,14 +143,15 @@ class StreamedModel(ModelWeights):
         if write:
             stream.write(start, y)
 
-    def walk(self, stream: Optional[WindowStream], process: "BlockProcessor", desc: str) -> None:
+    def walk(self, stream: Optional[WindowStream], process: "BlockProcessor", desc: str, start: int = 0) -> None:
         """The one block walk: load block ``i``, hand it to ``process(i, block, stream)``, free
         it, next. Quantization, evaluation and the tests all walk the model through here, so
-        memory holds one block (plus whatever ``process`` keeps) at a time."""
+        memory holds one block (plus whatever ``process`` keeps) at a time. A resumed
+        quantization starts at block `start`, `stream` holding that block's inputs."""
         from compress.evaluate.memory import trim_heap
         from compress.progress import progress
 
-        for i in progress(range(self.n_blocks), desc=desc, unit="block"):
+        for i in progress(range(start, self.n_blocks), desc=desc, unit="block"):
             block = self.load_block(i)
             process(i, block, stream)
             del block

@@ -109,14 +109,15 @@ def _holder(fd: int) -> str:
 
 
 def holding_output_dir(run: Callable) -> Callable:
-    """Decorate `run(cfg, out_dir=None)`: the output folder is locked and cleared of dead runs'
-    partial folders before `run` starts, and released when it ends."""
+    """Decorate `run(cfg, out_dir=None, **options)`: the output folder is locked and cleared of
+    dead runs' partial folders before `run` starts, and released when it ends. (The resume
+    store, ``.resume``, is not a partial folder: only `run` itself keeps or discards it.)"""
 
     @functools.wraps(run)
-    def locked(cfg, out_dir: Optional[Path] = None):
+    def locked(cfg, out_dir: Optional[Path] = None, **options):
         out = Path(out_dir or cfg.export.output_dir)
         with OutputLock(out):
             sweep_dead(out)
-            return run(cfg, out)
+            return run(cfg, out, **options)
 
     return locked

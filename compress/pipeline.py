@@ -7,6 +7,7 @@ context (`compress.stages.context.RunContext`) and can be called alone from Pyth
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,8 +27,9 @@ from compress.lock import holding_output_dir
 log = logging.getLogger(__name__)
 
 
-def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
-    """Every check that needs no model weights; raises ConfigError naming the key."""
+def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]:
+    """Every check that needs no model weights; raises ConfigError naming the key. With
+    `resume`, artifacts that the interrupted run finished are not in the way: they are kept."""
     from compress.data.sources import resolve_source
     from compress.paths import unwritable_dir
     from compress.serving import load_gpus
@@ -55,8 +57,11 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
     if not cfg.export.overwrite:
+        from compress.resume import stored_candidates
+
+        kept = stored_candidates(out_dir, [p.name for p in plans]) if resume else set()
         for p in plans:
-            if (out_dir / p.name / "compress-manifest.json").exists():
+            if p.name not in kept and (out_dir / p.name / "compress-manifest.json").exists():
                 raise ConfigError(
                     f"export.output_dir: {out_dir / p.name} already holds an artifact; "
                     "set export.overwrite: true or choose another output_dir"
@@ -79,10 +84,16 @@ _AFTER_MEASURE = ("report", "publish")
 
 
 @holding_output_dir
-def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
+def run(cfg: RunConfig, out_dir: Optional[Path] = None, resume: bool = False) -> RunContext:
+    """Every stage. With `resume`, continue the interrupted run on `out_dir` from its resume
+    store (compress/resume.py); without, an old store is discarded."""
+    from compress.resume import discard_store, store_dir
+
     out_dir = Path(out_dir or cfg.export.output_dir)
-    plans = preflight(cfg, out_dir)
-    ctx = RunContext(cfg, out_dir, plans)
+    plans = preflight(cfg, out_dir, resume)
+    if not resume:
+        discard_store(out_dir)
+    ctx = RunContext(cfg, out_dir, plans, resume=resume)
     ctx.candidates = {p.name: CandidateResult(p) for p in plans}
     out_dir.mkdir(parents=True, exist_ok=True)
     with PeakMemory() as mem:
@@ -102,4 +113,6 @@ def run(cfg: RunConfig, out_dir: Optional[Path] = None) -> RunContext:
             log.info("stage %s took %.1f s, peak RSS %.0f MB", name, ctx.timings[name], ctx.stage_peak_mb[name])
     stage_report(ctx)
     stage_publish(ctx)
+    if not any(r.error for r in ctx.candidates.values()):
+        shutil.rmtree(store_dir(out_dir), ignore_errors=True)  # nothing left to resume
     return ctx

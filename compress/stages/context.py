@@ -83,6 +83,7 @@ class RunContext:
     cfg: RunConfig
     out_dir: Path
     plans: list[Plan] = field(default_factory=list)
+    resume: bool = False  # continue from the resume store (compress/resume.py)
     loaded: Optional[LoadedModel] = None
     calib_ids: Optional[torch.Tensor] = None
     eval_ids: Optional[torch.Tensor] = None

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from compress import __version__
 from compress.config import RunConfig
 from compress.engine import StreamedModel
 from compress.formats.qweight import QuantizedWeight
-from compress.formats.registry import LayerScheme, QuantizedLinear, get_format
+from compress.formats.registry import ActivationScheme, LayerScheme, QuantizedLinear, get_format
 from compress.formats.writer import ArtifactWriter
 from compress.quantizers.base import QuantResult
 from compress.models.provenance import describe_source
@@ -47,18 +47,45 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+@dataclasses.dataclass
+class BlockRecord:
+    """One block as the exporter writes it: the tensors in writing order and the metadata
+    `finish` needs. The resume store keeps these, so a resumed run writes the same bytes."""
+
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    layers: list[LayerScheme] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    quantized_params: int = 0
+    quantized_bytes: int = 0
+
+    def meta(self) -> dict:
+        return {"layers": [dataclasses.asdict(s) for s in self.layers], "skipped": self.skipped,
+                "quantized_params": self.quantized_params, "quantized_bytes": self.quantized_bytes}
+
+    @classmethod
+    def restore(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "BlockRecord":
+        layers = [LayerScheme(**{**d, "activations": None if d.get("activations") is None
+                                 else ActivationScheme(**d["activations"])}) for d in meta["layers"]]
+        return cls(tensors, layers, list(meta["skipped"]), int(meta["quantized_params"]),
+                   int(meta["quantized_bytes"]))
+
+
 class Exporter:
     """Receives quantized blocks from the quantize stage and writes them as they come, in the
     layout of `export.format` (`compress.formats.registry`)."""
 
-    def __init__(self, loaded: LoadedModel, sm: StreamedModel, plan: Plan, cfg: RunConfig, out_dir: Path):
+    def __init__(self, loaded: LoadedModel, sm: StreamedModel, plan: Plan, cfg: RunConfig, out_dir: Path,
+                 overwrite: Optional[bool] = None):
+        """`overwrite`: replace a finished folder at `out_dir` (default: `export.overwrite`)."""
         self.loaded, self.sm, self.plan, self.cfg = loaded, sm, plan, cfg
         self.format = get_format(cfg.export.format)
         self.dtype = getattr(torch, cfg.export.dtype)
         self.out_dir = out_dir
         self.writer = ArtifactWriter(
-            out_dir, overwrite=cfg.export.overwrite, max_shard_bytes=cfg.export.max_shard_bytes
+            out_dir, overwrite=cfg.export.overwrite if overwrite is None else overwrite,
+            max_shard_bytes=cfg.export.max_shard_bytes,
         )
+        self.keep: Optional[Callable[[int, BlockRecord], None]] = None  # sees each finished block
         self.skipped: list[str] = []
         self.layers: list[LayerScheme] = []
         self.quantized_params = 0
@@ -108,27 +135,42 @@ class Exporter:
             self.writer.add_tensor_chunks(name, dtype, tuple(t.shape), slices)
 
     def add_block(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> None:
+        """Write block `i`, and hand what was written to `self.keep` (the resume store)."""
+        rec = self.block_record(i, block, results)
+        self.write_block(rec)
+        if self.keep is not None:
+            self.keep(i, rec)
+
+    def block_record(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> "BlockRecord":
+        """Block `i` as this format writes it: its tensors (cast, packed) and layer metadata."""
         prefix = f"{self.sm.block_prefix}{i}."
-        tensors: dict[str, torch.Tensor] = {}
+        rec = BlockRecord()
         for name, t in block.state_dict().items():
             if name.rsplit(".", 1)[0] in results:
                 continue
-            tensors[prefix + name] = self._cast(t)
+            rec.tensors[prefix + name] = self._cast(t)
         for name, res in results.items():
             bias = getattr(block.get_submodule(name), "bias", None)
             lin = QuantizedLinear(prefix + name, _to_cpu(res.weight), res.spec.grid,
                                   None if bias is None else bias.detach().cpu())
             out = self.format.linear_tensors(lin, self.dtype)
-            self.quantized_params += lin.weight.codes.numel()
-            self.quantized_bytes += sum(v.numel() * v.element_size() for k, v in out.items() if not k.endswith(".bias"))
-            self.layers.append(LayerScheme.of(lin))
-            tensors.update(out)
+            rec.quantized_params += lin.weight.codes.numel()
+            rec.quantized_bytes += sum(v.numel() * v.element_size() for k, v in out.items() if not k.endswith(".bias"))
+            rec.layers.append(LayerScheme.of(lin))
+            rec.tensors.update(out)
         from transformers.pytorch_utils import Conv1D
 
         for name, mod in block.named_modules():
             if isinstance(mod, (nn.Linear, Conv1D)) and name not in results:
-                self.skipped.append(prefix + name)
-        self.writer.add_tensors(tensors)
+                rec.skipped.append(prefix + name)
+        return rec
+
+    def write_block(self, rec: "BlockRecord") -> None:
+        self.quantized_params += rec.quantized_params
+        self.quantized_bytes += rec.quantized_bytes
+        self.layers += rec.layers
+        self.skipped += rec.skipped
+        self.writer.add_tensors(rec.tensors)
 
     def _copy_side_files(self) -> None:
         for p in sorted(self.loaded.root.iterdir()):
@@ -167,27 +209,43 @@ class Exporter:
 
 def stage_quantize(ctx) -> None:
     """Quantize and export every candidate, one at a time: the block walk hands each finished
-    block to the exporter. A failing candidate is marked failed and the others go on (a run
-    with one candidate stops)."""
+    block to the exporter, and to the resume store (compress/resume.py). A failing candidate
+    is marked failed and the others go on (a run with one candidate stops). With `ctx.resume`,
+    a candidate continues from its stored blocks, and one whose artifact was finished is kept."""
     import time
 
     from compress.evaluate.memory import release_freed
+    from compress.resume import fingerprint, open_store
     from compress.stages.calibrate import spool_dir
     from compress.stages.quantize import quantize_model
 
     manifest = base_manifest(ctx.cfg, ctx.loaded, ctx.input_hashes, ctx.calibration)
+    store = open_store(ctx.out_dir, fingerprint(ctx), ctx.resume)
     for name, res in ctx.candidates.items():
         if res.error:
+            continue
+        saved = store.candidate(name)
+        if _keep_finished(ctx, res, saved):
             continue
         sm = ctx.loaded.streamed()
         exporter = None
         t0 = time.perf_counter()
         try:
-            exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
-            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx))
+            point = saved.resume_point(sm.n_blocks)
+            # Every block stored but no record that the artifact is done: the kill fell between
+            # its rename and that record, so the folder there is this run's and is rewritten.
+            exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name,
+                                overwrite=True if point.start == sm.n_blocks else None)
+            for i in range(point.start):  # the interrupted run's blocks, as it wrote them
+                exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
+            exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
+            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
             res.quantize_seconds = time.perf_counter() - t0
             res.artifact = exporter.finish(manifest)
             res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
+            saved.mark_done({"reports": [dataclasses.asdict(r) for r in res.layers],
+                             "quantize_seconds": res.quantize_seconds,
+                             "linear_bits_per_weight": res.metrics.linear_bits_per_weight})
         except BaseException as e:  # Ctrl-C too: no temporary folder may outlive the run
             if exporter is not None:
                 exporter.abort()
@@ -198,6 +256,29 @@ def stage_quantize(ctx) -> None:
         finally:
             sm = exporter = None  # this candidate's model and buffers go before the next
             release_freed()
+
+
+def _keep_finished(ctx, res, saved) -> bool:
+    """Whether the interrupted run finished this candidate's artifact (the store says so and the
+    folder is complete); its reports and figures are then taken from the store."""
+    from compress.formats.writer import is_complete
+    from compress.stages.quantize import LayerReport
+
+    done = saved.done()
+    if done is None:
+        return False
+    folder = ctx.out_dir / res.plan.name
+    if not is_complete(folder):
+        log.warning("--resume: %s was finished, but %s is no longer a complete artifact; quantizing it again",
+                    res.plan.name, folder)
+        saved.discard()
+        return False
+    res.artifact = folder
+    res.layers = [LayerReport(**r) for r in done["reports"]]
+    res.quantize_seconds = done["quantize_seconds"]
+    res.metrics.linear_bits_per_weight = done["linear_bits_per_weight"]
+    log.info("--resume: %s was finished by the interrupted run; keeping %s", res.plan.name, folder)
+    return True
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

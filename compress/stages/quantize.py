@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,16 @@ from compress.stages.passes import (
     block_forward, collect_stats, mlp_chain, mlp_forward, split_matches, weight_of,
 )
 
+if TYPE_CHECKING:
+    from compress.resume import CandidateStore, ResumePoint
+
 log = logging.getLogger(__name__)
+
+
+def report_dicts(reports: list["LayerReport"]) -> list[dict]:
+    import dataclasses
+
+    return [dataclasses.asdict(r) for r in reports]
 
 
 @dataclass(frozen=True)
@@ -158,26 +167,43 @@ BlockSink = Callable[[int, nn.Module, dict[str, QuantResult]], None]
 
 def quantize_model(
     sm: StreamedModel, plan: Plan, calib_ids: Optional[torch.Tensor], sink: BlockSink,
-    spool_dir: Optional[Path] = None,
+    spool_dir: Optional[Path] = None, store: Optional["CandidateStore"] = None,
+    point: Optional["ResumePoint"] = None,
 ) -> list[LayerReport]:
     """Quantize block by block; `sink(i, block, results)` receives each finished block.
 
     `sm` is used up: its outer modules are released once the calibration windows are embedded.
     With `spool_dir`, the calibration activations between blocks live in a temporary file
-    there instead of in memory (`WindowStream`).
+    there instead of in memory (`WindowStream`). With `store` (compress/resume.py), the
+    progress after each block (the layer reports, and the activations that feed the next
+    block) is saved there; with `point`, the walk continues at `point.start` from that progress
+    (the blocks before it are the caller's to replay).
 
     The block handed to the sink holds the fake-quantized (dequantized) weights in its linears.
     """
     method = get_method(plan.q.method)
+    start = point.start if point is not None else 0
     hidden = None
     if method.needs_calibration:
         if calib_ids is None:
             raise ValueError(f"quantize.method: {method.name} needs calibration data")
-        hidden = sm.embed(calib_ids, spool_dir)
+        hidden = sm.embed(calib_ids, spool_dir)  # also records each block's call arguments
     try:
         walker = _BlockQuantizer(sm, plan, method, hidden, sink)
+        if start:
+            walker.restore(point)
+            if hidden is not None and start < sm.n_blocks:
+                store.restore_stream(hidden)
         sm.release_outer()  # the sink (exporter) took its copy of them when it was created
-        sm.walk(hidden, walker, f"quantize {plan.name}")
+
+        def process(i: int, block: nn.Module, stream: Optional[WindowStream]) -> None:
+            walker(i, block, stream)
+            if store is not None:
+                last = i + 1 == sm.n_blocks  # nothing reads the last block's outputs
+                store.save_progress(i + 1, None if last else stream, report_dicts(walker.reports),
+                                    walker.state())
+
+        sm.walk(hidden, process, f"quantize {plan.name}", start=start)
         return walker.reports
     finally:
         if hidden is not None:
@@ -197,6 +223,14 @@ class _BlockQuantizer:
         self.chain = mlp_chain(sm) if self.propagate else ()
         self.stats = method.stats_for(q)
         self.reports: list[LayerReport] = []
+
+    def state(self) -> dict:
+        """What later blocks depend on besides the stream: the MLP-half decision of block 0."""
+        return {"chain": list(self.chain)}
+
+    def restore(self, point: "ResumePoint") -> None:
+        self.chain = tuple(point.walker.get("chain", self.chain))
+        self.reports = [LayerReport(**r) for r in point.reports]
 
     def _collect(self, block, i, names, hidden, early_stop, forward, capture=None, kind=None):
         return collect_stats(self.sm, block, names, hidden, self.sdtype, early_stop, forward,
