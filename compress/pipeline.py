@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from compress.config import ConfigError, RunConfig
 from compress.evaluate.memory import PeakMemory, release_freed, rss_bytes
+from compress.stages.allocate import stage_allocate
 from compress.stages.calibrate import stage_calibrate
 from compress.stages.context import CandidateResult, RunContext
 from compress.stages.evaluate import stage_evaluate
@@ -30,6 +31,7 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
     """Every check that needs no model weights; raises ConfigError naming the key."""
     from compress.data.sources import resolve_source
     from compress.paths import unwritable_dir
+    from compress.mixed.plan import find_gpu
     from compress.serving import load_gpus
     from compress.stages.quantize import resolve_plans
     from compress.stages.load import check_source
@@ -44,6 +46,9 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
         raise ConfigError(f"export.output_dir: {problem}")
     try:
         load_gpus(cfg.serving.gpus)  # the report reads it after all the work; fail now instead
+        for p in plans:
+            if p.q.target is not None and p.q.target.gpu is not None:
+                find_gpu(p.q.target.gpu, cfg.serving.gpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for key, spec, field_ in (
@@ -67,6 +72,7 @@ def preflight(cfg: RunConfig, out_dir: Path) -> list[Plan]:
 STAGES: list[tuple[str, Callable[[RunContext], None]]] = [
     ("load", stage_load),
     ("calibrate", stage_calibrate),
+    ("allocate", stage_allocate),
     ("quantize", stage_quantize),
     ("evaluate", stage_evaluate),
     ("report", stage_report),

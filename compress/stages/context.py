@@ -76,6 +76,7 @@ class CandidateResult:
     quantize_seconds: Optional[float] = None
     error: Optional[str] = None
     metrics: Metrics = field(default_factory=Metrics)
+    allocation: Optional[dict] = None  # a `quantize.target`'s per-layer choice (stages/allocate.py)
 
 
 @dataclass

@@ -81,11 +81,6 @@ class Exporter:
         """Every tensor outside the block list, read from the checkpoint (not the model, whose
         memory-mapped embedding would stay resident once read) and cast slice by slice: the
         embedding is the largest tensor of a small model."""
-        model = self.sm.model
-        out_emb = model.get_output_embeddings()
-        tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
-        # transformers re-ties lm_head to the embedding on load; storing it twice is waste
-        tied_name = f"{[n for n, m in model.named_modules() if m is out_emb][0]}.weight" if tied else None
         ckpt = self.sm.checkpoint
         from transformers.pytorch_utils import Conv1D
 
@@ -93,9 +88,7 @@ class Exporter:
         # Linear by class (compressed-tensors) must be told to leave them alone.
         with self.sm._outer_only() as outer:
             self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-        for name, t in model.state_dict().items():
-            if name.startswith(self.sm.block_prefix) or name == tied_name:
-                continue
+        for name, t in outer_state(self.sm):
             ck = self.sm.ckpt_name(name)
             if ck is None:
                 raise ValueError(f"{ckpt.root}: tensor '{name}' is missing from the checkpoint")
@@ -186,7 +179,7 @@ def stage_quantize(ctx) -> None:
             exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name)
             res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx))
             res.quantize_seconds = time.perf_counter() - t0
-            res.artifact = exporter.finish(manifest)
+            res.artifact = exporter.finish(manifest if res.allocation is None else {**manifest, "allocation": res.allocation})
             res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
         except BaseException as e:  # Ctrl-C too: no temporary folder may outlive the run
             if exporter is not None:
@@ -198,6 +191,16 @@ def stage_quantize(ctx) -> None:
         finally:
             sm = exporter = None  # this candidate's model and buffers go before the next
             release_freed()
+
+
+def outer_state(sm: StreamedModel) -> list[tuple[str, torch.Tensor]]:
+    """The tensors outside the block list that an artifact stores (a tied lm_head once)."""
+    model = sm.model
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
+    # transformers re-ties lm_head to the embedding on load; storing it twice is waste
+    tied_name = f"{[n for n, m in model.named_modules() if m is out_emb][0]}.weight" if tied else None
+    return [(n, t) for n, t in model.state_dict().items() if not n.startswith(sm.block_prefix) and n != tied_name]
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
