@@ -24,6 +24,7 @@ class _Job:
     name: str
     slots: list
     budget: object
+    block_prefix: str
 
 
 def _grid_key(spec) -> Optional[tuple]:
@@ -62,7 +63,7 @@ def stage_allocate(ctx) -> None:
             continue
         log.info("candidate %s: budget %s for %s (%s)", name, f"{budget.slots_bytes + budget.fixed_bytes:,}",
                  budget.counts, budget.note)
-        jobs.append(_Job(name, slots, budget))
+        jobs.append(_Job(name, slots, budget, sm.block_prefix))
     if not jobs:
         return
     losses = _sensitivity(ctx, sm, jobs)
@@ -99,6 +100,7 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
 def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
     from compress.mixed.allocate import allocate
     from compress.mixed.plan import overrides_for
+    from compress.report.mixed import bits_mix
     from compress.stages.quantize import Plan
 
     res = ctx.candidates[job.name]
@@ -126,10 +128,8 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         "slots_bits_per_weight": 8 * alloc.bytes / n,  # biases included unless bits_per_weight
         "predicted_loss": alloc.loss,
         "predictor": PREDICTOR,
+        "block_prefix": job.block_prefix,
         "layers": layers,
     }
-    bits = [layer["bits"] for layer in layers]
-    mix = ", ".join(f"{bits.count(b)} x {'float' if b is None else f'{b}-bit'}"
-                    for b in sorted(set(bits), key=lambda b: 99 if b is None else b))
-    log.info("candidate %s: %s; %s of %s bytes, predicted loss %.4g", job.name, mix,
+    log.info("candidate %s: %s; %s of %s bytes, predicted loss %.4g", job.name, bits_mix(layers),
              f"{res.allocation['achieved_bytes']:,}", f"{res.allocation['budget_bytes']:,}", alloc.loss)

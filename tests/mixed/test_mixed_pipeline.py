@@ -61,6 +61,11 @@ def test_bits_per_weight_target_writes_the_allocation_exactly(fmt, model_dir, te
     manifest = json.loads((res.artifact / "compress-manifest.json").read_text())
     assert manifest["allocation"] == json.loads(json.dumps(alloc))
     assert loaded_schemes(res.artifact) == want
+    report = (tmp_path / "out" / "report.md").read_text()
+    first = alloc["layers"][0]
+    cell = f"{first['bits']}/{'ch' if first['group_size'] == -1 else 'g' + str(first['group_size'])}"
+    assert "## Mixed precision" in report and f"| 0 | {cell} |" in report
+    assert f"| {alloc['achieved_bytes']:,} |" in report
     if fmt == "compressed-tensors":
         _transformers_agrees(res, want)
 
