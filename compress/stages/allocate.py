@@ -94,7 +94,13 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
                 union.setdefault(s.name, {}).setdefault(_grid_key(spec), spec)
     options = {n: list(d.values()) for n, d in union.items()}
     got = measure(sm, ctx.calib_ids, options, spool_dir(ctx))
+    ctx.sensitivity = {n: {option_label(spec): v for spec, v in zip(options[n], got[n])} for n in options}
     return {(n, _grid_key(spec)): v for n in options for spec, v in zip(options[n], got[n])}
+
+
+def option_label(spec) -> str:
+    """`4/64/sym`, `3/-1/asym`, or `float`: an option's key in results.json's `sensitivity`."""
+    return "float" if spec is None else f"{spec.bits}/{spec.group_size}/{'sym' if spec.sym else 'asym'}"
 
 
 def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:

@@ -96,6 +96,8 @@ class RunContext:
     stage_peak_mb: dict[str, float] = field(default_factory=dict)
     runtime_rss_mb: Optional[float] = None
     published: object = None
+    # layer -> option ("4/64/sym", "float") -> predicted loss, for a run with a quantize.target
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     memory: Optional[PeakMemory] = None
 
 

@@ -52,6 +52,7 @@ def results_of(ctx) -> dict:
             name: [vars(l) for l in r.layers] for name, r in ctx.candidates.items()
         },
         "allocations": {name: r.allocation for name, r in ctx.candidates.items() if r.allocation is not None},
+        "sensitivity": ctx.sensitivity,
     }
 
 
