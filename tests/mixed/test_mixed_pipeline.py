@@ -121,3 +121,29 @@ def test_a_budget_that_cannot_be_met_exits_2_naming_the_target(target, message, 
     assert res.exit_code == 2, res.output
     assert message in res.stderr
     assert not list((tmp_path / "out").glob("*/compress-manifest.json"))
+
+
+def test_a_comparison_holds_mixed_candidates_beside_uniform_ones(model_dir, text_file, tmp_path, monkeypatch):
+    import compress.mixed.sensitivity as sensitivity
+
+    walks = []
+    measure = sensitivity.measure
+    monkeypatch.setattr(sensitivity, "measure", lambda *a, **k: walks.append(1) or measure(*a, **k))
+    data = run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
+                      quantize={"method": "rtn", "bits": 4, "group_size": 64})
+    data["candidates"] = [{"bits": 3}, {"target": {"bits_per_weight": 3.5}}, {"target": {"bits_per_weight": 3.0}},
+                          {"name": "too-small", "target": {"bits_per_weight": 1.0}}]
+    ctx = run(parse_config(data))
+    res = ctx.candidates
+    assert list(res) == ["rtn-w3-g64", "rtn-w4-g64-bpw3.5", "rtn-w4-g64-bpw3", "too-small"]
+    assert res["too-small"].error.startswith("quantize.target: bits_per_weight 1 is below the smallest reachable")
+    assert res["rtn-w3-g64"].allocation is None and res["rtn-w3-g64"].error is None
+    a35, a3 = res["rtn-w4-g64-bpw3.5"].allocation, res["rtn-w4-g64-bpw3"].allocation
+    assert a3["predicted_loss"] >= a35["predicted_loss"]  # fewer bits, no less predicted loss
+    # one sensitivity walk serves both mixed candidates; the table covers every layer
+    assert len(walks) == 1
+    assert set(ctx.sensitivity) == {l["name"] for l in a35["layers"]}
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert set(comparison["allocations"]) == {"rtn-w4-g64-bpw3.5", "rtn-w4-g64-bpw3"}
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| rtn-w4-g64-bpw3 | bits_per_weight=3.0 |" in md
