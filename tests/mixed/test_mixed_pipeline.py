@@ -147,3 +147,18 @@ def test_a_comparison_holds_mixed_candidates_beside_uniform_ones(model_dir, text
     assert set(comparison["allocations"]) == {"rtn-w4-g64-bpw3.5", "rtn-w4-g64-bpw3"}
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "| rtn-w4-g64-bpw3 | bits_per_weight=3.0 |" in md
+
+
+@pytest.mark.parametrize("gpu,message", [
+    ("RTX 9999", "error: quantize.target.gpu: 'RTX 9999' is not in the GPU table (serving.gpus): 8 GB (RTX 4060"),
+    ("GB", "error: quantize.target.gpu: 'GB' matches several GPUs"),
+])
+def test_validate_names_an_unknown_gpu(gpu, message, model_dir, text_file, tmp_path):
+    data = run_config(model_dir("llama"), text_file, tmp_path / "out",
+                      quantize={"method": "rtn", "bits": 4, "group_size": 64, "target": {"gpu": gpu}})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["-q", "validate", str(path)])
+    assert res.exit_code == 2 and message in res.stderr, res.output
+    ok = CliRunner().invoke(main, ["-q", "validate", str(path), "--set", "quantize.target.gpu=RTX 4060"])
+    assert ok.exit_code == 0 and "rtn-w4-g64-gpu" in ok.output, ok.output
