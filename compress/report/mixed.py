@@ -3,7 +3,7 @@ the GPUs it fits, predicted loss beside measured KL, and the bits chosen per blo
 from __future__ import annotations
 
 
-def _cell(layer: dict) -> str:
+def option_text(layer: dict) -> str:
     if layer["bits"] is None:
         return "float"
     gs = "ch" if layer["group_size"] == -1 else f"g{layer['group_size']}"
@@ -17,7 +17,7 @@ def bits_table(layers: list[dict], block_prefix: str) -> str:
     modules: list[str] = []
     for layer in layers:
         block, _, module = layer["name"][len(block_prefix):].partition(".")
-        grid.setdefault(block, {})[module] = _cell(layer)
+        grid.setdefault(block, {})[module] = option_text(layer)
         if module not in modules:
             modules.append(module)
     lines = ["| block | " + " | ".join(m.rsplit(".", 1)[-1] for m in modules) + " |",

@@ -100,7 +100,7 @@ def memory(comp: dict) -> bytes:
 def mixed_bits(allocations: dict[str, dict]) -> bytes:
     """Per mixed candidate, the bits chosen per block (rows) and module (columns), each cell
     labelled `bits/group` (`ch` per channel, `a` asymmetric) or `fp` (left in float)."""
-    from compress.report.mixed import _cell
+    from compress.report.mixed import option_text
 
     fig, axes = plt.subplots(1, len(allocations), figsize=(4.2 * len(allocations), 0.5), squeeze=False)
     height = 1.0
@@ -120,7 +120,7 @@ def mixed_bits(allocations: dict[str, dict]) -> bytes:
             for x, m in enumerate(modules):
                 layer = grid[b].get(m)
                 if layer:
-                    text = "fp" if layer["bits"] is None else _cell(layer)
+                    text = "fp" if layer["bits"] is None else option_text(layer)
                     ax.text(x, y, text, ha="center", va="center", fontsize=6,
                             color="black" if (layer["bits"] or 10) >= 8 else "white")
         ax.set_xticks(range(len(modules)), [m.rsplit(".", 1)[-1] for m in modules], rotation=45, fontsize=7)
