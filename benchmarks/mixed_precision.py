@@ -6,9 +6,10 @@ KL does, and what does the allocation buy at the byte size of a uniform plan?
 One `compress compare` run (same calibration and evaluation windows for every row) of:
 uniform W3 g64 and W4 g64; mixed precision at exactly their artifact byte sizes
 (`target: {max_bytes}`, computed beforehand by the bytes model, which the run checks against
-the files); mixed precision at several `bits_per_weight`. Every row gets a predicted loss (a
-uniform row's is the sum of its options' entries of the run's sensitivity table) beside its
-measured KL; the script reports Pearson's r of log predicted vs log measured and Spearman's rho.
+the files), by each of the two predictors; mixed precision at several `bits_per_weight`. Every
+row gets its predicted loss under both predictors (summed over its layers' choices from the
+run's one sensitivity table) beside its measured KL; the script reports Pearson's r of log
+predicted vs log measured and Spearman's rho, per predictor.
 
 Writes benchmarks/results/mixed-precision-<date>.md and .json.
 """
@@ -86,6 +87,7 @@ def main() -> None:
     from compress.config import parse_config
     from compress.pipeline import run
     from compress.serving import safetensors_tensor_bytes
+    from compress.stages.allocate import PREDICTOR
 
     m = a.method
     data = {
@@ -100,6 +102,9 @@ def main() -> None:
     cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM]
     cands += [{"name": f"mixed-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]}} for b, g in UNIFORM]
     cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}} for x in BPW]
+    rel = {"predictor": "relative_output_error"}
+    cands += [{"name": f"mixed-rel-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]}, "target_options": rel}
+              for b, g in UNIFORM]
     t0 = time.perf_counter()
     ctx = run(parse_config({**data, "candidates": cands}))
     wall = time.perf_counter() - t0
@@ -111,21 +116,25 @@ def main() -> None:
             rows.append({"name": name, "error": r.error})
             continue
         if r.allocation is not None:
-            pred = r.allocation["predicted_loss"]
+            keys = {l["name"]: "float" if l["bits"] is None else f"{l['bits']}/{l['group_size']}/sym"
+                    for l in r.allocation["layers"]}
         else:
-            key = f"{r.plan.q.bits}/{r.plan.q.group_size}/sym"
-            pred = sum(opts[key] for opts in sens.values())
-        rows.append({"name": name, "bytes": safetensors_tensor_bytes(r.artifact),
+            keys = {n: f"{r.plan.q.bits}/{r.plan.q.group_size}/sym" for n in sens}
+        # Both predictors for every row, from the run's one sensitivity table.
+        pred = sum(sens[n][k] for n, k in keys.items())
+        pred_rel = sum(sens[n][k] / sens[n]["output_energy"] for n, k in keys.items())
+        rows.append({"name": name, "bytes": safetensors_tensor_bytes(r.artifact), "predicted_relative": pred_rel,
                      "linear_bits_per_weight": r.metrics.linear_bits_per_weight,
                      "predicted_loss": pred, "kl": r.metrics.kl_divergence, "ppl": r.metrics.perplexity,
                      # bytes the bytes model predicted for the whole artifact (max_bytes rows)
                      "achieved_bytes": r.allocation["achieved_bytes"]
                      if r.allocation is not None and r.allocation["counts"] == "artifact tensors" else None})
     ok = [r for r in rows if "error" not in r and r["kl"]]
-    lp = [math.log(r["predicted_loss"]) for r in ok]
     lk = [math.log(r["kl"]) for r in ok]
-    r_log = pearson(lp, lk)
-    rho = pearson(ranks(lp), ranks(lk))
+    corr = {}
+    for key in ("predicted_loss", "predicted_relative"):
+        lp = [math.log(max(r[key], 1e-30)) for r in ok]
+        corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)))
     by = {r["name"]: r for r in rows}
     ratios = {}
     for b, g in UNIFORM:
@@ -137,17 +146,23 @@ def main() -> None:
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
         f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} --seqlen {a.seqlen}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
-        f"wall {wall:.0f} s. Predictor: {ctx.candidates[cands[-1]['name']].allocation['predictor']}.", "",
-        "| row | bytes | bits/w (linears) | predicted loss | KL | ppl |", "|---|---|---|---|---|---|",
+        f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
+        "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it). Every row's predicted loss under "
+        "both is summed from the run's one sensitivity table.", "",
+        "| row | bytes | bits/w (linears) | predicted loss | predicted (relative) | KL | ppl |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | |")
+            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['bytes']:,} | {r['linear_bits_per_weight']:.3f} | "
-                     f"{r['predicted_loss']:.4g} | {r['kl']:.4f} | {r['ppl']:.3f} |")
-    lines += ["", f"Correlation over {len(ok)} rows: Pearson r(log predicted, log KL) = **{r_log:.3f}**, "
-              f"Spearman rho = **{rho:.3f}**."]
+                     f"{r['predicted_loss']:.4g} | {r['predicted_relative']:.4g} | {r['kl']:.4f} | {r['ppl']:.3f} |")
+    lines.append("")
+    for key, label in (("predicted_loss", "output_error"), ("predicted_relative", "relative_output_error")):
+        r_log, rho = corr[key]
+        lines.append(f"Predictor {label}, over {len(ok)} rows: Pearson r(log predicted, log KL) = "
+                     f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")
     for k, v in ratios.items():
         lines.append(f"KL of mixed at the bytes of uniform {k} / uniform {k}'s KL = **{v:.3f}**.")
     checked = [r for r in ok if r["achieved_bytes"] is not None]
@@ -155,7 +170,7 @@ def main() -> None:
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
     out = Path(a.results) / f"mixed-precision-{m}-{dt.date.today()}"
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "pearson_log": r_log, "spearman": rho,
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "correlation": corr,
                                                     "kl_ratios": ratios, "args": vars(a)}, indent=2) + "\n")
     print("\n".join(lines))
 

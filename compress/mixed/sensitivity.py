@@ -35,13 +35,15 @@ def option_losses(W: torch.Tensor, H: torch.Tensor, options: Iterable[Optional[Q
 
 
 def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantSpec]]],
-            spool_dir: Optional[Path] = None) -> dict[str, list[float]]:
-    """`options[name]` for every slot (full names) -> the predicted loss of each, in order.
+            spool_dir: Optional[Path] = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """`options[name]` for every slot (full names) -> the predicted loss of each, in order;
+    and each layer's output energy ``tr(W H W^T)`` (the loss of quantizing it to zero).
     `sm` is a `StreamedModel` with its outer modules loaded; it is used up."""
     from compress.stages.passes import block_forward, collect_stats, weight_of
     from compress.stages.quantize import block_linears
 
     losses: dict[str, list[float]] = {}
+    energy: dict[str, float] = {}
 
     def process(i: int, block: torch.nn.Module, hidden) -> None:
         prefix = f"{sm.block_prefix}{i}."
@@ -55,6 +57,7 @@ def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantS
             if not torch.isfinite(H).all():
                 raise ValueError(f"layer '{prefix + n}': calibration inputs produced NaN or Inf (Hessian)")
             losses[prefix + n] = option_losses(W, H, options[prefix + n])
+            energy[prefix + n] = output_error(W.float(), torch.zeros_like(W, dtype=torch.float32), H)
         stats.clear()
 
     hidden = sm.embed(calib_ids, spool_dir)
@@ -66,4 +69,4 @@ def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantS
     missing = sorted(set(options) - set(losses))
     if missing:
         raise RuntimeError(f"sensitivity: layers never reached in the block walk: {missing[:3]}")
-    return losses
+    return losses, energy

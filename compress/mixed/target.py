@@ -61,6 +61,11 @@ class TargetOptions(_Strict):
         None, min_length=1, description="Default: the plan's group_size and -1 (per output channel)",
     )
     unquantized: bool = Field(True, description="Whether leaving a linear in float is an option")
+    predictor: Literal["output_error", "relative_output_error"] = Field(
+        "output_error",
+        description="What the allocation minimises per layer: tr((W-Q) H (W-Q)^T), or that over the "
+        "output's own energy tr(W H W^T) (every layer's output weighted alike)",
+    )
 
     @field_validator("bits", "group_sizes")
     @classmethod

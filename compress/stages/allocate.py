@@ -93,9 +93,12 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
             for spec in s.options:
                 union.setdefault(s.name, {}).setdefault(_grid_key(spec), spec)
     options = {n: list(d.values()) for n, d in union.items()}
-    got = measure(sm, ctx.calib_ids, options, spool_dir(ctx))
-    ctx.sensitivity = {n: {option_label(spec): v for spec, v in zip(options[n], got[n])} for n in options}
-    return {(n, _grid_key(spec)): v for n in options for spec, v in zip(options[n], got[n])}
+    got, energy = measure(sm, ctx.calib_ids, options, spool_dir(ctx))
+    ctx.sensitivity = {n: {**{option_label(spec): v for spec, v in zip(options[n], got[n])},
+                           "output_energy": energy[n]} for n in options}
+    out: dict[tuple, float] = {(n, _grid_key(spec)): v for n in options for spec, v in zip(options[n], got[n])}
+    out.update({(n, "energy"): max(e, 1e-30) for n, e in energy.items()})
+    return out
 
 
 def option_label(spec) -> str:
@@ -111,7 +114,9 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
 
     res = ctx.candidates[job.name]
     q = res.plan.q
-    table = [[losses[(s.name, _grid_key(spec))] for spec in s.options] for s in job.slots]
+    relative = q.target_options.predictor == "relative_output_error"
+    table = [[losses[(s.name, _grid_key(spec))] / (losses[(s.name, "energy")] if relative else 1.0)
+              for spec in s.options] for s in job.slots]
     alloc = allocate([s.bytes for s in job.slots], table, job.budget.slots_bytes)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
     extra = overrides_for(q, chosen)
@@ -133,7 +138,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         "achieved_bytes": alloc.bytes + job.budget.fixed_bytes,
         "slots_bits_per_weight": 8 * alloc.bytes / n,  # biases included unless bits_per_weight
         "predicted_loss": alloc.loss,
-        "predictor": PREDICTOR,
+        "predictor": PREDICTOR + (", over the output energy tr(W H W^T)" if relative else ""),
         "block_prefix": job.block_prefix,
         "layers": layers,
     }

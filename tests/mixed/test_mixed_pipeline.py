@@ -162,3 +162,27 @@ def test_validate_names_an_unknown_gpu(gpu, message, model_dir, text_file, tmp_p
     assert res.exit_code == 2 and message in res.stderr, res.output
     ok = CliRunner().invoke(main, ["-q", "validate", str(path), "--set", "quantize.target.gpu=RTX 4060"])
     assert ok.exit_code == 0 and "rtn-w4-g64-gpu" in ok.output, ok.output
+
+
+def test_relative_predictor_minimises_the_loss_over_each_layers_output_energy(model_dir, text_file, tmp_path):
+    data = run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
+                      quantize={"method": "rtn", "bits": 4, "group_size": 64})
+    data["candidates"] = [{"name": "abs", "target": {"bits_per_weight": 3.25}},
+                          {"name": "rel", "target": {"bits_per_weight": 3.25},
+                           "target_options": {"predictor": "relative_output_error"}}]
+    ctx = run(parse_config(data))
+    sens = ctx.sensitivity
+
+    def summed(alloc, relative):
+        total = 0.0
+        for l in alloc["layers"]:
+            key = "float" if l["bits"] is None else f"{l['bits']}/{l['group_size']}/{'sym' if l['sym'] else 'asym'}"
+            total += sens[l["name"]][key] / (sens[l["name"]]["output_energy"] if relative else 1.0)
+        return total
+
+    a, r = ctx.candidates["abs"].allocation, ctx.candidates["rel"].allocation
+    assert a["predicted_loss"] == pytest.approx(summed(a, False))
+    assert r["predicted_loss"] == pytest.approx(summed(r, True))
+    assert "output energy" in r["predictor"] and "output energy" not in a["predictor"]
+    # each is optimal for its own predictor, so neither beats the other on the other's terms
+    assert summed(a, True) >= r["predicted_loss"] - 1e-9 and summed(r, False) >= a["predicted_loss"] - 1e-9
