@@ -138,9 +138,10 @@ def main() -> None:
     by = {r["name"]: r for r in rows}
     ratios = {}
     for b, g in UNIFORM:
-        u, x = by.get(f"{m}-w{b}-g{g}", {}), by.get(f"mixed-at-w{b}-g{g}-bytes", {})
-        if u.get("kl") and x.get("kl"):
-            ratios[f"w{b}-g{g}"] = x["kl"] / u["kl"]
+        for prefix in ("mixed", "mixed-rel"):
+            u, x = by.get(f"{m}-w{b}-g{g}", {}), by.get(f"{prefix}-at-w{b}-g{g}-bytes", {})
+            if u.get("kl") and x.get("kl"):
+                ratios[f"{prefix}-at-w{b}-g{g}"] = (f"w{b}-g{g}", x["kl"] / u["kl"])
     load = os.getloadavg()
     lines = [
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
@@ -163,8 +164,8 @@ def main() -> None:
         r_log, rho = corr[key]
         lines.append(f"Predictor {label}, over {len(ok)} rows: Pearson r(log predicted, log KL) = "
                      f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")
-    for k, v in ratios.items():
-        lines.append(f"KL of mixed at the bytes of uniform {k} / uniform {k}'s KL = **{v:.3f}**.")
+    for k, (u, v) in ratios.items():
+        lines.append(f"KL of {k}-bytes / uniform {u}'s KL = **{v:.3f}**.")
     checked = [r for r in ok if r["achieved_bytes"] is not None]
     lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
