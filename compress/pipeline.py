@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 from compress.config import ConfigError, RunConfig
 from compress.evaluate.memory import PeakMemory, release_freed, rss_bytes
+from compress.stages.allocate import stage_allocate
 from compress.stages.calibrate import stage_calibrate
 from compress.stages.context import CandidateResult, RunContext
 from compress.stages.evaluate import stage_evaluate
@@ -32,6 +33,7 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
     `resume`, artifacts that the interrupted run finished are not in the way: they are kept."""
     from compress.data.sources import resolve_source
     from compress.paths import unwritable_dir
+    from compress.mixed.plan import find_gpu
     from compress.serving import load_gpus
     from compress.stages.quantize import resolve_plans
     from compress.stages.load import check_source
@@ -46,6 +48,9 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
         raise ConfigError(f"export.output_dir: {problem}")
     try:
         load_gpus(cfg.serving.gpus)  # the report reads it after all the work; fail now instead
+        for p in plans:
+            if p.q.target is not None and p.q.target.gpu is not None:
+                find_gpu(p.q.target.gpu, cfg.serving.gpus)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for key, spec, field_ in (
@@ -72,6 +77,7 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
 STAGES: list[tuple[str, Callable[[RunContext], None]]] = [
     ("load", stage_load),
     ("calibrate", stage_calibrate),
+    ("allocate", stage_allocate),
     ("quantize", stage_quantize),
     ("evaluate", stage_evaluate),
     ("report", stage_report),

@@ -140,6 +140,15 @@ class CompressedTensorsFormat(Format):
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return linear_tensors(lin, dtype)
 
+    def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:
+        out_f, in_f = shape
+        n_g, esize = spec.groups_for(in_f), dtype.itemsize
+        words = -(-in_f * spec.bits // 32)  # pack_to_int32: ceil(E*B/32) words per row, no padding
+        n = 4 * out_f * words + esize * out_f * n_g + 8 * 2  # weight_packed, weight_scale, weight_shape
+        if not spec.sym:
+            n += 4 * -(-out_f * spec.bits // 32) * n_g  # weight_zero_point, packed along the output dim
+        return n + (esize * out_f if bias else 0)
+
     def quantization_config(self, base: QuantSpec, layers: list[LayerScheme], skipped: list[str],
                             options: dict[str, Any]) -> dict[str, Any]:
         """One config group per distinct layer scheme. The plan's own scheme targets the

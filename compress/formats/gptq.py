@@ -241,6 +241,13 @@ class GPTQFormat(Format):
             raise ValueError(f"{lin.name}: the GPTQ format holds weight-only quantization")
         return linear_tensors(lin.name, lin.weight, lin.bias)
 
+    def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:
+        out_f, in_f = shape
+        n_g = spec.groups_for(in_f)
+        n = 4 * packed_size(in_f, spec.bits) * out_f  # qweight
+        n += 4 * n_g * packed_size(out_f, spec.bits) + 2 * n_g * out_f + 4 * in_f  # qzeros, fp16 scales, g_idx
+        return n + (2 * out_f if bias else 0)  # the bias is fp16 whatever export.dtype says
+
     def quantization_config(self, base: QuantSpec, layers: list[LayerScheme], skipped: list[str],
                             options: dict[str, Any]) -> dict[str, Any]:
         # Per-layer grids that differ from the plan's go into GPTQModel's `dynamic` map; act-order

@@ -79,6 +79,24 @@ class Format:
         biases where the format follows the model's dtype)."""
         raise NotImplementedError
 
+    def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:
+        """Bytes of the tensors `linear_tensors` writes for a layer of `shape` [out, in] under
+        `spec` (codes, scales, zeros, g_idx, and the bias when `bias`), without quantizing
+        anything: what the mixed-precision budget counts. This default writes a dummy layer;
+        a format overrides it with its layout's arithmetic (tests compare the two)."""
+        out_f, in_f = shape
+        n_g = spec.groups_for(in_f)
+        gs = in_f if spec.group_size == -1 else spec.group_size
+        zero = 1 << (spec.bits - 1) if spec.sym else 1
+        qw = QuantizedWeight(
+            codes=torch.zeros(out_f, in_f, dtype=torch.uint8), scales=torch.ones(out_f, n_g),
+            zeros=torch.full((out_f, n_g), zero, dtype=torch.uint8),
+            g_idx=torch.arange(in_f, dtype=torch.int32) // gs,
+            bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+        )
+        lin = QuantizedLinear("x", qw, spec.grid, torch.zeros(out_f) if bias else None)
+        return sum(t.numel() * t.element_size() for t in self.linear_tensors(lin, dtype).values())
+
     def quantization_config(self, base: QuantSpec, layers: list[LayerScheme], skipped: list[str],
                             options: dict[str, Any]) -> dict[str, Any]:
         """config.json's quantization_config. `base` is the plan's grid; `options` the method's

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, U
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from compress.mixed.target import Target, TargetOptions
+
 if TYPE_CHECKING:  # torch stays out of config parsing until a method module imports it
     import torch
 
@@ -134,6 +136,11 @@ class MethodConfig(StrictModel):
     sym: bool = True
     skip: list[str] = Field(default_factory=list, description="Regexes of linear layers kept unquantized")
     overrides: list[Override] = Field(default_factory=list)
+    target: Optional[Target] = Field(
+        None, description="A budget (max_bytes, bits_per_weight, or gpu) that chooses bits and group size "
+        "per linear from target_options by predicted loss; written as exact-name overrides",
+    )
+    target_options: TargetOptions = Field(default_factory=TargetOptions)
 
     def spec(self, bits: int, group_size: int, sym: bool) -> QuantSpec:
         """The spec handed to the method for one layer (a subclass adds its options)."""

@@ -53,6 +53,9 @@ def build(ctx) -> dict:
             row["error"] = r.error
         elif r.artifact is not None:
             row.update(_serving_cols(safetensors_tensor_bytes(r.artifact), shape, cfg.serving, gpus))
+        if r.allocation is not None:
+            row["predicted_loss"] = r.allocation["predicted_loss"]
+            row["target"] = r.allocation["target"]
         inc = ppl_increase(row, orig)
         if inc is not None:
             row["ppl_increase"] = inc
@@ -78,6 +81,7 @@ def build(ctx) -> dict:
         "shared": shared_work(ctx),
         "rows": rows,
         "layers": {n: [vars(l) for l in r.layers] for n, r in ctx.candidates.items()},
+        "allocations": {n: r.allocation for n, r in ctx.candidates.items() if r.allocation is not None},
     }
 
 
@@ -107,7 +111,9 @@ def markdown(comp: dict) -> str:
         "",
         comp["recommendation"]["line"],
     ]
-    return "\n".join([table, *notes]) + "\n"
+    from compress.report.mixed import section
+
+    return "\n".join([table, *notes]) + "\n" + section(comp["rows"], comp.get("allocations") or {})
 
 
 def terminal(comp: dict) -> str:

@@ -94,6 +94,10 @@ def render_html(comp: dict, pngs: dict[str, bytes]) -> str:
         f"(grouped-query attention: KV heads, not query heads) + {s['overhead_gb']} GiB runtime overhead. "
         f"GPUs: {gpus}.</p>",
         "<h2>Per-layer quantization error</h2>", imgs.get("layer_errors", missing),
+        *(["<h2>Mixed precision: bits chosen per block and module</h2>", imgs["mixed_bits"],
+           "<p class='note'>Chosen by quantize.target to minimise the summed predicted loss "
+           "(Hessian-weighted output error) under the budget; see comparison.md for predicted loss vs KL.</p>"]
+          if "mixed_bits" in imgs else []),
         "<h2>Raw data</h2><details><summary>comparison.json</summary><pre>",
         html.escape(json.dumps({k: v for k, v in comp.items() if k != "layers"}, indent=1, default=str)),
         "</pre></details>",

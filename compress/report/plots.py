@@ -97,5 +97,44 @@ def memory(comp: dict) -> bytes:
     return _png(fig)
 
 
+def mixed_bits(allocations: dict[str, dict]) -> bytes:
+    """Per mixed candidate, the bits chosen per block (rows) and module (columns), each cell
+    labelled `bits/group` (`ch` per channel, `a` asymmetric) or `fp` (left in float)."""
+    from compress.report.mixed import option_text
+
+    fig, axes = plt.subplots(1, len(allocations), figsize=(4.2 * len(allocations), 0.5), squeeze=False)
+    height = 1.0
+    for ax, (name, a) in zip(axes[0], allocations.items()):
+        grid: dict[str, dict[str, dict]] = {}
+        modules: list[str] = []
+        for layer in a["layers"]:
+            block, _, module = layer["name"][len(a["block_prefix"]):].partition(".")
+            grid.setdefault(block, {})[module] = layer
+            if module not in modules:
+                modules.append(module)
+        blocks = list(grid)
+        # float drawn as 10: past 8 bits, without squeezing 2-8 into a corner of the colour map
+        bits = [[(grid[b].get(m) or {}).get("bits") or 10 for m in modules] for b in blocks]
+        ax.imshow(bits, cmap="viridis", vmin=2, vmax=10, aspect="auto")
+        for y, b in enumerate(blocks):
+            for x, m in enumerate(modules):
+                layer = grid[b].get(m)
+                if layer:
+                    text = "fp" if layer["bits"] is None else option_text(layer)
+                    ax.text(x, y, text, ha="center", va="center", fontsize=6,
+                            color="black" if (layer["bits"] or 10) >= 8 else "white")
+        ax.set_xticks(range(len(modules)), [m.rsplit(".", 1)[-1] for m in modules], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(blocks)), blocks, fontsize=6)
+        ax.set_ylabel("block")
+        target = ", ".join(f"{k}={v}" for k, v in a["target"].items())
+        ax.set_title(f"{name}\n{target}: {a['achieved_bytes'] / 1e6:.2f} MB", fontsize=8)
+        height = max(height, 0.22 * len(blocks) + 1.5)
+    fig.set_figheight(height)
+    return _png(fig)
+
+
 def render_all(comp: dict) -> dict[str, bytes]:
-    return {"tradeoff": tradeoff(comp), "layer_errors": layer_errors(comp), "memory": memory(comp)}
+    out = {"tradeoff": tradeoff(comp), "layer_errors": layer_errors(comp), "memory": memory(comp)}
+    if comp.get("allocations"):
+        out["mixed_bits"] = mixed_bits(comp["allocations"])
+    return out

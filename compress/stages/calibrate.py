@@ -22,7 +22,8 @@ def stage_calibrate(ctx: "RunContext") -> None:
     from compress.stages.context import CalibrationRecord
 
     c, e = ctx.cfg.calibration, ctx.cfg.evaluate
-    needs_calib = any(get_method(p.q.method).needs_calibration for p in ctx.plans)
+    # A quantize.target measures every layer's sensitivity on the calibration stream.
+    needs_calib = any(get_method(p.q.method).needs_calibration or p.q.target is not None for p in ctx.plans)
     split = calibration_split(ctx.cfg)
     calib = dict(source_spec=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
                  chat_template=c.chat_template, split=split) if needs_calib else None

@@ -76,6 +76,7 @@ class CandidateResult:
     quantize_seconds: Optional[float] = None
     error: Optional[str] = None
     metrics: Metrics = field(default_factory=Metrics)
+    allocation: Optional[dict] = None  # a `quantize.target`'s per-layer choice (stages/allocate.py)
 
 
 @dataclass
@@ -96,6 +97,8 @@ class RunContext:
     stage_peak_mb: dict[str, float] = field(default_factory=dict)
     runtime_rss_mb: Optional[float] = None
     published: object = None
+    # layer -> option ("4/64/sym", "float") -> predicted loss, for a run with a quantize.target
+    sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     memory: Optional[PeakMemory] = None
 
 

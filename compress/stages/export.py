@@ -108,11 +108,6 @@ class Exporter:
         """Every tensor outside the block list, read from the checkpoint (not the model, whose
         memory-mapped embedding would stay resident once read) and cast slice by slice: the
         embedding is the largest tensor of a small model."""
-        model = self.sm.model
-        out_emb = model.get_output_embeddings()
-        tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
-        # transformers re-ties lm_head to the embedding on load; storing it twice is waste
-        tied_name = f"{[n for n, m in model.named_modules() if m is out_emb][0]}.weight" if tied else None
         ckpt = self.sm.checkpoint
         from transformers.pytorch_utils import Conv1D
 
@@ -120,9 +115,7 @@ class Exporter:
         # Linear by class (compressed-tensors) must be told to leave them alone.
         with self.sm._outer_only() as outer:
             self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-        for name, t in model.state_dict().items():
-            if name.startswith(self.sm.block_prefix) or name == tied_name:
-                continue
+        for name, t in outer_state(self.sm):
             ck = self.sm.ckpt_name(name)
             if ck is None:
                 raise ValueError(f"{ckpt.root}: tensor '{name}' is missing from the checkpoint")
@@ -241,7 +234,7 @@ def stage_quantize(ctx) -> None:
             exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
             res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
             res.quantize_seconds = time.perf_counter() - t0
-            res.artifact = exporter.finish(manifest)
+            res.artifact = exporter.finish(manifest if res.allocation is None else {**manifest, "allocation": res.allocation})
             res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
             saved.mark_done({"reports": [dataclasses.asdict(r) for r in res.layers],
                              "quantize_seconds": res.quantize_seconds,
@@ -279,6 +272,16 @@ def _keep_finished(ctx, res, saved) -> bool:
     res.metrics.linear_bits_per_weight = done["linear_bits_per_weight"]
     log.info("--resume: %s was finished by the interrupted run; keeping %s", res.plan.name, folder)
     return True
+
+
+def outer_state(sm: StreamedModel) -> list[tuple[str, torch.Tensor]]:
+    """The tensors outside the block list that an artifact stores (a tied lm_head once)."""
+    model = sm.model
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
+    # transformers re-ties lm_head to the embedding on load; storing it twice is waste
+    tied_name = f"{[n for n, m in model.named_modules() if m is out_emb][0]}.weight" if tied else None
+    return [(n, t) for n, t in model.state_dict().items() if not n.startswith(sm.block_prefix) and n != tied_name]
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:

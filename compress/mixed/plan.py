@@ -1,0 +1,156 @@
+"""What the allocation chooses between, in bytes: the quantizable linears ("slots") with their
+options, the bytes of every option exactly as the export format stores it, the bytes of the
+rest of the artifact, and the budget a `quantize.target` leaves for the slots.
+
+Counted as `export.format` writes them (`Format.linear_bytes`): codes, scales, zero points
+and g_idx of a quantized linear (and its bias, in the dtype that format gives it); a linear
+left in float is its weight (and bias) in `export.dtype`. The rest (embeddings, norms, an
+lm_head, skipped linears) is fixed: `export.dtype` for floating tensors, as the exporter casts
+them. `bits_per_weight` counts only the slots, without biases, as `linear_bits_per_weight`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from compress.mixed.target import Target
+from compress.quantizers.base import MethodConfig, Override, QuantSpec
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One quantizable linear: its options (None: left in float) and their bytes."""
+
+    name: str  # full module name
+    shape: tuple[int, int]  # [out, in]
+    options: tuple[Optional[QuantSpec], ...]
+    bytes: tuple[int, ...]
+
+    @property
+    def weights(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+
+@dataclass(frozen=True)
+class Budget:
+    slots_bytes: int  # what the slots may take together
+    fixed_bytes: int  # the rest of what the target counts (0 for bits_per_weight)
+    counts: str  # "artifact tensors" or "quantizable linears"
+    note: str  # how the budget was reached, for the log and the manifest
+
+
+def option_grid(q: MethodConfig) -> list[Optional[QuantSpec]]:
+    """Every option of `q.target_options` under the plan's method and symmetry."""
+    o = q.target_options
+    sizes = o.group_sizes if o.group_sizes is not None else list(dict.fromkeys([q.group_size, -1]))
+    grid: list[Optional[QuantSpec]] = [q.spec(b, g, q.sym) for b in o.bits for g in sizes]
+    return grid + ([None] if o.unquantized else [])
+
+
+def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list[Slot]:
+    """The plan's quantizable linears (skips and skip overrides excluded), read off the
+    skeleton, each with the options that divide it and that the format can hold."""
+    from compress.stages.passes import weight_of
+    from compress.stages.quantize import block_linears, layer_spec
+
+    grid = option_grid(q)
+    esize = dtype.itemsize
+    out: list[Slot] = []
+    for i in range(sm.n_blocks):
+        t = sm.templates[i]
+        for name in (n for g in block_linears(t, sm.arch.sequential) for n in g):
+            full = f"{sm.block_prefix}{i}.{name}"
+            if layer_spec(q, full) is None:
+                continue
+            mod = t.get_submodule(name)
+            shape = tuple(weight_of(mod, sm.arch.conv1d).shape)
+            bias = with_bias and getattr(mod, "bias", None) is not None
+            opts, nbytes = [], []
+            for spec in grid:
+                if spec is None:
+                    opts.append(None)
+                    nbytes.append(esize * (shape[0] * shape[1] + (shape[0] if bias else 0)))
+                    continue
+                if spec.group_size != -1 and shape[1] % spec.group_size:
+                    continue
+                if fmt.check(full, spec, shape, sm.arch.conv1d) is not None:
+                    continue
+                opts.append(spec)
+                nbytes.append(fmt.linear_bytes(shape, spec, bias, dtype))
+            if not opts:
+                raise ValueError(f"quantize.target_options: no option fits layer '{full}' {list(shape)} "
+                                 f"in export.format {fmt.name}")
+            out.append(Slot(full, shape, tuple(opts), tuple(nbytes)))
+    return out
+
+
+def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype) -> int:
+    """Bytes of every artifact tensor that is not a slot's, as the exporter writes them."""
+    from compress.stages.export import outer_state
+
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+
+    total = sum(size(t) for _, t in outer_state(sm))
+    for i in range(sm.n_blocks):
+        prefix = f"{sm.block_prefix}{i}."
+        for name, t in sm.templates[i].state_dict().items():
+            if prefix + name.rsplit(".", 1)[0] not in slot_names:
+                total += size(t)
+    return total
+
+
+def budget(target: Target, cfg, config, all_slots: list[Slot], fixed: int) -> Budget:
+    """The bytes the slots may take under `target` (`cfg` the run config, for `serving` and
+    `serving.gpus`; `config` the model's transformers config, for the KV cache)."""
+    if target.bits_per_weight is not None:
+        n = sum(s.weights for s in all_slots)
+        return Budget(int(target.bits_per_weight * n // 8), 0, "quantizable linears",
+                      f"{target.bits_per_weight:g} bits x {n:,} weights")
+    if target.max_bytes is not None:
+        return Budget(target.max_bytes - fixed, fixed, "artifact tensors", f"max_bytes {target.max_bytes:,}")
+    from compress.serving import GIB, attention_shape, kv_cache_bytes
+
+    gpu = find_gpu(target.gpu, cfg.serving.gpus)
+    s = cfg.serving
+    ctx_len = target.context_length or s.context_length
+    batch = target.batch or s.batch
+    kv = kv_cache_bytes(attention_shape(config), ctx_len, batch, s.kv_dtype)
+    overhead = int(round(s.overhead_gb * GIB))
+    total = int(gpu.memory_gb * GIB) - kv - overhead
+    note = (f"{gpu.name}: {gpu.memory_gb:g} GiB - KV cache {kv / GIB:.2f} GiB ({ctx_len} tokens x {batch}, "
+            f"{s.kv_dtype}) - overhead {s.overhead_gb:g} GiB = {total:,} bytes of weights")
+    return Budget(total - fixed, fixed, "artifact tensors", note)
+
+
+def find_gpu(name: str, gpus_path: Optional[str]):
+    """The GPU of the table whose name is `name`, or the only one that contains it."""
+    from compress.serving import load_gpus
+
+    gpus = load_gpus(gpus_path)
+    exact = [g for g in gpus if g.name.lower() == name.lower()]
+    part = exact or [g for g in gpus if name.lower() in g.name.lower()]
+    if len(part) != 1:
+        listed = "; ".join(g.name for g in gpus)
+        why = "matches several GPUs" if part else "is not in the GPU table"
+        raise ValueError(f"quantize.target.gpu: {name!r} {why} (serving.gpus): {listed}")
+    return part[0]
+
+
+def overrides_for(q: MethodConfig, chosen: dict[str, Optional[QuantSpec]]) -> list[Override]:
+    """Exact-name overrides (`^name$`) that make `layer_spec` give each layer its chosen
+    option; layers whose spec already matches get none."""
+    from compress.stages.quantize import layer_spec
+
+    out = []
+    for name, spec in chosen.items():
+        now = layer_spec(q, name)
+        if spec is None:
+            out.append(Override(pattern=f"^{re.escape(name)}$", skip=True))
+        elif now is None or now.grid != spec.grid:
+            out.append(Override(pattern=f"^{re.escape(name)}$", bits=spec.bits,
+                                group_size=spec.group_size, sym=spec.sym))
+    return out

@@ -1,0 +1,75 @@
+"""`quantize.target` and `quantize.target_options`: the budget a mixed-precision plan must fit,
+and the grid of options per linear the allocation chooses from (config only, no torch)."""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _group_size(v: int) -> int:  # as compress.quantizers.base.check_group_size (no import cycle)
+    if v != -1 and (v < 8 or v & (v - 1)):
+        raise ValueError("must be -1 (per output channel) or a power of two >= 8 (32, 64, 128, ...)")
+    return v
+
+
+class Target(_Strict):
+    """Exactly one budget: bytes of the artifact's tensors, bits per quantizable linear weight,
+    or a GPU whose memory must hold weights + KV cache + `serving.overhead_gb`."""
+
+    max_bytes: Optional[int] = Field(None, gt=0, description="Tensor bytes of the whole artifact (safetensors data)")
+    bits_per_weight: Optional[float] = Field(
+        None, gt=0, le=32,
+        description="Bits per weight averaged over the linears the plan quantizes (codes, scales, zeros, g_idx)",
+    )
+    gpu: Optional[str] = Field(None, description="A GPU of serving.gpus (configs/gpus.yaml): its name or a unique part of it")
+    context_length: Optional[int] = Field(None, ge=1, description="With gpu: tokens of KV cache per sequence (default serving.context_length)")
+    batch: Optional[int] = Field(None, ge=1, description="With gpu: sequences served at once (default serving.batch)")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Target":
+        given = [k for k in ("max_bytes", "bits_per_weight", "gpu") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of max_bytes, bits_per_weight, gpu (got {given or 'none'})")
+        if self.gpu is None and (self.context_length is not None or self.batch is not None):
+            raise ValueError("context_length and batch go with gpu only")
+        return self
+
+    def label(self) -> str:
+        """A short tag for candidate names: `mb1.5`, `bpw3.5`, `gpu`."""
+        if self.max_bytes is not None:
+            return f"mb{self.max_bytes / 1e6:g}"
+        if self.bits_per_weight is not None:
+            return f"bpw{self.bits_per_weight:g}"
+        return "gpu"
+
+
+_Bits = Literal[2, 3, 4, 8]
+
+
+class TargetOptions(_Strict):
+    """The options per quantizable linear: every `bits` x `group_sizes` (the plan's `sym`),
+    plus leaving the layer in float. Options a layer or the format cannot hold are dropped for
+    that layer."""
+
+    bits: list[_Bits] = Field(default_factory=lambda: [2, 3, 4, 8], min_length=1)
+    group_sizes: Optional[list[Annotated[int, AfterValidator(_group_size)]]] = Field(
+        None, min_length=1, description="Default: the plan's group_size and -1 (per output channel)",
+    )
+    unquantized: bool = Field(True, description="Whether leaving a linear in float is an option")
+    predictor: Literal["output_error", "relative_output_error"] = Field(
+        "output_error",
+        description="What the allocation minimises per layer: tr((W-Q) H (W-Q)^T), or that over the "
+        "output's own energy tr(W H W^T) (every layer's output weighted alike)",
+    )
+
+    @field_validator("bits", "group_sizes")
+    @classmethod
+    def _unique(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"duplicate entries in {v}")
+        return v

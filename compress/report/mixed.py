@@ -1,0 +1,62 @@
+"""The report's section on mixed-precision candidates (a `quantize.target`): budget, bytes,
+the GPUs it fits, predicted loss beside measured KL, and the bits chosen per block and module."""
+from __future__ import annotations
+
+
+def option_text(layer: dict) -> str:
+    if layer["bits"] is None:
+        return "float"
+    gs = "ch" if layer["group_size"] == -1 else f"g{layer['group_size']}"
+    return f"{layer['bits']}/{gs}" + ("" if layer["sym"] else "a")
+
+
+def bits_table(layers: list[dict], block_prefix: str) -> str:
+    """Blocks as rows, modules as columns: `4/g64` (bits / group, `ch` per channel, `a`
+    asymmetric) or `float`."""
+    grid: dict[str, dict[str, str]] = {}
+    modules: list[str] = []
+    for layer in layers:
+        block, _, module = layer["name"][len(block_prefix):].partition(".")
+        grid.setdefault(block, {})[module] = option_text(layer)
+        if module not in modules:
+            modules.append(module)
+    lines = ["| block | " + " | ".join(m.rsplit(".", 1)[-1] for m in modules) + " |",
+             "|" + "---|" * (len(modules) + 1)]
+    for block, cells in grid.items():
+        lines.append(f"| {block} | " + " | ".join(cells.get(m, "-") for m in modules) + " |")
+    return "\n".join(lines)
+
+
+def bits_mix(layers: list[dict]) -> str:
+    bits = [layer["bits"] for layer in layers]
+    return ", ".join(f"{bits.count(b)} x {'float' if b is None else f'{b}-bit'}"
+                     for b in sorted(set(bits), key=lambda b: 99 if b is None else b))
+
+
+def section(rows: list[dict], allocations: dict[str, dict]) -> str:
+    """Markdown for every candidate that has an allocation ('' when none has)."""
+    if not allocations:
+        return ""
+    by_name = {r["name"]: r for r in rows}
+
+    def num(v, f="{:,}"):
+        return "-" if v is None else f.format(v)
+
+    out = ["", "## Mixed precision", "",
+           "Predicted loss: the summed Hessian-weighted output error of the chosen options "
+           "(tr((W-Q) H (W-Q)^T) per layer, calibration Hessian); measured KL: the evaluation's "
+           "mean KL(original || candidate). They are on different scales: read the predicted loss "
+           "as an order between candidates (`benchmarks/mixed_precision.py` measures the correlation).", "",
+           "| candidate | target | budget bytes | achieved bytes | bytes on disk | fits on | predicted loss | measured KL |",
+           "|---|---|---|---|---|---|---|---|"]
+    for name, a in allocations.items():
+        r = by_name.get(name, {})
+        target = ", ".join(f"{k}={v}" for k, v in a["target"].items())
+        fits = r.get("fits_on") or []
+        out.append(f"| {name} | {target} | {a['budget_bytes']:,} ({a['counts']}) | {a['achieved_bytes']:,} | "
+                   f"{num(r.get('bytes'))} | {fits[0] if fits else '-'} | {a['predicted_loss']:.4g} | "
+                   f"{num(r.get('kl_divergence'), '{:.4f}')} |")
+    for name, a in allocations.items():
+        out += ["", f"### {name}: bits per layer ({bits_mix(a['layers'])})", "",
+                bits_table(a["layers"], a["block_prefix"])]
+    return "\n".join(out) + "\n"

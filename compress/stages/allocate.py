@@ -1,0 +1,146 @@
+"""Stage: turn each candidate's `quantize.target` into exact per-layer overrides.
+
+Between calibration and quantization: for every candidate with a target, the quantizable
+linears and the bytes of each option in `export.format` (`compress.mixed.plan`), the budget
+the target leaves them, and a check that the smallest choice fits (else exit 2 naming
+`quantize.target`, before any quantization); then one sensitivity walk for all of them
+(`compress.mixed.sensitivity`) and the allocation (`compress.mixed.allocate`). The candidate's
+plan gets `^name$` overrides, so quantize, export and evaluate run unchanged and the artifact's
+per-layer metadata is exact; the allocation is kept for the manifest and the report.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+PREDICTOR = "tr((W-Q) H (W-Q)^T) of each option's RTN weights, H the layer's calibration Hessian (2/n sum x x^T)"
+
+
+@dataclass
+class _Job:
+    name: str
+    slots: list
+    budget: object
+    block_prefix: str
+
+
+def _grid_key(spec) -> Optional[tuple]:
+    return None if spec is None else (spec.bits, spec.group_size, spec.sym)
+
+
+def stage_allocate(ctx) -> None:
+    import torch
+
+    from compress.config import ConfigError
+    from compress.formats.registry import get_format
+    from compress.mixed import plan as mp
+
+    targeted = [n for n, r in ctx.candidates.items() if r.plan.q.target is not None and not r.error]
+    if not targeted:
+        return
+    cfg = ctx.cfg
+    fmt = get_format(cfg.export.format)
+    dtype = getattr(torch, cfg.export.dtype)
+    sm = ctx.loaded.streamed()
+    jobs: list[_Job] = []
+    for name in targeted:
+        q = ctx.candidates[name].plan.q
+        try:
+            slots = mp.slots(sm, q, fmt, dtype, with_bias=q.target.bits_per_weight is None)
+            fixed = mp.fixed_bytes(sm, {s.name for s in slots}, dtype) if q.target.bits_per_weight is None else 0
+            budget = mp.budget(q.target, cfg, ctx.loaded.config, slots, fixed)
+            smallest = sum(min(s.bytes) for s in slots)
+            if smallest > budget.slots_bytes:
+                raise ValueError(_too_small(q.target, budget, smallest, slots))
+        except ValueError as e:
+            msg = str(e) if str(e).startswith("quantize.") else f"quantize.target: {e}"
+            if len(ctx.candidates) == 1:
+                raise ConfigError(msg) from None
+            ctx.candidates[name].error = msg
+            continue
+        log.info("candidate %s: budget %s for %s (%s)", name, f"{budget.slots_bytes + budget.fixed_bytes:,}",
+                 budget.counts, budget.note)
+        jobs.append(_Job(name, slots, budget, sm.block_prefix))
+    if not jobs:
+        return
+    losses = _sensitivity(ctx, sm, jobs)
+    for job in jobs:
+        _apply(ctx, job, losses)
+
+
+def _too_small(target, budget, smallest: int, slots) -> str:
+    if target.bits_per_weight is not None:
+        n = sum(s.weights for s in slots)
+        return (f"quantize.target: bits_per_weight {target.bits_per_weight:g} is below the smallest reachable "
+                f"with quantize.target_options, {8 * smallest / n:.3f} bits per weight")
+    need = smallest + budget.fixed_bytes
+    return (f"quantize.target: {budget.note} is below the smallest artifact reachable with "
+            f"quantize.target_options, {need:,} bytes ({smallest:,} in the quantizable linears, "
+            f"{budget.fixed_bytes:,} in embeddings, norms and other tensors kept in float)")
+
+
+def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
+    """(layer, grid) -> predicted loss over the union of every job's options: one walk."""
+    from compress.mixed.sensitivity import measure
+    from compress.stages.calibrate import spool_dir
+
+    union: dict[str, dict[Optional[tuple], object]] = {}
+    for job in jobs:
+        for s in job.slots:
+            for spec in s.options:
+                union.setdefault(s.name, {}).setdefault(_grid_key(spec), spec)
+    options = {n: list(d.values()) for n, d in union.items()}
+    got, energy = measure(sm, ctx.calib_ids, options, spool_dir(ctx))
+    ctx.sensitivity = {n: {**{option_label(spec): v for spec, v in zip(options[n], got[n])},
+                           "output_energy": energy[n]} for n in options}
+    out: dict[tuple, float] = {(n, _grid_key(spec)): v for n in options for spec, v in zip(options[n], got[n])}
+    out.update({(n, "energy"): max(e, 1e-30) for n, e in energy.items()})
+    return out
+
+
+def option_label(spec) -> str:
+    """`4/64/sym`, `3/-1/asym`, or `float`: an option's key in results.json's `sensitivity`."""
+    return "float" if spec is None else f"{spec.bits}/{spec.group_size}/{'sym' if spec.sym else 'asym'}"
+
+
+def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
+    from compress.mixed.allocate import allocate
+    from compress.mixed.plan import overrides_for
+    from compress.report.mixed import bits_mix
+    from compress.stages.quantize import Plan
+
+    res = ctx.candidates[job.name]
+    q = res.plan.q
+    relative = q.target_options.predictor == "relative_output_error"
+    table = [[losses[(s.name, _grid_key(spec))] / (losses[(s.name, "energy")] if relative else 1.0)
+              for spec in s.options] for s in job.slots]
+    alloc = allocate([s.bytes for s in job.slots], table, job.budget.slots_bytes)
+    chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
+    extra = overrides_for(q, chosen)
+    res.plan = Plan(job.name, q.model_copy(update={"overrides": [*q.overrides, *extra]}))
+    n = sum(s.weights for s in job.slots)
+    layers = []
+    for s, o, row in zip(job.slots, alloc.choice, table):
+        spec = s.options[o]
+        layers.append({
+            "name": s.name, "bits": None if spec is None else spec.bits,
+            "group_size": None if spec is None else spec.group_size,
+            "sym": None if spec is None else spec.sym, "bytes": s.bytes[o], "predicted_loss": row[o],
+        })
+    res.allocation = {
+        "target": q.target.model_dump(exclude_none=True),
+        "counts": job.budget.counts, "budget_note": job.budget.note,
+        "budget_bytes": job.budget.slots_bytes + job.budget.fixed_bytes,
+        "fixed_bytes": job.budget.fixed_bytes,
+        "achieved_bytes": alloc.bytes + job.budget.fixed_bytes,
+        "slots_bits_per_weight": 8 * alloc.bytes / n,  # biases included unless bits_per_weight
+        "predicted_loss": alloc.loss,
+        "predictor": PREDICTOR + (", over the output energy tr(W H W^T)" if relative else ""),
+        "block_prefix": job.block_prefix,
+        "layers": layers,
+    }
+    log.info("candidate %s: %s; %s of %s bytes, predicted loss %.4g", job.name, bits_mix(layers),
+             f"{res.allocation['achieved_bytes']:,}", f"{res.allocation['budget_bytes']:,}", alloc.loss)
