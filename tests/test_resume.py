@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from compress import pipeline
@@ -306,7 +307,7 @@ def test_changed_inputs_are_refused_naming_them(model3, text_file, tmp_path, ref
             r"^--resume: the calibration windows changed since the interrupted run \(sha256 \w{12} -> \w{12}\)")
     edited = tmp_path / "edited-model"
     model = make_model("llama", num_hidden_layers=BLOCKS)
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] += 1
     save_model(model, edited)
     refused({**data, "model": {**data["model"], "source": str(edited)}},
