@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -466,3 +467,16 @@ def test_both_commands_take_resume(command):
 
     got = CliRunner().invoke(main, [command, "--help"])
     assert got.exit_code == 0 and "--resume" in got.output
+
+
+def test_the_sweep_of_dead_runs_leaves_the_store(tmp_path):
+    """A store outlives the run that wrote it by design; only `run` keeps or discards it."""
+    from compress.owner import make_partial, sweep_dead
+
+    (tmp_path / STORE / GPTQ).mkdir(parents=True)
+    (tmp_path / STORE / GPTQ / "block-00000.rec").write_bytes(b"x")
+    dead = make_partial(tmp_path, f".{GPTQ}.partial-")
+    # above the kernel's largest PID (pid_max is at most 2**22): a process that cannot exist
+    (dead / ".owner.json").write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname(), "start": 1}))
+    assert sweep_dead(tmp_path) == [dead]
+    assert (tmp_path / STORE / GPTQ / "block-00000.rec").is_file()
