@@ -28,6 +28,7 @@ from compress import pipeline
 from compress.config import ConfigError, parse_config
 from compress.formats.writer import ArtifactWriter, is_complete
 from compress.resume import STORE, CandidateStore
+from compress.resume_io import read_header
 from compress.stages import quantize as quantize_stage
 from tiny_models import make_model, run_config, save_model
 
@@ -220,11 +221,15 @@ def test_killed_gptq_run_resumes_byte_identical(point, model3, text_file, tmp_pa
             pipeline.run(cfg)
     finished = is_complete(out / GPTQ)
     assert finished == complete
+    state = read_header(out / STORE / GPTQ / "state.rec")
+    spent = state[0]["seconds"] if state else 0.0  # the interrupted run's quantization time
     shard = out / GPTQ / sorted(p.name for p in (ref / GPTQ).glob("*.safetensors"))[0]
     before = shard.stat() if finished else None
     caplog.set_level(logging.INFO, logger="compress")
     pipeline.run(cfg, resume=True)
     assert_same(out, ref, (GPTQ,))
+    row = json.loads((out / "results.json").read_text())["rows"][1]
+    assert row["quantize_seconds"] > spent  # counted, not restarted
     log = caplog.text
     if expect == "no store":
         assert "no resume store" in log
