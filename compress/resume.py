@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -148,6 +149,7 @@ class ResumePoint:
     start: int = 0
     reports: list[dict] = field(default_factory=list)
     walker: dict = field(default_factory=dict)  # the block walker's state (compress/stages/quantize.py)
+    seconds: float = 0.0  # spent on the blocks before `start` by the interrupted run(s)
 
 
 class CandidateStore:
@@ -155,6 +157,12 @@ class CandidateStore:
 
     def __init__(self, folder: Path, name: str, store: "ResumeStore") -> None:
         self.folder, self.name, self.store = folder, name, store
+        self._clock = (time.perf_counter(), 0.0)  # (when this run took over, seconds before it)
+
+    def seconds(self) -> float:
+        """Quantization time of this candidate so far, interrupted runs included."""
+        started, before = self._clock
+        return before + time.perf_counter() - started
 
     def _block(self, i: int) -> Path:
         return self.folder / f"block-{i:05d}.rec"
@@ -175,7 +183,7 @@ class CandidateStore:
         None) now holds the inputs of block `next_block` and is copied one batch at a time."""
         self._ensure()
         header: dict[str, Any] = {"kind": "state", "next": next_block, "reports": reports, "walker": walker,
-                                  "stream": None}
+                                  "seconds": self.seconds(), "stream": None}
         chunks: Any = ()
         size = 0
         if stream is not None:
@@ -233,7 +241,9 @@ class CandidateStore:
         for stale in range(nxt, n_blocks):  # written before the progress record that follows it
             self._block(stale).unlink(missing_ok=True)
         log.info("resuming %s at block %d of %d", self.name, nxt, n_blocks)
-        return ResumePoint(nxt, list(state.get("reports") or []), dict(state.get("walker") or {}))
+        seconds = float(state.get("seconds") or 0.0)
+        self._clock = (time.perf_counter(), seconds)
+        return ResumePoint(nxt, list(state.get("reports") or []), dict(state.get("walker") or {}), seconds)
 
     def _clear(self) -> None:
         for p in self.folder.glob("*.rec"):

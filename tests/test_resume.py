@@ -14,18 +14,21 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from compress import pipeline
 from compress.config import ConfigError, parse_config
 from compress.formats.writer import ArtifactWriter, is_complete
 from compress.resume import STORE, CandidateStore
+from compress.resume_io import read_header
 from compress.stages import quantize as quantize_stage
 from tiny_models import make_model, run_config, save_model
 
@@ -218,11 +221,15 @@ def test_killed_gptq_run_resumes_byte_identical(point, model3, text_file, tmp_pa
             pipeline.run(cfg)
     finished = is_complete(out / GPTQ)
     assert finished == complete
+    state = read_header(out / STORE / GPTQ / "state.rec")
+    spent = state[0]["seconds"] if state else 0.0  # the interrupted run's quantization time
     shard = out / GPTQ / sorted(p.name for p in (ref / GPTQ).glob("*.safetensors"))[0]
     before = shard.stat() if finished else None
     caplog.set_level(logging.INFO, logger="compress")
     pipeline.run(cfg, resume=True)
     assert_same(out, ref, (GPTQ,))
+    row = json.loads((out / "results.json").read_text())["rows"][1]
+    assert row["quantize_seconds"] > spent  # counted, not restarted
     log = caplog.text
     if expect == "no store":
         assert "no resume store" in log
@@ -306,7 +313,7 @@ def test_changed_inputs_are_refused_naming_them(model3, text_file, tmp_path, ref
             r"^--resume: the calibration windows changed since the interrupted run \(sha256 \w{12} -> \w{12}\)")
     edited = tmp_path / "edited-model"
     model = make_model("llama", num_hidden_layers=BLOCKS)
-    with __import__("torch").no_grad():
+    with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] += 1
     save_model(model, edited)
     refused({**data, "model": {**data["model"], "source": str(edited)}},
@@ -465,3 +472,16 @@ def test_both_commands_take_resume(command):
 
     got = CliRunner().invoke(main, [command, "--help"])
     assert got.exit_code == 0 and "--resume" in got.output
+
+
+def test_the_sweep_of_dead_runs_leaves_the_store(tmp_path):
+    """A store outlives the run that wrote it by design; only `run` keeps or discards it."""
+    from compress.owner import make_partial, sweep_dead
+
+    (tmp_path / STORE / GPTQ).mkdir(parents=True)
+    (tmp_path / STORE / GPTQ / "block-00000.rec").write_bytes(b"x")
+    dead = make_partial(tmp_path, f".{GPTQ}.partial-")
+    # above the kernel's largest PID (pid_max is at most 2**22): a process that cannot exist
+    (dead / ".owner.json").write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname(), "start": 1}))
+    assert sweep_dead(tmp_path) == [dead]
+    assert (tmp_path / STORE / GPTQ / "block-00000.rec").is_file()

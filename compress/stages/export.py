@@ -205,8 +205,6 @@ def stage_quantize(ctx) -> None:
     block to the exporter, and to the resume store (compress/resume.py). A failing candidate
     is marked failed and the others go on (a run with one candidate stops). With `ctx.resume`,
     a candidate continues from its stored blocks, and one whose artifact was finished is kept."""
-    import time
-
     from compress.evaluate.memory import release_freed
     from compress.resume import fingerprint, open_store
     from compress.stages.calibrate import spool_dir
@@ -222,7 +220,6 @@ def stage_quantize(ctx) -> None:
             continue
         sm = ctx.loaded.streamed()
         exporter = None
-        t0 = time.perf_counter()
         try:
             point = saved.resume_point(sm.n_blocks)
             # Every block stored but no record that the artifact is done: the kill fell between
@@ -233,7 +230,7 @@ def stage_quantize(ctx) -> None:
                 exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
             exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
             res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
-            res.quantize_seconds = time.perf_counter() - t0
+            res.quantize_seconds = saved.seconds()  # the interrupted runs' share included
             res.artifact = exporter.finish(manifest if res.allocation is None else {**manifest, "allocation": res.allocation})
             res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
             saved.mark_done({"reports": [dataclasses.asdict(r) for r in res.layers],
