@@ -117,12 +117,31 @@ class GGUFFormat(Format):
                 "tensor_types": dict(sorted(counts.items())), "unquantized": sorted(skipped),
                 "method": (options.get("meta") or {}).get("method")}
 
+    def how_to_load(self, path) -> list[str]:
+        import json
+
+        p, f = json.dumps(str(path)), json.dumps(GGUF_FILE)
+        return [f"llama-cli -m {path / GGUF_FILE}        # llama.cpp (or: ollama, LM Studio)",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer  # dequantizes to float",
+                f"model = AutoModelForCausalLM.from_pretrained({p}, gguf_file={f})",
+                f"tokenizer = AutoTokenizer.from_pretrained({p}, gguf_file={f})"]
+
     # ---- reading -----------------------------------------------------------------------------
     def open_checkpoint(self, path, config) -> "GGUFCheckpoint":
         return GGUFCheckpoint.open(Path(path) / GGUF_FILE, config)
 
     def weights_behind(self, name, shapes, read) -> Optional[int]:
-        return None  # a GGUF folder has no safetensors: `compress inspect` reads the GGUF header
+        return None  # a GGUF folder has no safetensors: `tensor_summary` reads the GGUF header
+
+    def tensor_summary(self, path):
+        from gguf import GGUFReader
+
+        f = Path(path) / GGUF_FILE
+        try:
+            reader = GGUFReader(str(f))
+        except Exception as e:
+            raise CheckpointError(f"{f}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        return sum(int(t.n_elements) for t in reader.tensors), [f]
 
     def describe(self, qcfg: dict[str, Any]) -> list[str]:
         types = ", ".join(f"{k} x{v}" for k, v in (qcfg.get("tensor_types") or {}).items())

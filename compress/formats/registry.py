@@ -87,6 +87,14 @@ class Format:
         cfg = exporter.cfg.export
         return ArtifactWriter(out_dir, overwrite=cfg.overwrite, max_shard_bytes=cfg.max_shard_bytes)
 
+    def how_to_load(self, path: Any) -> list[str]:
+        """The lines that load an artifact of this format, for the end of a run."""
+        import json
+
+        p = json.dumps(str(path))
+        return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f"model, tokenizer = AutoModelForCausalLM.from_pretrained({p}), AutoTokenizer.from_pretrained({p})"]
+
     def open_checkpoint(self, path: Any, config: Any) -> Any:
         """The artifact's tensors as a `models.checkpoint.Checkpoint` under Hugging Face names."""
         from compress.models.checkpoint import open_checkpoint
@@ -115,6 +123,11 @@ class Format:
         """How many weights stored tensor `name` stands for: the full count for a packed
         weight, 0 for its scales/zeros/indices, None for a tensor the format does not own."""
         raise NotImplementedError
+
+    def tensor_summary(self, path: Any) -> Optional[tuple[int, list[Any]]]:
+        """(weights stored, weight files) of an artifact folder, for a format whose files are not
+        safetensors; None: `compress inspect` reads the safetensors headers with `weights_behind`."""
+        return None
 
     def describe(self, qcfg: dict[str, Any]) -> list[str]:
         """`compress inspect`'s lines for the quantization (after the `quantization:` label)."""
