@@ -197,3 +197,51 @@ def test_family_without_a_mapping_exits_2(model_dir, text_file, tmp_path):
     assert res.exit_code == 2, res.output
     assert "export.format: gguf: model_type 'gemma' has no GGUF mapping yet" in res.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*/model.gguf"))
+
+
+# ---- the writer ------------------------------------------------------------------------------
+def _writer(tmp_path):
+    from compress.formats.gguf_writer import GGUFArtifactWriter
+
+    return GGUFArtifactWriter(tmp_path / "art", arch="llama", names=lambda n, rows: (n, None),
+                              metadata=lambda w: None, float_dtype=torch.float16)
+
+
+def test_writer_is_atomic_and_refuses_nan(tmp_path):
+    w = _writer(tmp_path)
+    w.add_tensors({"a.weight": torch.ones(4, 32)})
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        w.add_tensors({"b.weight": torch.full((4, 32), float("nan"))})
+    assert any(tmp_path.glob(".art.partial-*")) and not (tmp_path / "art").exists()
+    w.abort()  # what the exporter does on any error: nothing is left behind
+    assert not any(tmp_path.iterdir())
+    w = _writer(tmp_path)
+    w.add_tensor_chunks("emb.weight", torch.float32, (5, 32), [torch.ones(3, 32), torch.zeros(2, 32)])
+    w.add_tensors({"norm.weight": torch.arange(3.0)})
+    assert not (tmp_path / "art").exists()  # nothing at the final path until finish
+    w.finish({"model_type": "llama"}, {})
+    reader = gguf.GGUFReader(str(tmp_path / "art" / "model.gguf"))
+    t = {x.name: x for x in reader.tensors}
+    assert t["emb.weight"].tensor_type.name == "F16" and t["norm.weight"].tensor_type.name == "F32"
+    assert t["emb.weight"].data.tolist() == [[1.0] * 32] * 3 + [[0.0] * 32] * 2
+    assert t["norm.weight"].data.tolist() == [0.0, 1.0, 2.0]
+    assert all(x.data_offset % 32 == 0 for x in reader.tensors)
+    assert is_complete(tmp_path / "art", check_hashes=True)
+
+
+def test_a_gguf_source_keeps_its_tokenizer_fields(model_dir, text_file, tmp_path):
+    """Export, then export again from that GGUF (converted by transformers): the second file
+    carries the first one's tokenizer.ggml.* fields as they were."""
+    first = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "a", evaluate={"enabled": False},
+                                    quantize={"bits": 8, "group_size": 32}, export={"format": "gguf", "gguf_type": "Q8_0"}))
+    (res,) = run(first).candidates.values()
+    src = res.artifact / "model.gguf"
+    again = run_config(res.artifact, text_file, tmp_path / "b", evaluate={"enabled": False},
+                       quantize={"bits": 4, "group_size": 32, "sym": False}, export={"format": "gguf", "gguf_type": "Q4_1"})
+    again["model"].update(gguf_file="model.gguf", cache_dir=str(tmp_path / "cache"))
+    (res2,) = run(parse_config(again)).candidates.values()
+    f1 = gguf.GGUFReader(str(src)).fields
+    f2 = gguf.GGUFReader(str(res2.artifact / "model.gguf")).fields
+    keys = sorted(k for k in f1 if k.startswith("tokenizer."))
+    assert keys == sorted(k for k in f2 if k.startswith("tokenizer.")) and "tokenizer.ggml.merges" in keys
+    assert all(f1[k].contents() == f2[k].contents() for k in keys)
