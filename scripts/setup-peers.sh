@@ -23,3 +23,5 @@ PY=${PYTHON:-python3}
 # Our package without its dependency list (which would not move the pins, but keeps this explicit).
 "$VENV/bin/pip" install -q -c constraints.txt --no-deps -e .
 "$VENV/bin/pip" install -q -c constraints.txt safetensors click pyyaml pydantic tqdm psutil
+# benchmarks/format_parity.py draws the Wikipedia evaluation windows here too (numpy stays pinned).
+"$VENV/bin/pip" install -q -c constraints.txt gensim numpy==2.2.6

@@ -165,6 +165,9 @@ def quantization_config(
     for name in modules_to_not_convert:
         dyn[f"-:^{re.escape(name)}$"] = {}
     _check_dynamic(dyn)
+    meta = dict(meta or {})
+    if not sym or any(v.get("sym") is False for v in dyn.values()):
+        meta["quantizer"] = _with_v2_era_tag(meta.get("quantizer", []))
     cfg: dict[str, Any] = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
@@ -179,13 +182,26 @@ def quantization_config(
         "true_sequential": true_sequential,
         "lm_head": False,
         "pack_dtype": "int32",
-        "meta": dict(meta or {}),
+        "meta": meta,
     }
     if dyn:
         cfg["dynamic"] = dyn
     if modules_in_block_to_quantize is not None:
         cfg["modules_in_block_to_quantize"] = [list(g) for g in modules_in_block_to_quantize]
     return cfg
+
+
+# GPTQModel loads an asymmetric v1 file only when `meta.quantizer` names a producer of its v2
+# era (gptqmodel >= 0.9.0): early GPTQ code stored a zero point of 0 as a wrapped -1, which its
+# v1->v2 conversion (+1 on the packed zeros) turns into a carry that corrupts the neighbour.
+# linear_tensors refuses a zero of 0, so our files keep the v2-era contract, and the tag says so
+# in the one place the loader reads. transformers/optimum and vLLM ignore it.
+V2_ERA_TAG = "gptqmodel:0.9.0"
+
+
+def _with_v2_era_tag(quantizer: Any) -> list[str]:
+    tags = [quantizer] if isinstance(quantizer, str) else list(quantizer)
+    return tags if any(str(t).lower().startswith("gptqmodel:") for t in tags) else tags + [V2_ERA_TAG]
 
 
 def _dynamic_match(name: str, dynamic: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

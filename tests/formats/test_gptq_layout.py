@@ -118,3 +118,16 @@ def test_quantization_config() -> None:
         gptq.quantization_config(5, 128, True, False)
     with pytest.raises(ValueError, match="dynamic"):
         gptq.quantization_config(4, 128, True, False, dynamic={"+:(": {}})
+
+
+def test_asymmetric_files_carry_the_v2_era_tag_gptqmodel_reads() -> None:
+    ours = {"quantizer": ["compress:1.0"]}
+    assert gptq.quantization_config(4, 64, True, False, meta=ours)["meta"] == ours
+    asym = gptq.quantization_config(4, 64, False, False, meta=ours)["meta"]["quantizer"]
+    assert asym == ["compress:1.0", gptq.V2_ERA_TAG]
+    # an asymmetric per-layer override is enough, and an existing gptqmodel tag is kept as is
+    mixed = gptq.quantization_config(4, 64, True, False, meta=ours, dynamic={"+:.*down": {"sym": False}})
+    assert mixed["meta"]["quantizer"] == ["compress:1.0", gptq.V2_ERA_TAG]
+    theirs = gptq.quantization_config(4, 64, False, False, meta={"quantizer": "gptqmodel:7.6.0"})
+    assert theirs["meta"]["quantizer"] == ["gptqmodel:7.6.0"]
+    assert ours == {"quantizer": ["compress:1.0"]}  # the caller's dict is not changed
