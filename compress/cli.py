@@ -162,9 +162,8 @@ def _print_how_to_load(ctx) -> None:
     fmt = get_format(ctx.cfg.export.format)
     click.echo(f"\nLoad an artifact ({fmt.name}; needs {fmt.loaders}):")
     for path in done:
-        p = json.dumps(str(Path(path).resolve()))
-        click.echo("    from transformers import AutoModelForCausalLM, AutoTokenizer")
-        click.echo(f"    model, tokenizer = AutoModelForCausalLM.from_pretrained({p}), AutoTokenizer.from_pretrained({p})")
+        for line in fmt.how_to_load(Path(path).resolve()):
+            click.echo("    " + line)
 
 
 _SET = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",

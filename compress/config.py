@@ -144,7 +144,8 @@ class ExportConfig(_Strict):
     format: Literal[_format_names()] = Field(  # type: ignore[valid-type]
         "compressed-tensors",
         description="On-disk format: 'compressed-tensors' (transformers + compressed-tensors, "
-        "vLLM; loads where compress is installed) or 'gptq' (GPTQModel/optimum, vLLM)",
+        "vLLM; loads where compress is installed), 'gptq' (GPTQModel/optimum, vLLM) or 'gguf' "
+        "(llama.cpp, Ollama; see gguf_type)",
     )
     output_dir: str = "runs/out"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -152,6 +153,21 @@ class ExportConfig(_Strict):
     )
     overwrite: bool = False
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024)
+    gguf_type: Optional[Literal["Q8_0", "Q4_0", "Q4_1"]] = Field(
+        None, validate_default=True,
+        description="GGUF block type of the quantized linears (format gguf only): Q8_0 (bits 8, sym), "
+        "Q4_0 (bits 4, sym), Q4_1 (bits 4, asym), all group_size 32",
+    )
+
+    @field_validator("gguf_type")
+    @classmethod
+    def _gguf_type(cls, v: Optional[str], info) -> Optional[str]:
+        fmt = info.data.get("format")
+        if fmt == "gguf" and v is None:
+            raise ValueError("required with export.format: gguf (Q8_0, Q4_0 or Q4_1)")
+        if fmt is not None and fmt != "gguf" and v is not None:
+            raise ValueError(f"applies to export.format: gguf only (format is '{fmt}')")
+        return v
 
 
 class EvaluateConfig(_Strict):

@@ -19,14 +19,10 @@ def describe(path: Path) -> str:
         raise CheckpointError(f"{path}: does not exist")
     if path.is_file():
         raise CheckpointError(f"{path}: inspect takes a model folder (convert GGUF files with `compress run`)")
-    ckpt = open_checkpoint(path)
-    if ckpt.pickled:
-        raise CheckpointError(f"{path}: pickled checkpoints are not inspected")
     config = read_config_json(path)
     q = config.get("quantization_config") or {}
     if not isinstance(q, dict):
         raise CheckpointError(f"{path / 'config.json'}: quantization_config must be a JSON object")
-    shapes = ckpt.tensor_info()
     fmt = None
     if q:
         from compress.formats.registry import format_of_artifact
@@ -35,20 +31,30 @@ def describe(path: Path) -> str:
             fmt = format_of_artifact(q)
         except ValueError as e:
             raise CheckpointError(f"{path / 'config.json'}: quantization_config: {e}") from None
-    params = 0
-    plain = {n: s for n, (s, _) in shapes.items()}
-    for name, (shape, _) in shapes.items():
-        try:
-            behind = fmt.weights_behind(name, plain, lambda k: ckpt.load([k])[k]) if fmt else None
-        except KeyError as e:  # a packed weight without its companion tensor
-            raise CheckpointError(f"{ckpt.index[name]}: '{name}' has no {e} beside it") from None
-        params += _numel(shape) if behind is None else behind
-    size = sum(p.stat().st_size for p in ckpt.files)
+    summary = fmt.tensor_summary(path) if fmt is not None else None
+    if summary is not None:  # a format whose file is not safetensors (GGUF)
+        params, files = summary
+        shapes = {}
+    else:
+        ckpt = open_checkpoint(path)
+        if ckpt.pickled:
+            raise CheckpointError(f"{path}: pickled checkpoints are not inspected")
+        shapes = ckpt.tensor_info()
+        params = 0
+        plain = {n: s for n, (s, _) in shapes.items()}
+        for name, (shape, _) in shapes.items():
+            try:
+                behind = fmt.weights_behind(name, plain, lambda k: ckpt.load([k])[k]) if fmt else None
+            except KeyError as e:  # a packed weight without its companion tensor
+                raise CheckpointError(f"{ckpt.index[name]}: '{name}' has no {e} beside it") from None
+            params += _numel(shape) if behind is None else behind
+        files = ckpt.files
+    size = sum(p.stat().st_size for p in files)
     lines = [
         f"path:          {path}",
         f"architecture:  {', '.join(config.get('architectures') or ['?'])} (model_type {config.get('model_type')})",
         f"parameters:    {params:,} ({params / 1e6:.1f} M)",
-        f"weight bytes:  {size:,} ({size / 1e6:.1f} MB in {len(ckpt.files)} file(s))",
+        f"weight bytes:  {size:,} ({size / 1e6:.1f} MB in {len(files)} file(s))",
         f"bits/weight:   {8 * size / max(params, 1):.2f} (whole file, incl. scales and unquantized tensors)",
     ]
     if fmt is not None:

@@ -44,6 +44,7 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_source(cfg.model)
+    _check_format(cfg, plans)
     if problem := unwritable_dir(out_dir):
         raise ConfigError(f"export.output_dir: {problem}")
     try:
@@ -72,6 +73,24 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
                     "set export.overwrite: true or choose another output_dir"
                 )
     return plans
+
+
+def _check_format(cfg: RunConfig, plans: list[Plan]) -> None:
+    """The export format's own limits on the config and, where the source's config.json can be
+    read without loading anything, on the model family."""
+    from compress.formats.registry import get_format
+    from compress.models.checkpoint import CheckpointError
+    from compress.stages.load import source_config
+
+    fmt = get_format(cfg.export.format)
+    if problem := fmt.check_run(cfg.export, plans):
+        raise ConfigError(problem)
+    try:
+        config = source_config(cfg.model)
+    except CheckpointError:
+        return  # the load stage reports it
+    if config is not None and (problem := fmt.check_model(config, None)):
+        raise ConfigError(problem)
 
 
 STAGES: list[tuple[str, Callable[[RunContext], None]]] = [

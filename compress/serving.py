@@ -62,13 +62,17 @@ def kv_cache_bytes(shape: AttentionShape, context_length: int, batch: int, kv_dt
 
 
 def safetensors_tensor_bytes(folder: Path) -> int:
-    """Sum of tensor data bytes over the folder's *.safetensors files (headers excluded)."""
+    """Sum of tensor data bytes over the folder's *.safetensors and *.gguf files (headers excluded)."""
     total = 0
     for f in sorted(Path(folder).glob("*.safetensors")):
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    for f in sorted(Path(folder).glob("*.gguf")):  # a GGUF artifact: its tensors' bytes, from the header
+        from gguf import GGUFReader
+
+        total += sum(int(t.n_bytes) for t in GGUFReader(str(f)).tensors)
     return total
 
 

@@ -14,7 +14,6 @@ import torch
 from compress.engine import StreamedModel
 from compress.formats.registry import format_of_artifact
 from compress.models.arch import arch_for
-from compress.models.checkpoint import open_checkpoint
 
 
 def open_artifact(
@@ -32,6 +31,6 @@ def open_artifact(
     config = AutoConfig.from_pretrained(str(path))
     prefix = arch_for(config.model_type).blocks + "."
     return StreamedModel(
-        config, open_checkpoint(path), device, dtype,
+        config, fmt.open_checkpoint(path, config), device, dtype,
         patch_block=fmt.patcher(qcfg, dtype if dense else None, prefix), stored_outer=dense,
     )

@@ -69,6 +69,37 @@ class Format:
     name: ClassVar[str]
     quant_method: ClassVar[str]  # config.json quantization_config.quant_method of its artifacts
     loaders: ClassVar[str]  # what loads it, for the end-of-run message and the card
+    copies_side_files: ClassVar[bool] = True  # the source's tokenizer files go beside the weights
+
+    def check_run(self, export: Any, plans: list[Any]) -> Optional[str]:
+        """Why the run's `export` settings and candidates (`Plan`s) cannot be written, naming the
+        config key (None when they can); checked at preflight, before the model is read."""
+        return None
+
+    def check_model(self, config: Any, root: Any) -> Optional[str]:
+        """Why this model (transformers config, source folder) cannot be written (None when it can)."""
+        return None
+
+    def open_writer(self, out_dir: Any, exporter: Any) -> Any:
+        """The writer the exporter streams tensors into (`formats.writer.ArtifactWriter`'s interface)."""
+        from compress.formats.writer import ArtifactWriter
+
+        cfg = exporter.cfg.export
+        return ArtifactWriter(out_dir, overwrite=exporter.overwrite, max_shard_bytes=cfg.max_shard_bytes)
+
+    def how_to_load(self, path: Any) -> list[str]:
+        """The lines that load an artifact of this format, for the end of a run."""
+        import json
+
+        p = json.dumps(str(path))
+        return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f"model, tokenizer = AutoModelForCausalLM.from_pretrained({p}), AutoTokenizer.from_pretrained({p})"]
+
+    def open_checkpoint(self, path: Any, config: Any) -> Any:
+        """The artifact's tensors as a `models.checkpoint.Checkpoint` under Hugging Face names."""
+        from compress.models.checkpoint import open_checkpoint
+
+        return open_checkpoint(path)
 
     def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
         """Why this format cannot hold `spec` for `layer` (None when it can)."""
@@ -110,6 +141,11 @@ class Format:
         """How many weights stored tensor `name` stands for: the full count for a packed
         weight, 0 for its scales/zeros/indices, None for a tensor the format does not own."""
         raise NotImplementedError
+
+    def tensor_summary(self, path: Any) -> Optional[tuple[int, list[Any]]]:
+        """(weights stored, weight files) of an artifact folder, for a format whose files are not
+        safetensors; None: `compress inspect` reads the safetensors headers with `weights_behind`."""
+        return None
 
     def describe(self, qcfg: dict[str, Any]) -> list[str]:
         """`compress inspect`'s lines for the quantization (after the `quantization:` label)."""
@@ -155,4 +191,4 @@ def format_names() -> tuple[str, ...]:
 
 
 def _load_builtins() -> None:
-    from compress.formats import compressed_tensors, gptq  # noqa: F401  (register themselves)
+    from compress.formats import compressed_tensors, gguf, gptq  # noqa: F401  (register themselves)

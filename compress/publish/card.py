@@ -135,6 +135,20 @@ def _usage(repo_id: str, fmt: Optional[str]) -> list[str]:
             f"model = ORTModelForCausalLM.from_pretrained({rid})",
             "```", "",
         ]
+    if fmt == "gguf":
+        return [
+            "With llama.cpp (or Ollama, LM Studio):", "",
+            "```sh",
+            f"llama-cli -hf {repo_id}",
+            "```", "",
+            "With transformers (dequantizes to float):", "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained({rid}, gguf_file="model.gguf")',
+            f'model = AutoModelForCausalLM.from_pretrained({rid}, gguf_file="model.gguf")',
+            "```", "",
+        ]
     lines = ["With transformers:", ""]
     if fmt == "gptq":
         lines += ["Needs a GPTQ kernel package: `pip install gptqmodel optimum`.", ""]

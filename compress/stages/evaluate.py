@@ -73,7 +73,7 @@ def evaluate_streams(
     return rows
 
 
-def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin")) -> int:
+def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.gguf")) -> int:
     return sum(p.stat().st_size for pat in patterns for p in Path(path).glob(pat))
 
 

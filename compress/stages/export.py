@@ -21,7 +21,6 @@ from compress.config import RunConfig
 from compress.engine import StreamedModel
 from compress.formats.qweight import QuantizedWeight
 from compress.formats.registry import ActivationScheme, LayerScheme, QuantizedLinear, get_format
-from compress.formats.writer import ArtifactWriter
 from compress.quantizers.base import QuantResult
 from compress.models.provenance import describe_source
 from compress.stages.load import LoadedModel
@@ -81,10 +80,9 @@ class Exporter:
         self.format = get_format(cfg.export.format)
         self.dtype = getattr(torch, cfg.export.dtype)
         self.out_dir = out_dir
-        self.writer = ArtifactWriter(
-            out_dir, overwrite=cfg.export.overwrite if overwrite is None else overwrite,
-            max_shard_bytes=cfg.export.max_shard_bytes,
-        )
+        # resume rewrites a folder its own interrupted run finished (overwrite=True)
+        self.overwrite = cfg.export.overwrite if overwrite is None else overwrite
+        self.writer = self.format.open_writer(out_dir, self)
         self.keep: Optional[Callable[[int, BlockRecord], None]] = None  # sees each finished block
         self.skipped: list[str] = []
         self.layers: list[LayerScheme] = []
@@ -148,7 +146,9 @@ class Exporter:
                                   None if bias is None else bias.detach().cpu())
             out = self.format.linear_tensors(lin, self.dtype)
             rec.quantized_params += lin.weight.codes.numel()
-            rec.quantized_bytes += sum(v.numel() * v.element_size() for k, v in out.items() if not k.endswith(".bias"))
+            # a 0-dim tensor is a format's per-layer tag (GGUF's type), not stored bytes
+            rec.quantized_bytes += sum(v.numel() * v.element_size() for k, v in out.items()
+                                       if not k.endswith(".bias") and v.dim() > 0)
             rec.layers.append(LayerScheme.of(lin))
             rec.tensors.update(out)
         from transformers.pytorch_utils import Conv1D
@@ -182,7 +182,8 @@ class Exporter:
         config["dtype"] = self.cfg.export.dtype
         for name, content in self.format.side_files(qcfg).items():
             self.writer.add_file(name, content)
-        self._copy_side_files()
+        if self.format.copies_side_files:
+            self._copy_side_files()
         manifest = dict(manifest)
         overrides = [dataclasses.asdict(s) for s in self.layers if s.key[:3] != (q.bits, q.group_size, q.sym)]
         manifest["quantization"] = {

@@ -127,6 +127,15 @@ def check_source(cfg: ModelConfig) -> None:
         raise CheckpointError(f"model.source: {src} is a file but not a .gguf file")
 
 
+def source_config(cfg: ModelConfig):
+    """The transformers config of a local Hugging Face folder source, read without weights;
+    None for GGUF files and hub ids (known only once loaded)."""
+    src = package_file(cfg.source) if cfg.source.startswith("package:") else Path(cfg.source).expanduser()
+    if not src.is_dir() or cfg.gguf_file or not (src / "config.json").is_file():
+        return None
+    return load_config(src, cfg.trust_remote_code)
+
+
 def load_config(root: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
@@ -210,6 +219,8 @@ def check_layer_schemes(ctx, sm: StreamedModel) -> None:
     from compress.formats.registry import get_format
 
     fmt = get_format(ctx.cfg.export.format)
+    if problem := fmt.check_model(ctx.loaded.config, ctx.loaded.root):
+        raise ConfigError(problem)
     for p in ctx.plans:
         err = _layer_scheme_error(sm, p, fmt)
         if err and len(ctx.plans) == 1:

@@ -96,6 +96,14 @@ def test_onnx_format_gets_onnxruntime_instructions(tmp_path):
     assert "ORTModelForCausalLM" in body and "vllm" not in body.lower()
 
 
+def test_gguf_format_gets_llama_cpp_instructions(tmp_path):
+    manifest, results, config = _load(tmp_path)
+    manifest["quantization"]["format"] = "gguf"
+    meta, body = _split(render_card(manifest, results, config, "org/x"))
+    assert "gguf" in meta["tags"] and "llama-cli -hf org/x" in body
+    assert 'from_pretrained("org/x", gguf_file="model.gguf")' in body and "vllm" not in body.lower()
+
+
 def test_card_table_uses_the_run_tables_columns():
     """Every figure of a results row is shown with the header and format of the one column
     model, the serving RSS included (its key is the run table's, not a card-only one)."""

@@ -1,0 +1,266 @@
+"""GGUF (``export.format: gguf``): one ``model.gguf`` that llama.cpp, Ollama, LM Studio and
+transformers' GGUF loader read, with our codes on the grid of a simple GGUF block type.
+
+``export.gguf_type`` names the file's type; each quantized linear is stored in the type whose
+grid is exactly its own (`gguf_blocks.type_for`: Q8_0 = 8-bit symmetric, Q4_0 = 4-bit
+symmetric, Q4_1 = 4-bit asymmetric, all with groups of 32 consecutive columns), so a per-layer
+override to another of these grids becomes a tensor of that type, as llama.cpp's mixes do.
+Unquantized linears (skips, lm_head as ``output``) and the token embedding are stored in
+``export.dtype`` (F16, BF16 or F32), norms and biases in F32. Layout: `gguf_meta` (names, keys,
+tokenizer), `gguf_writer` (the file). The folder also holds ``config.json`` (our reader's
+entry: ``quantization_config.quant_method: gguf``) and the manifest.
+
+Read back for evaluation through `GGUFCheckpoint`: every tensor under its Hugging Face name,
+in Hugging Face row order, block tensors as their bytes, which the patcher decodes
+(`gguf_blocks.decode`, bit-equal to gguf-py's dequantization).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from compress.formats import gguf_blocks as gb
+from compress.formats.gguf_writer import GGUF_FILE, TYPE_SUFFIX
+from compress.formats.registry import BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format
+from compress.models.checkpoint import Checkpoint, CheckpointError
+from compress.quantizers.base import QuantSpec
+
+
+def _ggml_type(name: str) -> int:
+    from gguf import GGMLQuantizationType
+
+    return int(GGMLQuantizationType[name])
+
+
+@register_format
+class GGUFFormat(Format):
+    name = "gguf"
+    quant_method = "gguf"
+    loaders = "llama.cpp, Ollama, LM Studio; transformers (gguf_file='model.gguf', dequantizing)"
+    copies_side_files = False  # the tokenizer is inside the GGUF
+
+    # ---- preflight ---------------------------------------------------------------------------
+    def check_run(self, export, plans) -> Optional[str]:
+        t = gb.TYPES[export.gguf_type]
+        for p in plans:
+            q = p.q
+            which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
+            for key, have, want in (("bits", q.bits, t.bits), ("group_size", q.group_size, gb.BLOCK),
+                                    ("sym", q.sym, t.sym)):
+                if have != want:
+                    return f"quantize.{key}: gguf {t.name} needs {key} {str(want).lower()}, got {str(have).lower()}{which}"
+            if q.spec(q.bits, q.group_size, q.sym).permutes_columns:
+                return (f"quantize.static_groups: gguf blocks are 32 consecutive columns; act-order needs "
+                        f"static_groups: true (codes then stay in natural order){which}")
+        return None
+
+    def check_model(self, config, root) -> Optional[str]:
+        from compress.formats.gguf_meta import family_problem
+
+        problem = family_problem(config)
+        return f"export.format: gguf: {problem}" if problem else None
+
+    def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
+        if gb.type_for(spec.bits, spec.group_size, spec.sym) is None:
+            return (f"no simple GGUF type has the grid bits={spec.bits} group_size={spec.group_size} "
+                    f"sym={spec.sym} (Q8_0: 8 sym, Q4_0: 4 sym, Q4_1: 4 asym, all group_size 32)")
+        if spec.permutes_columns:
+            return "a permuted g_idx (act-order with dynamic groups); set quantize.static_groups: true"
+        if shape[1] % gb.BLOCK:
+            return f"input size {shape[1]} is not a multiple of the GGUF block size {gb.BLOCK}"
+        return None
+
+    # ---- writing -----------------------------------------------------------------------------
+    def open_writer(self, out_dir, exporter):
+        from compress import __version__
+        from compress.formats import gguf_meta as gm
+        from compress.formats.gguf_writer import GGUFArtifactWriter
+        from compress.models.provenance import describe_source
+
+        cfg, loaded, q = exporter.cfg, exporter.loaded, exporter.plan.q
+        names = gm.Names(loaded.config)
+
+        def metadata(w) -> None:
+            gm.add_general(w, describe_source(loaded.root), q.method, cfg.export.gguf_type, __version__)
+            gm.add_architecture(w, loaded.config)
+            gm.add_tokenizer(w, loaded.root, loaded.config)
+
+        return GGUFArtifactWriter(
+            out_dir, arch=names.family.arch, names=lambda n, rows: (names.gguf(n), names.row_order(n, rows)),
+            metadata=metadata, float_dtype=getattr(torch, cfg.export.dtype), overwrite=exporter.overwrite,
+        )
+
+    def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        if lin.activations is not None:
+            raise ValueError(f"{lin.name}: GGUF export holds weight-only quantization")
+        w = lin.weight
+        t = gb.type_for(w.bits, w.group_size, w.sym)
+        if t is None:
+            raise ValueError(f"{lin.name}: no GGUF type for bits={w.bits} group_size={w.group_size} sym={w.sym}")
+        out = {f"{lin.name}.weight": gb.encode(w, t, lin.name),
+               f"{lin.name}.weight{TYPE_SUFFIX}": torch.tensor(_ggml_type(t.name), dtype=torch.int32)}
+        if lin.bias is not None:
+            out[f"{lin.name}.bias"] = lin.bias.detach().to(torch.float32)
+        return out
+
+    def quantization_config(self, base: QuantSpec, layers: list[LayerScheme], skipped: list[str],
+                            options: dict[str, Any]) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for s in layers:
+            t = gb.type_for(s.bits, s.group_size, s.sym)
+            counts[t.name] = counts.get(t.name, 0) + 1
+        base_type = gb.type_for(base.bits, base.group_size, base.sym)
+        return {"quant_method": self.quant_method, "gguf_file": GGUF_FILE,
+                "gguf_type": base_type.name if base_type else None,
+                "tensor_types": dict(sorted(counts.items())), "unquantized": sorted(skipped),
+                "method": (options.get("meta") or {}).get("method")}
+
+    def how_to_load(self, path) -> list[str]:
+        import json
+
+        p, f = json.dumps(str(path)), json.dumps(GGUF_FILE)
+        return [f"llama-cli -m {path / GGUF_FILE}        # llama.cpp (or: ollama, LM Studio)",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer  # dequantizes to float",
+                f"model = AutoModelForCausalLM.from_pretrained({p}, gguf_file={f})",
+                f"tokenizer = AutoTokenizer.from_pretrained({p}, gguf_file={f})"]
+
+    # ---- reading -----------------------------------------------------------------------------
+    def open_checkpoint(self, path, config) -> "GGUFCheckpoint":
+        return GGUFCheckpoint.open(Path(path) / GGUF_FILE, config)
+
+    def weights_behind(self, name, shapes, read) -> Optional[int]:
+        return None  # a GGUF folder has no safetensors: `tensor_summary` reads the GGUF header
+
+    def tensor_summary(self, path):
+        from gguf import GGUFReader
+
+        f = Path(path) / GGUF_FILE
+        try:
+            reader = GGUFReader(str(f))
+        except Exception as e:
+            raise CheckpointError(f"{f}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        return sum(int(t.n_elements) for t in reader.tensors), [f]
+
+    def describe(self, qcfg: dict[str, Any]) -> list[str]:
+        types = ", ".join(f"{k} x{v}" for k, v in (qcfg.get("tensor_types") or {}).items())
+        return [f"quant_method=gguf, file={qcfg.get('gguf_file')}, gguf_type={qcfg.get('gguf_type')}",
+                f"quantized linears: {types or 'none'}; method {qcfg.get('method')}"]
+
+    def patcher(self, qcfg: dict[str, Any], dense_dtype: Optional[torch.dtype], block_prefix: str) -> BlockPatcher:
+        # Q4_1's fp16 minimum is no integer zero point, so a GGUF layer is not a `QuantizedWeight`:
+        # every layer is decoded to a plain Linear (in float32 when no dtype is asked for).
+        from gguf import GGMLQuantizationType
+
+        by_value = {_ggml_type(n): t for n, t in gb.TYPES.items()}
+        dtype = dense_dtype or torch.float32
+
+        def patch(block: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
+            names = sorted(k[: -len(".weight" + TYPE_SUFFIX)] for k in tensors if k.endswith(TYPE_SUFFIX))
+            for n in names:
+                code = int(tensors.pop(f"{n}.weight{TYPE_SUFFIX}"))
+                if code not in by_value:
+                    raise CheckpointError(f"{block_prefix}{i}.{n}: GGUF type {GGMLQuantizationType(code).name} "
+                                          "is not one compress reads")
+                raw = tensors.pop(f"{n}.weight")
+                bias = tensors.pop(f"{n}.bias", None)
+                w = gb.decode(raw, by_value[code], dtype)
+                layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype, device="meta")
+                layer.weight = torch.nn.Parameter(w, requires_grad=False)
+                if bias is not None:
+                    layer.bias = torch.nn.Parameter(bias.to(dtype), requires_grad=False)
+                block.set_submodule(n, layer)
+            return names
+
+        return patch
+
+
+class GGUFCheckpoint(Checkpoint):
+    """A GGUF file's tensors under Hugging Face names and row order (`Checkpoint`'s interface):
+    float tensors as tensors, block tensors as their ``uint8`` bytes beside a ``.ggml_type``
+    scalar. Data is read from the file's memory map a tensor (or a slice of rows) at a time."""
+
+    @classmethod
+    def open(cls, path: Path, config) -> "GGUFCheckpoint":
+        from gguf import GGUFReader
+        from transformers import AutoModelForCausalLM
+
+        from compress.formats.gguf_meta import Names
+        from compress.models.weights import _strip_quant
+
+        if not path.is_file():
+            raise CheckpointError(f"{path}: GGUF file missing")
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        names = Names(config)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(_strip_quant(config))
+        by_gguf = {t.name: t for t in reader.tensors}
+        ck = cls(path.parent, {})
+        ck._tensors, ck._orders = {}, {}
+        for hf, like in skeleton.state_dict().items():
+            try:
+                g = names.gguf(hf)
+            except ValueError:
+                continue
+            t = by_gguf.get(g)
+            if t is None:
+                continue
+            ck._tensors[hf] = t
+            ck._orders[hf] = names.row_order(hf, like.shape[0]) if like.dim() else None
+            ck.index[hf] = path
+            if t.tensor_type.name in gb.TYPES:
+                ck.index[hf + TYPE_SUFFIX] = path
+        ck._reader = reader
+        return ck
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self.index.values()))
+
+    def tensor_info(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {n: (tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+                for n, t in self._tensors.items() if t.tensor_type.name in ("F32", "F16", "BF16")}
+
+    def _rows(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        import numpy as np
+
+        t = self._tensors[name]
+        kind = t.tensor_type.name
+        data = np.asarray(t.data)
+        if kind == "BF16":
+            rows = data.reshape(int(t.shape[-1]) if len(t.shape) > 1 else 1, -1)
+            out = torch.from_numpy(np.array(rows[start:stop])).view(torch.bfloat16)
+        elif kind in ("F32", "F16"):
+            out = torch.from_numpy(np.array(data[start:stop] if data.ndim > 1 else data))
+        elif kind in gb.TYPES:
+            out = torch.from_numpy(np.array(data.reshape(data.shape[0], -1)[start:stop]))
+        else:
+            raise CheckpointError(f"{self.root}: tensor '{name}' has GGUF type {kind}, which compress does not read")
+        if data.ndim == 1 or (kind == "BF16" and len(t.shape) == 1):
+            out = out.reshape(-1)
+        order = self._orders[name]
+        if order is not None and start is None:
+            out = out[torch.argsort(order)]
+        return out
+
+    def load(self, names, device="cpu") -> dict[str, torch.Tensor]:
+        out = {}
+        for n in names:
+            if n not in self.index:
+                raise CheckpointError(f"{self.root}: tensor '{n}' is missing from the GGUF file")
+            if n.endswith(TYPE_SUFFIX):
+                out[n] = torch.tensor(int(self._tensors[n[: -len(TYPE_SUFFIX)]].tensor_type), dtype=torch.int32)
+            else:
+                out[n] = self._rows(n).to(device)
+        return out
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if name not in self._tensors:
+            raise CheckpointError(f"{self.root}: tensor '{name}' is missing from the GGUF file")
+        if self._orders[name] is not None:
+            return self._rows(name)[start:stop]
+        return self._rows(name, start, stop)

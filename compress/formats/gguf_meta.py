@@ -1,0 +1,218 @@
+"""What a GGUF file says besides its tensors: architecture keys, tensor names, the llama Q/K row
+order, the tokenizer and `general.*` provenance, as llama.cpp's convert_hf_to_gguf.py lays them out.
+
+Families are data (`FAMILIES`): the GGUF architecture name and whether llama.cpp's rotary
+layout needs q_proj/k_proj rows permuted. Tensor names come from gguf-py's own `TensorNameMap`
+(the table convert_hf_to_gguf uses), so `model.layers.3.self_attn.q_proj.weight` becomes
+`blk.3.attn_q.weight` without a table of ours.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str  # general.architecture
+    permute_qk: bool  # llama.cpp's llama arch rotates pairs (i, i + d/2) as (2i, 2i+1): rows reordered
+
+
+FAMILIES = {
+    # convert_hf_to_gguf: LlamaModel (also Mistral, SmolLM) -> "llama" with q/k permuted;
+    # Qwen2Model -> "qwen2", Qwen3Model -> "qwen3" (NEOX rope, rows as they are).
+    "llama": Family("llama", True),
+    "mistral": Family("llama", True),
+    "qwen2": Family("qwen2", False),
+    "qwen3": Family("qwen3", False),
+}
+
+
+def family_problem(config) -> Optional[str]:
+    """Why this model cannot be written as GGUF (None when it can)."""
+    mt = getattr(config, "model_type", "?")
+    if mt not in FAMILIES:
+        return (f"model_type '{mt}' has no GGUF mapping yet; GGUF export supports "
+                f"{', '.join(sorted(FAMILIES))}")
+    rope = _rope(config)
+    if rope.get("rope_type", "default") not in ("default", None):
+        return f"rope scaling '{rope.get('rope_type')}' of model_type '{mt}' is not written to GGUF yet"
+    return None
+
+
+def family(config) -> Family:
+    problem = family_problem(config)
+    if problem:
+        raise ValueError(problem)
+    return FAMILIES[config.model_type]
+
+
+def _rope(config) -> dict[str, Any]:
+    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# ---- tensor names and row order ---------------------------------------------------------------
+class Names:
+    """HF state names <-> GGUF tensor names for one model."""
+
+    def __init__(self, config) -> None:
+        import gguf
+
+        self.config = config
+        self.family = family(config)
+        arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[self.family.arch]
+        self._map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+
+    def gguf(self, hf_name: str) -> str:
+        name = self._map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"tensor '{hf_name}' has no GGUF name for architecture '{self.family.arch}'")
+        return name
+
+    def row_order(self, hf_name: str, rows: int) -> Optional[torch.Tensor]:
+        """Index `idx` with ``gguf_rows = hf_rows[idx]`` (None: same order). llama.cpp's
+        convert_hf_to_gguf (LlamaModel.permute) regroups each head's rows (n_head, 2, d/2) ->
+        (n_head, d/2, 2) for q_proj (query heads) and k_proj (key/value heads), weight and bias."""
+        if not self.family.permute_qk:
+            return None
+        c = self.config
+        if ".self_attn.q_proj." in hf_name:
+            heads = c.num_attention_heads
+        elif ".self_attn.k_proj." in hf_name:
+            heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        else:
+            return None
+        return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+# ---- key/value metadata -----------------------------------------------------------------------
+def add_architecture(w, config) -> None:
+    """`<arch>.*` keys (convert_hf_to_gguf's TextModel.set_gguf_parameters and LlamaModel's)."""
+    fam = family(config)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    theta = _rope(config).get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is not None:
+        w.add_rope_freq_base(float(theta))
+    hd = head_dim(config)
+    if hd != config.hidden_size // config.num_attention_heads or fam.arch == "qwen3":
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if fam.arch == "llama":
+        w.add_vocab_size(config.vocab_size)
+        w.add_rope_dimension_count(hd)
+
+
+def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` (which split regex to use). convert_hf_to_gguf finds it by
+    hashing a test string's tokens against its table; we read the pre-tokenizer's structure."""
+    if model_type in ("qwen2", "qwen3"):
+        return "qwen2"
+    pre = tok.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    text = json.dumps(pre)
+    if "Split" in kinds and "\\\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"  # SmolLM's (and StarCoder's): single digits, then GPT-2's regex
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"
+    log.warning("GGUF export: pre-tokenizer %s not recognised; writing tokenizer.ggml.pre 'default'", kinds)
+    return "default"
+
+
+def add_tokenizer(w, root: Path, config) -> None:
+    """The vocabulary as llama.cpp's BPE ("gpt2") tokenizer: tokens padded to the embedding's
+    rows with [PADn] (type UNUSED), token types, merges, special ids and chat template
+    (gguf-py's SpecialVocab). A source converted from GGUF gets its original tokenizer fields."""
+    import gguf
+
+    original = _source_gguf(root)
+    if original is not None:
+        _copy_tokenizer_fields(w, original)
+        return
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{root}: no tokenizer.json to write the GGUF vocabulary from")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ValueError(f"{path}: only byte-level BPE tokenizers are written to GGUF yet "
+                         f"(model {model.get('type')}, byte_fallback {model.get('byte_fallback')})")
+    n = config.vocab_size
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [gguf.TokenType.UNUSED] * n
+    entries = [(t, i, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()]
+    entries += [(a["content"], a["id"], gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+                for a in tok.get("added_tokens", [])]
+    for t, i, kind in entries:
+        if i >= n:
+            raise ValueError(f"{path}: token {t!r} has id {i}, beyond the model's {n} embedding rows")
+        tokens[i], types[i] = t, kind
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer(tok, config.model_type))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    gguf.SpecialVocab(root, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
+
+
+def _source_gguf(root: Path) -> Optional[Path]:
+    from compress.models.provenance import CONVERTED_FROM
+
+    marker = root / CONVERTED_FROM
+    if not marker.is_file():
+        return None
+    path = Path(marker.read_text(encoding="utf-8").splitlines()[0])
+    return path if path.is_file() else None
+
+
+def _copy_tokenizer_fields(w, path: Path) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+
+def add_general(w, source: dict[str, Any], method: str, gguf_type: str, version: str) -> None:
+    """`general.*` provenance (GGUF spec, "General metadata")."""
+    from gguf import GGML_QUANT_VERSION, LlamaFileType
+
+    name = source.get("name") or source.get("hub_id")
+    if name:
+        w.add_name(str(name))
+    if source.get("license"):
+        w.add_license(str(source["license"]))
+    if source.get("hub_id"):
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, str(source["hub_id"]).split("/")[-1])
+        w.add_base_model_organization(0, str(source["hub_id"]).split("/")[0])
+        w.add_base_model_repo_url(0, f"https://huggingface.co/{source['hub_id']}")
+    w.add_quantized_by("compress")
+    w.add_description(f"quantized by compress {version} with {method} on the GGUF {gguf_type} grid")
+    w.add_string("compress.method", method)
+    w.add_file_type(LlamaFileType[f"MOSTLY_{gguf_type}"].value)
+    w.add_quantization_version(GGML_QUANT_VERSION)

@@ -1,0 +1,247 @@
+"""GGUF export: exact block encodings against gguf-py's dequantization, the llama Q/K row order,
+the whole file through transformers' GGUF loader (logits equal to our torch view of the same
+codes), the tokenizer through the GGUF, and configs the format cannot hold (exit 2)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from compress.config import ConfigError, parse_config  # noqa: E402
+from compress.formats import gguf_blocks as gb  # noqa: E402
+from compress.formats.artifact import open_artifact  # noqa: E402
+from compress.formats.gguf_meta import Names  # noqa: E402
+from compress.formats.qweight import QuantizedWeight  # noqa: E402
+from compress.formats.writer import is_complete  # noqa: E402
+from compress.pipeline import preflight, run  # noqa: E402
+from compress.quantizers.base import QuantSpec  # noqa: E402
+from compress.quantizers.rtn import round_to_nearest  # noqa: E402
+from tiny_models import family_config, make_model, run_config, save_model, walk_logits  # noqa: E402
+
+GRIDS = {"Q8_0": QuantSpec(8, 32, True), "Q4_0": QuantSpec(4, 32, True), "Q4_1": QuantSpec(4, 32, False)}
+
+
+# ---- block encodings ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_blocks_round_trip_exactly_through_gguf_py(name):
+    """Our bytes dequantize in gguf-py to (code - zero) * fp16(scale) (Q4_1: fp16(d)*code +
+    fp16(-fp16(d)*zero)), and our torch decoder gives the same bits."""
+    W = torch.randn(24, 160, generator=torch.Generator().manual_seed(len(name))) * 0.05
+    qw = round_to_nearest(W, GRIDS[name])
+    t = gb.TYPES[name]
+    raw = gb.encode(qw, t)
+    assert raw.dtype == torch.uint8 and raw.shape == (24, 160 // 32 * t.bytes)
+    theirs = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[name]))
+    assert torch.equal(gb.decode(raw, t), theirs)
+    g = qw.g_idx.long()
+    d = qw.scales.to(torch.float16).float()[:, g]
+    z = qw.zeros.float()[:, g]
+    codes = qw.codes.float()
+    if name == "Q4_1":
+        m = (-qw.scales.to(torch.float16).float() * qw.zeros.float()).to(torch.float16).float()[:, g]
+        expected = d * codes + m
+    else:
+        expected = (codes - z) * d
+    assert torch.equal(theirs, expected)
+    # the stored codes themselves: gguf-py's own quantizer layout, element j low nibble, j+16 high
+    if name != "Q8_0":
+        nib = raw.reshape(24, -1, t.bytes)[..., t.bytes - 16:]
+        assert torch.equal((nib & 15).reshape(24, -1, 16), qw.codes.reshape(24, -1, 32)[..., :16])
+
+
+def test_encode_refuses_a_permuted_g_idx_and_a_foreign_grid():
+    qw = round_to_nearest(torch.randn(4, 64), QuantSpec(4, 32, True))
+    perm = QuantizedWeight(qw.codes, qw.scales, qw.zeros, qw.g_idx.flip(0), 4, 32, True, desc_act=True)
+    with pytest.raises(ValueError, match="static_groups"):
+        gb.encode(perm, gb.TYPES["Q4_0"])
+    with pytest.raises(ValueError, match="not Q4_1's"):
+        gb.encode(qw, gb.TYPES["Q4_1"])
+    assert gb.type_for(4, 64, True) is None and gb.type_for(8, 32, False) is None
+
+
+def test_llama_qk_rows_follow_convert_hf_to_gguf():
+    """The permutation of llama.cpp's LlamaModel.permute, written out as its reshape here."""
+    cfg = family_config("llama")
+    names = Names(cfg)
+    q = torch.arange(128 * 3).reshape(128, 3)
+    heads = cfg.num_attention_heads
+    ref = q.reshape(heads, 2, 128 // heads // 2, 3).swapaxes(1, 2).reshape(128, 3)
+    assert torch.equal(q[names.row_order("model.layers.0.self_attn.q_proj.weight", 128)], ref)
+    k = torch.arange(64)
+    kv = cfg.num_key_value_heads
+    assert torch.equal(k[names.row_order("model.layers.0.self_attn.k_proj.weight", 64)],
+                       k.reshape(kv, 2, 64 // kv // 2).swapaxes(1, 2).reshape(64))
+    assert names.row_order("model.layers.0.self_attn.v_proj.weight", 64) is None
+    assert Names(family_config("qwen2")).row_order("model.layers.0.self_attn.q_proj.weight", 128) is None
+    assert names.gguf("model.layers.1.mlp.down_proj.weight") == "blk.1.ffn_down.weight"
+
+
+# ---- the file through transformers' GGUF loader ---------------------------------------------
+def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    lp = torch.log_softmax(p_logits.double(), -1)
+    lq = torch.log_softmax(q_logits.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+CASES = [
+    ("llama", "Q4_0", {"method": "rtn", "bits": 4, "group_size": 32}),
+    ("llama", "Q4_1", {"method": "gptq", "bits": 4, "group_size": 32, "sym": False, "skip": [r"layers\.0\.self_attn\.q_proj"]}),
+    ("qwen2", "Q8_0", {"method": "rtn", "bits": 8, "group_size": 32}),
+    ("mistral", "Q8_0", {"method": "rtn", "bits": 8, "group_size": 32}),
+    ("qwen3", "Q4_0", {"method": "rtn", "bits": 4, "group_size": 32,
+                       "overrides": [{"pattern": r"mlp\.down_proj", "bits": 8}]}),
+]
+
+
+@pytest.mark.parametrize("family,gguf_type,quantize", CASES,
+                         ids=["llama-q4_0", "llama-q4_1-gptq-skip-q", "qwen2-q8_0", "mistral-q8_0", "qwen3-q4_0-down-q8_0"])
+def test_transformers_gguf_loader_gives_our_logits(family, gguf_type, quantize, tiny_tokenizer, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # transformers' GGUF loader ignores qwen3.attention.key_length and takes Qwen3Config's head_dim
+    # default (128, the real models'); llama.cpp reads the key we write
+    kw = {"head_dim": 128} if family == "qwen3" else {}
+    src = save_model(make_model(family, seed=3, tie_word_embeddings=family == "qwen2", **kw), tmp_path / "src",
+                     tiny_tokenizer)
+    cfg = parse_config(run_config(src, text_file, tmp_path / "out", evaluate={"enabled": False}, quantize=quantize,
+                                  export={"format": "gguf", "gguf_type": gguf_type}))
+    ctx = run(cfg)
+    (res,) = ctx.candidates.values()
+    assert res.error is None and is_complete(res.artifact, check_hashes=True)
+    assert sorted(p.name for p in res.artifact.iterdir()) == [
+        "compress-manifest.json", "compress-results.json", "config.json", "model.gguf"]
+    reader = gguf.GGUFReader(str(res.artifact / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.attn_k.weight"] == gguf_type and types["token_embd.weight"] == "F16"
+    assert types["blk.0.attn_norm.weight"] == "F32" and ("output.weight" in types) == (family != "qwen2")
+    if "skip" in quantize:
+        assert types["blk.0.attn_q.weight"] == "F16"
+    if "overrides" in quantize:
+        assert types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert reader.fields["general.quantized_by"].contents() == "compress"
+
+    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(2)])
+        original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+        ref = torch.cat([original(ids[w : w + 1]).logits for w in range(2)])
+    ours = walk_logits(open_artifact(res.artifact, torch.device("cpu"), torch.float32, dense=True), ids)
+    # the same float weights on both sides: only summation order differs
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert mean_kl(ref, ours) > 100 * max(mean_kl(ours, theirs), 1e-12)
+    if gguf_type == "Q8_0":  # near the original: the llama Q/K rows came back in their order
+        assert mean_kl(ref, ours) < 1e-3
+
+
+def test_tokenizer_round_trips_through_the_gguf(model_dir, tiny_tokenizer, text_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
+                                  quantize={"bits": 8, "group_size": 32}, export={"format": "gguf", "gguf_type": "Q8_0"}))
+    (res,) = run(cfg).candidates.values()
+    alone = tmp_path / "alone"  # only the GGUF: nothing else in the folder can supply the tokenizer
+    alone.mkdir()
+    (alone / "model.gguf").symlink_to(res.artifact / "model.gguf")
+    tok = AutoTokenizer.from_pretrained(str(alone), gguf_file="model.gguf")
+    probe = "The river was founded in the north, and the queen became known as the modern king."
+    assert tok(probe)["input_ids"] == tiny_tokenizer(probe)["input_ids"]
+    assert tok.decode(tiny_tokenizer(probe)["input_ids"]) == probe
+    reader = gguf.GGUFReader(str(alone / "model.gguf"))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == 512 and tokens[-1] == "[PAD511]"
+    assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tiny_tokenizer.eos_token_id
+
+
+# ---- configs the format cannot hold ---------------------------------------------------------
+@pytest.mark.parametrize("quantize,gguf_type,message", [
+    ({"bits": 4, "group_size": 64}, "Q4_0", "quantize.group_size: gguf Q4_0 needs group_size 32, got 64"),
+    ({"bits": 4, "group_size": 32, "sym": True}, "Q4_1", "quantize.sym: gguf Q4_1 needs sym false"),
+    ({"bits": 4, "group_size": 32}, "Q8_0", "quantize.bits: gguf Q8_0 needs bits 8, got 4"),
+    ({"method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "static_groups": False}, "Q4_0",
+     "quantize.static_groups: gguf blocks are 32 consecutive columns"),
+])
+def test_preflight_names_the_key(quantize, gguf_type, message, model_dir, text_file, tmp_path):
+    cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", quantize=quantize,
+                                  export={"format": "gguf", "gguf_type": gguf_type}))
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        preflight(cfg, tmp_path / "out")
+
+
+def test_gguf_type_is_required_and_only_for_gguf(model_dir, text_file, tmp_path):
+    with pytest.raises(ConfigError, match=r"export\.gguf_type: Value error, required with export.format: gguf"):
+        parse_config(run_config(model_dir("llama"), text_file, tmp_path, export={"format": "gguf"}))
+    with pytest.raises(ConfigError, match=r"export\.gguf_type: Value error, applies to export.format: gguf only"):
+        parse_config(run_config(model_dir("llama"), text_file, tmp_path, export={"gguf_type": "Q4_0"}))
+    with pytest.raises(ConfigError, match=r"export\.gguf_type: Input should be"):
+        parse_config(run_config(model_dir("llama"), text_file, tmp_path, export={"format": "gguf", "gguf_type": "Q4_K"}))
+
+
+def test_family_without_a_mapping_exits_2(model_dir, text_file, tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(run_config(model_dir("gemma"), text_file, tmp_path / "out",
+                                             quantize={"bits": 4, "group_size": 32},
+                                             export={"format": "gguf", "gguf_type": "Q4_0"})))
+    res = CliRunner().invoke(main, ["run", str(cfg)])
+    assert res.exit_code == 2, res.output
+    assert "export.format: gguf: model_type 'gemma' has no GGUF mapping yet" in res.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*/model.gguf"))
+
+
+# ---- the writer ------------------------------------------------------------------------------
+def _writer(tmp_path):
+    from compress.formats.gguf_writer import GGUFArtifactWriter
+
+    return GGUFArtifactWriter(tmp_path / "art", arch="llama", names=lambda n, rows: (n, None),
+                              metadata=lambda w: None, float_dtype=torch.float16)
+
+
+def test_writer_is_atomic_and_refuses_nan(tmp_path):
+    w = _writer(tmp_path)
+    w.add_tensors({"a.weight": torch.ones(4, 32)})
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        w.add_tensors({"b.weight": torch.full((4, 32), float("nan"))})
+    assert any(tmp_path.glob(".art.partial-*")) and not (tmp_path / "art").exists()
+    w.abort()  # what the exporter does on any error: nothing is left behind
+    assert not any(tmp_path.iterdir())
+    w = _writer(tmp_path)
+    w.add_tensor_chunks("emb.weight", torch.float32, (5, 32), [torch.ones(3, 32), torch.zeros(2, 32)])
+    w.add_tensors({"norm.weight": torch.arange(3.0)})
+    assert not (tmp_path / "art").exists()  # nothing at the final path until finish
+    w.finish({"model_type": "llama"}, {})
+    reader = gguf.GGUFReader(str(tmp_path / "art" / "model.gguf"))
+    t = {x.name: x for x in reader.tensors}
+    assert t["emb.weight"].tensor_type.name == "F16" and t["norm.weight"].tensor_type.name == "F32"
+    assert t["emb.weight"].data.tolist() == [[1.0] * 32] * 3 + [[0.0] * 32] * 2
+    assert t["norm.weight"].data.tolist() == [0.0, 1.0, 2.0]
+    assert all(x.data_offset % 32 == 0 for x in reader.tensors)
+    assert is_complete(tmp_path / "art", check_hashes=True)
+
+
+def test_a_gguf_source_keeps_its_tokenizer_fields(model_dir, text_file, tmp_path):
+    """Export, then export again from that GGUF (converted by transformers): the second file
+    carries the first one's tokenizer.ggml.* fields as they were."""
+    first = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "a", evaluate={"enabled": False},
+                                    quantize={"bits": 8, "group_size": 32}, export={"format": "gguf", "gguf_type": "Q8_0"}))
+    (res,) = run(first).candidates.values()
+    src = res.artifact / "model.gguf"
+    again = run_config(res.artifact, text_file, tmp_path / "b", evaluate={"enabled": False},
+                       quantize={"bits": 4, "group_size": 32, "sym": False}, export={"format": "gguf", "gguf_type": "Q4_1"})
+    again["model"].update(gguf_file="model.gguf", cache_dir=str(tmp_path / "cache"))
+    (res2,) = run(parse_config(again)).candidates.values()
+    f1 = gguf.GGUFReader(str(src)).fields
+    f2 = gguf.GGUFReader(str(res2.artifact / "model.gguf")).fields
+    keys = sorted(k for k in f1 if k.startswith("tokenizer."))
+    assert keys == sorted(k for k in f2 if k.startswith("tokenizer.")) and "tokenizer.ggml.merges" in keys
+    assert all(f1[k].contents() == f2[k].contents() for k in keys)
