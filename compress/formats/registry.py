@@ -14,17 +14,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from compress.formats.qweight import QuantizedWeight
-from compress.quantizers.base import QuantSpec
-
-
-@dataclass(frozen=True)
-class ActivationScheme:
-    """How a layer's inputs are quantized at run time (W8A8): dynamic per-token int8 today."""
-
-    bits: int = 8
-    strategy: str = "token"
-    dynamic: bool = True
-    sym: bool = True
+from compress.quantizers.base import ActivationScheme, QuantSpec  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

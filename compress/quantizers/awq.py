@@ -220,7 +220,7 @@ def fold_scales(block: nn.Module, smooth: str, balance: tuple[str, ...], s: torc
             v = v.t()
         cast = v.to(p.dtype)
         if not bool(torch.isfinite(cast).all()):
-            raise ValueError(f"layer '{where}{name}': AWQ's scales make its weights overflow {p.dtype} "
+            raise ValueError(f"layer '{where}{name}': the folded scales make its weights overflow {p.dtype} "
                              "(load in float32 or bfloat16 via model.dtype, or skip the layer)")
     for name, p, v in new:
         p.data.copy_((v.t() if v.ndim == 2 and conv1d else v).to(p.dtype))
@@ -302,13 +302,14 @@ def _search(view: BlockView, smooth: str, balance: tuple[str, ...], parent_name:
     return scales[k]
 
 
-def _mappings(view: BlockView, where: str):
-    """The family's mappings that apply to this block: (mapping, balance specs)."""
+def _mappings(view: BlockView, where: str, method: str = "awq"):
+    """The family's mappings that apply to this block: (mapping, balance specs). SmoothQuant
+    folds its scales through the same mappings."""
     from compress.stages.quantize import layer_spec  # overrides/skip resolve per full layer name
 
     arch, block = view.arch, view.block
     if not arch.awq:
-        raise ValueError(f"quantize.method: awq has no scale mappings for the '{arch.family}' family "
+        raise ValueError(f"quantize.method: {method} has no scale mappings for the '{arch.family}' family "
                          "(ArchSpec.awq in compress/models/arch.py); use rtn or gptq for it")
     live = []
     for m in arch.awq:
@@ -346,7 +347,6 @@ def apply_awq(view: BlockView) -> None:
     probe = view.inputs.read(0, min(view.batch_size, n))
     ref = view.forward(probe)
     dtype = next(block.parameters()).dtype
-    tol = max(1e-3, 8 * torch.finfo(dtype).eps)
     for m, specs in live:
         x_mean = x_means[m.balance[0]]
         if not bool(torch.isfinite(x_mean).all()):
@@ -356,17 +356,30 @@ def apply_awq(view: BlockView) -> None:
             log.warning("awq %s%s -> %s: every scale candidate overflowed %s or gave NaN; left unscaled",
                         where, m.smooth, ",".join(m.balance), dtype)
             continue
-        touched = [block.get_submodule(p) for p in (m.smooth, *m.balance)]
-        saved = [{k: v.data.clone() for k, v in t.named_parameters(recurse=False)} for t in touched]
-        fold_scales(block, m.smooth, m.balance, s, arch.conv1d, arch.norm_plus_one, where)
-        change = _rel_change(view.forward(probe), ref)
-        if change > tol:  # the mapping's data do not describe this block (e.g. OPT's post-norm)
-            for t, params in zip(touched, saved):
-                for k, v in params.items():
-                    getattr(t, k).data.copy_(v)
-            log.warning("awq %s%s -> %s: folding changed the block's output (relative %.2g); this "
-                        "mapping is skipped (check ArchSpec.awq in compress/models/arch.py)",
-                        where, m.smooth, ",".join(m.balance), change)
+        fold_checked(view, m, s, probe, ref, where)
+
+
+def fold_checked(view: BlockView, m, s: torch.Tensor, probe: torch.Tensor, ref: torch.Tensor,
+                 where: str, method: str = "awq") -> bool:
+    """Fold ``s`` through mapping ``m``, then check the block's output on ``probe`` against
+    ``ref`` (its output before any fold); a fold that changes it is reverted with a warning.
+    Returns whether the fold was kept."""
+    arch, block = view.arch, view.block
+    dtype = next(block.parameters()).dtype
+    tol = max(1e-3, 8 * torch.finfo(dtype).eps)
+    touched = [block.get_submodule(p) for p in (m.smooth, *m.balance)]
+    saved = [{k: v.data.clone() for k, v in t.named_parameters(recurse=False)} for t in touched]
+    fold_scales(block, m.smooth, m.balance, s, arch.conv1d, arch.norm_plus_one, where)
+    change = _rel_change(view.forward(probe), ref)
+    if change > tol:  # the mapping's data do not describe this block (e.g. OPT's post-norm)
+        for t, params in zip(touched, saved):
+            for k, v in params.items():
+                getattr(t, k).data.copy_(v)
+        log.warning("%s %s%s -> %s: folding changed the block's output (relative %.2g); this "
+                    "mapping is skipped (check ArchSpec.awq in compress/models/arch.py)",
+                    method, where, m.smooth, ",".join(m.balance), change)
+        return False
+    return True
 
 
 register_method("awq", AWQConfig, stats=_stats, block_transform=apply_awq)(quantize_weight)

@@ -117,7 +117,7 @@ class Exporter:
         for name, res in results.items():
             bias = getattr(block.get_submodule(name), "bias", None)
             lin = QuantizedLinear(prefix + name, _to_cpu(res.weight), res.spec.grid,
-                                  None if bias is None else bias.detach().cpu())
+                                  None if bias is None else bias.detach().cpu(), res.spec.activations)
             out = self.format.linear_tensors(lin, self.dtype)
             self.quantized_params += lin.weight.codes.numel()
             self.quantized_bytes += sum(v.numel() * v.element_size() for k, v in out.items() if not k.endswith(".bias"))
