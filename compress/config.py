@@ -138,7 +138,8 @@ class ExportConfig(_Strict):
     format: Literal[_format_names()] = Field(  # type: ignore[valid-type]
         "compressed-tensors",
         description="On-disk format: 'compressed-tensors' (transformers + compressed-tensors, "
-        "vLLM; loads where compress is installed) or 'gptq' (GPTQModel/optimum, vLLM)",
+        "vLLM; loads where compress is installed; W8A8 as int-quantized), 'gptq' (GPTQModel/optimum, "
+        "vLLM) or 'awq' (AWQ GEMM: transformers + GPTQModel's AWQ kernels, vLLM; asymmetric 4-bit groups)",
     )
     output_dir: str = "runs/out"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(

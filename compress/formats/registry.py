@@ -64,6 +64,11 @@ class Format:
         """Why this format cannot hold `spec` for `layer` (None when it can)."""
         raise NotImplementedError
 
+    def check_plan(self, specs: dict[str, QuantSpec]) -> Optional[str]:
+        """Why this format cannot hold the plan's layers together (None when it can): for a
+        format with one grid per model, layers whose overrides differ. Keyed by full name."""
+        return None
+
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The layer's tensors keyed by full name; `dtype` is `export.dtype` (for scales and
         biases where the format follows the model's dtype)."""
@@ -127,4 +132,4 @@ def format_names() -> tuple[str, ...]:
 
 
 def _load_builtins() -> None:
-    from compress.formats import compressed_tensors, gptq  # noqa: F401  (register themselves)
+    from compress.formats import awq, compressed_tensors, gptq  # noqa: F401  (register themselves)
