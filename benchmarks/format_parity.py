@@ -4,6 +4,10 @@ and by our own loader, compared over the pipeline's evaluation windows.
 
     .venv/bin/python benchmarks/format_parity.py [--windows 40] [--out runs/format-parity]
 
+With `--artifact PATH` an existing SmolLM2-135M artifact of any format is compared instead
+(e.g. a SmoothQuant W8A8 int-quantized folder, or an AWQ GEMM folder with the peers' venv and
+`--awq-backend torch_awq`); `--name` labels the result files.
+
 Writes benchmarks/results/format-parity-DATE.{md,json}: mean KL(ours || transformers) per token,
 top-1 agreement between the two, and each side's perplexity. The target is mean KL < 1e-4.
 """
@@ -30,7 +34,12 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "format-parity")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--artifact", type=Path, default=None, help="compare this artifact instead of making one")
+    ap.add_argument("--name", default="", help="suffix of the result files")
+    ap.add_argument("--awq-backend", default=None, help="GPTQModel AWQ backend for an AWQ artifact")
     args = ap.parse_args()
+    if args.artifact is not None:
+        return compare(args, args.artifact, describe(args.artifact))
 
     cfg = {
         "model": {"source": MODEL, "dtype": "float32"},
@@ -44,8 +53,19 @@ def main() -> None:
     cfg_path = args.out.parent / "format-parity.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     subprocess.run([sys.executable, "-m", "compress.cli", "-q", "run", str(cfg_path)], check=True)
-    artifact = args.out / "gptq-w4-g64"
+    compare(args, args.out / "gptq-w4-g64",
+            "SmolLM2-135M-Instruct, GPTQ W4 g64 act-order (static groups), compressed-tensors pack-quantized")
 
+
+def describe(artifact: Path) -> str:
+    q = json.loads((artifact / "config.json").read_text())["quantization_config"]
+    m = json.loads((artifact / "compress-manifest.json").read_text())["quantization"]
+    fmt = q.get("format") or q.get("version")
+    return (f"SmolLM2-135M-Instruct, {m['method']} W{m['bits']} group {m['group_size']} sym={m['sym']}, "
+            f"{q['quant_method']} {fmt}")
+
+
+def compare(args, artifact: Path, what: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from compress.config import ModelConfig
@@ -53,10 +73,16 @@ def main() -> None:
     from compress.formats.artifact import open_artifact
     from compress.stages.load import resolve_folder
 
+    args.out.mkdir(parents=True, exist_ok=True)
     root = resolve_folder(ModelConfig(source=MODEL))
     ids = draw_windows(root, None, {"source_spec": "wikipedia", "n_windows": args.windows, "seqlen": args.seqlen},
                        work_dir=args.out)["evaluation"]
-    peer = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32, device_map="cpu").eval()
+    extra = {}
+    if args.awq_backend:
+        from transformers import AwqConfig
+
+        extra["quantization_config"] = AwqConfig(bits=4, backend=args.awq_backend)
+    peer = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32, device_map="cpu", **extra).eval()
     sm = open_artifact(artifact, torch.device("cpu"), torch.float32)
     kl_sum = top1 = nll_ours = nll_theirs = 0.0
     n = 0
@@ -78,7 +104,7 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "command": "  ".join(["python benchmarks/format_parity.py"] + sys.argv[1:]),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        "artifact": "SmolLM2-135M-Instruct, GPTQ W4 g64 act-order (static groups), compressed-tensors pack-quantized",
+        "artifact": what + (f" (peer backend {args.awq_backend})" if args.awq_backend else ""),
         "windows": f"{ids.shape[0]} x {ids.shape[1]} (wikipedia evaluation split)",
         "mean_kl_ours_vs_transformers": kl_sum / n,
         "top1_agreement": top1 / n,
@@ -88,9 +114,9 @@ def main() -> None:
     }
     res["met"] = res["mean_kl_ours_vs_transformers"] < 1e-4
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"format-parity-{res['date']}"
+    stem = args.results / f"format-parity-{res['date']}{'-' + args.name if args.name else ''}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    md = [f"# Loader parity: compressed-tensors artifact, ours vs transformers ({res['date']})", "",
+    md = [f"# Loader parity: {what.split(', ')[-1]} artifact, ours vs transformers ({res['date']})", "",
           f"Command: `{res['command']}` at commit {res['commit']}.", "", "| what | value |", "|---|---|"]
     md += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res.items()
            if k not in ("date", "command", "commit")]

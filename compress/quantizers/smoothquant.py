@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import Field
 
-from compress.quantizers.awq import _mappings, _weight, fold_checked
+from compress.quantizers.folding import fold_checked, live_mappings, weight_of
 from compress.quantizers.base import (
     ActivationScheme, BlockView, CalibratedConfig, LayerStats, QuantResult, QuantSpec, StatKind,
     register_method,
@@ -99,7 +99,7 @@ def apply_smoothquant(view: BlockView) -> None:
     the unsmoothed block gives them all."""
     arch, q, block = view.arch, view.config, view.block
     where = f"{arch.blocks}.{view.index}."
-    live = _mappings(view, where, "smoothquant")
+    live = live_mappings(view, where, "smoothquant")
     if not live:
         return
     if view.forward is None:
@@ -112,7 +112,7 @@ def apply_smoothquant(view: BlockView) -> None:
         xm = x_max[m.balance[0]]
         if not bool(torch.isfinite(xm).all()):
             raise ValueError(f"layer '{where}{m.balance[0]}': calibration inputs produced NaN or Inf")
-        W = [_weight(block.get_submodule(b), arch.conv1d) for b in m.balance]
+        W = [weight_of(block.get_submodule(b), arch.conv1d) for b in m.balance]
         s = smoothing_scales(xm, W, q.alpha)
         if fold_checked(view, m, s, probe, ref, where, "smoothquant"):
             log.debug("smoothquant %s%s -> %s: s in [%.3g, %.3g]", where, m.smooth, ",".join(m.balance),

@@ -66,12 +66,16 @@ def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 KL_LIMIT = {"torch_awq": 1e-4, "auto": 1e-3}
 
 
-@pytest.mark.parametrize("quantize", [
-    {"method": "awq", "bits": 4, "group_size": 64, "sym": False, "grid": 5,
-     "skip": [r"layers\.1\.mlp\.down_proj"]},
-    {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
-], ids=["awq-w4-g64-skip", "rtn-w4-g128"])
-@pytest.mark.parametrize("backend", sorted(KL_LIMIT))
+AWQ_SKIP = {"method": "awq", "bits": 4, "group_size": 64, "sym": False, "grid": 5,
+            "skip": [r"layers\.1\.mlp\.down_proj"]}
+AWQ_GPTQ = {"method": "awq", "rounding": "gptq", "bits": 4, "group_size": 32, "sym": False, "grid": 5}
+RTN = {"method": "rtn", "bits": 4, "group_size": 128, "sym": False}
+
+
+@pytest.mark.parametrize("quantize,backend", [
+    (AWQ_SKIP, "torch_awq"), (AWQ_SKIP, "auto"), (RTN, "torch_awq"), (RTN, "auto"), (AWQ_GPTQ, "torch_awq"),
+], ids=["awq-w4-g64-skip-torch_awq", "awq-w4-g64-skip-auto", "rtn-w4-g128-torch_awq", "rtn-w4-g128-auto",
+        "awq-gptq-w4-g32-torch_awq"])
 def test_pipeline_artifact_loads_in_transformers_with_our_logits(quantize, backend, llama_dir, text_file, tmp_path):
     cfg = parse_config(run_config(llama_dir, text_file, tmp_path / "out", evaluate={"enabled": False},
                                   quantize=quantize, export={"format": "awq"}))
