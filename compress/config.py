@@ -144,8 +144,9 @@ class ExportConfig(_Strict):
     format: Literal[_format_names()] = Field(  # type: ignore[valid-type]
         "compressed-tensors",
         description="On-disk format: 'compressed-tensors' (transformers + compressed-tensors, "
-        "vLLM; loads where compress is installed), 'gptq' (GPTQModel/optimum, vLLM) or 'gguf' "
-        "(llama.cpp, Ollama; see gguf_type)",
+        "vLLM; loads where compress is installed; W8A8 as int-quantized), 'gptq' (GPTQModel/optimum, "
+        "vLLM), 'awq' (AWQ GEMM: transformers + GPTQModel's AWQ kernels, vLLM; asymmetric 4-bit groups) "
+        "or 'gguf' (llama.cpp, Ollama; see gguf_type)",
     )
     output_dir: str = "runs/out"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(

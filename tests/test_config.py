@@ -17,7 +17,7 @@ def cfg_with(**sections) -> dict:
     (cfg_with(quantize={"grop": 64}), "quantize.grop: unknown key"),
     (cfg_with(quantize={"bits": 5}), "quantize.bits: Input should be 2, 3, 4 or 8"),
     (cfg_with(quantize={"group_size": 48}), "quantize.group_size: Value error, must be -1"),
-    (cfg_with(quantize={"method": "awq2"}), "quantize.method: unknown method; valid: awq, gptq, rtn (got 'awq2')"),
+    (cfg_with(quantize={"method": "awq2"}), "quantize.method: unknown method; valid: awq, gptq, rtn, smoothquant (got 'awq2')"),
     (cfg_with(quantize={"method": "rtn", "damp_percent": 0.1}), "quantize.damp_percent: unknown key"),
     (cfg_with(quantize={"method": "gptq", "damp_percent": 2}), "quantize.damp_percent: Input should be less than 1"),
     (cfg_with(quantize={"overrides": [{"pattern": "x", "group_size": 48}]}), "quantize.overrides.0.group_size: Value error"),

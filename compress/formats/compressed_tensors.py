@@ -11,6 +11,17 @@ For a linear named ``P`` (compressed-tensors' PackedQuantizationCompressor layou
   P.weight_shape       int64 [2]                      (out, in)
   P.bias               export dtype [out]
 
+A layer with dynamic per-token int8 input activations (W8A8, SmoothQuant) is written in the
+``int-quantized`` layout instead (compressed-tensors' IntQuantizationCompressor, what
+llm-compressor writes for its "W8A8" preset and vLLM serves with int8 kernels):
+
+  P.weight             int8 [out, in]                 signed codes (code - 128)
+  P.weight_scale       export dtype [out, 1]          one scale per output channel
+  P.bias               export dtype [out]
+
+with the config group's ``input_activations: {num_bits: 8, type: int, symmetric: true,
+strategy: token, dynamic: true}`` and ``format: int-quantized``.
+
 compressed-tensors' grid is signed: ``w = scale * (q - zp)`` with ``q`` in
 ``[-2**(bits-1), 2**(bits-1) - 1]``. Ours is unsigned with the same scale, so
 ``q = code - 2**(bits-1)`` and ``zp = zero - 2**(bits-1)`` (0 for our symmetric grids).
@@ -30,10 +41,17 @@ from compress.formats.qweight import QuantizedWeight
 from compress.formats.registry import (
     BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format,
 )
-from compress.quantizers.base import QuantSpec
+from compress.quantizers.base import ActivationScheme, QuantSpec
 
 _FP16_MAX = torch.finfo(torch.float16).max
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
+PACKED, INT = "pack-quantized", "int-quantized"
+W8A8 = ActivationScheme(bits=8, strategy="token", dynamic=True, sym=True)
+
+
+def layer_format(activations: Optional[ActivationScheme]) -> str:
+    """The compressed-tensors format of a layer: int-quantized when its inputs are quantized."""
+    return PACKED if activations is None else INT
 
 
 def _offset(bits: int) -> int:
@@ -53,6 +71,18 @@ def linear_tensors(lin: QuantizedLinear, scale_dtype: torch.dtype) -> dict[str, 
         raise ValueError(f"{p}.weight_scale: a scale underflows to 0 in {scale_dtype}")
     off = _offset(qw.bits)
     q = (qw.codes.to(torch.int16) - off).to(torch.int8)
+    if lin.activations is not None:
+        if (qw.bits, qw.group_size, qw.sym) != (8, -1, True) or lin.activations != W8A8:
+            raise ValueError(f"{p}: int-quantized holds int8 per-channel symmetric weights with dynamic "
+                             f"per-token int8 activations, not {qw.bits}-bit group {qw.group_size} with {lin.activations}")
+        if bool((qw.zeros.to(torch.int16) != off).any()):
+            raise ValueError(f"{p}: a symmetric grid must have zero point {off}")
+        out = {f"{p}.weight": q.contiguous(), f"{p}.weight_scale": scales.to(scale_dtype).contiguous()}
+        if lin.bias is not None:
+            if not bool(torch.isfinite(lin.bias).all()):
+                raise ValueError(f"{p}.bias: contains NaN or Inf")
+            out[f"{p}.bias"] = lin.bias.detach().to(scale_dtype).contiguous()
+        return out
     out = {
         f"{p}.weight_packed": pack_to_int32(q, qw.bits, packed_dim=1),
         f"{p}.weight_scale": scales.to(scale_dtype).contiguous(),
@@ -76,9 +106,15 @@ def read_linear(t: dict[str, torch.Tensor], scheme: dict[str, Any], name: str) -
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     bits, sym = int(scheme["num_bits"]), bool(scheme["symmetric"])
-    shape = torch.Size([int(v) for v in t["weight_shape"].tolist()])
+    if "weight_packed" in t:
+        shape = torch.Size([int(v) for v in t["weight_shape"].tolist()])
+        q = unpack_from_int32(t["weight_packed"], bits, shape, packed_dim=1)
+    else:  # int-quantized: the signed codes as int8
+        q = t["weight"]
+        if q.dtype != torch.int8 or bits != 8:
+            raise ValueError(f"{name}.weight: int-quantized expects int8 codes, got {q.dtype} for {bits} bits")
+        shape = q.shape
     out_f, in_f = shape
-    q = unpack_from_int32(t["weight_packed"], bits, shape, packed_dim=1)
     scales = t["weight_scale"].to(torch.float32)
     n_groups = scales.shape[1]
     off = _offset(bits)
@@ -111,6 +147,18 @@ def _weights_args(s: LayerScheme, actorder: bool):
     )
 
 
+def _activation_scheme(args: Optional[dict[str, Any]], name: str) -> Optional[ActivationScheme]:
+    """A config group's ``input_activations`` as our scheme (None: weight-only)."""
+    if not args:
+        return None
+    a = ActivationScheme(bits=int(args["num_bits"]), strategy=str(args.get("strategy")),
+                         dynamic=args.get("dynamic") is True, sym=bool(args.get("symmetric")))
+    if a != W8A8 or args.get("type", "int") != "int":
+        raise ValueError(f"{name}: input_activations {args} are not dynamic per-token symmetric int8, "
+                         "the only activation scheme compress reads")
+    return a
+
+
 def _activation_args(s: LayerScheme):
     from compressed_tensors.quantization import QuantizationArgs
 
@@ -132,6 +180,11 @@ class CompressedTensorsFormat(Format):
                     "nn.Linear); use export.format: gptq")
         if not 1 <= spec.bits <= 8:
             return f"pack-quantized holds 1 to 8 bits, not {spec.bits}"
+        if spec.activations is not None and (
+                (spec.bits, spec.group_size, spec.sym) != (8, -1, True) or spec.activations != W8A8):
+            return ("int-quantized (W8A8) holds 8-bit per-channel symmetric weights with dynamic per-token "
+                    f"int8 activations, not bits {spec.bits}, group_size {spec.group_size}, sym {spec.sym}; "
+                    "remove the quantize.overrides entry that changes it")
         if spec.permutes_columns:
             return ("a permuted g_idx (act-order with dynamic groups), which compressed-tensors no "
                     "longer stores; set quantize.static_groups: true (act-order kept as actorder 'weight')")
@@ -161,7 +214,7 @@ class CompressedTensorsFormat(Format):
         by_key: dict[tuple, list[LayerScheme]] = {}
         for s in layers:
             by_key.setdefault(s.key, []).append(s)
-        base_key = (base.bits, base.group_size, base.sym, layers[0].activations if layers else None)
+        base_key = (base.bits, base.group_size, base.sym, base.activations)
         keys = sorted(by_key, key=lambda k: (k != base_key, str(k)))
         groups = {}
         for g, k in enumerate(keys):
@@ -169,11 +222,12 @@ class CompressedTensorsFormat(Format):
             targets = ["Linear"] if k == base_key else [s.name for s in members]
             groups[f"group_{g}"] = QuantizationScheme(
                 targets=targets, weights=_weights_args(members[0], actorder),
-                input_activations=_activation_args(members[0]), format="pack-quantized",
+                input_activations=_activation_args(members[0]), format=layer_format(members[0].activations),
             )
+        formats = {g.format for g in groups.values()}
         qc = QuantizationConfig(
-            config_groups=groups, format="pack-quantized", quantization_status="compressed",
-            ignore=sorted(skipped),
+            config_groups=groups, format=formats.pop() if len(formats) == 1 else "mixed-precision",
+            quantization_status="compressed", ignore=sorted(skipped),
         )
         out = qc.model_dump(exclude={"quant_method"})
         return {"version": compressed_tensors.__version__, "quant_method": self.quant_method,
@@ -203,15 +257,20 @@ class CompressedTensorsFormat(Format):
         scheme_of = _scheme_lookup(qcfg)
 
         def patch(block: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
-            names = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+            # every quantized layer has a weight_scale; its codes are weight_packed or int8 weight
+            names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
             for n in names:
-                t = {s: tensors.pop(f"{n}.{s}") for s in SUFFIXES}
+                own = SUFFIXES if f"{n}.weight_packed" in tensors else ("weight", "weight_scale")
+                t = {s: tensors.pop(f"{n}.{s}") for s in own}
                 for extra in ("weight_zero_point", "bias"):
                     if f"{n}.{extra}" in tensors:
                         t[extra] = tensors.pop(f"{n}.{extra}")
                 full = f"{block_prefix}{i}.{n}"
-                qw, b = read_linear(t, scheme_of(full), full)
-                mod = QuantLinear(qw, b) if dense_dtype is None else dequantized_linear(qw, b, dtype=dense_dtype)
+                group = scheme_of(full)
+                qw, b = read_linear(t, group["weights"], full)
+                acts = _activation_scheme(group.get("input_activations"), full)
+                mod = (QuantLinear(qw, b, acts) if dense_dtype is None
+                       else dequantized_linear(qw, b, dtype=dense_dtype, activations=acts))
                 block.set_submodule(n, mod)
             return names
 
@@ -219,24 +278,24 @@ class CompressedTensorsFormat(Format):
 
 
 def _scheme_lookup(qcfg: dict[str, Any]):
-    """Module name -> its config group's `weights` arguments, by compressed-tensors' own rule:
-    an exact name beats a `re:` pattern, which beats a class name (all our layers are Linear)."""
+    """Module name -> its config group (`weights`, `input_activations`, ...), by compressed-tensors'
+    own rule: an exact name beats a `re:` pattern, which beats a class name (all our layers are Linear)."""
     import re
 
     exact, patterns, by_class = {}, [], None
     for group in qcfg.get("config_groups", {}).values():
         for t in group.get("targets", []):
             if t.startswith("re:"):
-                patterns.append((t[3:], group["weights"]))
+                patterns.append((t[3:], group))
             elif t in ("Linear", "LinearBase"):
-                by_class = group["weights"]
+                by_class = group
             else:
-                exact[t] = group["weights"]
+                exact[t] = group
 
     def lookup(name: str) -> dict[str, Any]:
         if name in exact:
             return exact[name]
-        for p, w in sorted(patterns):
+        for p, w in sorted(patterns, key=lambda pw: pw[0]):
             if re.match(p, name):
                 return w
         if by_class is None:

@@ -225,6 +225,9 @@ class GPTQFormat(Format):
     loaders = "gptqmodel + optimum (transformers), or vLLM"
 
     def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
+        if spec.activations is not None:
+            return ("GPTQ holds weight-only quantization, not quantized activations (W8A8); "
+                    "use export.format: compressed-tensors")
         if spec.bits not in (2, 3, 4, 8):
             return f"GPTQ stores 2, 3, 4 or 8 bits, not {spec.bits}"
         out_f, in_f = shape

@@ -14,17 +14,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from compress.formats.qweight import QuantizedWeight
-from compress.quantizers.base import QuantSpec
-
-
-@dataclass(frozen=True)
-class ActivationScheme:
-    """How a layer's inputs are quantized at run time (W8A8): dynamic per-token int8 today."""
-
-    bits: int = 8
-    strategy: str = "token"
-    dynamic: bool = True
-    sym: bool = True
+from compress.quantizers.base import ActivationScheme, QuantSpec  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -104,6 +94,11 @@ class Format:
     def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
         """Why this format cannot hold `spec` for `layer` (None when it can)."""
         raise NotImplementedError
+
+    def check_plan(self, specs: dict[str, QuantSpec]) -> Optional[str]:
+        """Why this format cannot hold the plan's layers together (None when it can): for a
+        format with one grid per model, layers whose overrides differ. Keyed by full name."""
+        return None
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The layer's tensors keyed by full name; `dtype` is `export.dtype` (for scales and
@@ -191,4 +186,4 @@ def format_names() -> tuple[str, ...]:
 
 
 def _load_builtins() -> None:
-    from compress.formats import compressed_tensors, gguf, gptq  # noqa: F401  (register themselves)
+    from compress.formats import awq, compressed_tensors, gguf, gptq  # noqa: F401  (register themselves)

@@ -105,8 +105,15 @@ class ModelWeights:
         fails here, naming the tensor, before any block is read."""
         for name, like in self.model.state_dict().items():
             ck = self.ckpt_name(name)
-            if ck is not None:
+            if ck is not None and not self._holds_codes(ck):
                 check_header(self.checkpoint, ck, like)
+
+    def _holds_codes(self, ck: str) -> bool:
+        """Whether checkpoint tensor `ck` is a quantized layer's integer codes stored under the
+        weight's own name (compressed-tensors int-quantized: `P.weight` int8 beside
+        `P.weight_scale`); the block patcher reads those, not the float skeleton."""
+        return (self.patch_block is not None and ck.endswith(".weight")
+                and ck[: -len("weight")] + "weight_scale" in self.checkpoint.index)
 
     def _weight_ckpt_name(self, module: nn.Module) -> Optional[str]:
         """Checkpoint key of an outer module's weight, or None where the checkpoint lacks it."""

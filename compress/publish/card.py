@@ -152,6 +152,8 @@ def _usage(repo_id: str, fmt: Optional[str]) -> list[str]:
     lines = ["With transformers:", ""]
     if fmt == "gptq":
         lines += ["Needs a GPTQ kernel package: `pip install gptqmodel optimum`.", ""]
+    elif fmt == "awq":
+        lines += ["Needs GPTQModel's AWQ kernels: `pip install gptqmodel`.", ""]
     elif fmt == "compressed-tensors":
         lines += ["Needs `pip install compressed-tensors`.", ""]
     lines += [

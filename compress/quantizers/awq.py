@@ -13,6 +13,9 @@ The engine then quantizes the rescaled weights with ``quantize_weight``: round t
 optionally with AutoAWQ's clipping search (a shrunk range per group minimising that group's
 output error, ``dw^T H_gg dw``), or GPTQ's rounding (``rounding: gptq``); those two read the
 layer's Hessian, which is the only statistic this method asks the engine for.
+
+Which mappings apply to a block and the fold itself are shared with SmoothQuant
+(``compress.quantizers.folding``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from compress.formats.qweight import QuantizedWeight
 from compress.quantizers.base import (
     BlockView, CalibratedConfig, LayerStats, QuantResult, QuantSpec, StatKind, register_method,
 )
+from compress.quantizers.folding import fold_checked, live_mappings, weight_of
 from compress.quantizers.gptq import GPTQSpec, gptq
 from compress.quantizers.grid import dequantize, find_params, quantize
 
@@ -175,55 +179,8 @@ class _Captured(Exception):
     """Stops the block's forward once the parent module's call arguments are recorded."""
 
 
-def _is_linear(mod: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(mod, (nn.Linear, Conv1D))
-
-
-def _weight(mod: nn.Module, conv1d: bool) -> torch.Tensor:
-    """The weight as [out, in] (GPT-2's Conv1D stores it transposed)."""
-    return mod.weight.detach().t() if conv1d else mod.weight.detach()
-
-
 def _set_weight(mod: nn.Module, W: torch.Tensor, conv1d: bool) -> None:
     mod.weight.data.copy_((W.t() if conv1d else W).to(mod.weight.dtype))
-
-
-def _channels_out(mod: nn.Module, conv1d: bool) -> Optional[int]:
-    """How many channels the smooth layer emits (None: it has no weight to fold into)."""
-    if getattr(mod, "weight", None) is None:
-        return None
-    return _weight(mod, conv1d).shape[0] if _is_linear(mod) else mod.weight.numel()
-
-
-def fold_scales(block: nn.Module, smooth: str, balance: tuple[str, ...], s: torch.Tensor, conv1d: bool,
-                norm_plus_one: bool, where: str = "") -> None:
-    """``smooth``'s outputs / s, every balance layer's input columns * s (in place). Computed in
-    float32; a result that does not fit the module's dtype is an error naming the layer."""
-    s = s.float()
-    sm = block.get_submodule(smooth)
-    new: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, parameter, value)
-    if _is_linear(sm):
-        new.append((smooth, sm.weight, (_weight(sm, conv1d).float() / s[:, None])))
-    elif norm_plus_one:  # y = norm(x) * (1 + w): (1 + w') = (1 + w) / s
-        new.append((smooth, sm.weight, (1 + sm.weight.detach().float()) / s - 1))
-    else:
-        new.append((smooth, sm.weight, sm.weight.detach().float() / s))
-    if getattr(sm, "bias", None) is not None:
-        new.append((smooth, sm.bias, sm.bias.detach().float() / s))
-    for b in balance:
-        mod = block.get_submodule(b)
-        new.append((b, mod.weight, _weight(mod, conv1d).float() * s))
-    for name, p, v in new:
-        if v.ndim == 2 and conv1d:
-            v = v.t()
-        cast = v.to(p.dtype)
-        if not bool(torch.isfinite(cast).all()):
-            raise ValueError(f"layer '{where}{name}': AWQ's scales make its weights overflow {p.dtype} "
-                             "(load in float32 or bfloat16 via model.dtype, or skip the layer)")
-    for name, p, v in new:
-        p.data.copy_((v.t() if v.ndim == 2 and conv1d else v).to(p.dtype))
 
 
 def _parent_call(view: BlockView, parent: nn.Module, x: torch.Tensor) -> tuple[tuple, dict]:
@@ -255,7 +212,7 @@ def _search(view: BlockView, smooth: str, balance: tuple[str, ...], parent_name:
     q, conv1d, block = view.config, view.arch.conv1d, view.block
     mods = [block.get_submodule(b) for b in balance]
     saved = [m.weight.data.clone() for m in mods]
-    W0 = [_weight(m, conv1d).float().clone() for m in mods]
+    W0 = [weight_of(m, conv1d).float().clone() for m in mods]
     gsizes = [(sp or q).group_size for sp in specs]
     w_mean = weight_mean(W0, gsizes)
     scales = [candidate_scales(x_mean, w_mean, k / q.grid, q.duo_scaling) for k in range(q.grid)]
@@ -302,40 +259,11 @@ def _search(view: BlockView, smooth: str, balance: tuple[str, ...], parent_name:
     return scales[k]
 
 
-def _mappings(view: BlockView, where: str):
-    """The family's mappings that apply to this block: (mapping, balance specs)."""
-    from compress.stages.quantize import layer_spec  # overrides/skip resolve per full layer name
-
-    arch, block = view.arch, view.block
-    if not arch.awq:
-        raise ValueError(f"quantize.method: awq has no scale mappings for the '{arch.family}' family "
-                         "(ArchSpec.awq in compress/models/arch.py); use rtn or gptq for it")
-    live = []
-    for m in arch.awq:
-        width = _channels_out(block.get_submodule(m.smooth), arch.conv1d)
-        ins = [_weight(block.get_submodule(b), arch.conv1d).shape[1] for b in m.balance]
-        if width is None or any(i != width for i in ins):
-            log.debug("awq %s%s -> %s: skipped (%s outputs, inputs %s)", where, m.smooth, m.balance, width, ins)
-            continue
-        specs = [layer_spec(view.config, where + b) for b in m.balance]
-        if all(sp is None for sp in specs):
-            continue  # nothing it would protect is quantized
-        for b, sp in zip(m.balance, specs):
-            if sp is not None:
-                sp.check_divides(ins[0], where + b)
-        live.append((m, specs))
-    return live
-
-
-def _rel_change(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
-
-
 def apply_awq(view: BlockView) -> None:
     """Search and fold AWQ's scales for every mapping of the block (the method's block transform)."""
     arch, q, block = view.arch, view.config, view.block
     where = f"{arch.blocks}.{view.index}."
-    live = _mappings(view, where)
+    live = live_mappings(view, where, "awq")
     if not live:
         return
     if view.forward is None:
@@ -346,7 +274,6 @@ def apply_awq(view: BlockView) -> None:
     probe = view.inputs.read(0, min(view.batch_size, n))
     ref = view.forward(probe)
     dtype = next(block.parameters()).dtype
-    tol = max(1e-3, 8 * torch.finfo(dtype).eps)
     for m, specs in live:
         x_mean = x_means[m.balance[0]]
         if not bool(torch.isfinite(x_mean).all()):
@@ -356,17 +283,7 @@ def apply_awq(view: BlockView) -> None:
             log.warning("awq %s%s -> %s: every scale candidate overflowed %s or gave NaN; left unscaled",
                         where, m.smooth, ",".join(m.balance), dtype)
             continue
-        touched = [block.get_submodule(p) for p in (m.smooth, *m.balance)]
-        saved = [{k: v.data.clone() for k, v in t.named_parameters(recurse=False)} for t in touched]
-        fold_scales(block, m.smooth, m.balance, s, arch.conv1d, arch.norm_plus_one, where)
-        change = _rel_change(view.forward(probe), ref)
-        if change > tol:  # the mapping's data do not describe this block (e.g. OPT's post-norm)
-            for t, params in zip(touched, saved):
-                for k, v in params.items():
-                    getattr(t, k).data.copy_(v)
-            log.warning("awq %s%s -> %s: folding changed the block's output (relative %.2g); this "
-                        "mapping is skipped (check ArchSpec.awq in compress/models/arch.py)",
-                        where, m.smooth, ",".join(m.balance), change)
+        fold_checked(view, m, s, probe, ref, where)
 
 
 register_method("awq", AWQConfig, stats=_stats, block_transform=apply_awq)(quantize_weight)

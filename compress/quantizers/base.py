@@ -32,12 +32,26 @@ if TYPE_CHECKING:  # torch stays out of config parsing until a method module imp
 
 # ---- the grid ----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ActivationScheme:
+    """How a layer's inputs are quantized at run time (W8A8): each token's input vector gets
+    its own symmetric int8 scale, computed on the fly (compressed-tensors' ``strategy: token,
+    dynamic: true``)."""
+
+    bits: int = 8
+    strategy: str = "token"
+    dynamic: bool = True
+    sym: bool = True
+
+
+@dataclass(frozen=True)
 class QuantSpec:
-    """The quantization grid of one linear layer (after per-module overrides)."""
+    """The quantization grid of one linear layer (after per-module overrides): the weights'
+    grid and, for weight-and-activation methods, how its inputs are quantized at run time."""
 
     bits: int
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
+    activations: Optional[ActivationScheme] = None
 
     def groups_for(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
@@ -57,11 +71,11 @@ class QuantSpec:
     @property
     def grid(self) -> "QuantSpec":
         """Only the grid, without any method options a subclass adds."""
-        return QuantSpec(self.bits, self.group_size, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.activations)
 
 
 # ---- statistics and results ----------------------------------------------------------------
-StatKind = Literal["none", "hessian", "act_magnitude"]
+StatKind = Literal["none", "hessian", "act_magnitude", "act_absmax"]
 
 
 @dataclass(frozen=True)
@@ -70,10 +84,12 @@ class LayerStats:
 
     hessian        [in, in]  ``2/n sum x x^T`` (``HessianAccumulator``)
     act_magnitude  [in]      mean |x| per input channel (``ChannelMagnitude``)
+    act_absmax     [in]      max |x| per input channel (``ChannelAbsMax``)
     """
 
     hessian: Optional["torch.Tensor"] = None
     act_magnitude: Optional["torch.Tensor"] = None
+    act_absmax: Optional["torch.Tensor"] = None
 
 
 NO_STATS = LayerStats()

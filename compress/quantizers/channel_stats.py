@@ -39,10 +39,37 @@ class ChannelMagnitude:
         return self._sum / max(self.n_rows, 1)
 
 
-def accumulator(kind: StatKind, in_features: int, dtype: torch.dtype, device) -> Union[HessianAccumulator, ChannelMagnitude]:
+class ChannelAbsMax:
+    """Running max of ``|x|`` per input channel (SmoothQuant's ``max(|X_j|)``, Eq. 4)."""
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32,
+                 device: Optional[Union[torch.device, str]] = None) -> None:
+        self.in_features = in_features
+        self._max = torch.zeros(in_features, dtype=dtype, device=device)
+        self.n_rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
+        x = x.reshape(-1, self.in_features)
+        if x.shape[0] == 0:
+            return
+        m = x.to(device=self._max.device, dtype=self._max.dtype).abs().amax(dim=0)
+        torch.maximum(self._max, m, out=self._max)
+        self.n_rows += x.shape[0]
+
+    @property
+    def result(self) -> torch.Tensor:
+        """Max ``|x|`` per channel ``[in]``; zeros before any row was added."""
+        return self._max.clone()
+
+
+def accumulator(kind: StatKind, in_features: int, dtype: torch.dtype, device) -> Union[HessianAccumulator, ChannelMagnitude, ChannelAbsMax]:
     """The accumulator for statistic `kind` (one per linear layer)."""
     if kind == "hessian":
         return HessianAccumulator(in_features, dtype=dtype, device=device)
     if kind == "act_magnitude":
         return ChannelMagnitude(in_features, dtype=dtype, device=device)
+    if kind == "act_absmax":
+        return ChannelAbsMax(in_features, dtype=dtype, device=device)
     raise ValueError(f"no accumulator for statistic '{kind}'")

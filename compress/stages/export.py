@@ -143,7 +143,7 @@ class Exporter:
         for name, res in results.items():
             bias = getattr(block.get_submodule(name), "bias", None)
             lin = QuantizedLinear(prefix + name, _to_cpu(res.weight), res.spec.grid,
-                                  None if bias is None else bias.detach().cpu())
+                                  None if bias is None else bias.detach().cpu(), res.spec.activations)
             out = self.format.linear_tensors(lin, self.dtype)
             rec.quantized_params += lin.weight.codes.numel()
             # a 0-dim tensor is a format's per-layer tag (GGUF's type), not stored bytes

@@ -194,12 +194,14 @@ def _layer_scheme_error(sm: StreamedModel, plan, fmt) -> Optional[str]:
     from compress.stages.passes import weight_of
     from compress.stages.quantize import block_linears, layer_spec
 
+    specs = {}
     for i in range(sm.n_blocks):
         for name in (n for g in block_linears(sm.templates[i], sm.arch.sequential) for n in g):
             full = f"{sm.block_prefix}{i}.{name}"
             spec = layer_spec(plan.q, full)
             if spec is None:
                 continue
+            specs[full] = spec
             shape = tuple(weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d).shape)
             try:
                 spec.check_divides(shape[1], full)
@@ -208,6 +210,9 @@ def _layer_scheme_error(sm: StreamedModel, plan, fmt) -> Optional[str]:
             why = fmt.check(full, spec, shape, sm.arch.conv1d)
             if why:
                 return f"export.format: {fmt.name} cannot hold layer '{full}' of candidate '{plan.name}': {why}"
+    why = fmt.check_plan(specs)
+    if why:
+        return f"export.format: {fmt.name} cannot hold candidate '{plan.name}': {why}"
     return None
 
 

@@ -100,7 +100,7 @@ def test_config_groups_give_overrides_exact_names():
     assert qc["ignore"] == ["m.0.down"] and qc["format"] == "pack-quantized"
     assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
     lookup = ct._scheme_lookup(qc)
-    assert lookup("m.1.up")["num_bits"] == 3 and lookup("m.5.q")["num_bits"] == 4
+    assert lookup("m.1.up")["weights"]["num_bits"] == 3 and lookup("m.5.q")["weights"]["num_bits"] == 4
 
 
 # ---- loading in transformers + compressed-tensors -------------------------------------------

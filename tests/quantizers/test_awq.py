@@ -12,9 +12,9 @@ from compress.config import ModelConfig, parse_config
 from compress.models.arch import ARCHS
 from compress.quantizers import get_method
 from compress.quantizers.awq import (
-    AWQConfig, AWQSpec, apply_awq, best_ratio, candidate_scales, clip_params, fake_quantize, fold_scales,
-    quantize_weight,
+    AWQConfig, AWQSpec, apply_awq, best_ratio, candidate_scales, clip_params, fake_quantize, quantize_weight,
 )
+from compress.quantizers.folding import fold_scales
 from compress.quantizers.base import BlockView, LayerStats, QuantSpec
 from compress.quantizers.rtn import RTNConfig
 from compress.stages.load import load_model
