@@ -98,13 +98,17 @@ def stage_evaluate(ctx) -> None:
         return
     original = l.streamed()
     eval_ids = ctx.eval_ids
+    bos = ctx.eval_bos
     ctx.protocol = Protocol(
-        name=f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}",
+        name=f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}" + ("-bos" if bos is not None else ""),
         dataset=e.dataset, split="evaluation", windows=e.windows, seqlen=e.seqlen,
         windows_sha256=windows_sha256(eval_ids),
         description="perplexity = exp(mean next-token NLL) over consecutive non-overlapping "
         "windows cut from the start of the dataset's evaluation split (see calibration/README.md); "
-        "KL(original || candidate) and top-1 agreement averaged over every token position.",
+        "KL(original || candidate) and top-1 agreement averaged over every token position."
+        + (f" Each window is BOS (token {bos}) + {e.seqlen - 1} tokens of text; BOS is never a "
+           "predicted token." if bos is not None else ""),
+        bos_token_id=bos,
     )
     cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, eval_ids, e)
