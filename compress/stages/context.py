@@ -94,6 +94,7 @@ class RunContext:
     candidates: dict[str, CandidateResult] = field(default_factory=dict)
     original: Metrics = field(default_factory=Metrics)
     protocol: Optional[Protocol] = None
+    sanity: Optional[dict] = None  # compress/evaluate/sanity.py: is the original's perplexity believable
     timings: dict[str, float] = field(default_factory=dict)
     stage_peak_mb: dict[str, float] = field(default_factory=dict)
     runtime_rss_mb: Optional[float] = None

@@ -80,7 +80,9 @@ def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin")
 def stage_evaluate(ctx) -> None:
     """Bytes of every artifact; with `evaluate.enabled`, perplexity, KL and top-1 of the
     original and every candidate on the evaluation windows, and their speed."""
+    from compress.data.sources import RANDOM_TOKENS
     from compress.data.windows import windows_sha256
+    from compress.evaluate.sanity import check_original
     from compress.evaluate.speed import measure_in_subprocess
     from compress.formats.artifact import open_artifact
     from compress.stages.context import Protocol
@@ -113,6 +115,11 @@ def stage_evaluate(ctx) -> None:
     cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, eval_ids, e)
     ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
+    if e.dataset != RANDOM_TOKENS:  # random ids are no text: no model predicts them
+        vocab = getattr(l.config, "vocab_size", None) or int(eval_ids.max()) + 1
+        ctx.sanity = check_original(rows["original"].perplexity, eval_ids, vocab)
+        if ctx.sanity["flagged"]:
+            log.warning("%s", ctx.sanity["message"])
     for n, r in done.items():
         r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
                          top1_agreement=rows[n].top1_agreement)
