@@ -47,12 +47,12 @@ def check_original(perplexity: float, eval_ids: "torch.Tensor", vocab_size: int)
 
 
 def warning_line(record: dict) -> str:
+    what = ("a unigram model of the evaluation text itself" if record["unigram_perplexity"] <= record["vocab_size"]
+            else f"uniform guessing over the {record['vocab_size']:,} tokens of the vocabulary")
     return (
-        f"WARNING: the original model's perplexity {record['original_perplexity']:,.1f} is above "
-        f"{record['bound']:,.1f}, the perplexity of the evaluation text's own unigram frequencies "
-        f"({record['unigram_perplexity']:,.1f}; uniform over the vocabulary: {record['vocab_size']:,}): "
-        "the original is not read correctly (tokenizer, BOS, conversion?), so no figure of this run "
-        "can be trusted"
+        f"WARNING: the original model's perplexity {record['original_perplexity']:,.1f} is worse than "
+        f"{what} ({record['bound']:,.1f}): the original is not read correctly (tokenizer, BOS, "
+        "conversion?), so no figure of this run can be trusted"
     )
 
 
