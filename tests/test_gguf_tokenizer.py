@@ -7,7 +7,7 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
-from compress.models.gguf_vocab import BYTE, CONTROL, NORMAL, UNKNOWN, GGUFVocab, spm_tokenizer
+from compress.models.gguf_vocab import BYTE, CONTROL, NORMAL, UNKNOWN, GGUFVocab, ensure_bos, spm_tokenizer
 from compress.models.tokenizer_check import PROBE, against_gguf, round_trip, same_encoding
 
 _SPECIALS = [("<pad>", CONTROL), ("<eos>", CONTROL), ("<bos>", CONTROL), ("<unk>", UNKNOWN)]
@@ -106,3 +106,7 @@ def test_a_missing_bos_is_caught_where_the_gguf_adds_one():
     tok = spm_tokenizer(without)
     assert tok(PROBE)["input_ids"][0] != 2 and against_gguf(tok, without) is None
     assert "does not start a text with BOS (token 2)" in against_gguf(tok, with_bos)
+    # What conversion does with such a tokenizer: BOS is added as the file says, nothing else changes.
+    fixed = ensure_bos(tok, with_bos)
+    assert fixed(PROBE)["input_ids"] == [2] + spm_tokenizer(without)(PROBE)["input_ids"]
+    assert against_gguf(fixed, with_bos) is None

@@ -108,11 +108,13 @@ def build_tokenizer(gguf_path: Path):
     SentencePiece-BPE tokenizer built from the vocabulary (compress/models/gguf_vocab.py)."""
     from transformers import AutoTokenizer
 
-    from compress.models.gguf_vocab import SPM_MODELS, read_vocab, spm_tokenizer
+    from compress.models.gguf_vocab import SPM_MODELS, ensure_bos, read_vocab, spm_tokenizer
     from compress.models.tokenizer_check import against_gguf, problem_message, round_trip
 
     vocab = read_vocab(gguf_path)
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if vocab:
+        tok = ensure_bos(tok, vocab)
     problem = against_gguf(tok, vocab) if vocab else None
     if problem and vocab.model in SPM_MODELS and vocab.scores:
         log.info("transformers' tokenizer for %s %s; building it from the GGUF vocabulary instead", gguf_path.name, problem)

@@ -122,3 +122,18 @@ def spm_tokenizer(v: GGUFVocab):
     if v.chat_template:
         fast.chat_template = v.chat_template
     return fast
+
+
+def ensure_bos(tok, v: GGUFVocab):
+    """`tok` made to start every text with the GGUF's BOS where tokenizer.ggml.add_bos_token says
+    so and it does not already (transformers' GGUF conversions do not always read that field)."""
+    from tokenizers import processors
+
+    if not v.add_bos or v.bos_id is None or tok("a")["input_ids"][:1] == [v.bos_id]:
+        return tok
+    bos = v.tokens[v.bos_id]
+    template = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, v.bos_id)])
+    backend = tok.backend_tokenizer
+    backend.post_processor = template if backend.post_processor is None else processors.Sequence([backend.post_processor, template])
+    tok.bos_token = bos
+    return tok

@@ -134,6 +134,8 @@ def check_source(cfg: ModelConfig) -> None:
     from compress.paths import unwritable_dir
 
     resolve_device(cfg.device)
+    if cfg.tokenizer is not None:
+        check_tokenizer_source(cfg.tokenizer)
     if cfg.cache_dir and (problem := unwritable_dir(cfg.cache_dir)):
         raise ConfigError(f"model.cache_dir: {problem}")
     if cfg.source.startswith("package:"):
@@ -191,6 +193,16 @@ def check_attention_shape(config, where: Path) -> None:
         )
 
 
+def check_tokenizer_source(spec: str) -> Optional[Path]:
+    """`model.tokenizer` as a local folder, None for a hub id; anything else is a ConfigError."""
+    src = Path(spec).expanduser()
+    if src.is_dir():
+        return src
+    if src.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ConfigError(f"model.tokenizer: {spec} is not a tokenizer folder or a hub id (org/name)")
+    return None
+
+
 def resolve_tokenizer(cfg: ModelConfig, root: Path) -> Optional[Path]:
     """The folder of `model.tokenizer` (a local folder, or a hub id's tokenizer files), None
     without one. Without one, a converted GGUF whose tokenizer failed its checks at conversion
@@ -202,11 +214,9 @@ def resolve_tokenizer(cfg: ModelConfig, root: Path) -> Optional[Path]:
         if problem.is_file():
             raise ConfigError(problem.read_text().strip())
         return None
-    src = Path(cfg.tokenizer).expanduser()
-    if src.is_dir():
+    src = check_tokenizer_source(cfg.tokenizer)
+    if src is not None:
         return src
-    if src.exists() or cfg.tokenizer.startswith((".", "/", "~")) or cfg.tokenizer.count("/") != 1:
-        raise ConfigError(f"model.tokenizer: {cfg.tokenizer} is not a tokenizer folder or a hub id (org/name)")
     from huggingface_hub import snapshot_download
 
     try:
