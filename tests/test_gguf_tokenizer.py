@@ -16,14 +16,17 @@ _DISTRACTORS = ["ist", "ory", "is", "st", "or", "ry", "he", "an", "in"]  # rank 
 
 def probe_vocab(add_bos: bool = True) -> GGUFVocab:
     """A Gemma-shaped vocabulary: specials, 256 byte tokens, the probe's characters, short pieces
-    ranked first, then every prefix of every "▁word" of the probe (so BPE reaches whole words)."""
+    ranked first, then every prefix of every "▁word" of the probe, shorter first (so BPE reaches
+    whole words); scores are minus the rank, as in Gemma's GGUF."""
     text = PROBE.replace(" ", "▁")
     tokens = [t for t, _ in _SPECIALS] + [f"<0x{b:02X}>" for b in range(256)]
     types = [ty for _, ty in _SPECIALS] + [BYTE] * 256
-    pieces = sorted(set(text)) + _DISTRACTORS
+    prefixes = []
     for word in PROBE.split()[1:]:
         w = "▁" + word.strip(".,;:")
-        pieces += [w[:k] for k in range(2, len(w) + 1)]
+        prefixes += [w[:k] for k in range(2, len(w) + 1)]
+    # Longer pieces rank later, as in a trained BPE vocabulary (whole words are rarer merges).
+    pieces = sorted(set(text)) + _DISTRACTORS + sorted(dict.fromkeys(prefixes), key=len)
     for p in dict.fromkeys(pieces):
         if p not in tokens:
             tokens.append(p)
@@ -61,7 +64,7 @@ def test_spm_tokenizer_matches_llama_cpps_rule():
     for text in (PROBE, "The history of stone", "old town, naïve café", "history historyhistory"):
         assert tok(text)["input_ids"] == reference_spm(v, text), text
     ids = tok(PROBE)["input_ids"]
-    assert ids[0] == 2 and v.tokens[ids[2]] == "▁history"
+    assert [v.tokens[i] for i in ids[:4]] == ["<bos>", "T", "he", "▁history"]
     assert tok.decode(ids, skip_special_tokens=True) == PROBE
     assert against_gguf(tok, v) is None and round_trip(tok) is None
 
