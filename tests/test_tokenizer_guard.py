@@ -123,6 +123,8 @@ def test_a_tokenizer_that_does_not_round_trip_stops_the_run_with_the_fix(family_
 
 
 def test_a_missing_tokenizer_folder_is_a_config_error(family_dir, text_file, tmp_path):
-    cfg = parse_config(run_config(family_dir("llama"), text_file, tmp_path / "out", model={"tokenizer": str(tmp_path / "nope")}))
+    data = run_config(family_dir("llama"), text_file, tmp_path / "out")
+    data["model"]["tokenizer"] = str(tmp_path / "nope")
     with pytest.raises(ConfigError, match="model.tokenizer: .*nope is not a tokenizer folder"):
-        run(cfg)
+        run(parse_config(data))
+    assert not (tmp_path / "out").exists()  # refused in preflight, before any work
