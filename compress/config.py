@@ -35,6 +35,11 @@ class ModelConfig(_Strict):
     allow_pickle: bool = Field(False, description="Opt in to loading pickled .bin checkpoints")
     trust_remote_code: bool = False
     cache_dir: Optional[str] = Field(None, description="Where converted GGUF checkpoints are cached")
+    tokenizer: Optional[str] = Field(
+        None,
+        description="Take the tokenizer from this folder or Hub id instead of the source's own (for any "
+        "source; the fix when the tokenizer a GGUF yields fails its checks)",
+    )
     name: Optional[str] = Field(
         None,
         description="The source's Hub id (org/name), for the model card's base_model when `source` is a "
@@ -62,6 +67,16 @@ class CalibrationConfig(_Strict):
         "'held-out' (the documents that the deterministic split does not keep for evaluation); "
         "'auto' is held-out when evaluate.dataset is the same source, otherwise all",
     )
+    bos: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="Start every window with the BOS token: 'auto' where the tokenizer adds one by default "
+        "(Gemma, Llama 3; a GGUF's tokenizer.ggml.add_bos_token), 'true' always, 'false' never",
+    )
+
+    @field_validator("bos", mode="before")
+    @classmethod
+    def _bos_word(cls, v: Any) -> Any:
+        return str(v).lower() if isinstance(v, bool) else v  # YAML reads `bos: true` as a bool
     activations: Literal["auto", "memory", "disk"] = Field(
         "auto",
         description="Where the calibration windows' activations wait between decoder blocks: "
@@ -180,6 +195,16 @@ class EvaluateConfig(_Strict):
     speed: bool = True
     speed_prompt_tokens: int = Field(128, ge=1)
     speed_new_tokens: int = Field(32, ge=1)
+    bos: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="Start every window with the BOS token: 'auto' where the tokenizer adds one by default "
+        "(Gemma, Llama 3; a GGUF's tokenizer.ggml.add_bos_token), 'true' always, 'false' never",
+    )
+
+    @field_validator("bos", mode="before")
+    @classmethod
+    def _bos_word(cls, v: Any) -> Any:
+        return str(v).lower() if isinstance(v, bool) else v  # YAML reads `bos: true` as a bool
 
 
 class ReportConfig(_Strict):

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 VOCAB = 512  # model vocabulary; the tokenizer uses fewer ids (<= TOKENIZER_VOCAB)
@@ -32,7 +32,15 @@ def corpus(n_docs: int = 240, seed: int = 0) -> list[str]:
     return docs
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+# Whether each family's own tokenizer starts a text with BOS (Llama, Mistral and Gemma add <s> /
+# <bos>, OPT adds </s>; Qwen2 and GPT-2 add nothing): what `family_tokenizer` reproduces.
+ADDS_BOS = {"llama": True, "qwen2": False, "qwen3": False, "mistral": True, "gemma": True,
+            "gemma2": True, "gemma3_text": True, "opt": True, "gpt2": False}
+
+
+def make_tokenizer(add_bos: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with one special token, `</s>` (id 0), which is also BOS; with `add_bos`
+    a post-processor puts it before every text, as the families that add BOS do."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -41,7 +49,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(corpus(60), trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="</s>")
+
+
+def family_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    return make_tokenizer(add_bos=ADDS_BOS[family])
 
 
 def family_config(family: str, **kw):

@@ -34,13 +34,18 @@ _VALUE_ERROR = 3  # exit status of the child for a ValueError (its message on th
 
 def draw_windows(
     tokenizer_dir: Path, calibration: Optional[dict], evaluation: Optional[dict],
-    trust_remote_code: bool = False, work_dir: Optional[Path] = None,
+    trust_remote_code: bool = False, work_dir: Optional[Path] = None, gguf: Optional[Path] = None,
 ) -> dict[str, torch.Tensor]:
     """`calibration`: calibration_windows' keyword arguments (source_spec, nsamples, seqlen,
-    seed, chat_template); `evaluation`: evaluation_windows' (source_spec, n_windows, seqlen).
-    `work_dir`: where the exchange files go (the system's temporary folder when None).
-    Returns {"calibration": ..., "evaluation": ...} for those asked, and with calibration
-    "calibration_text": int64 [documents, tokens] of the text its windows were drawn from."""
+    seed, chat_template) plus `bos` ("auto", "true", "false"; default auto); `evaluation`:
+    evaluation_windows' (source_spec, n_windows, seqlen) plus `bos`. `work_dir`: where the
+    exchange files go (the system's temporary folder when None). `gguf`: a GGUF file whose
+    vocabulary the tokenizer must read as llama.cpp does (tokenizer_check.against_gguf).
+    The tokenizer is checked first (a round trip of a probe text, for every model).
+    Returns {"calibration": ..., "evaluation": ...} for those asked, for each the BOS id its
+    windows start with as "calibration_bos" / "evaluation_bos" (a 0-dim tensor, -1: none), and
+    with calibration "calibration_text": int64 [documents, tokens] of the text its windows were
+    drawn from."""
     from safetensors.torch import load_file
 
     if work_dir is None:
@@ -50,6 +55,7 @@ def draw_windows(
     try:
         spec = {
             "tokenizer": str(tokenizer_dir), "trust_remote_code": trust_remote_code,
+            "gguf": str(gguf) if gguf else None,
             "calibration": calibration, "evaluation": evaluation, "out": str(tmp / "windows.safetensors"),
         }
         spec_path = tmp / "spec.json"
@@ -82,15 +88,23 @@ def _main(spec_path: str) -> int:
             tok = AutoTokenizer.from_pretrained(spec["tokenizer"], trust_remote_code=spec["trust_remote_code"])
         except (OSError, ValueError) as e:  # no or broken tokenizer files in the model folder
             raise ValueError(f"{spec['tokenizer']}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+        key = "model.tokenizer"
+        _check_tokenizer(tok, spec["tokenizer"], spec["gguf"])
         if spec["calibration"]:
             key = "calibration.dataset"
-            drawn = calibration_draw(tok, **spec["calibration"])
+            args = dict(spec["calibration"])
+            bos = _bos_id(tok, args.pop("bos", "auto"), "calibration.bos")
+            drawn = calibration_draw(tok, **args, bos_id=bos)
             out["calibration"] = drawn.windows
+            out["calibration_bos"] = torch.tensor(-1 if bos is None else bos)
             # what the windows were drawn from, for the log and the manifest
             out["calibration_text"] = torch.tensor([drawn.documents, drawn.tokens], dtype=torch.int64)
         if spec["evaluation"]:
             key = "evaluate.dataset"
-            out["evaluation"] = evaluation_windows(tok, **spec["evaluation"])
+            args = dict(spec["evaluation"])
+            bos = _bos_id(tok, args.pop("bos", "auto"), "evaluate.bos")
+            out["evaluation"] = evaluation_windows(tok, **args, bos_id=bos)
+            out["evaluation_bos"] = torch.tensor(-1 if bos is None else bos)
     except ValueError as e:
         msg = " ".join(str(e).split())
         section = key.split(".")[0] + "."
@@ -98,6 +112,33 @@ def _main(spec_path: str) -> int:
         return _VALUE_ERROR
     save_file({k: v.contiguous() for k, v in out.items()}, spec["out"])
     return 0
+
+
+def _check_tokenizer(tok, where: str, gguf: Optional[str]) -> None:
+    from compress.models.tokenizer_check import against_gguf, problem_message, round_trip
+
+    problem = round_trip(tok)
+    if problem is None and gguf:
+        from compress.models.gguf_vocab import read_vocab
+
+        vocab = read_vocab(Path(gguf))
+        problem = against_gguf(tok, vocab) if vocab else None
+    if problem:
+        raise ValueError(problem_message(f"the tokenizer of {where}", problem))
+
+
+def _bos_id(tok, mode: str, key: str) -> Optional[int]:
+    """The token each window starts with: the tokenizer's BOS where it adds one by default
+    (auto), always (true; an error if it has none) or never (false)."""
+    from compress.models.tokenizer_check import adds_bos
+
+    if mode == "false":
+        return None
+    if mode == "true":
+        if tok.bos_token_id is None:
+            raise ValueError(f"{key}: true, but the tokenizer has no BOS token; use auto or false")
+        return tok.bos_token_id
+    return adds_bos(tok)
 
 
 if __name__ == "__main__":

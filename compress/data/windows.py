@@ -2,13 +2,16 @@
 
 Each document is tokenized on its own, without special tokens, and the documents' ids are joined
 with the ids of "\\n\\n" (model-agnostic, and the separator of the usual perplexity protocol).
+With `bos_id`, every window is that token followed by `seqlen - 1` tokens of text: a model
+trained with BOS first (Gemma, Llama 3) is read as it was trained, and as llama.cpp's perplexity
+reads it; the window keeps its length.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal, Union
+from typing import Iterable, Iterator, Literal, Optional, Union
 
 import torch
 
@@ -37,17 +40,17 @@ class CalibrationDraw:
 
 def calibration_windows(
     tokenizer, source_spec: SourceSpec, nsamples: int, seqlen: int, seed: int,
-    chat_template: bool = False, split: CalibrationSplit = "calibration",
+    chat_template: bool = False, split: CalibrationSplit = "calibration", bos_id: Optional[int] = None,
 ) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens, each starting at a uniformly drawn offset (with
     replacement) in the concatenated calibration split (`split="all"`: the whole source);
-    int64 [nsamples, seqlen]."""
-    return calibration_draw(tokenizer, source_spec, nsamples, seqlen, seed, chat_template, split).windows
+    int64 [nsamples, seqlen]. With `bos_id`, each is BOS + `seqlen - 1` tokens of text."""
+    return calibration_draw(tokenizer, source_spec, nsamples, seqlen, seed, chat_template, split, bos_id).windows
 
 
 def calibration_draw(
     tokenizer, source_spec: SourceSpec, nsamples: int, seqlen: int, seed: int,
-    chat_template: bool = False, split: CalibrationSplit = "calibration",
+    chat_template: bool = False, split: CalibrationSplit = "calibration", bos_id: Optional[int] = None,
 ) -> CalibrationDraw:
     """calibration_windows, with the counts of the text they were drawn from."""
     if split not in ("calibration", "all"):
@@ -56,10 +59,11 @@ def calibration_draw(
     _check_positive(("calibration.nsamples", nsamples), ("calibration.seqlen", seqlen))
     _check_fits_memory("calibration.nsamples", nsamples, "calibration.seqlen", seqlen)
     gen = torch.Generator().manual_seed(seed)
+    full, seqlen = seqlen, seqlen - (bos_id is not None)  # `seqlen` is now the text per window
     if not source.has_documents:
         if chat_template:
             raise ValueError("calibration.chat_template: 'random-tokens' has no text to wrap")
-        return CalibrationDraw(_random_tokens(tokenizer, nsamples, seqlen, gen), 0, nsamples * seqlen)
+        return CalibrationDraw(_with_bos(_random_tokens(tokenizer, nsamples, seqlen, gen), bos_id), 0, nsamples * seqlen)
     docs: Iterable[Document] = (
         split_documents(source, "calibration") if split == "calibration" else iter_documents(source)
     )
@@ -70,7 +74,7 @@ def calibration_draw(
     what = "calibration split" if split == "calibration" else "text"
     if ids.numel() < seqlen:
         raise ValueError(
-            f"calibration.seqlen={seqlen} is longer than the whole {what} of "
+            f"calibration.seqlen={full} is longer than the whole {what} of "
             f"'{source.describe()}' ({ids.numel()} tokens); lower it or use a larger "
             "calibration.dataset"
         )
@@ -78,34 +82,43 @@ def calibration_draw(
     if nsamples > n_starts:
         raise ValueError(
             f"calibration.nsamples={nsamples} is more than the {n_starts} distinct windows of "
-            f"calibration.seqlen={seqlen} tokens that the {what} of '{source.describe()}' "
+            f"calibration.seqlen={full} tokens that the {what} of '{source.describe()}' "
             "holds; lower it or use a larger calibration.dataset"
         )
     starts = torch.randint(0, n_starts, (nsamples,), generator=gen)
-    return CalibrationDraw(torch.stack([ids[s : s + seqlen] for s in starts.tolist()]), *counts)
+    return CalibrationDraw(_with_bos(torch.stack([ids[s : s + seqlen] for s in starts.tolist()]), bos_id), *counts)
 
 
 def evaluation_windows(
-    tokenizer, source_spec: SourceSpec, n_windows: int, seqlen: int
+    tokenizer, source_spec: SourceSpec, n_windows: int, seqlen: int, bos_id: Optional[int] = None,
 ) -> torch.Tensor:
     """The perplexity protocol's text: the evaluation split, concatenated, cut from its start into
-    consecutive non-overlapping windows of `seqlen`; the first `n_windows`, int64 [n, seqlen]."""
+    consecutive non-overlapping windows of `seqlen`; the first `n_windows`, int64 [n, seqlen].
+    With `bos_id`, each window is BOS + the next `seqlen - 1` tokens of text (the text stays
+    consecutive across windows)."""
     source = _as_source(source_spec)
     _check_positive(("evaluate.windows", n_windows), ("evaluate.seqlen", seqlen))
     _check_fits_memory("evaluate.windows", n_windows, "evaluate.seqlen", seqlen)
+    full, seqlen = seqlen, seqlen - (bos_id is not None)
     if not source.has_documents:
         gen = torch.Generator().manual_seed(_RANDOM_EVAL_SEED)
-        return _random_tokens(tokenizer, n_windows, seqlen, gen)
+        return _with_bos(_random_tokens(tokenizer, n_windows, seqlen, gen), bos_id)
     need = n_windows * seqlen
     ids = _concat_ids(tokenizer, split_documents(source, "evaluation"), limit=need)
     if ids.numel() < need:
         raise ValueError(
-            f"evaluate.windows={n_windows} x evaluate.seqlen={seqlen} needs {need} tokens but the "
+            f"evaluate.windows={n_windows} x evaluate.seqlen={full} needs {need} tokens of text but the "
             f"evaluation split of '{source.describe()}' has only {ids.numel()} "
             f"(room for {ids.numel() // seqlen} windows); lower evaluate.windows or "
             "evaluate.seqlen, or use a larger evaluate.dataset"
         )
-    return ids[:need].view(n_windows, seqlen).clone()
+    return _with_bos(ids[:need].view(n_windows, seqlen).clone(), bos_id)
+
+
+def _with_bos(windows: torch.Tensor, bos_id: Optional[int]) -> torch.Tensor:
+    if bos_id is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos_id, dtype=torch.int64), windows], dim=1)
 
 
 def windows_sha256(windows: torch.Tensor) -> str:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from compress.hashing import sha256_file
 from compress.models.checkpoint import CheckpointError
@@ -24,7 +25,10 @@ log = logging.getLogger(__name__)
 # Bumped when the converted folder changes shape, so stale caches are converted again.
 # 2: config.json no longer claims `quantization_config: gguf` for the dequantized fp32 weights
 # (GPTQModel and transformers took such a folder for an already-quantized checkpoint).
-CONVERSION_VERSION = 2
+# 3: the tokenizer is checked against the GGUF vocabulary and as saved (compress/models/tokenizer_check.py).
+CONVERSION_VERSION = 3
+# In a converted folder instead of tokenizer files: why no tokenizer could be saved (one line).
+TOKENIZER_PROBLEM = "compress-tokenizer-problem.txt"
 
 
 def default_cache_dir() -> Path:
@@ -61,7 +65,7 @@ def check_gguf(path: Path) -> None:
 def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     """Path of a folder holding the dequantized checkpoint (converted on first use)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf_path = Path(gguf_path).resolve()
     digest = sha256_file(gguf_path)[:16]
@@ -81,7 +85,11 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config  # the saved weights are plain fp32
         model.save_pretrained(str(tmp), safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs).save_pretrained(str(tmp))
+        del model
+        problem = save_tokenizer(gguf_path, tmp)
+        if problem:
+            log.warning("%s", problem)
+            (tmp / TOKENIZER_PROBLEM).write_text(problem + "\n")
         (tmp / "compress-source.txt").write_text(f"{gguf_path}\nsha256-prefix {digest}\n")
         (tmp / OWNER).unlink()
         try:
@@ -92,6 +100,51 @@ def convert_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_tokenizer(gguf_path: Path):
+    """The tokenizer of a GGUF file and the problem its checks found (None when they pass):
+    transformers' conversion, or, where that one misreads a SentencePiece vocabulary, the
+    SentencePiece-BPE tokenizer built from the vocabulary (compress/models/gguf_vocab.py)."""
+    from transformers import AutoTokenizer
+
+    from compress.models.gguf_vocab import SPM_MODELS, ensure_bos, read_vocab, spm_tokenizer
+    from compress.models.tokenizer_check import against_gguf, problem_message, round_trip
+
+    vocab = read_vocab(gguf_path)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    if vocab:
+        tok = ensure_bos(tok, vocab)
+    problem = against_gguf(tok, vocab) if vocab else None
+    if problem and vocab.model in SPM_MODELS and vocab.scores:
+        log.info("transformers' tokenizer for %s %s; building it from the GGUF vocabulary instead", gguf_path.name, problem)
+        tok = spm_tokenizer(vocab)
+        problem = against_gguf(tok, vocab)
+    problem = problem or round_trip(tok)
+    return tok, problem and problem_message(f"the tokenizer built from {gguf_path.name}", problem)
+
+
+def save_tokenizer(gguf_path: Path, folder: Path) -> Optional[str]:
+    """Save the GGUF's tokenizer into `folder` once it passes its checks, and only if, read back
+    from there, it encodes the probe text exactly as it did before saving; else the problem."""
+    from transformers import AutoTokenizer
+
+    from compress.models.tokenizer_check import problem_message, same_encoding
+
+    tok, problem = build_tokenizer(gguf_path)
+    if problem:
+        return problem
+    staged = folder / ".tokenizer"
+    try:
+        tok.save_pretrained(str(staged))
+        problem = same_encoding(AutoTokenizer.from_pretrained(str(staged)), tok)
+        if problem:
+            return problem_message(f"the tokenizer saved from {gguf_path.name}", problem)
+        for p in staged.iterdir():
+            os.replace(p, folder / p.name)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return None
 
 
 # An https://huggingface.co/<org>/<name> address, as GGUF's general.*.repo_url fields hold one.

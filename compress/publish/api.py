@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import unquote, urlsplit
 
+from compress.evaluate.sanity import flagged_message
 from compress.publish.card import render_card
 from compress.publish.config import PublishConfig
 from compress.publish.errors import PublishError, PublishInputError
@@ -100,8 +101,11 @@ def publish_artifact(
     token: Optional[str] = None,
     card: bool = True,
     retry=None,
+    force: bool = False,
 ) -> PublishResult:
     """Publish one artifact folder. Raises PublishInputError (bad input) or PublishError (upload failed).
+    An artifact whose run flagged the original's perplexity as absurd (compress/evaluate/sanity.py)
+    is refused unless `force`; its card then carries the warning.
 
     The artifact on disk is not modified: the model card is generated in memory and replaces any README.md.
     `retry` is a hfhub.RetryPolicy for Hub uploads (default: 4 tries, 2 s doubling).
@@ -110,6 +114,12 @@ def publish_artifact(
     if not revision or not revision.strip():
         raise PublishInputError("--revision must not be empty")
     artifact = load_artifact(artifact_dir, card=card)
+    warning = flagged_message((artifact.results or {}).get("sanity"))
+    if warning and not force:
+        raise PublishInputError(
+            f"{artifact_dir}: not published: {warning}. Fix the run, or publish anyway with --force "
+            "(publish.force: true); the card then carries the warning"
+        )
     files = [f for f in artifact.files if not (card and f.path == CARD)]  # the generated card replaces one listed
     if card:
         files.append(_card(artifact, files, target.repo_id))
@@ -142,7 +152,7 @@ def publish_stage(artifact_dir: Union[str, Path], cfg: PublishConfig) -> Publish
     """The pipeline's publish stage: the run config's `publish:` section applied to one artifact."""
     result = publish_artifact(
         artifact_dir, cfg.to, revision=cfg.revision, private=cfg.private,
-        commit_message=cfg.commit_message, overwrite=cfg.overwrite, card=cfg.card,
+        commit_message=cfg.commit_message, overwrite=cfg.overwrite, card=cfg.card, force=cfg.force,
     )
     log.info("published %d files (%d bytes) to %s", len(result.files), result.total_bytes, result.destination)
     return result

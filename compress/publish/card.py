@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from compress.evaluate.sanity import flagged_message
 from compress.models.provenance import is_hub_id, languages, readme_metadata
 from compress.report.columns import CARD_TABLE, COLUMNS, Column
 
@@ -195,6 +196,9 @@ def _evaluation(results: Optional[dict[str, Any]]) -> list[str]:
     rows = [r for r in (results or {}).get("rows") or [] if isinstance(r, dict)]
     if not rows:
         return lines + ["No measurements were recorded for this artifact.", ""]
+    warning = flagged_message(results.get("sanity"))
+    if warning:
+        lines += [f"> **{cell(warning)}** (published with `--force`).", ""]
     protocol = _section(results, "protocol")
     if protocol.get("name"):
         lines.append(f"Protocol: **{cell(protocol['name'])}**.")

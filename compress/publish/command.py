@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 @click.option("--overwrite", is_flag=True, help="Replace an existing revision.")
 @click.option("--no-card", is_flag=True, help="Do not generate README.md (a README.md the manifest lists is published as it is).")
 @click.option("--dry-run", is_flag=True, help="Verify the artifact and list what would be uploaded; upload nothing.")
-def publish(artifact_dir, dest, revision, private, commit_message, overwrite, no_card, dry_run):
+@click.option("--force", is_flag=True, help="Publish even though the run flagged the original's perplexity as absurd.")
+def publish(artifact_dir, dest, revision, private, commit_message, overwrite, no_card, dry_run, force):
     """Verify ARTIFACT_DIR against its manifest, add a model card and publish it to DEST."""
     from compress.publish.api import publish_artifact
     from compress.publish.errors import PublishError, PublishInputError
@@ -29,7 +30,7 @@ def publish(artifact_dir, dest, revision, private, commit_message, overwrite, no
     try:
         result = publish_artifact(
             artifact_dir, dest, revision=revision, private=private, commit_message=commit_message,
-            overwrite=overwrite, dry_run=dry_run, card=not no_card,
+            overwrite=overwrite, dry_run=dry_run, card=not no_card, force=force,
         )
     except PublishInputError as err:
         raise click.UsageError(str(err)) from None  # exit 2

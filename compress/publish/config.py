@@ -17,6 +17,7 @@ class PublishConfig(BaseModel):
     commit_message: Optional[str] = None
     overwrite: bool = False
     card: bool = True
+    force: bool = False  # publish even when the run flagged the original's perplexity as absurd
 
     @field_validator("to")
     @classmethod

@@ -14,6 +14,7 @@ from pathlib import Path
 from compress.compare import pareto_front, ppl_increase, recommend
 from compress.report import columns
 from compress.report.columns import cell
+from compress.evaluate.sanity import flagged_message
 from compress.stages.context import as_json
 from compress.serving import GIB, attention_shape, fits, load_gpus, safetensors_tensor_bytes, serving_need
 
@@ -68,6 +69,7 @@ def build(ctx) -> dict:
     return {
         "model": cfg.model.source,
         "protocol": as_json(ctx.protocol) or {},
+        "sanity": ctx.sanity,
         "select": cfg.select.model_dump(),
         "recommendation": {"name": rec.name, "line": rec.line},
         "pareto": fronts,
@@ -113,7 +115,9 @@ def markdown(comp: dict) -> str:
     ]
     from compress.report.mixed import section
 
-    return "\n".join([table, *notes]) + "\n" + section(comp["rows"], comp.get("allocations") or {})
+    warning = flagged_message(comp.get("sanity"))
+    return ("\n".join([*([f"**{warning}**", ""] if warning else []), table, *notes]) + "\n"
+            + section(comp["rows"], comp.get("allocations") or {}))
 
 
 def terminal(comp: dict) -> str:
@@ -125,7 +129,8 @@ def terminal(comp: dict) -> str:
     fmt = lambda xs: "  ".join(x[:60].ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
     lines = [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, table)]
     lines += ["* Pareto-optimal (size vs perplexity or KL)", comp["recommendation"]["line"]]
-    return "\n".join(lines)
+    warning = flagged_message(comp.get("sanity"))
+    return "\n".join([warning, *lines] if warning else lines)
 
 
 CSV_KEYS = [

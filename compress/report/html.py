@@ -5,6 +5,7 @@ import base64
 import html
 import json
 
+from compress.evaluate.sanity import flagged_message
 from compress.report.columns import COLUMNS, COMPARISON_TABLE, cell
 
 _CSS = """
@@ -18,6 +19,7 @@ tr.pareto td{background:#fff4e0} tr.failed td{background:#fde8e8;color:#900}
 tr.recommended td:first-child{font-weight:bold}
 td.err{text-align:left;white-space:normal;max-width:420px}
 .rec{padding:8px 12px;background:#eef7ee;border-left:4px solid #3a3;margin:12px 0}
+.warn{padding:8px 12px;background:#fdecea;border-left:4px solid #c33;margin:12px 0;font-weight:bold}
 img{max-width:100%;border:1px solid #ddd;margin:6px 0}
 .note{color:#555;font-size:12px}
 """
@@ -81,6 +83,7 @@ def render_html(comp: dict, pngs: dict[str, bytes]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>compress comparison: {html.escape(comp['model'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>Quantization trade-off: {html.escape(comp['model'])}</h1>",
+        *([f"<div class='warn'>{html.escape(w)}</div>"] if (w := flagged_message(comp.get("sanity"))) else []),
         f"<div class='rec'>{html.escape(comp['recommendation']['line'])}</div>",
         table_html(comp),
         "<p class='note'>Click a column header to sort. Orange rows are Pareto-optimal (no other row is "

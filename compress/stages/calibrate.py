@@ -26,19 +26,26 @@ def stage_calibrate(ctx: "RunContext") -> None:
     needs_calib = any(get_method(p.q.method).needs_calibration or p.q.target is not None for p in ctx.plans)
     split = calibration_split(ctx.cfg)
     calib = dict(source_spec=c.dataset, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
-                 chat_template=c.chat_template, split=split) if needs_calib else None
-    evaluation = dict(source_spec=e.dataset, n_windows=e.windows, seqlen=e.seqlen) if e.enabled else None
+                 chat_template=c.chat_template, split=split, bos=c.bos) if needs_calib else None
+    evaluation = dict(source_spec=e.dataset, n_windows=e.windows, seqlen=e.seqlen, bos=e.bos) if e.enabled else None
     ctx.calibration = None  # RTN only: no calibration data is read
     if calib is None and evaluation is None:
         return
-    drawn = draw_windows(ctx.loaded.root, calib, evaluation, ctx.cfg.model.trust_remote_code, ctx.out_dir)
+    l = ctx.loaded
+    # A tokenizer taken from elsewhere for a GGUF model is checked against the GGUF's vocabulary
+    # (the GGUF's own was checked when it was converted).
+    gguf = l.gguf if l.tokenizer_dir is not None else None
+    drawn = draw_windows(l.tokenizer_root, calib, evaluation, ctx.cfg.model.trust_remote_code, ctx.out_dir, gguf)
     ctx.eval_ids = drawn.get("evaluation")
+    if "evaluation_bos" in drawn:
+        ctx.eval_bos = _bos(drawn["evaluation_bos"])
     if calib is None:
         return
     ctx.calib_ids = drawn["calibration"]
     documents, tokens = (int(v) for v in drawn["calibration_text"])
     ctx.calibration = CalibrationRecord(c.dataset, c.nsamples, c.seqlen, c.seed, c.chat_template,
-                                        windows_sha256(ctx.calib_ids), split, documents, tokens)
+                                        windows_sha256(ctx.calib_ids), split, documents, tokens,
+                                        _bos(drawn["calibration_bos"]))
     if documents:
         held = " (the documents not held out for evaluation; calibration.split)" if split == "calibration" else ""
         log.info("calibration: %d windows of %d tokens drawn from %s documents (%s tokens) of %s%s",
@@ -60,6 +67,10 @@ def calibration_split(cfg) -> str:
     same = resolve_source(cfg.calibration.dataset, text_field=field_).same_text(
         resolve_source(cfg.evaluate.dataset, text_field=field_))
     return "calibration" if same else "all"
+
+
+def _bos(t) -> Optional[int]:
+    return None if int(t) < 0 else int(t)
 
 
 def spool_dir(ctx: "RunContext") -> Optional[Path]:

@@ -53,6 +53,7 @@ class CalibrationRecord:
     split: str = "calibration"
     documents: int = 0
     tokens: int = 0
+    bos_token_id: Optional[int] = None  # every window starts with it (calibration.bos)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Protocol:
     seqlen: int
     windows_sha256: str
     description: str
+    bos_token_id: Optional[int] = None  # every window starts with it (evaluate.bos); never a target
 
 
 @dataclass
@@ -88,11 +90,13 @@ class RunContext:
     loaded: Optional[LoadedModel] = None
     calib_ids: Optional[torch.Tensor] = None
     eval_ids: Optional[torch.Tensor] = None
+    eval_bos: Optional[int] = None  # the BOS id the evaluation windows start with
     calibration: Optional[CalibrationRecord] = None
     input_hashes: dict[str, str] = field(default_factory=dict)
     candidates: dict[str, CandidateResult] = field(default_factory=dict)
     original: Metrics = field(default_factory=Metrics)
     protocol: Optional[Protocol] = None
+    sanity: Optional[dict] = None  # compress/evaluate/sanity.py: is the original's perplexity believable
     timings: dict[str, float] = field(default_factory=dict)
     stage_peak_mb: dict[str, float] = field(default_factory=dict)
     runtime_rss_mb: Optional[float] = None

@@ -80,7 +80,9 @@ def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin",
 def stage_evaluate(ctx) -> None:
     """Bytes of every artifact; with `evaluate.enabled`, perplexity, KL and top-1 of the
     original and every candidate on the evaluation windows, and their speed."""
+    from compress.data.sources import RANDOM_TOKENS
     from compress.data.windows import windows_sha256
+    from compress.evaluate.sanity import check_original
     from compress.evaluate.speed import measure_in_subprocess
     from compress.formats.artifact import open_artifact
     from compress.stages.context import Protocol
@@ -98,17 +100,26 @@ def stage_evaluate(ctx) -> None:
         return
     original = l.streamed()
     eval_ids = ctx.eval_ids
+    bos = ctx.eval_bos
     ctx.protocol = Protocol(
-        name=f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}",
+        name=f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}" + ("-bos" if bos is not None else ""),
         dataset=e.dataset, split="evaluation", windows=e.windows, seqlen=e.seqlen,
         windows_sha256=windows_sha256(eval_ids),
         description="perplexity = exp(mean next-token NLL) over consecutive non-overlapping "
         "windows cut from the start of the dataset's evaluation split (see calibration/README.md); "
-        "KL(original || candidate) and top-1 agreement averaged over every token position.",
+        "KL(original || candidate) and top-1 agreement averaged over every token position."
+        + (f" Each window is BOS (token {bos}) + {e.seqlen - 1} tokens of text; BOS is never a "
+           "predicted token." if bos is not None else ""),
+        bos_token_id=bos,
     )
     cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, eval_ids, e)
     ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
+    if e.dataset != RANDOM_TOKENS:  # random ids are no text: no model predicts them
+        vocab = getattr(l.config, "vocab_size", None) or int(eval_ids.max()) + 1
+        ctx.sanity = check_original(rows["original"].perplexity, eval_ids, vocab)
+        if ctx.sanity["flagged"]:
+            log.warning("%s", ctx.sanity["message"])
     for n, r in done.items():
         r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
                          top1_agreement=rows[n].top1_agreement)

@@ -33,6 +33,11 @@ _COPY = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|added_tokens\.json|"
     r"chat_template\.(jinja|json)|generation_config\.json|LICENSE.*|.*\.tiktoken)$"
 )
+# The tokenizer's own files: from `model.tokenizer`'s folder when one is given.
+_TOKENIZER = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|vocab\.json|merges\.txt|added_tokens\.json|"
+    r"chat_template\.(jinja|json)|.*\.tiktoken)$"
+)
 _PACKAGES = ("compress", "torch", "transformers", "safetensors", "numpy")
 
 
@@ -166,8 +171,12 @@ class Exporter:
         self.writer.add_tensors(rec.tensors)
 
     def _copy_side_files(self) -> None:
+        own = self.loaded.tokenizer_dir
         for p in sorted(self.loaded.root.iterdir()):
-            if p.is_file() and _COPY.match(p.name):
+            if p.is_file() and _COPY.match(p.name) and not (own and _TOKENIZER.match(p.name)):
+                self.writer.add_file(p.name, p)
+        for p in sorted(own.iterdir()) if own else ():
+            if p.is_file() and _TOKENIZER.match(p.name):
                 self.writer.add_file(p.name, p)
 
     def finish(self, manifest: dict) -> Path:

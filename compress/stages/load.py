@@ -16,17 +16,25 @@ from compress.models.checkpoint import Checkpoint, CheckpointError, open_checkpo
 log = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+_TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                       "*.model", "*.tiktoken", "chat_template.*"]
 
 
 @dataclass
 class LoadedModel:
     source: str  # what the user wrote
-    root: Path  # folder holding config.json, tokenizer and weights
+    root: Path  # folder holding config.json and weights (and, unless model.tokenizer, the tokenizer)
     config: object  # transformers PretrainedConfig
     checkpoint: Checkpoint
     arch: ArchSpec
     device: torch.device
     dtype: torch.dtype
+    tokenizer_dir: Optional[Path] = None  # where the tokenizer is read from; None: root
+    gguf: Optional[Path] = None  # the GGUF file the checkpoint was converted from
+
+    @property
+    def tokenizer_root(self) -> Path:
+        return self.tokenizer_dir or self.root
 
     def streamed(self, load_outer: bool = True) -> StreamedModel:
         return StreamedModel(self.config, self.checkpoint, self.device, self.dtype, load_outer=load_outer)
@@ -58,35 +66,58 @@ def _from_hub(cfg: ModelConfig) -> Path:
         ) from None
 
 
-def package_file(spec: str) -> Path:
-    """`package:NAME/relative/path`: a file shipped inside an installed Python package."""
+def package_file(spec: str, cache_dir: Optional[Path] = None, assemble: bool = True) -> Path:
+    """`package:NAME/relative/path`: a file shipped inside an installed Python package, or
+    assembled (once, into the cache) from its parts `path.part00`, ... in NAME and NAME_part*
+    packages (compress/models/parts.py); with `assemble=False`, the first part."""
     import importlib.util
+
+    from compress.models.gguf import default_cache_dir
+    from compress.models.parts import assemble as assemble_parts, find_parts
 
     pkg, _, rel = spec[len("package:"):].partition("/")
     found = importlib.util.find_spec(pkg) if pkg else None
     if found is None or not found.submodule_search_locations:
         raise CheckpointError(f"model.source: package '{pkg}' is not installed (from '{spec}')")
-    return Path(list(found.submodule_search_locations)[0]) / rel
+    pkg_dir = Path(list(found.submodule_search_locations)[0])
+    path = pkg_dir / rel
+    if path.exists() or not rel:
+        return path
+    parts = find_parts(pkg_dir, Path(rel).name)
+    if not parts:
+        return path
+    if not assemble:
+        return parts[0]
+    return assemble_parts(pkg_dir, Path(rel).name, parts, cache_dir or default_cache_dir())
+
+
+def resolve_gguf(cfg: ModelConfig) -> Optional[Path]:
+    """The GGUF file `model.source` names (assembling a package's parts), None for other sources."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
+    if cfg.source.startswith("package:"):
+        src = package_file(cfg.source, cache)
+    else:
+        src = Path(cfg.source).expanduser()
+    if src.suffix == ".gguf":
+        if not src.is_file():
+            raise CheckpointError(f"model.source: GGUF file {src} not found")
+        return src
+    if src.is_dir() and cfg.gguf_file:
+        if not (src / cfg.gguf_file).is_file():
+            raise CheckpointError(f"model.gguf_file: {src / cfg.gguf_file} not found")
+        return src / cfg.gguf_file
+    return None
 
 
 def resolve_folder(cfg: ModelConfig) -> Path:
     """The local folder for `model.source`, converting GGUF or downloading as needed."""
     from compress.models.gguf import convert_gguf
 
-    if cfg.source.startswith("package:"):
-        src = package_file(cfg.source)
-    else:
-        src = Path(cfg.source).expanduser()
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    if src.suffix == ".gguf":
-        if not src.is_file():
-            raise CheckpointError(f"model.source: GGUF file {src} not found")
-        return convert_gguf(src, cache)
+    gguf = resolve_gguf(cfg)
+    if gguf is not None:
+        return convert_gguf(gguf, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    src = Path(cfg.source).expanduser()
     if src.is_dir():
-        if cfg.gguf_file:
-            if not (src / cfg.gguf_file).is_file():
-                raise CheckpointError(f"model.gguf_file: {src / cfg.gguf_file} not found")
-            return convert_gguf(src / cfg.gguf_file, cache)
         return src
     if src.exists():
         raise CheckpointError(f"model.source: {src} is a file but not a .gguf file")
@@ -103,10 +134,14 @@ def check_source(cfg: ModelConfig) -> None:
     from compress.paths import unwritable_dir
 
     resolve_device(cfg.device)
+    if cfg.tokenizer is not None:
+        check_tokenizer_source(cfg.tokenizer)
     if cfg.cache_dir and (problem := unwritable_dir(cfg.cache_dir)):
         raise ConfigError(f"model.cache_dir: {problem}")
     if cfg.source.startswith("package:"):
-        src = package_file(cfg.source)
+        src = package_file(cfg.source, assemble=False)
+        if src.name != Path(cfg.source).name:  # parts: checked once assembled, at conversion
+            return
     else:
         src = Path(cfg.source).expanduser()
         if not src.exists() and cfg.source.count("/") == 1 and not cfg.source.startswith((".", "/", "~")):
@@ -167,14 +202,51 @@ def check_attention_shape(config, where: Path) -> None:
         )
 
 
+def check_tokenizer_source(spec: str) -> Optional[Path]:
+    """`model.tokenizer` as a local folder, None for a hub id; anything else is a ConfigError."""
+    src = Path(spec).expanduser()
+    if src.is_dir():
+        return src
+    if src.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ConfigError(f"model.tokenizer: {spec} is not a tokenizer folder or a hub id (org/name)")
+    return None
+
+
+def resolve_tokenizer(cfg: ModelConfig, root: Path) -> Optional[Path]:
+    """The folder of `model.tokenizer` (a local folder, or a hub id's tokenizer files), None
+    without one. Without one, a converted GGUF whose tokenizer failed its checks at conversion
+    stops the run here, naming the problem and the fix."""
+    from compress.models.gguf import TOKENIZER_PROBLEM
+
+    if cfg.tokenizer is None:
+        problem = root / TOKENIZER_PROBLEM
+        if problem.is_file():
+            raise ConfigError(problem.read_text().strip())
+        return None
+    src = check_tokenizer_source(cfg.tokenizer)
+    if src is not None:
+        return src
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(cfg.tokenizer, allow_patterns=_TOKENIZER_PATTERNS))
+    except Exception as e:
+        raise ConfigError(
+            f"model.tokenizer: '{cfg.tokenizer}' is not a local folder, and fetching it from the Hugging Face "
+            f"Hub failed (offline, or no such repo?): {type(e).__name__}: {e}"
+        ) from None
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
+    gguf = resolve_gguf(cfg)
     root = resolve_folder(cfg)
+    tokenizer_dir = resolve_tokenizer(cfg, root)
     config = load_config(root, cfg.trust_remote_code)
     checkpoint = open_checkpoint(root, allow_pickle=cfg.allow_pickle)
     device = resolve_device(cfg.device)
     return LoadedModel(
         cfg.source, root, config, checkpoint, arch_for(config.model_type), device,
-        resolve_dtype(cfg.dtype, device),
+        resolve_dtype(cfg.dtype, device), tokenizer_dir, gguf,
     )
 
 

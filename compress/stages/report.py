@@ -39,6 +39,7 @@ def results_of(ctx) -> dict:
     mem = ctx.memory
     return {
         "protocol": as_json(ctx.protocol) or {},
+        "sanity": ctx.sanity,
         "rows": rows_of(ctx),
         "run": {
             "peak_rss_mb": mem.peak / 2**20 if mem else None,
@@ -61,15 +62,18 @@ def stage_report(ctx) -> None:
 
 
 def write_report(ctx) -> None:
+    from compress.evaluate.sanity import flagged_message
     from compress.formats.seal import seal_json
 
     results = results_of(ctx)
     _write_json(ctx.out_dir / "results.json", results)
     run = results["run"]
     orig_bytes = ctx.original.bytes or 0
+    warning = flagged_message(ctx.sanity)
     lines = [
         f"# compress run: {ctx.cfg.model.source}",
         "",
+        *([f"**{warning}**", ""] if warning else []),
         markdown_table(results["rows"]),
         "",
         f"Evaluation protocol: {ctx.protocol.name if ctx.protocol else 'not run'}.",
@@ -97,7 +101,8 @@ def write_report(ctx) -> None:
             continue
         own = [row for row in results["rows"] if row["name"] in (name,) or row is results["rows"][0]]
         # Sealed: the manifest records its sha256, so a published card's numbers are verified.
-        seal_json(r.artifact, "compress-results.json", {"protocol": results["protocol"], "rows": own, "this": name})
+        seal_json(r.artifact, "compress-results.json",
+                  {"protocol": results["protocol"], "sanity": ctx.sanity, "rows": own, "this": name})
     if ctx.cfg.report.print:
         print(md)
     write_comparison(ctx)

@@ -16,9 +16,11 @@ def _sha(path: Path) -> str:
 
 
 def build_artifact(
-    root: Path, *, sharded: bool = False, results: bool = True, sealed: bool = True, license_: str | None = None
+    root: Path, *, sharded: bool = False, results: bool = True, sealed: bool = True, license_: str | None = None,
+    sanity: dict | None = None,
 ) -> Path:
-    """`sealed=False` writes compress-results.json outside the manifest, as artifacts made before sealing did."""
+    """`sealed=False` writes compress-results.json outside the manifest, as artifacts made before sealing did.
+    `sanity`: the results' sanity record (compress/evaluate/sanity.py); none, as before the check existed."""
     root.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     tensors = {
@@ -75,6 +77,8 @@ def build_artifact(
             ],
             "this": "rtn-w4-g64",
         }
+        if sanity is not None:
+            data["sanity"] = sanity
         if sealed:
             seal_json(root, "compress-results.json", data)
         else:
