@@ -9,6 +9,7 @@ memoized per input (drawing is a pure function of them; the child process costs 
 """
 from __future__ import annotations
 
+import inspect
 import hashlib
 import json
 import logging
@@ -57,10 +58,16 @@ def memo_draws():
 
     real, seen = draw.draw_windows, {}
 
-    def memo(root, calibration, evaluation, trust_remote_code=False, work_dir=None):
-        key = (str(root), repr(sorted((calibration or {}).items())), repr(sorted((evaluation or {}).items())))
+    signature = inspect.signature(real)
+
+    def memo(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        # the windows depend on everything but where the exchange files go
+        key = repr([(k, sorted(v.items()) if isinstance(v, dict) else str(v))
+                    for k, v in bound.arguments.items() if k != "work_dir"])
         if key not in seen:
-            seen[key] = real(root, calibration, evaluation, trust_remote_code, work_dir)
+            seen[key] = real(*args, **kwargs)
         return {k: v.clone() for k, v in seen[key].items()}
 
     with pytest.MonkeyPatch.context() as mp:
