@@ -13,7 +13,8 @@ from compress.models.provenance import is_hub_id
 from compress.publish.config import PublishConfig
 from compress.quantizers.base import Override, check_group_size  # noqa: F401  (re-exported)
 from pydantic import (
-    BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model, field_validator,
+    BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model,
+    field_validator,
     model_validator,
 )
 
@@ -54,6 +55,17 @@ class ModelConfig(_Strict):
         return v
 
 
+def _bos_word(v: Any) -> Any:
+    return str(v).lower() if isinstance(v, bool) else v  # YAML reads `bos: true` as a bool
+
+
+BosPolicy = Annotated[Literal["auto", "true", "false"], BeforeValidator(_bos_word)]
+_BOS_DESCRIPTION = (
+    "Start every window with the BOS token: 'auto' where the tokenizer adds one by default "
+    "(Gemma, Llama 3; a GGUF's tokenizer.ggml.add_bos_token), 'true' always, 'false' never"
+)
+
+
 class CalibrationConfig(_Strict):
     dataset: str = "wikipedia"
     nsamples: int = Field(128, ge=1)
@@ -67,16 +79,7 @@ class CalibrationConfig(_Strict):
         "'held-out' (the documents that the deterministic split does not keep for evaluation); "
         "'auto' is held-out when evaluate.dataset is the same source, otherwise all",
     )
-    bos: Literal["auto", "true", "false"] = Field(
-        "auto",
-        description="Start every window with the BOS token: 'auto' where the tokenizer adds one by default "
-        "(Gemma, Llama 3; a GGUF's tokenizer.ggml.add_bos_token), 'true' always, 'false' never",
-    )
-
-    @field_validator("bos", mode="before")
-    @classmethod
-    def _bos_word(cls, v: Any) -> Any:
-        return str(v).lower() if isinstance(v, bool) else v  # YAML reads `bos: true` as a bool
+    bos: BosPolicy = Field("auto", description=_BOS_DESCRIPTION)
     activations: Literal["auto", "memory", "disk"] = Field(
         "auto",
         description="Where the calibration windows' activations wait between decoder blocks: "
@@ -195,16 +198,7 @@ class EvaluateConfig(_Strict):
     speed: bool = True
     speed_prompt_tokens: int = Field(128, ge=1)
     speed_new_tokens: int = Field(32, ge=1)
-    bos: Literal["auto", "true", "false"] = Field(
-        "auto",
-        description="Start every window with the BOS token: 'auto' where the tokenizer adds one by default "
-        "(Gemma, Llama 3; a GGUF's tokenizer.ggml.add_bos_token), 'true' always, 'false' never",
-    )
-
-    @field_validator("bos", mode="before")
-    @classmethod
-    def _bos_word(cls, v: Any) -> Any:
-        return str(v).lower() if isinstance(v, bool) else v  # YAML reads `bos: true` as a bool
+    bos: BosPolicy = Field("auto", description=_BOS_DESCRIPTION)
 
 
 class ReportConfig(_Strict):

@@ -15,13 +15,13 @@ from compress.quantizers.base import StatKind
 from compress.quantizers.hessian import HessianAccumulator
 
 
-class ChannelMagnitude:
-    """Running mean of ``|x|`` per input channel over every row passed to :meth:`add`."""
+class _PerChannel:
+    """A running reduction per input channel over every row passed to :meth:`add`."""
 
     def __init__(self, in_features: int, dtype: torch.dtype = torch.float32,
                  device: Optional[Union[torch.device, str]] = None) -> None:
         self.in_features = in_features
-        self._sum = torch.zeros(in_features, dtype=dtype, device=device)
+        self._acc = torch.zeros(in_features, dtype=dtype, device=device)
         self.n_rows = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -30,38 +30,35 @@ class ChannelMagnitude:
         x = x.reshape(-1, self.in_features)
         if x.shape[0] == 0:
             return
-        self._sum += x.to(device=self._sum.device, dtype=self._sum.dtype).abs().sum(dim=0)
+        self._update(x.to(device=self._acc.device, dtype=self._acc.dtype).abs())
         self.n_rows += x.shape[0]
+
+    def _update(self, abs_x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class ChannelMagnitude(_PerChannel):
+    """Running mean of ``|x|`` per input channel over every row passed to :meth:`add`."""
+
+    def _update(self, abs_x: torch.Tensor) -> None:
+        self._acc += abs_x.sum(dim=0)
 
     @property
     def result(self) -> torch.Tensor:
         """Mean ``|x|`` per channel ``[in]``; zeros before any row was added."""
-        return self._sum / max(self.n_rows, 1)
+        return self._acc / max(self.n_rows, 1)
 
 
-class ChannelAbsMax:
+class ChannelAbsMax(_PerChannel):
     """Running max of ``|x|`` per input channel (SmoothQuant's ``max(|X_j|)``, Eq. 4)."""
 
-    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32,
-                 device: Optional[Union[torch.device, str]] = None) -> None:
-        self.in_features = in_features
-        self._max = torch.zeros(in_features, dtype=dtype, device=device)
-        self.n_rows = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
-        x = x.reshape(-1, self.in_features)
-        if x.shape[0] == 0:
-            return
-        m = x.to(device=self._max.device, dtype=self._max.dtype).abs().amax(dim=0)
-        torch.maximum(self._max, m, out=self._max)
-        self.n_rows += x.shape[0]
+    def _update(self, abs_x: torch.Tensor) -> None:
+        torch.maximum(self._acc, abs_x.amax(dim=0), out=self._acc)
 
     @property
     def result(self) -> torch.Tensor:
         """Max ``|x|`` per channel ``[in]``; zeros before any row was added."""
-        return self._max.clone()
+        return self._acc.clone()
 
 
 def accumulator(kind: StatKind, in_features: int, dtype: torch.dtype, device) -> Union[HessianAccumulator, ChannelMagnitude, ChannelAbsMax]:
