@@ -167,9 +167,9 @@ def test_validate_names_an_unknown_gpu(gpu, message, model_dir, text_file, tmp_p
 def test_relative_predictor_minimises_the_loss_over_each_layers_output_energy(model_dir, text_file, tmp_path):
     data = run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
                       quantize={"method": "rtn", "bits": 4, "group_size": 64})
-    data["candidates"] = [{"name": "abs", "target": {"bits_per_weight": 3.25}},
-                          {"name": "rel", "target": {"bits_per_weight": 3.25},
-                           "target_options": {"predictor": "relative_output_error"}}]
+    data["candidates"] = [{"name": "abs", "target": {"bits_per_weight": 3.25},
+                           "target_options": {"predictor": "output_error"}},
+                          {"name": "rel", "target": {"bits_per_weight": 3.25}}]  # the default
     ctx = run(parse_config(data))
     sens = ctx.sensitivity
 
