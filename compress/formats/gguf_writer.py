@@ -14,7 +14,6 @@ keeps them F32) and in the export dtype otherwise; a quantized linear arrives as
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,9 +23,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from compress.formats.writer import CONFIG, MANIFEST, ArtifactWriter, _names_folder
+from compress.formats.writer import ArtifactWriter, _names_folder
 from compress.models.checkpoint import all_finite
-from compress.owner import OWNER
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +149,7 @@ class GGUFArtifactWriter(ArtifactWriter):
         os.fsync(out.fileno())
         w.close()
         spill.unlink()
-        (self.tmp_dir / CONFIG).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        full = dict(manifest)
-        full["outputs"] = self._outputs()
-        with open(self.tmp_dir / MANIFEST, "w") as f:
-            f.write(json.dumps(full, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        (self.tmp_dir / OWNER).unlink()
-        self._move_into_place()
+        self._seal(config_json, manifest)
         self._done = True
         log.info("wrote %s (%s, %d tensor bytes)", self.final_dir, GGUF_FILE, self._total_bytes)
         return self.final_dir

@@ -252,6 +252,14 @@ class ArtifactWriter:
         if not self._shards:
             raise ValueError("no tensors were added; refusing to write an artifact without weights")
         self._place_shards()
+        self._seal(config_json, manifest)
+        self._done = True
+        log.info("wrote %s (%d shard(s), %d tensor bytes)", self.final_dir, len(self._shards), self._total_bytes)
+        return self.final_dir
+
+    def _seal(self, config_json: dict, manifest: dict) -> None:
+        """config.json, then the manifest over every output, then the rename: the last steps of
+        every writer, whatever it wrote before."""
         (self.tmp_dir / CONFIG).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         full = dict(manifest)
         full["outputs"] = self._outputs()
@@ -262,9 +270,6 @@ class ArtifactWriter:
             os.fsync(f.fileno())
         (self.tmp_dir / OWNER).unlink()  # the finished folder carries no trace of this process
         self._move_into_place()
-        self._done = True
-        log.info("wrote %s (%d shard(s), %d tensor bytes)", self.final_dir, len(self._shards), self._total_bytes)
-        return self.final_dir
 
     def _move_into_place(self) -> None:
         final = self.final_dir
