@@ -103,7 +103,7 @@ def test_rtn_artifact_matches_fake_quant_reference(family, bits, group_size, fmt
     ))
     ctx = run(cfg)
     (res,) = ctx.candidates.values()
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=True)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=False)  # the default grid
     original = original_model(folder)
     ref = fake_quant_reference(original, lambda i, n, W: rtn(W, spec), torch.float32, SCALE_DTYPE[fmt])
     _check(ref, original, res.artifact)
@@ -116,7 +116,7 @@ def test_default_fp16_export_matches_reference_rounded_to_fp16(model_dir, text_f
     assert cfg.export.dtype == "float16"
     ctx = run(cfg)
     (res,) = ctx.candidates.values()
-    spec = QuantSpec(bits=4, group_size=64, sym=True)
+    spec = QuantSpec(bits=4, group_size=64, sym=False)  # the default grid
     original = original_model(folder)
     ref = fake_quant_reference(original, lambda i, n, W: rtn(W, spec), torch.float16)
     _check(ref, original, res.artifact)
@@ -140,14 +140,14 @@ def test_skip_and_overrides_round_trip_exactly(fmt, model_dir, text_file, tmp_pa
         folder, text_file, tmp_path / "out", export={"dtype": "float32", "format": fmt}, evaluate={"enabled": False},
         quantize={"skip": [r"layers\.0\.mlp\.down_proj"],
                   "overrides": [{"pattern": r"self_attn\.v_proj", "bits": 8, "group_size": -1},
-                                {"pattern": r"layers\.1\.mlp\.up_proj", "sym": False, "bits": 3, "group_size": 32}]},
+                                {"pattern": r"layers\.1\.mlp\.up_proj", "sym": True, "bits": 3, "group_size": 32}]},
     ))
     ctx = run(cfg)
     (res,) = ctx.candidates.values()
-    specs = {"self_attn.v_proj": QuantSpec(bits=8, group_size=-1), "1.mlp.up_proj": QuantSpec(3, 32, False)}
+    specs = {"self_attn.v_proj": QuantSpec(bits=8, group_size=-1, sym=False), "1.mlp.up_proj": QuantSpec(3, 32, True)}
 
     def spec_of(i, name):
-        return specs.get(name) or specs.get(f"{i}.{name}") or QuantSpec(bits=4, group_size=64)
+        return specs.get(name) or specs.get(f"{i}.{name}") or QuantSpec(bits=4, group_size=64, sym=False)
 
     sm = open_artifact(res.artifact, CPU, torch.float32)
     for i in range(sm.n_blocks):

@@ -190,7 +190,7 @@ def test_run_then_inspect_then_refuse_to_clobber(good, tmp_path):
     res = invoke("inspect", str(art))
     assert res.exit_code == 0, res.output
     assert "quant_method=compressed-tensors" in res.stdout
-    assert "group_0: bits=4, group_size=32, sym=True" in res.stdout and "-> Linear (1 target(s))" in res.stdout
+    assert "group_0: bits=4, group_size=32, sym=False" in res.stdout and "-> Linear (1 target(s))" in res.stdout
     assert "(model_type llama)" in res.stdout
     # The packed tensors stand for as many weights as the original holds.
     params = [l for l in res.stdout.splitlines() if l.startswith("parameters:")]

@@ -94,13 +94,13 @@ def test_unknown_keys_in_new_sections_are_errors():
 
 def test_sweep_is_the_cartesian_product_over_quantize():
     cfg = parse_config({
-        "model": {"source": "x"}, "quantize": {"sym": False},
+        "model": {"source": "x"}, "quantize": {"sym": True},
         "sweep": {"method": ["rtn", "gptq"], "bits": [8, 4, 3], "group_size": [-1, 64]},
     })
     cands = with_sweep(cfg).candidates
     combos = list(itertools.product(["rtn", "gptq"], [8, 4, 3], [-1, 64]))
     assert [(c.method, c.bits, c.group_size) for c in cands] == combos
-    assert cands[0].name == "rtn-w8-ch-asym"  # quantize.sym: false carries into every candidate
+    assert cands[0].name == "rtn-w8-ch-sym"  # quantize.sym: true carries into every candidate
 
 
 def test_sweep_gptq_only_keys_do_not_duplicate_rtn():

@@ -49,9 +49,25 @@ def test_every_error_is_reported_not_just_the_first():
 
 def test_defaults_are_the_documented_ones():
     cfg = parse_config(BASE)
-    assert (cfg.quantize.method, cfg.quantize.bits, cfg.quantize.group_size, cfg.quantize.sym) == ("rtn", 4, 128, True)
+    assert (cfg.quantize.method, cfg.quantize.bits, cfg.quantize.group_size, cfg.quantize.sym) == ("rtn", 4, 128, None)
     assert (cfg.export.format, cfg.export.dtype, cfg.export.overwrite) == ("compressed-tensors", "float16", False)
     assert cfg.model.allow_pickle is False
+
+
+def test_unset_sym_is_asymmetric_unless_the_format_holds_only_symmetric_grids():
+    from compress.stages.quantize import resolve_plans
+
+    (plan,) = resolve_plans(parse_config(BASE))
+    assert (plan.q.sym, plan.name) == (False, "rtn-w4-g128")
+    gguf = parse_config({**BASE, "quantize": {"group_size": 32}, "export": {"format": "gguf", "gguf_type": "Q4_0"}})
+    assert [(p.q.sym, p.name) for p in resolve_plans(gguf)] == [(True, "rtn-w4-g32-sym")]
+    q41 = parse_config({**BASE, "quantize": {"group_size": 32}, "export": {"format": "gguf", "gguf_type": "Q4_1"}})
+    assert [p.q.sym for p in resolve_plans(q41)] == [False]
+    explicit = parse_config({**BASE, "quantize": {"sym": True}})
+    assert [(p.q.sym, p.name) for p in resolve_plans(explicit)] == [(True, "rtn-w4-g128-sym")]
+    # a candidate that switches to a symmetric-only method keeps that method's grid
+    sq = parse_config({**BASE, "candidates": [{"method": "smoothquant", "bits": 8, "group_size": -1}]})
+    assert [(p.q.sym, p.name) for p in resolve_plans(sq)] == [(True, "smoothquant-w8-ch-a8")]
 
 
 def test_overrides_are_yaml_scalars_applied_before_validation(tmp_path):

@@ -42,6 +42,9 @@ class GGUFFormat(Format):
     copies_side_files = False  # the tokenizer is inside the GGUF
 
     # ---- preflight ---------------------------------------------------------------------------
+    def default_sym(self, export) -> bool:
+        return gb.TYPES[export.gguf_type].sym
+
     def check_run(self, export, plans) -> Optional[str]:
         t = gb.TYPES[export.gguf_type]
         for p in plans:

@@ -61,6 +61,11 @@ class Format:
     loaders: ClassVar[str]  # what loads it, for the end-of-run message and the card
     copies_side_files: ClassVar[bool] = True  # the source's tokenizer files go beside the weights
 
+    def default_sym(self, export: Any) -> bool:
+        """`quantize.sym` when the config leaves it out: asymmetric, unless the format holds
+        only symmetric grids."""
+        return False
+
     def check_run(self, export: Any, plans: list[Any]) -> Optional[str]:
         """Why the run's `export` settings and candidates (`Plan`s) cannot be written, naming the
         config key (None when they can); checked at preflight, before the model is read."""

@@ -149,7 +149,11 @@ class MethodConfig(StrictModel):
     method: str
     bits: Bits = 4
     group_size: GroupSize = 128
-    sym: bool = True
+    sym: Optional[bool] = Field(
+        None, description="Symmetric grids (zero point fixed at 2**(bits-1)) or asymmetric (a zero point "
+        "per group). Default: asymmetric, which measured 0.79x the KL of symmetric for GPTQ W4 g64 on "
+        "SmolLM2-135M at equal GPTQ bytes; symmetric where the export format holds only that (GGUF Q4_0/Q8_0)",
+    )
     skip: list[str] = Field(default_factory=list, description="Regexes of linear layers kept unquantized")
     overrides: list[Override] = Field(default_factory=list)
     target: Optional[Target] = Field(

@@ -35,6 +35,14 @@ def find_params(
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
         zero = torch.round(-xmin / scale)
+        # Asymmetric zero points start at 1: GPTQ v1 files store zero-1, so a zero of 0 wraps
+        # (GPTQModel refuses such files, other loaders misread them). A row whose minimum rounds
+        # to code 0 (all weights >= 0, or a minimum within half a step of 0; 4 of 1.66M groups
+        # at 3-bit g64 on SmolLM2-135M) gets a scale stretched so that 0.0 sits on code 1.
+        low = zero < 1
+        if bool(low.any()):
+            scale = torch.where(low, xmax / (maxq - 1), scale)
+            zero = torch.where(low, torch.ones_like(zero), zero)
     return scale, zero
 
 

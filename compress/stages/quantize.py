@@ -53,7 +53,9 @@ class Plan:
 
 def candidate_name(q: MethodConfig) -> str:
     gs = "ch" if q.group_size == -1 else f"g{q.group_size}"  # per output channel: "ch"
-    parts = [q.method, f"w{q.bits}", gs] + ([] if q.sym else ["asym"]) + q.name_parts()
+    # Asymmetric is the default grid: a name marks "sym" unless the method has no other grid.
+    marked = q.sym is True and type(q).model_fields["sym"].default is not True
+    parts = [q.method, f"w{q.bits}", gs] + (["sym"] if marked else []) + q.name_parts()
     if q.target is not None:  # bits and group size are the base the allocation starts from
         parts.append(q.target.label())
     return "-".join(parts)
@@ -69,7 +71,9 @@ def merge_method(base: MethodConfig, changes: dict, where: str) -> MethodConfig:
     alien = sorted(k for k in changes if k not in fields)
     if alien:
         raise ValueError(f"{where}.{alien[0]}: not a setting of method '{method.name}'")
-    data = {k: v for k, v in base.model_dump().items() if k in fields and k != "method"}
+    # An unset sym (None: the format's default) is left to the new method's own default.
+    data = {k: v for k, v in base.model_dump().items()
+            if k in fields and k != "method" and not (k == "sym" and v is None)}
     try:
         return method.config.model_validate({**data, **changes, "method": method.name})
     except ValidationError as e:
@@ -78,13 +82,21 @@ def merge_method(base: MethodConfig, changes: dict, where: str) -> MethodConfig:
 
 
 def resolve_plans(cfg: RunConfig) -> list[Plan]:
-    """The candidates of a run: `candidates:` entries applied over `quantize:`, or just it."""
+    """The candidates of a run: `candidates:` entries applied over `quantize:`, or just it,
+    with an unset `sym` resolved by the export format (`Format.default_sym`)."""
+    from compress.formats.registry import get_format
+
+    def resolved(q: MethodConfig) -> MethodConfig:
+        fmt = get_format(cfg.export.format)
+        return q if q.sym is not None else q.model_copy(update={"sym": fmt.default_sym(cfg.export)})
+
     if not cfg.candidates:
-        return [Plan(candidate_name(cfg.quantize), cfg.quantize)]
+        q = resolved(cfg.quantize)
+        return [Plan(candidate_name(q), q)]
     plans = []
     for k, c in enumerate(cfg.candidates):
         changes = c.model_dump(exclude_none=True, exclude={"name"})
-        q = merge_method(cfg.quantize, changes, f"candidates.{k}")
+        q = resolved(merge_method(cfg.quantize, changes, f"candidates.{k}"))
         plans.append(Plan(c.name or candidate_name(q), q))
     names = [p.name for p in plans]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -97,7 +109,7 @@ def layer_spec(q: MethodConfig, name: str) -> Optional[QuantSpec]:
     """Settings for linear `name` after `skip` and `overrides`, or None to keep it unquantized."""
     if any(re.search(p, name) for p in q.skip):
         return None
-    bits, gs, sym = q.bits, q.group_size, q.sym
+    bits, gs, sym = q.bits, q.group_size, bool(q.sym)  # unresolved (None): asymmetric
     for o in q.overrides:  # later overrides win
         if re.search(o.pattern, name):
             if o.skip:

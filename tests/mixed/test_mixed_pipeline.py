@@ -64,6 +64,7 @@ def test_bits_per_weight_target_writes_the_allocation_exactly(fmt, model_dir, te
     report = (tmp_path / "out" / "report.md").read_text()
     first = alloc["layers"][0]
     cell = f"{first['bits']}/{'ch' if first['group_size'] == -1 else 'g' + str(first['group_size'])}"
+    cell += "" if first["sym"] else "a"  # the report marks asymmetric grids
     assert "## Mixed precision" in report and f"| 0 | {cell} |" in report
     assert f"| {alloc['achieved_bytes']:,} |" in report
     if fmt == "compressed-tensors":
@@ -114,7 +115,7 @@ def test_max_bytes_target_predicts_the_artifact_bytes_exactly(model_dir, text_fi
 ])
 def test_a_budget_that_cannot_be_met_exits_2_naming_the_target(target, message, model_dir, text_file, tmp_path):
     data = run_config(model_dir("llama"), text_file, tmp_path / "out",
-                      quantize={"method": "rtn", "bits": 4, "group_size": 64, "target": target})
+                      quantize={"method": "rtn", "bits": 4, "group_size": 64, "sym": True, "target": target})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     res = CliRunner().invoke(main, ["-q", "run", str(path)])

@@ -217,7 +217,7 @@ def test_variants_run_on_every_layer(q, model_dir):
     reports = quantize_model(sm, Plan("t", q), IDS, lambda i, b, r: got.update({(i, n): v for n, v in r.items()}))
     assert len(got) == 12 and all(r.method == "awq" for r in reports)
     for res in got.values():
-        assert (res.weight.bits, res.weight.group_size, res.weight.sym) == (q.bits, q.group_size, q.sym)
+        assert (res.weight.bits, res.weight.group_size, res.weight.sym) == (q.bits, q.group_size, bool(q.sym))  # unset sym: asymmetric
         assert int(res.weight.codes.max()) <= 2**q.bits - 1
     # Only rounding that reads it asks for the Hessian.
     assert get_method("awq").stats_for(q) == ("hessian" if q.clip or q.rounding == "gptq" else "none")

@@ -27,6 +27,8 @@ def slow_rtn(W, bits, group_size, sym):
                 lo, hi = f(-1), f(1)
             scale = (hi - lo) / f(maxq)
             zero = f((maxq + 1) // 2) if sym else np.round(-lo / scale)
+            if not sym and zero < 1:  # asymmetric zero points start at 1: 0.0 on code 1
+                scale, zero = hi / f(maxq - 1), f(1)
             scales[r][g], zeros[r][g] = float(scale), int(zero)
             for k, v in enumerate(vals):
                 codes[r][g * gs + k] = int(min(max(np.round(v / scale) + zero, 0), maxq))
@@ -47,6 +49,7 @@ def test_rtn_matches_per_element_reference(bits, group_size, sym):
     assert qw.codes.dtype == torch.uint8
     assert int(qw.codes.min()) >= 0 and int(qw.codes.max()) <= 2**bits - 1
     assert torch.equal(qw.codes.long(), codes)
+    assert sym or int(qw.zeros.min()) >= 1  # GPTQ v1 stores zero - 1: a 0 would wrap
     assert torch.equal(qw.zeros.long(), zeros)
     torch.testing.assert_close(qw.scales.double(), scales, rtol=1e-6, atol=0)
     gs = 128 if group_size == -1 else group_size

@@ -87,7 +87,7 @@ def test_engine_collects_declared_stats_and_applies_the_block_transform_first(mo
     assert all(s.act_magnitude is not None and s.hessian is None for s in seen_stats.values())
     for i, _, scaled_gate in seen_transform:
         # The codes are RTN of the transformed weight: the transform ran before quantization.
-        want = round_to_nearest(scaled_gate, QuantSpec(4, 32))
+        want = round_to_nearest(scaled_gate, QuantSpec(4, 32, sym=False))
         assert torch.equal(got[(i, "mlp.gate_proj")].weight.codes, want.codes)
     # The folded norm reaches the exporter with the block.
     orig_norm = ref_model.model.layers[0].post_attention_layernorm.weight.detach()
