@@ -113,6 +113,7 @@ def _fan_out(ray, ctx, threads: int) -> None:
         "fingerprint": fp, "manifest": manifest,
         "calibration": None if ctx.calibration is None else _asdict(ctx.calibration),
     }
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     remote = ray.remote(run_candidate)
     futures: dict[Any, str] = {}
     tasks: dict[str, dict] = {}
@@ -121,6 +122,7 @@ def _fan_out(ray, ctx, threads: int) -> None:
             continue
         job = {**common, "name": name, "plan": res.plan.q.model_dump(mode="json"), "allocation": res.allocation}
         opts = task_options(ctx, res.plan, threads)
+        check_fits(nodes, opts, name)
         future = remote.options(**opts).remote(job, refs["calibration"], refs["evaluation"], refs["head_inputs"])
         futures[future] = name
         job_bytes = len(json.dumps(job, default=str).encode())
@@ -174,6 +176,23 @@ def task_options(ctx, plan, threads: int) -> dict:
     if os.environ.get("PYTHONPATH"):  # the workers import the compress this process runs
         opts["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     return opts
+
+
+def check_fits(nodes: list[dict], opts: dict, name: str) -> None:
+    """A task no node can hold would wait forever: say which request is too large instead."""
+    need = {"CPU": ("executor.threads", opts["num_cpus"]), "GPU": ("executor.gpus", opts["num_gpus"]),
+            "memory": ("executor.memory_gb", opts["memory"])}
+    if any(all(n.get(k, 0) >= v for k, (_, v) in need.items() if v) for n in nodes):
+        return
+    worst = next(((key, v, k) for k, (key, v) in need.items() if v and not any(n.get(k, 0) >= v for n in nodes)),
+                 None)
+    if worst is None:
+        raise ConfigError(f"executor: candidate {name} asks for {opts['num_cpus']} CPU, {opts['num_gpus']} GPU and "
+                          f"{opts['memory'] / 2**30:.2f} GiB together, and no node of the Ray cluster has all three")
+    most = max((n.get(worst[2], 0) for n in nodes), default=0)
+    unit = (lambda x: f"{x / 2**30:.2f} GiB") if worst[2] == "memory" else (lambda x: f"{x:g}")
+    raise ConfigError(f"{worst[0]}: candidate {name} asks for {unit(worst[1])} {worst[2]}, and no node of the "
+                      f"Ray cluster has that much (the largest has {unit(most)})")
 
 
 def _apply(ctx, res, out: dict) -> None:
