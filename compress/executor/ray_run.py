@@ -199,7 +199,8 @@ def _apply(ctx, res, out: dict) -> None:
     from compress.stages.quantize import LayerReport
 
     node = out.get("node") or {}
-    res.node = node.get("host")
+    # two Ray nodes may share a host (one machine, several raylets): the node id tells them apart
+    res.node = f"{node.get('host')}:{str(node.get('node_id'))[:8]}" if node.get("node_id") else node.get("host")
     if out.get("error"):
         res.error = out["error"]
         return

@@ -18,8 +18,9 @@ from tiny_models import run_config
 ray = pytest.importorskip("ray")
 
 HERE = Path(__file__).resolve().parent
-# Measured per run, so never equal between two runs; everything else in a row must be.
-TIMING = {"quantize_seconds", "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb"}
+# Measured per run, so never equal between two runs, and where it ran (host, or host:Ray node
+# id); everything else in a row must be equal.
+TIMING = {"quantize_seconds", "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb", "node"}
 # g256 fails on the tiny model; GPTQ's bytes follow the thread count (RTN's would not show a
 # task running with other threads); mse_clip off keeps it fast.
 SWEEP = {"method": ["rtn", "gptq"], "bits": [4], "group_size": [64, 256], "mse_clip": [False]}
@@ -81,7 +82,7 @@ def test_a_ray_sweep_writes_what_a_local_sweep_writes(cluster, local_sweep, mode
     ctx = _run(model_dir, text_file, remote, sweep=SWEEP, executor={"kind": "ray"})
     assert set(hashes(local)) == {"rtn-w4-g64/model.safetensors", "gptq-w4-g64/model.safetensors"}
     assert hashes(remote) == hashes(local)
-    assert rows(remote) == rows(local)  # failed g256 rows included, node names too
+    assert rows(remote) == rows(local)  # failed g256 rows included
     comp = json.loads((remote / "comparison.json").read_text())
     tasks = comp["executor"]["tasks"]
     assert set(tasks) == {"rtn-w4-g64", "gptq-w4-g64"}  # the failed plans never left the driver
@@ -89,7 +90,8 @@ def test_a_ray_sweep_writes_what_a_local_sweep_writes(cluster, local_sweep, mode
         assert t["node"]["node_id"] == ray.get_runtime_context().get_node_id()
         assert t["threads"] == comp["executor"]["threads_per_task"] == t["resources"]["num_cpus"]
         assert t["bytes_to_task"] >= sum(comp["executor"]["shared_object_bytes"].values())
-    assert ctx.candidates["gptq-w4-g64"].node == tasks["gptq-w4-g64"]["node"]["host"]
+    node = tasks["gptq-w4-g64"]["node"]
+    assert ctx.candidates["gptq-w4-g64"].node == f"{node['host']}:{node['node_id'][:8]}"
     assert "Ran as Ray tasks" in (remote / "comparison.md").read_text()
 
 
