@@ -48,10 +48,10 @@ def connect(ray, address: Optional[str]) -> bool:
     if address in (None, "auto"):
         try:
             ray.init(address="auto", **kwargs)
-        except ConnectionError:
-            ray.init(**kwargs)
+        except ConnectionError:  # none running (or a stale record of one): a new one here
+            ray.init(address="local", **kwargs)
     elif address == "local":
-        ray.init(**kwargs)
+        ray.init(address="local", **kwargs)
     else:
         try:
             ray.init(address=address, **kwargs)

@@ -37,7 +37,7 @@ def cluster(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "COMPRESS_RAY_FAULTS")}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), str(HERE)])
     os.environ["COMPRESS_RAY_FAULTS"] = str(faults)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": "ray_faults.install"})
     yield faults
     ray.shutdown()

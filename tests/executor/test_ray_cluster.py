@@ -69,6 +69,10 @@ def two_nodes(tmp_path):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        # `ray start --head` records its address for ray.init(); `ray stop` would remove it
+        record = Path("/tmp/ray/ray_current_cluster")
+        if record.is_file() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
 
 
 @pytest.mark.slow
