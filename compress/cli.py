@@ -189,12 +189,23 @@ def run_cmd(config: str, overrides: tuple[str, ...], output: str | None, resume:
 @_SET
 @_OUT
 @_RESUME
-def compare_cmd(config: str, overrides: tuple[str, ...], output: str | None, resume: bool) -> None:
+@click.option("--ray", "ray_address", metavar="auto|local|ADDRESS", default=None,
+              help="Run each candidate as a Ray task on this cluster (executor.kind: ray, executor.address); "
+              "needs pip install 'compress[ray]'.")
+def compare_cmd(config: str, overrides: tuple[str, ...], output: str | None, resume: bool,
+                ray_address: Optional[str]) -> None:
     """Run every candidate of CONFIG (`candidates:` and/or `sweep:`) and compare them.
 
     The same as `run`; the output folder gets comparison.json/.csv/.md, PNG plots and a
     self-contained report.html, and the table and a recommendation (`select:`) are printed.
+    With --ray, candidates run as Ray tasks (docs/ray.md).
     """
+    if ray_address is not None:
+        from compress.executor.ray_run import require_ray
+
+        with _exit_codes():
+            require_ray("--ray")
+        overrides = (*overrides, "executor.kind=ray", f"executor.address={json.dumps(ray_address)}")
     _run(config, overrides, output, resume)
 
 

@@ -257,6 +257,41 @@ class ServingConfig(_Strict):
     gpus: Optional[str] = Field(None, description="YAML table of GPUs (name, memory_gb); default configs/gpus.yaml")
 
 
+class ExecutorConfig(_Strict):
+    """Where the candidates of a sweep run: in this process, one after another (`local`), or
+    as one Ray task each (`ray`, needs `pip install 'compress[ray]'`; docs/ray.md)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: Optional[str] = Field(
+        None, description="Ray cluster to join: 'auto' (a running cluster, else a new one on this "
+        "machine), 'local' (always a new one here) or an address such as 'ray://head:10001' or 'head:6379'",
+    )
+    max_retries: int = Field(1, ge=0, description="Times a candidate whose worker died is run again")
+    threads: Optional[int] = Field(
+        None, ge=1, description="torch threads (and Ray CPUs) per candidate task; default: this "
+        "process's torch thread count, so the weights hash as in a local run",
+    )
+    gpus: Optional[float] = Field(
+        None, ge=0, description="GPUs per candidate task; default 1 when model.device resolves to cuda, else 0",
+    )
+    memory_gb: Optional[float] = Field(
+        None, gt=0, description="Memory per candidate task in GiB; default: the plan's estimate "
+        "(compress/executor/resources.py)",
+    )
+    artifacts: Literal["shared", "stream"] = Field(
+        "shared", description="'shared': workers write into export.output_dir, which every node "
+        "mounts (one machine, NFS); 'stream': workers write into their own scratch folder and "
+        "send the files back to this process, which writes them atomically",
+    )
+
+    @field_validator("address", "threads", "gpus", "memory_gb", "artifacts")
+    @classmethod
+    def _ray_only(cls, v: Any, info) -> Any:
+        if info.data.get("kind") == "local" and v is not None and v != cls.model_fields[info.field_name].default:
+            raise ValueError("applies to executor.kind: ray only")
+        return v
+
+
 class PublishSection(PublishConfig):
     candidate: Optional[str] = Field(
         None, description="Which candidate to publish; default: the only one, else the recommended one"
@@ -275,6 +310,7 @@ class RunConfig(_Strict):
     select: SelectConfig = SelectConfig()
     serving: ServingConfig = ServingConfig()
     publish: Optional[PublishSection] = None
+    executor: ExecutorConfig = ExecutorConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RunConfig":

@@ -44,6 +44,10 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_source(cfg.model)
+    if cfg.executor.kind == "ray":
+        from compress.executor.ray_run import require_ray
+
+        require_ray()
     _check_format(cfg, plans)
     if problem := unwritable_dir(out_dir):
         raise ConfigError(f"export.output_dir: {problem}")
@@ -104,6 +108,18 @@ STAGES: list[tuple[str, Callable[[RunContext], None]]] = [
 ]
 
 
+def stages_for(cfg: RunConfig) -> list[tuple[str, Callable[[RunContext], None]]]:
+    """The stage list; with `executor.kind: ray`, quantize and evaluate become one stage that
+    runs each candidate as a Ray task (compress/executor/ray_run.py)."""
+    if cfg.executor.kind == "local":
+        return STAGES
+    from compress.executor.ray_run import stage_ray
+
+    head = [s for s in STAGES if s[0] not in ("quantize", "evaluate")]
+    at = [n for n, _ in head].index("allocate") + 1
+    return [*head[:at], ("candidates", stage_ray), *head[at:]]
+
+
 # The report describes the measured stages, so it (and publishing what it describes) runs after.
 _AFTER_MEASURE = ("report", "publish")
 
@@ -123,7 +139,7 @@ def run(cfg: RunConfig, out_dir: Optional[Path] = None, resume: bool = False) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     with PeakMemory() as mem:
         ctx.memory = mem
-        for name, stage in STAGES:
+        for name, stage in stages_for(cfg):
             if name in _AFTER_MEASURE:
                 continue
             t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install compress with every extra, pinned by constraints.txt.
+# Create .venv (if missing) and install compress with every extra (ray included: its tests run in
+# CI), pinned by constraints.txt.
 # torch's CPU build is pinned there: an unpinned torch drags in multi-GB CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -41,6 +41,7 @@ _ALL = (
     Column("decode_tokens_per_s", "decode tok/s", "{:.1f}", card_header="Decode tok/s"),
     Column("serving_peak_rss_mb", "serve RSS MB", "{:.0f}", card_header="Peak RSS (MB)"),
     Column("quantize_seconds", "quantize s", "{:.1f}"),
+    Column("node", "node"),
     Column("status", "status"),
 )
 COLUMNS: dict[str, Column] = {c.key: c for c in _ALL}
@@ -50,7 +51,7 @@ RUN_TABLE = ("name", "perplexity", "kl_divergence", "top1_agreement", "bytes", "
              "quantize_seconds", "status")
 COMPARISON_TABLE = ("name", "pareto", "perplexity", "ppl_increase", "kl_divergence", "top1_agreement", "bytes",
                     "bits_per_weight", "serving_bytes", "smallest_gpu", "decode_tokens_per_s",
-                    "quantize_seconds", "status")
+                    "quantize_seconds", "node", "status")
 CARD_TABLE = tuple(c.key for c in _ALL if c.card_header)
 
 

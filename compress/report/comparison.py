@@ -50,6 +50,7 @@ def build(ctx) -> dict:
         row = {"name": name, "status": "failed" if r.error else "ok", **{k: getattr(q, k, None) for k in _QUANT_KEYS}}
         row.update({k: v for k, v in r.metrics.as_row().items() if k in _METRIC_KEYS})
         row["quantize_seconds"] = r.quantize_seconds
+        row["node"] = r.node
         if r.error:
             row["error"] = r.error
         elif r.artifact is not None:
@@ -81,6 +82,7 @@ def build(ctx) -> dict:
         },
         "calibration": as_json(ctx.calibration),
         "shared": shared_work(ctx),
+        "executor": ctx.executor,
         "rows": rows,
         "layers": {n: [vars(l) for l in r.layers] for n, r in ctx.candidates.items()},
         "allocations": {n: r.allocation for n, r in ctx.candidates.items() if r.allocation is not None},
@@ -112,12 +114,29 @@ def markdown(comp: dict) -> str:
         f"+ {s['overhead_gb']} GiB overhead.",
         "",
         comp["recommendation"]["line"],
+        *executor_lines(comp.get("executor") or {}),
     ]
     from compress.report.mixed import section
 
     warning = flagged_message(comp.get("sanity"))
     return ("\n".join([*([f"**{warning}**", ""] if warning else []), table, *notes]) + "\n"
             + section(comp["rows"], comp.get("allocations") or {}))
+
+
+def executor_lines(ex: dict) -> list[str]:
+    """Where the candidates ran, for a Ray sweep: per task its node, attempts and bytes moved."""
+    if ex.get("kind") != "ray":
+        return []
+    lines = ["", f"Ran as Ray tasks ({ex['threads_per_task']} torch thread(s) each); shared objects put once: "
+             + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in ex["shared_object_bytes"].items()) + "."]
+    for name, t in ex["tasks"].items():
+        node = t.get("node") or {}
+        res = t.get("resources", {})
+        lines.append(f"- {name}: node {node.get('host', '?')} ({str(node.get('node_id', '?'))[:12]}), "
+                     f"{res.get('num_cpus')} CPU, {res.get('num_gpus')} GPU, {res.get('memory', 0) / 2**30:.2f} GiB asked; "
+                     f"{t.get('bytes_to_task', 0) / 2**20:.2f} MiB to the task, {t.get('bytes_from_task', 0) / 1024:.1f} KiB back"
+                     + (f"; retried from block {t['resumed_at_block']}" if t.get("resumed_at_block") else ""))
+    return lines
 
 
 def terminal(comp: dict) -> str:
@@ -137,7 +156,7 @@ CSV_KEYS = [
     "name", "status", "error", "method", "bits", "group_size", "sym", "perplexity", "ppl_increase",
     "kl_divergence", "top1_agreement", "bytes", "bits_per_weight", "linear_bits_per_weight", "weights_bytes",
     "kv_cache_bytes", "overhead_bytes", "serving_bytes", "fits_on", "pareto", "prefill_tokens_per_s",
-    "decode_tokens_per_s", "serving_peak_rss_mb", "quantize_seconds",
+    "decode_tokens_per_s", "serving_peak_rss_mb", "quantize_seconds", "node",
 ]
 
 

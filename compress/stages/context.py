@@ -79,6 +79,7 @@ class CandidateResult:
     error: Optional[str] = None
     metrics: Metrics = field(default_factory=Metrics)
     allocation: Optional[dict] = None  # a `quantize.target`'s per-layer choice (stages/allocate.py)
+    node: Optional[str] = None  # the host that quantized it (this one, or a Ray worker's)
 
 
 @dataclass
@@ -104,6 +105,8 @@ class RunContext:
     # layer -> option ("4/64/sym", "float") -> predicted loss, for a run with a quantize.target
     sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     memory: Optional[PeakMemory] = None
+    # how the candidates ran: kind, and for Ray each task's node, resources and bytes moved
+    executor: dict = field(default_factory=lambda: {"kind": "local"})
 
 
 def as_json(value: Any) -> Any:

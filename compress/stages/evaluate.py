@@ -51,26 +51,36 @@ def evaluate_streams(
     original's perplexity comes from the first paired pass, which computes its logits anyway;
     only without one does the original get a pass of its own."""
     ref = head_inputs(original, eval_ids, "original")
-
-    def ref_head():
-        return original.head_slices(ROWS)
-
     rows = {"original": EvalRow("original", float("nan"), 0.0, 1.0)}  # first in the table
     ref_ppl: Optional[float] = None
     for name, open_model in candidates.items():
-        sm = open_model()
-        x = head_inputs(sm, eval_ids, name)
-        pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap_of(original)) if cfg.divergence else {}
-        st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap_of(sm), **pair)
-        rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
+        rows[name], theirs = evaluate_candidate(name, open_model, original, ref, eval_ids, cfg)
         if ref_ppl is None:
-            ref_ppl = st.ref_perplexity
-        del sm, x
-        release_freed()
+            ref_ppl = theirs
     if ref_ppl is None:
-        ref_ppl = vocab_metrics(ref, ref_head, eval_ids, _softcap_of(original)).perplexity
+        ref_ppl = original_perplexity(original, ref, eval_ids)
     rows["original"].perplexity = ref_ppl
     return rows
+
+
+def evaluate_candidate(name: str, open_model: Callable[[], StreamedModel], original: StreamedModel,
+                       ref: torch.Tensor, eval_ids: torch.Tensor, cfg: EvaluateConfig) -> tuple[EvalRow, Optional[float]]:
+    """One candidate against the original's head inputs `ref`: its row, and the original's
+    perplexity read off the same paired pass (None without `evaluate.divergence`). A Ray task
+    (compress/executor/task.py) calls this too, so both executors compute the same figures."""
+    sm = open_model()
+    x = head_inputs(sm, eval_ids, name)
+    pair = dict(ref_inputs=ref, ref_head=lambda: original.head_slices(ROWS),
+                ref_softcap=_softcap_of(original)) if cfg.divergence else {}
+    st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap_of(sm), **pair)
+    del sm, x
+    release_freed()
+    return EvalRow(name, st.perplexity, st.kl, st.top1), st.ref_perplexity
+
+
+def original_perplexity(original: StreamedModel, ref: torch.Tensor, eval_ids: torch.Tensor) -> float:
+    """The original's perplexity from its own head inputs, where no paired pass gave it."""
+    return vocab_metrics(ref, lambda: original.head_slices(ROWS), eval_ids, _softcap_of(original)).perplexity
 
 
 def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.gguf")) -> int:
@@ -80,27 +90,46 @@ def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin",
 def stage_evaluate(ctx) -> None:
     """Bytes of every artifact; with `evaluate.enabled`, perplexity, KL and top-1 of the
     original and every candidate on the evaluation windows, and their speed."""
-    from compress.data.sources import RANDOM_TOKENS
-    from compress.data.windows import windows_sha256
-    from compress.evaluate.sanity import check_original
-    from compress.evaluate.speed import measure_in_subprocess
     from compress.formats.artifact import open_artifact
-    from compress.stages.context import Protocol
 
     e = ctx.cfg.evaluate
     done = {n: r for n, r in ctx.candidates.items() if r.artifact is not None}
     l = ctx.loaded
-    n_params = l.streamed(load_outer=False).n_params  # read off the skeleton: no weights needed
-    orig_bytes = dir_bytes(ctx.loaded.root)
-    ctx.original.update(bytes=orig_bytes, bits_per_weight=8 * orig_bytes / n_params, params=n_params)
-    for r in done.values():
-        r.metrics.update(bytes=dir_bytes(r.artifact))
-        r.metrics.update(bits_per_weight=8 * r.metrics.bytes / n_params)
+    record_sizes(ctx)
     if not e.enabled:
         return
     original = l.streamed()
-    eval_ids = ctx.eval_ids
-    bos = ctx.eval_bos
+    set_protocol(ctx)
+    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
+    rows = evaluate_streams(original, cands, ctx.eval_ids, e)
+    record_original(ctx, rows["original"].perplexity)
+    for n, r in done.items():
+        r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
+                         top1_agreement=rows[n].top1_agreement)
+    if e.speed:
+        record_original_speed(ctx)
+        for r in done.values():
+            r.metrics.update(**candidate_speed(r.artifact, e, l.device.type))
+
+
+def record_sizes(ctx) -> None:
+    """Bytes on disk and bits per weight of the original and of every finished artifact."""
+    l = ctx.loaded
+    n_params = l.streamed(load_outer=False).n_params  # read off the skeleton: no weights needed
+    orig_bytes = dir_bytes(l.root)
+    ctx.original.update(bytes=orig_bytes, bits_per_weight=8 * orig_bytes / n_params, params=n_params)
+    for r in ctx.candidates.values():
+        if r.artifact is not None:
+            r.metrics.update(bytes=dir_bytes(r.artifact))
+            r.metrics.update(bits_per_weight=8 * r.metrics.bytes / n_params)
+
+
+def set_protocol(ctx) -> None:
+    """How the evaluation figures are measured (ctx.protocol), from the drawn windows."""
+    from compress.data.windows import windows_sha256
+    from compress.stages.context import Protocol
+
+    e, eval_ids, bos = ctx.cfg.evaluate, ctx.eval_ids, ctx.eval_bos
     ctx.protocol = Protocol(
         name=f"{e.dataset}-evaluation-split-nonoverlap-{e.windows}x{e.seqlen}" + ("-bos" if bos is not None else ""),
         dataset=e.dataset, split="evaluation", windows=e.windows, seqlen=e.seqlen,
@@ -112,19 +141,31 @@ def stage_evaluate(ctx) -> None:
            "predicted token." if bos is not None else ""),
         bos_token_id=bos,
     )
-    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
-    rows = evaluate_streams(original, cands, eval_ids, e)
-    ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
+
+
+def record_original(ctx, perplexity: float) -> None:
+    """The original's row, and the sanity check of its perplexity."""
+    from compress.data.sources import RANDOM_TOKENS
+    from compress.evaluate.sanity import check_original
+
+    e, l = ctx.cfg.evaluate, ctx.loaded
+    ctx.original.update(perplexity=perplexity, kl_divergence=0.0, top1_agreement=1.0)
     if e.dataset != RANDOM_TOKENS:  # random ids are no text: no model predicts them
-        vocab = getattr(l.config, "vocab_size", None) or int(eval_ids.max()) + 1
-        ctx.sanity = check_original(rows["original"].perplexity, eval_ids, vocab)
+        vocab = getattr(l.config, "vocab_size", None) or int(ctx.eval_ids.max()) + 1
+        ctx.sanity = check_original(perplexity, ctx.eval_ids, vocab)
         if ctx.sanity["flagged"]:
             log.warning("%s", ctx.sanity["message"])
-    for n, r in done.items():
-        r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
-                         top1_agreement=rows[n].top1_agreement)
-    if e.speed:
-        dev = l.device.type
-        ctx.original.update(**measure_in_subprocess(l.root, False, e.speed_prompt_tokens, e.speed_new_tokens, dev))
-        for r in done.values():
-            r.metrics.update(**measure_in_subprocess(r.artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, dev))
+
+
+def record_original_speed(ctx) -> None:
+    from compress.evaluate.speed import measure_in_subprocess
+
+    e, l = ctx.cfg.evaluate, ctx.loaded
+    ctx.original.update(**measure_in_subprocess(l.root, False, e.speed_prompt_tokens, e.speed_new_tokens,
+                                                l.device.type))
+
+
+def candidate_speed(artifact: Path, e: EvaluateConfig, device_type: str) -> dict:
+    from compress.evaluate.speed import measure_in_subprocess
+
+    return measure_in_subprocess(artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, device_type)

@@ -9,6 +9,7 @@ import datetime as _dt
 import logging
 import dataclasses
 import re
+import socket
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
@@ -215,47 +216,59 @@ def stage_quantize(ctx) -> None:
     block to the exporter, and to the resume store (compress/resume.py). A failing candidate
     is marked failed and the others go on (a run with one candidate stops). With `ctx.resume`,
     a candidate continues from its stored blocks, and one whose artifact was finished is kept."""
-    from compress.evaluate.memory import release_freed
     from compress.resume import fingerprint, open_store
-    from compress.stages.calibrate import spool_dir
-    from compress.stages.quantize import quantize_model
 
     manifest = base_manifest(ctx.cfg, ctx.loaded, ctx.input_hashes, ctx.calibration)
     store = open_store(ctx.out_dir, fingerprint(ctx), ctx.resume)
     for name, res in ctx.candidates.items():
         if res.error:
             continue
-        saved = store.candidate(name)
-        if _keep_finished(ctx, res, saved):
-            continue
-        sm = ctx.loaded.streamed()
-        exporter = None
+        res.node = socket.gethostname()
         try:
-            point = saved.resume_point(sm.n_blocks)
-            # Every block stored but no record that the artifact is done: the kill fell between
-            # its rename and that record, so the folder there is this run's and is rewritten.
-            exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name,
-                                overwrite=True if point.start == sm.n_blocks else None)
-            for i in range(point.start):  # the interrupted run's blocks, as it wrote them
-                exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
-            exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
-            res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
-            res.quantize_seconds = saved.seconds()  # the interrupted runs' share included
-            res.artifact = exporter.finish(manifest if res.allocation is None else {**manifest, "allocation": res.allocation})
-            res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
-            saved.mark_done({"reports": [dataclasses.asdict(r) for r in res.layers],
-                             "quantize_seconds": res.quantize_seconds,
-                             "linear_bits_per_weight": res.metrics.linear_bits_per_weight})
-        except BaseException as e:  # Ctrl-C too: no temporary folder may outlive the run
-            if exporter is not None:
-                exporter.abort()
-            if len(ctx.candidates) == 1 or not isinstance(e, Exception):
+            quantize_candidate(ctx, res, store.candidate(name), manifest)
+        except Exception as e:
+            if len(ctx.candidates) == 1:
                 raise
             log.exception("candidate %s failed", name)
             res.error = f"{type(e).__name__}: {e}"
-        finally:
-            sm = exporter = None  # this candidate's model and buffers go before the next
-            release_freed()
+
+
+def quantize_candidate(ctx, res, saved, manifest: dict) -> None:
+    """One candidate's artifact at `ctx.out_dir / name`, continued from the blocks `saved` (its
+    resume store) holds, or kept when that store says it was finished. Raises on failure, after
+    removing the partial folder. A Ray task (compress/executor/task.py) calls this too."""
+    from compress.evaluate.memory import release_freed
+    from compress.stages.calibrate import spool_dir
+    from compress.stages.quantize import quantize_model
+
+    name = res.plan.name
+    if _keep_finished(ctx, res, saved):
+        return
+    sm = ctx.loaded.streamed()
+    exporter = None
+    try:
+        point = saved.resume_point(sm.n_blocks)
+        # Every block stored but no record that the artifact is done: the kill fell between
+        # its rename and that record, so the folder there is this run's and is rewritten.
+        exporter = Exporter(ctx.loaded, sm, res.plan, ctx.cfg, ctx.out_dir / name,
+                            overwrite=True if point.start == sm.n_blocks else None)
+        for i in range(point.start):  # the interrupted run's blocks, as it wrote them
+            exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
+        exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
+        res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
+        res.quantize_seconds = saved.seconds()  # the interrupted runs' share included
+        res.artifact = exporter.finish(manifest if res.allocation is None else {**manifest, "allocation": res.allocation})
+        res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight
+        saved.mark_done({"reports": [dataclasses.asdict(r) for r in res.layers],
+                         "quantize_seconds": res.quantize_seconds,
+                         "linear_bits_per_weight": res.metrics.linear_bits_per_weight})
+    except BaseException:  # Ctrl-C too: no temporary folder may outlive the run
+        if exporter is not None:
+            exporter.abort()
+        raise
+    finally:
+        sm = exporter = None  # this candidate's model and buffers go before the next
+        release_freed()
 
 
 def _keep_finished(ctx, res, saved) -> bool:

@@ -240,7 +240,13 @@ def resolve_tokenizer(cfg: ModelConfig, root: Path) -> Optional[Path]:
 def load_model(cfg: ModelConfig) -> LoadedModel:
     gguf = resolve_gguf(cfg)
     root = resolve_folder(cfg)
-    tokenizer_dir = resolve_tokenizer(cfg, root)
+    return open_resolved(cfg, root, resolve_tokenizer(cfg, root), gguf)
+
+
+def open_resolved(cfg: ModelConfig, root: Path, tokenizer_dir: Optional[Path] = None,
+                  gguf: Optional[Path] = None) -> LoadedModel:
+    """The model of a folder `load_model` already resolved (converted, downloaded): what a
+    Ray task opens from the path the driver hands it, converting and fetching nothing."""
     config = load_config(root, cfg.trust_remote_code)
     checkpoint = open_checkpoint(root, allow_pickle=cfg.allow_pickle)
     device = resolve_device(cfg.device)

@@ -1,0 +1,228 @@
+"""The candidates of a sweep as Ray tasks (`executor.kind: ray`, `compress compare --ray`).
+
+The driver (this process) has run load, calibrate and allocate, as a local run does. This
+stage then streams the original over the evaluation windows once, puts the windows and the
+original's lm_head inputs into Ray's object store once, and starts one task per candidate
+(compress/executor/task.py) asking for `executor.threads` CPUs, `executor.gpus` GPUs and the
+memory the plan needs (compress/executor/resources.py). Artifacts are written by the tasks
+into the output folder, which every node must see (`executor.artifacts: shared`), atomically
+as in a local run: a worker that dies leaves a `.partial-` folder with its owner record, never
+a folder that looks complete. A task whose worker dies is run again up to `max_retries`
+times, continuing from the blocks its killed attempt stored (compress/resume.py); after that
+the candidate is listed as failed with the reason, and the others complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from compress.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'compress[ray]'"
+
+
+def require_ray(key: str = "executor.kind"):
+    """The `ray` module, or ConfigError (exit 2) saying what to install."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(f"{key}: ray runs candidates on a Ray cluster, and Ray is not installed; "
+                          f"install it with: {INSTALL}") from None
+    return ray
+
+
+def connect(ray, address: Optional[str]) -> bool:
+    """Join the cluster at `address` ('auto': a running one, else a new one here; 'local': a
+    new one here; None: the cluster this process already joined, else as 'auto'). Returns
+    whether this call started the connection (and so must end it)."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, runtime_env=env)
+    if address in (None, "auto"):
+        try:
+            ray.init(address="auto", **kwargs)
+        except ConnectionError:  # none running (or a stale record of one): a new one here
+            ray.init(address="local", **kwargs)
+    elif address == "local":
+        ray.init(address="local", **kwargs)
+    else:
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            raise ConfigError(f"executor.address: cannot reach a Ray cluster at {address} ({e})") from None
+    return True
+
+
+def stage_ray(ctx) -> None:
+    """Quantize, export and evaluate every candidate as a Ray task; the original's figures here."""
+    import torch
+
+    ray = require_ray()
+    ex = ctx.cfg.executor
+    if ex.artifacts != "shared":
+        raise ConfigError("executor.artifacts: 'stream' is documented in docs/ray.md but not built yet; "
+                          "use 'shared' (workers write into export.output_dir)")
+    started = connect(ray, ex.address)
+    try:
+        _fan_out(ray, ctx, ex.threads or torch.get_num_threads())
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _fan_out(ray, ctx, threads: int) -> None:
+    from compress.executor.task import run_candidate, to_wire, wire_bytes
+    from compress.owner import sweep_dead
+    from compress.resume import fingerprint, open_store, store_dir
+    from compress.stages.evaluate import (
+        head_inputs, original_perplexity, record_original, record_original_speed, record_sizes, set_protocol,
+    )
+    from compress.stages.export import base_manifest, runtime_settings
+
+    cfg, l, ex = ctx.cfg, ctx.loaded, ctx.cfg.executor
+    e = cfg.evaluate
+    fp = fingerprint(ctx)
+    fp["runtime settings"]["torch_threads"] = threads  # what the tasks run with
+    store = open_store(ctx.out_dir, fp, ctx.resume)
+    store.ensure()  # once, here: tasks only add their candidate's folder
+    manifest = base_manifest(cfg, l, ctx.input_hashes, ctx.calibration)
+    manifest["runtime"] = {**runtime_settings(l.device), "torch_threads": threads}
+
+    t0 = time.perf_counter()
+    ref = original = None
+    if e.enabled:
+        set_protocol(ctx)
+        original = l.streamed()
+        ref = head_inputs(original, ctx.eval_ids, "original")
+    shared = {"calibration": to_wire(ctx.calib_ids), "evaluation": to_wire(ctx.eval_ids), "head_inputs": to_wire(ref)}
+    shared_bytes = {k: wire_bytes(v) for k, v in shared.items()}
+    refs = {k: ray.put(v) for k, v in shared.items()}
+    ctx.timings["original"] = time.perf_counter() - t0
+
+    common = {
+        "config": cfg.model_dump(mode="json"), "out_dir": str(ctx.out_dir.resolve()), "root": str(l.root),
+        "tokenizer_dir": str(l.tokenizer_dir) if l.tokenizer_dir else None, "gguf": str(l.gguf) if l.gguf else None,
+        "input_hashes": ctx.input_hashes, "threads": threads, "store": str(store_dir(ctx.out_dir).resolve()),
+        "fingerprint": fp, "manifest": manifest,
+        "calibration": None if ctx.calibration is None else _asdict(ctx.calibration),
+    }
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    remote = ray.remote(run_candidate)
+    futures: dict[Any, str] = {}
+    tasks: dict[str, dict] = {}
+    for name, res in ctx.candidates.items():
+        if res.error:
+            continue
+        job = {**common, "name": name, "plan": res.plan.q.model_dump(mode="json"), "allocation": res.allocation}
+        opts = task_options(ctx, res.plan, threads)
+        check_fits(nodes, opts, name)
+        future = remote.options(**opts).remote(job, refs["calibration"], refs["evaluation"], refs["head_inputs"])
+        futures[future] = name
+        job_bytes = len(json.dumps(job, default=str).encode())
+        tasks[name] = {"resources": {k: v for k, v in opts.items() if k in ("num_cpus", "num_gpus", "memory")},
+                       "bytes_to_task": job_bytes + sum(shared_bytes.values())}
+    log.info("ray: %d candidate task(s) submitted (%d thread(s) each; shared objects %s)", len(futures), threads,
+             ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in shared_bytes.items()))
+
+    outcomes: dict[str, dict] = {}
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        name = futures[ready[0]]
+        try:
+            outcomes[name] = ray.get(ready[0])
+        except Exception as err:  # the worker died max_retries + 1 times (or the node was lost)
+            outcomes[name] = {"name": name, "error": _lost(err, ex.max_retries)}
+        tasks[name]["bytes_from_task"] = len(json.dumps(outcomes[name], default=str).encode())
+        log.info("ray: candidate %s %s", name, "failed" if outcomes[name].get("error") else "done")
+    sweep_dead(ctx.out_dir)  # partial folders of workers that died on this host
+
+    ref_ppl = None
+    for name, res in ctx.candidates.items():
+        out = outcomes.get(name)
+        if out is None:
+            continue
+        _apply(ctx, res, out)
+        tasks[name].update(node=out.get("node"), threads=out.get("threads"), seconds=out.get("task_seconds"),
+                           resumed_at_block=out.get("resumed_at_block"))
+        if ref_ppl is None and out.get("evaluation"):
+            ref_ppl = out["evaluation"]["ref_perplexity"]  # as the local run: the first evaluated candidate's
+    ctx.executor = {"kind": "ray", "address": ex.address, "threads_per_task": threads,
+                    "shared_object_bytes": shared_bytes, "tasks": tasks}
+    record_sizes(ctx)
+    if e.enabled:
+        record_original(ctx, ref_ppl if ref_ppl is not None else original_perplexity(original, ref, ctx.eval_ids))
+        if e.speed:
+            record_original_speed(ctx)
+
+
+def task_options(ctx, plan, threads: int) -> dict:
+    """Ray options of one candidate's task: CPUs, GPUs, memory, retries, environment."""
+    from compress.executor.resources import plan_memory
+
+    ex = ctx.cfg.executor
+    device = ctx.loaded.device.type
+    gpus = ex.gpus if ex.gpus is not None else (1 if device == "cuda" else 0)
+    memory = int(ex.memory_gb * 2**30) if ex.memory_gb else plan_memory(ctx.cfg, ctx.loaded.config, plan, device).request
+    opts: dict[str, Any] = dict(num_cpus=threads, num_gpus=gpus, memory=memory, max_retries=ex.max_retries,
+                                retry_exceptions=False, name=f"compress:{plan.name}")
+    if os.environ.get("PYTHONPATH"):  # the workers import the compress this process runs
+        opts["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
+    return opts
+
+
+def check_fits(nodes: list[dict], opts: dict, name: str) -> None:
+    """A task no node can hold would wait forever: say which request is too large instead."""
+    need = {"CPU": ("executor.threads", opts["num_cpus"]), "GPU": ("executor.gpus", opts["num_gpus"]),
+            "memory": ("executor.memory_gb", opts["memory"])}
+    if any(all(n.get(k, 0) >= v for k, (_, v) in need.items() if v) for n in nodes):
+        return
+    worst = next(((key, v, k) for k, (key, v) in need.items() if v and not any(n.get(k, 0) >= v for n in nodes)),
+                 None)
+    if worst is None:
+        raise ConfigError(f"executor: candidate {name} asks for {opts['num_cpus']} CPU, {opts['num_gpus']} GPU and "
+                          f"{opts['memory'] / 2**30:.2f} GiB together, and no node of the Ray cluster has all three")
+    most = max((n.get(worst[2], 0) for n in nodes), default=0)
+    unit = (lambda x: f"{x / 2**30:.2f} GiB") if worst[2] == "memory" else (lambda x: f"{x:g}")
+    raise ConfigError(f"{worst[0]}: candidate {name} asks for {unit(worst[1])} {worst[2]}, and no node of the "
+                      f"Ray cluster has that much (the largest has {unit(most)})")
+
+
+def _apply(ctx, res, out: dict) -> None:
+    from compress.stages.quantize import LayerReport
+
+    node = out.get("node") or {}
+    # two Ray nodes may share a host (one machine, several raylets): the node id tells them apart
+    res.node = f"{node.get('host')}:{str(node.get('node_id'))[:8]}" if node.get("node_id") else node.get("host")
+    if out.get("error"):
+        res.error = out["error"]
+        return
+    res.artifact = ctx.out_dir / out["artifact"]
+    res.layers = [LayerReport(**r) for r in out["layers"]]
+    res.quantize_seconds = out["quantize_seconds"]
+    res.metrics.linear_bits_per_weight = out["linear_bits_per_weight"]
+    ev = out.get("evaluation")
+    if ev:
+        res.metrics.update(perplexity=ev["perplexity"], kl_divergence=ev["kl_divergence"],
+                           top1_agreement=ev["top1_agreement"])
+    if out.get("speed"):
+        res.metrics.update(**out["speed"])
+
+
+def _lost(err: Exception, retries: int) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (f"{type(err).__name__}: the Ray worker running this candidate died "
+            f"{retries + 1} time(s) (executor.max_retries: {retries}): {first}")
+
+
+def _asdict(record) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(record)
