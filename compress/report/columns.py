@@ -40,6 +40,7 @@ _ALL = (
     Column("prefill_tokens_per_s", "prefill tok/s", "{:.0f}", card_header="Prefill tok/s"),
     Column("decode_tokens_per_s", "decode tok/s", "{:.1f}", card_header="Decode tok/s"),
     Column("serving_peak_rss_mb", "serve RSS MB", "{:.0f}", card_header="Peak RSS (MB)"),
+    Column("speed_runtime", "speed runtime", card_header="Speed measured with"),
     Column("quantize_seconds", "quantize s", "{:.1f}"),
     Column("status", "status"),
 )
@@ -47,10 +48,10 @@ COLUMNS: dict[str, Column] = {c.key: c for c in _ALL}
 
 RUN_TABLE = ("name", "perplexity", "kl_divergence", "top1_agreement", "bytes", "bits_per_weight",
              "linear_bits_per_weight", "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb",
-             "quantize_seconds", "status")
+             "speed_runtime", "quantize_seconds", "status")
 COMPARISON_TABLE = ("name", "pareto", "perplexity", "ppl_increase", "kl_divergence", "top1_agreement", "bytes",
                     "bits_per_weight", "serving_bytes", "smallest_gpu", "decode_tokens_per_s",
-                    "quantize_seconds", "status")
+                    "speed_runtime", "quantize_seconds", "status")
 CARD_TABLE = tuple(c.key for c in _ALL if c.card_header)
 
 

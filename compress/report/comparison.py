@@ -21,7 +21,7 @@ from compress.serving import GIB, attention_shape, fits, load_gpus, safetensors_
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "desc_act", "propagate")
 _METRIC_KEYS = (
     "perplexity", "kl_divergence", "top1_agreement", "bytes", "bits_per_weight", "linear_bits_per_weight",
-    "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb",
+    "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb", "speed_runtime",
 )
 
 
@@ -137,7 +137,7 @@ CSV_KEYS = [
     "name", "status", "error", "method", "bits", "group_size", "sym", "perplexity", "ppl_increase",
     "kl_divergence", "top1_agreement", "bytes", "bits_per_weight", "linear_bits_per_weight", "weights_bytes",
     "kv_cache_bytes", "overhead_bytes", "serving_bytes", "fits_on", "pareto", "prefill_tokens_per_s",
-    "decode_tokens_per_s", "serving_peak_rss_mb", "quantize_seconds",
+    "decode_tokens_per_s", "serving_peak_rss_mb", "speed_runtime", "quantize_seconds",
 ]
 
 
