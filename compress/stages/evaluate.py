@@ -17,6 +17,7 @@ import torch
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
 from compress.evaluate.memory import release_freed
+from compress.evaluate.stats import quality_stats
 from compress.evaluate.vocab_stream import ROWS, vocab_metrics
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,17 @@ def evaluate_streams(
         x = head_inputs(sm, eval_ids, name)
         pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap_of(original)) if cfg.divergence else {}
         st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap_of(sm), **pair)
-        rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
+        rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1,
+                             quality_stats(st.nll, st.kl_tokens, st.same_top1, st.ref_nll).as_metrics())
         if ref_ppl is None:
             ref_ppl = st.ref_perplexity
+            if st.ref_nll is not None:
+                rows["original"].extra = quality_stats(st.ref_nll).as_metrics()
         del sm, x
         release_freed()
     if ref_ppl is None:
-        ref_ppl = vocab_metrics(ref, ref_head, eval_ids, _softcap_of(original)).perplexity
+        st = vocab_metrics(ref, ref_head, eval_ids, _softcap_of(original))
+        ref_ppl, rows["original"].extra = st.perplexity, quality_stats(st.nll).as_metrics()
     rows["original"].perplexity = ref_ppl
     return rows
 
@@ -107,14 +112,17 @@ def stage_evaluate(ctx) -> None:
         windows_sha256=windows_sha256(eval_ids),
         description="perplexity = exp(mean next-token NLL) over consecutive non-overlapping "
         "windows cut from the start of the dataset's evaluation split (see calibration/README.md); "
-        "KL(original || candidate) and top-1 agreement averaged over every token position."
+        "KL(original || candidate) and top-1 agreement averaged over every token position. "
+        "Intervals (95%) and standard errors are over windows; a candidate's perplexity ratio to the "
+        "original is paired by window; KL percentiles are over every position (compress/evaluate/stats.py)."
         + (f" Each window is BOS (token {bos}) + {e.seqlen - 1} tokens of text; BOS is never a "
            "predicted token." if bos is not None else ""),
         bos_token_id=bos,
     )
     cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, eval_ids, e)
-    ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
+    ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0,
+                        **rows["original"].extra)
     if e.dataset != RANDOM_TOKENS:  # random ids are no text: no model predicts them
         vocab = getattr(l.config, "vocab_size", None) or int(eval_ids.max()) + 1
         ctx.sanity = check_original(rows["original"].perplexity, eval_ids, vocab)
@@ -122,7 +130,7 @@ def stage_evaluate(ctx) -> None:
             log.warning("%s", ctx.sanity["message"])
     for n, r in done.items():
         r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
-                         top1_agreement=rows[n].top1_agreement)
+                         top1_agreement=rows[n].top1_agreement, **rows[n].extra)
     if e.speed:
         dev = l.device.type
         ctx.original.update(**measure_in_subprocess(l.root, False, e.speed_prompt_tokens, e.speed_new_tokens, dev))
