@@ -8,27 +8,14 @@ import json
 import pytest
 import torch
 
-from compress.config import parse_config
 from compress.evaluate.speed import measure
 from compress.formats.artifact import open_artifact
 from compress.models.checkpoint import CheckpointError
-from compress.pipeline import run
 from compress.runtime.kernels import DENSE, INT4, INT8
 from compress.runtime.registry import RUNTIMES, kind_of, open_decoder
 from compress.runtime.torch_runtime import TorchDecoder
-from tiny_models import run_config
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def artifacts(model_dir, text_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rt")
-    cands = [{"name": "w4", "bits": 4, "group_size": 64, "sym": False}, {"name": "w8", "bits": 8, "group_size": -1}]
-    cfg = parse_config(run_config(model_dir("llama"), text_file, out, candidates=cands,
-                                  export={"format": "gptq"}, evaluate={"enabled": False}))
-    ctx = run(cfg, out)
-    return {n: r.artifact for n, r in ctx.candidates.items()}
 
 
 def _reference(path) -> TorchDecoder:
