@@ -149,7 +149,7 @@ def csv_text(comp: dict) -> str:
     w = csv.DictWriter(buf, fieldnames=CSV_KEYS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in comp["rows"]:
-        w.writerow({k: ";".join(v) if isinstance(v, list) else v for k, v in r.items()})
+        w.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
     return buf.getvalue()
 
 

@@ -76,3 +76,30 @@ def test_identical_models_have_no_divergence_and_a_ratio_of_one() -> None:
     qs = quality_stats(st.nll, st.kl_tokens, st.same_top1, st.ref_nll)
     assert qs.kl_max < 1e-5 and qs.top1_agreement_se == 0.0
     assert qs.ppl_ratio == pytest.approx(1.0) and qs.ppl_ratio_ci95 == pytest.approx((1.0, 1.0))
+
+
+def test_a_run_reports_the_intervals_everywhere(model_dir, text_file, tmp_path) -> None:
+    import json
+
+    from compress.config import parse_config
+    from compress.pipeline import run
+    from tiny_models import run_config
+
+    out = tmp_path / "out"
+    cfg = parse_config(run_config(model_dir("llama"), text_file, out, quantize={"bits": 3, "group_size": 64},
+                                  evaluate={"windows": 6}))
+    ctx = run(cfg, out)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    orig, cand = rows
+    lo, hi = orig["perplexity_ci95"]
+    assert lo < orig["perplexity"] < hi and "kl_p99" not in orig
+    assert cand["kl_median"] <= cand["kl_p99"] <= cand["kl_p999"] <= cand["kl_max"]
+    assert cand["kl_divergence_se"] > 0 and 0 <= cand["top1_agreement_se"] < 1
+    assert cand["ppl_ratio"] == pytest.approx(cand["perplexity"] / orig["perplexity"], rel=1e-6)
+    r_lo, r_hi = cand["ppl_ratio_ci95"]
+    assert r_lo < cand["ppl_ratio"] < r_hi
+    report = (out / "report.md").read_text()
+    assert "ppl 95% CI" in report and "KL p99.9" in report
+    art = next(iter(ctx.candidates.values())).artifact
+    sealed = json.loads((art / "compress-results.json").read_text())["rows"]
+    assert sealed[1]["kl_p999"] == cand["kl_p999"]
