@@ -120,6 +120,10 @@ def main() -> None:
             rows[name]["decode"].append(r["decode_tokens_per_s"])
             print(f"[{time.strftime('%H:%M:%S')}] round {k + 1} {name}: prefill {r['prefill_tokens_per_s']:.0f}, "
                   f"decode {r['decode_tokens_per_s']:.1f} tok/s", flush=True)
+    if not args.repeats:  # fidelity only
+        for name in artifacts:
+            print(name, fidelity(decoders[f"{name} fast"], decoders[f"{name} reference"], ids, args.new), flush=True)
+        return
     for r in rows.values():
         r["prefill_tokens_per_s"] = sorted(r["prefill"])[len(r["prefill"]) // 2]
         r["decode_tokens_per_s"] = sorted(r["decode"])[len(r["decode"]) // 2]
