@@ -242,6 +242,51 @@ def inspect_cmd(path: str) -> None:
         click.echo(describe(Path(path)))
 
 
+@main.command("generate")
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", required=True, help="The text to continue (with --chat: the user's message).")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0),
+              help="0 is greedy.")
+@click.option("--top-k", default=40, show_default=True, type=click.IntRange(min=0), help="0: no top-k cut.")
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template (one user turn).")
+@click.option("--device", default="cpu", show_default=True)
+def generate_cmd(artifact: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                 seed: int, chat: bool, device: str) -> None:
+    """Stream text from ARTIFACT (a folder compress wrote, or a float model folder) on the
+    fastest runtime for it; the speed and the runtime are said on stderr at the end."""
+    with _exit_codes():
+        import torch
+
+        from compress.models.checkpoint import CheckpointError
+        from compress.runtime.generate import Sampling, TextStream, Timing, generate, prompt_ids, stop_ids
+        from compress.runtime.registry import kind_of, open_decoder
+
+        path = Path(artifact)
+        kind_of(path)  # a bad path or format: exit 2 before anything heavy loads
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: no tokenizer compress can load ({_one_line(e)[:200]})") from None
+        ids = prompt_ids(tok, prompt, chat, str(path))
+        decoder = open_decoder(path, torch.device(device))
+        stream, timing = TextStream(tok), Timing()
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        for t in generate(decoder, ids, max_new_tokens, sampling, stop_ids(tok, path), timing):
+            click.echo(stream.push(t), nl=False)
+            sys.stdout.flush()
+        click.echo("")
+        decode = timing.new_tokens / timing.decode_s if timing.decode_s > 0 else float("nan")
+        click.echo(f"[{timing.prompt_tokens} prompt + {timing.new_tokens} new tokens"
+                   f"{', stopped at EOS' if timing.stopped_at_eos else ''}; prefill "
+                   f"{timing.prompt_tokens / max(timing.prefill_s, 1e-9):.0f} tok/s, decode {decode:.1f} tok/s; "
+                   f"runtime: {decoder.label}]", err=True)
+
+
 def _register_optional() -> None:
     try:
         from compress.publish.command import publish

@@ -4,7 +4,11 @@ Generation needs the whole model, so this is the one measurement that loads ever
 once; running it in a subprocess keeps that out of the pipeline's own peak memory and gives
 the serving footprint (peak RSS of the child) as a separate figure.
 
-    python -m compress.evaluate.speed PATH [--artifact] --prompt 128 --new 32 --device cpu
+    python -m compress.evaluate.speed PATH --prompt 128 --new 32 --device cpu
+
+The model runs where a user would run it: `compress.runtime.registry` opens PATH with the
+runtime of its kind (our quantized artifacts on the CPU kernels of `compress.runtime.kernels`,
+not the dequantize-per-call reference), and the result names it (`speed_runtime`).
 """
 from __future__ import annotations
 
@@ -25,63 +29,51 @@ def _median(xs: list[float]) -> float:
 
 
 @torch.no_grad()
-def measure(model, vocab: int, prompt: int, new: int, device: torch.device, repeats: int = 3) -> dict:
+def measure(decoder, prompt: int, new: int, device: torch.device, repeats: int = 3) -> dict:
+    """Median prefill and greedy-decode tokens/s of `decoder` (`compress.runtime.registry.Decoder`)
+    over `repeats` sequences of `prompt` random tokens and `new` generated ones, with the runtime
+    that produced them."""
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, prompt), generator=gen).to(device)
-    model(input_ids=ids[:, :8], use_cache=False)  # warm-up
+    ids = torch.randint(0, decoder.vocab_size, (1, prompt), generator=gen)
+    decoder.prefill(ids[:, :8])  # warm-up
     prefill, decode = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
+        nxt = int(decoder.prefill(ids).argmax())
         t1 = time.perf_counter()
-        past = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
         for _ in range(new):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            nxt = int(decoder.step(nxt).argmax())
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.perf_counter()
         prefill.append(prompt / (t1 - t0))
         decode.append(new / (t2 - t1))
-    return {"prefill_tokens_per_s": _median(prefill), "decode_tokens_per_s": _median(decode)}
-
-
-def _load(path: Path, artifact: bool, device: torch.device):
-    if artifact:
-        from compress.formats.artifact import open_artifact
-
-        sm = open_artifact(path, device, torch.float32 if device.type == "cpu" else torch.float16)
-        return sm.materialize_all(), sm.config.vocab_size
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.float32 if device.type == "cpu" else torch.float16
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-    return model, model.config.vocab_size
+    return {"prefill_tokens_per_s": _median(prefill), "decode_tokens_per_s": _median(decode),
+            "speed_runtime": decoder.label}
 
 
 def main(argv: list[str] | None = None) -> None:
     from compress.evaluate.memory import PeakMemory
+    from compress.runtime.registry import open_decoder
 
     # The default allocator here: mmap for every large temporary made decoding 3-4x slower.
     ap = argparse.ArgumentParser()
     ap.add_argument("path", type=Path)
-    ap.add_argument("--artifact", action="store_true")
+    ap.add_argument("--artifact", action="store_true", help="ignored: the kind is read from PATH")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     with PeakMemory() as mem:
-        model, vocab = _load(a.path, a.artifact, device)
-        res = measure(model, vocab, a.prompt, a.new, device)
+        res = measure(open_decoder(a.path, device), a.prompt, a.new, device)
     res["serving_peak_rss_mb"] = mem.peak / 2**20
     print(json.dumps(res))
 
 
 def measure_in_subprocess(path: Path, artifact: bool, prompt: int, new: int, device: str) -> dict:
     cmd = [sys.executable, "-m", "compress.evaluate.speed", str(path), "--prompt", str(prompt),
-           "--new", str(new), "--device", device] + (["--artifact"] if artifact else [])
+           "--new", str(new), "--device", device]
     proc = run_child(cmd)
     if proc.returncode != 0:
         raise RuntimeError(f"speed measurement failed for {path}: {proc.stderr.strip()[-2000:]}")

@@ -10,7 +10,8 @@ sum of ``exp(a - m) * (a - b)``, from which
     KL(P || Q) = sum_i p_i (a_i - b_i) - lse(a) + lse(b),  p_i = exp(a_i - lse(a))
 
 for original logits ``a`` and candidate logits ``b``. Only head inputs (one hidden vector per
-position) and a slice of logits are ever in memory.
+position) and a slice of logits are ever in memory. The per-position values (NLL, KL, same
+argmax: windows x seqlen numbers each) are kept for the statistics of `compress.evaluate.stats`.
 """
 from __future__ import annotations
 
@@ -68,6 +69,12 @@ class VocabStats:
     agree: Optional[int] = None
     positions: int = 0  # every position (KL, top-1)
     ref_nll_sum: Optional[float] = None  # the reference's own NLL, from the same logit tiles
+    # Per position, [windows, L] float32 on the CPU: the next token's NLL (NaN at a window's last
+    # position), KL(reference || model), whether both argmaxes agree, the reference's NLL.
+    nll: Optional[torch.Tensor] = None
+    kl_tokens: Optional[torch.Tensor] = None
+    same_top1: Optional[torch.Tensor] = None
+    ref_nll: Optional[torch.Tensor] = None
 
     @property
     def perplexity(self) -> float:
@@ -135,10 +142,19 @@ def vocab_metrics(
                 t[sl] = t[sl] * rescale + e.mul_(a.sub_(b)).sum(1)  # a is spent: overwritten
     has = tgt >= 0
     lse = cand.lse
-    stats = VocabStats(float((lse - cand.target)[has].double().sum()), int(has.sum()), positions=n)
+
+    def per_position(v: torch.Tensor, scored_only: bool = False) -> torch.Tensor:
+        v = v.float().cpu()
+        return (torch.where(has.cpu(), v, torch.full_like(v, math.nan)) if scored_only else v).reshape(w, L)
+
+    stats = VocabStats(float((lse - cand.target)[has].double().sum()), int(has.sum()), positions=n,
+                       nll=per_position(lse - cand.target, True))
     if pair:
         kl = t / ref.s - ref.lse + lse
+        same = ref.arg == cand.arg
         stats.kl_sum = float(kl.double().sum())
-        stats.agree = int((ref.arg == cand.arg).sum())
+        stats.agree = int(same.sum())
         stats.ref_nll_sum = float((ref.lse - ref.target)[has].double().sum())
+        stats.kl_tokens, stats.same_top1 = per_position(kl), per_position(same)
+        stats.ref_nll = per_position(ref.lse - ref.target, True)
     return stats

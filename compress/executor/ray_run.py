@@ -82,7 +82,7 @@ def _fan_out(ray, ctx, threads: int) -> None:
     from compress.owner import sweep_dead
     from compress.resume import fingerprint, open_store, store_dir
     from compress.stages.evaluate import (
-        head_inputs, original_perplexity, record_original, record_original_speed, record_sizes, set_protocol,
+        EvalRow, head_inputs, original_row, record_original, record_original_speed, record_sizes, set_protocol,
     )
     from compress.stages.export import base_manifest, runtime_settings
 
@@ -144,7 +144,7 @@ def _fan_out(ray, ctx, threads: int) -> None:
         log.info("ray: candidate %s %s", name, "failed" if outcomes[name].get("error") else "done")
     sweep_dead(ctx.out_dir)  # partial folders of workers that died on this host
 
-    ref_ppl = None
+    ref_row = None
     for name, res in ctx.candidates.items():
         out = outcomes.get(name)
         if out is None:
@@ -152,13 +152,13 @@ def _fan_out(ray, ctx, threads: int) -> None:
         _apply(ctx, res, out)
         tasks[name].update(node=out.get("node"), threads=out.get("threads"), seconds=out.get("task_seconds"),
                            resumed_at_block=out.get("resumed_at_block"))
-        if ref_ppl is None and out.get("evaluation"):
-            ref_ppl = out["evaluation"]["ref_perplexity"]  # as the local run: the first evaluated candidate's
+        if ref_row is None and out.get("evaluation") and out["evaluation"]["ref"] is not None:
+            ref_row = EvalRow(**out["evaluation"]["ref"])  # as the local run: the first evaluated candidate's
     ctx.executor = {"kind": "ray", "address": ex.address, "threads_per_task": threads,
                     "shared_object_bytes": shared_bytes, "tasks": tasks}
     record_sizes(ctx)
     if e.enabled:
-        record_original(ctx, ref_ppl if ref_ppl is not None else original_perplexity(original, ref, ctx.eval_ids))
+        record_original(ctx, ref_row if ref_row is not None else original_row(original, ref, ctx.eval_ids))
         if e.speed:
             record_original_speed(ctx)
 
@@ -211,7 +211,7 @@ def _apply(ctx, res, out: dict) -> None:
     ev = out.get("evaluation")
     if ev:
         res.metrics.update(perplexity=ev["perplexity"], kl_divergence=ev["kl_divergence"],
-                           top1_agreement=ev["top1_agreement"])
+                           top1_agreement=ev["top1_agreement"], **ev["extra"])
     if out.get("speed"):
         res.metrics.update(**out["speed"])
 

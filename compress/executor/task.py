@@ -126,10 +126,11 @@ def _run(job: dict, calib_ids, eval_ids, ref) -> dict:
     e = cfg.evaluate
     if e.enabled and ref is not None:
         l = ctx.loaded
-        row, ref_ppl = evaluate_candidate(plan.name, lambda: open_artifact(res.artifact, l.device, l.dtype, dense=True),
+        row, ref_row = evaluate_candidate(plan.name, lambda: open_artifact(res.artifact, l.device, l.dtype, dense=True),
                                           l.streamed(), ref, eval_ids, e)
         got["evaluation"] = {"perplexity": row.perplexity, "kl_divergence": row.kl_divergence,
-                             "top1_agreement": row.top1_agreement, "ref_perplexity": ref_ppl}
+                             "top1_agreement": row.top1_agreement, "extra": row.extra,
+                             "ref": None if ref_row is None else dataclasses.asdict(ref_row)}
         if e.speed:
             got["speed"] = candidate_speed(res.artifact, e, l.device.type)
     return got

@@ -20,6 +20,8 @@ class Column:
     def text(self, value: Any) -> str:
         if value is None:
             return "-"
+        if isinstance(value, (list, tuple)):  # an interval
+            return "[" + ", ".join(self.text(v) for v in value) + "]"
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return self.fmt.format(value / self.scale if self.scale != 1 else value)
         return str(value)
@@ -29,9 +31,17 @@ _ALL = (
     Column("name", "candidate"),
     Column("pareto", "pareto"),
     Column("perplexity", "ppl", "{:.3f}", card_header="Perplexity"),
+    Column("perplexity_ci95", "ppl 95% CI", "{:.2f}", card_header="Perplexity 95% CI"),
     Column("ppl_increase", "ppl +%", "{:+.2%}"),
+    # PPL(candidate) / PPL(original), paired by window: what says a candidate is really worse
+    Column("ppl_ratio_ci95", "ppl ratio 95% CI", "{:.4f}", card_header="PPL ratio 95% CI"),
     Column("kl_divergence", "KL", "{:.4f}", card_header="KL div."),
+    Column("kl_divergence_se", "KL se", "{:.4f}", card_header="KL std. err."),
+    Column("kl_median", "KL p50", "{:.4f}", card_header="KL median"),
+    Column("kl_p99", "KL p99", "{:.3f}", card_header="KL 99%"),
+    Column("kl_p999", "KL p99.9", "{:.3f}", card_header="KL 99.9%"),
     Column("top1_agreement", "top-1", "{:.3f}", card_header="Top-1 agree"),
+    Column("top1_agreement_se", "top-1 se", "{:.3f}", card_header="Top-1 std. err."),
     Column("bytes", "MB on disk", "{:.1f}", 1e6, card_header="Size (MB)"),
     Column("bits_per_weight", "bits/w (file)", "{:.2f}", card_header="Bits/weight"),
     Column("linear_bits_per_weight", "bits/w (linears)", "{:.2f}"),
@@ -40,18 +50,21 @@ _ALL = (
     Column("prefill_tokens_per_s", "prefill tok/s", "{:.0f}", card_header="Prefill tok/s"),
     Column("decode_tokens_per_s", "decode tok/s", "{:.1f}", card_header="Decode tok/s"),
     Column("serving_peak_rss_mb", "serve RSS MB", "{:.0f}", card_header="Peak RSS (MB)"),
+    Column("speed_runtime", "speed runtime", card_header="Speed measured with"),
     Column("quantize_seconds", "quantize s", "{:.1f}"),
     Column("node", "node"),
     Column("status", "status"),
 )
 COLUMNS: dict[str, Column] = {c.key: c for c in _ALL}
 
-RUN_TABLE = ("name", "perplexity", "kl_divergence", "top1_agreement", "bytes", "bits_per_weight",
+RUN_TABLE = ("name", "perplexity", "perplexity_ci95", "ppl_ratio_ci95", "kl_divergence", "kl_divergence_se",
+             "kl_median", "kl_p99", "kl_p999", "top1_agreement", "top1_agreement_se", "bytes", "bits_per_weight",
              "linear_bits_per_weight", "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb",
-             "quantize_seconds", "status")
-COMPARISON_TABLE = ("name", "pareto", "perplexity", "ppl_increase", "kl_divergence", "top1_agreement", "bytes",
+             "speed_runtime", "quantize_seconds", "status")
+COMPARISON_TABLE = ("name", "pareto", "perplexity", "ppl_increase", "ppl_ratio_ci95", "kl_divergence",
+                    "kl_divergence_se", "kl_p99", "top1_agreement", "bytes",
                     "bits_per_weight", "serving_bytes", "smallest_gpu", "decode_tokens_per_s",
-                    "quantize_seconds", "node", "status")
+                    "speed_runtime", "quantize_seconds", "node", "status")
 CARD_TABLE = tuple(c.key for c in _ALL if c.card_header)
 
 

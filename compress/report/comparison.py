@@ -21,7 +21,9 @@ from compress.serving import GIB, attention_shape, fits, load_gpus, safetensors_
 _QUANT_KEYS = ("method", "bits", "group_size", "sym", "desc_act", "propagate")
 _METRIC_KEYS = (
     "perplexity", "kl_divergence", "top1_agreement", "bytes", "bits_per_weight", "linear_bits_per_weight",
-    "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb",
+    "perplexity_ci95", "nll_se", "ppl_ratio", "ppl_ratio_ci95", "kl_divergence_se", "kl_median", "kl_p99",
+    "kl_p999", "kl_max", "top1_agreement_se",
+    "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb", "speed_runtime",
 )
 
 
@@ -153,10 +155,11 @@ def terminal(comp: dict) -> str:
 
 
 CSV_KEYS = [
-    "name", "status", "error", "method", "bits", "group_size", "sym", "perplexity", "ppl_increase",
-    "kl_divergence", "top1_agreement", "bytes", "bits_per_weight", "linear_bits_per_weight", "weights_bytes",
+    "name", "status", "error", "method", "bits", "group_size", "sym", "perplexity", "perplexity_ci95",
+    "ppl_increase", "ppl_ratio_ci95", "kl_divergence", "kl_divergence_se", "kl_median", "kl_p99", "kl_p999",
+    "kl_max", "top1_agreement", "top1_agreement_se", "bytes", "bits_per_weight", "linear_bits_per_weight", "weights_bytes",
     "kv_cache_bytes", "overhead_bytes", "serving_bytes", "fits_on", "pareto", "prefill_tokens_per_s",
-    "decode_tokens_per_s", "serving_peak_rss_mb", "quantize_seconds", "node",
+    "decode_tokens_per_s", "serving_peak_rss_mb", "speed_runtime", "quantize_seconds", "node",
 ]
 
 
@@ -165,7 +168,7 @@ def csv_text(comp: dict) -> str:
     w = csv.DictWriter(buf, fieldnames=CSV_KEYS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in comp["rows"]:
-        w.writerow({k: ";".join(v) if isinstance(v, list) else v for k, v in r.items()})
+        w.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
     return buf.getvalue()
 
 

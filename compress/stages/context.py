@@ -24,9 +24,21 @@ class Metrics:
     perplexity: Optional[float] = None
     kl_divergence: Optional[float] = None
     top1_agreement: Optional[float] = None
+    # Their uncertainty (compress/evaluate/stats.py): over windows, KL percentiles over positions.
+    perplexity_ci95: Optional[list[float]] = None
+    nll_se: Optional[float] = None
+    kl_divergence_se: Optional[float] = None
+    kl_median: Optional[float] = None
+    kl_p99: Optional[float] = None
+    kl_p999: Optional[float] = None
+    kl_max: Optional[float] = None
+    top1_agreement_se: Optional[float] = None
+    ppl_ratio: Optional[float] = None
+    ppl_ratio_ci95: Optional[list[float]] = None
     prefill_tokens_per_s: Optional[float] = None
     decode_tokens_per_s: Optional[float] = None
     serving_peak_rss_mb: Optional[float] = None
+    speed_runtime: Optional[str] = None  # the runtime/kernels behind the tokens/s (compress/runtime)
 
     def update(self, **values: Any) -> None:
         known = {f.name for f in fields(self)}

@@ -17,6 +17,7 @@ import torch
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
 from compress.evaluate.memory import release_freed
+from compress.evaluate.stats import quality_stats
 from compress.evaluate.vocab_stream import ROWS, vocab_metrics
 
 log = logging.getLogger(__name__)
@@ -52,21 +53,19 @@ def evaluate_streams(
     only without one does the original get a pass of its own."""
     ref = head_inputs(original, eval_ids, "original")
     rows = {"original": EvalRow("original", float("nan"), 0.0, 1.0)}  # first in the table
-    ref_ppl: Optional[float] = None
+    ref_row: Optional[EvalRow] = None
     for name, open_model in candidates.items():
         rows[name], theirs = evaluate_candidate(name, open_model, original, ref, eval_ids, cfg)
-        if ref_ppl is None:
-            ref_ppl = theirs
-    if ref_ppl is None:
-        ref_ppl = original_perplexity(original, ref, eval_ids)
-    rows["original"].perplexity = ref_ppl
+        if ref_row is None:
+            ref_row = theirs
+    rows["original"] = ref_row if ref_row is not None else original_row(original, ref, eval_ids)
     return rows
 
 
 def evaluate_candidate(name: str, open_model: Callable[[], StreamedModel], original: StreamedModel,
-                       ref: torch.Tensor, eval_ids: torch.Tensor, cfg: EvaluateConfig) -> tuple[EvalRow, Optional[float]]:
+                       ref: torch.Tensor, eval_ids: torch.Tensor, cfg: EvaluateConfig) -> tuple[EvalRow, Optional[EvalRow]]:
     """One candidate against the original's head inputs `ref`: its row, and the original's
-    perplexity read off the same paired pass (None without `evaluate.divergence`). A Ray task
+    row read off the same paired pass (None without `evaluate.divergence`). A Ray task
     (compress/executor/task.py) calls this too, so both executors compute the same figures."""
     sm = open_model()
     x = head_inputs(sm, eval_ids, name)
@@ -75,12 +74,19 @@ def evaluate_candidate(name: str, open_model: Callable[[], StreamedModel], origi
     st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap_of(sm), **pair)
     del sm, x
     release_freed()
-    return EvalRow(name, st.perplexity, st.kl, st.top1), st.ref_perplexity
+    row = EvalRow(name, st.perplexity, st.kl, st.top1,
+                  quality_stats(st.nll, st.kl_tokens, st.same_top1, st.ref_nll).as_metrics())
+    ref_row = None
+    if st.ref_perplexity is not None:
+        extra = quality_stats(st.ref_nll).as_metrics() if st.ref_nll is not None else {}
+        ref_row = EvalRow("original", st.ref_perplexity, 0.0, 1.0, extra)
+    return row, ref_row
 
 
-def original_perplexity(original: StreamedModel, ref: torch.Tensor, eval_ids: torch.Tensor) -> float:
-    """The original's perplexity from its own head inputs, where no paired pass gave it."""
-    return vocab_metrics(ref, lambda: original.head_slices(ROWS), eval_ids, _softcap_of(original)).perplexity
+def original_row(original: StreamedModel, ref: torch.Tensor, eval_ids: torch.Tensor) -> EvalRow:
+    """The original's row from its own head inputs, where no paired pass gave it."""
+    st = vocab_metrics(ref, lambda: original.head_slices(ROWS), eval_ids, _softcap_of(original))
+    return EvalRow("original", st.perplexity, 0.0, 1.0, quality_stats(st.nll).as_metrics())
 
 
 def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.gguf")) -> int:
@@ -102,10 +108,10 @@ def stage_evaluate(ctx) -> None:
     set_protocol(ctx)
     cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, ctx.eval_ids, e)
-    record_original(ctx, rows["original"].perplexity)
+    record_original(ctx, rows["original"])
     for n, r in done.items():
         r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
-                         top1_agreement=rows[n].top1_agreement)
+                         top1_agreement=rows[n].top1_agreement, **rows[n].extra)
     if e.speed:
         record_original_speed(ctx)
         for r in done.values():
@@ -143,13 +149,14 @@ def set_protocol(ctx) -> None:
     )
 
 
-def record_original(ctx, perplexity: float) -> None:
+def record_original(ctx, row: EvalRow) -> None:
     """The original's row, and the sanity check of its perplexity."""
     from compress.data.sources import RANDOM_TOKENS
     from compress.evaluate.sanity import check_original
 
     e, l = ctx.cfg.evaluate, ctx.loaded
-    ctx.original.update(perplexity=perplexity, kl_divergence=0.0, top1_agreement=1.0)
+    perplexity = row.perplexity
+    ctx.original.update(perplexity=perplexity, kl_divergence=0.0, top1_agreement=1.0, **row.extra)
     if e.dataset != RANDOM_TOKENS:  # random ids are no text: no model predicts them
         vocab = getattr(l.config, "vocab_size", None) or int(ctx.eval_ids.max()) + 1
         ctx.sanity = check_original(perplexity, ctx.eval_ids, vocab)
