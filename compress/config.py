@@ -163,8 +163,8 @@ class ExportConfig(_Strict):
         "compressed-tensors",
         description="On-disk format: 'compressed-tensors' (transformers + compressed-tensors, "
         "vLLM; loads where compress is installed; W8A8 as int-quantized), 'gptq' (GPTQModel/optimum, "
-        "vLLM), 'awq' (AWQ GEMM: transformers + GPTQModel's AWQ kernels, vLLM; asymmetric 4-bit groups) "
-        "or 'gguf' (llama.cpp, Ollama; see gguf_type)",
+        "vLLM), 'awq' (AWQ GEMM: transformers + GPTQModel's AWQ kernels, vLLM; asymmetric 4-bit groups), "
+        "'gguf' (llama.cpp, Ollama; see gguf_type) or 'onnx' (ONNX Runtime MatMulNBits, onnxruntime-genai; float32)",
     )
     output_dir: str = "runs/out"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
