@@ -23,6 +23,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NBITS = ".MatMulNBits"  # a quantized linear's tensors: <name>.MatMulNBits.{B,scales,zero_points,perm}
 COS, SIN = "cos_cache", "sin_cache"
+FINAL_NORM = "/model/norm/output_0"  # the head's input (evaluation reads it)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ class DecoderGraph:
             u = self.linear(x, p + "mlp.up_proj")
             act = self._node("Mul", [self._node("Mul", [g, self._node("Sigmoid", [g])[0]])[0], u])[0]
             (h,) = self._node("Add", [h, self.linear(act, p + "mlp.down_proj")])
-        x = self.rms(h, final_norm)
+        self.rms(h, final_norm)
+        x = self.nodes[-1].output[0] = FINAL_NORM
         flat = self._node("Reshape", [x, self._const("/const/flat", [-1, c.hidden_size])])[0]
         logits = self._node("Gemm", [flat, head], transB=1)[0]
         shape = self._node("Concat", [self._node("Shape", ["input_ids"])[0],

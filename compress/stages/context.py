@@ -27,6 +27,7 @@ class Metrics:
     prefill_tokens_per_s: Optional[float] = None
     decode_tokens_per_s: Optional[float] = None
     serving_peak_rss_mb: Optional[float] = None
+    speed_runtime: Optional[str] = None  # what produced the speed figures (e.g. "onnxruntime")
 
     def update(self, **values: Any) -> None:
         known = {f.name for f in fields(self)}

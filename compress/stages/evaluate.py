@@ -31,6 +31,19 @@ class EvalRow:
     extra: dict = field(default_factory=dict)
 
 
+def open_candidate(path: Path, device: torch.device, dtype: torch.dtype):
+    """A candidate artifact as `evaluate_streams` reads it: a `StreamedModel` of the stored
+    codes, or for an ONNX artifact an `OnnxCandidate` (run in ONNX Runtime)."""
+    from compress.formats.artifact import open_artifact
+    from compress.formats.onnx_format import is_onnx_artifact
+
+    if is_onnx_artifact(path):
+        from compress.evaluate.onnx_runtime import OnnxCandidate
+
+        return OnnxCandidate(path)
+    return open_artifact(path, device, dtype, dense=True)
+
+
 def head_inputs(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> torch.Tensor:
     """The lm_head's inputs ``[windows, L, H]`` for every evaluation window."""
     with sm.embed(eval_ids) as hidden:
@@ -50,6 +63,8 @@ def evaluate_streams(
     one at a time, so memory holds one block of each model and two sets of head inputs. The
     original's perplexity comes from the first paired pass, which computes its logits anyway;
     only without one does the original get a pass of its own."""
+    from compress.evaluate.onnx_runtime import OnnxCandidate
+
     ref = head_inputs(original, eval_ids, "original")
 
     def ref_head():
@@ -59,7 +74,8 @@ def evaluate_streams(
     ref_ppl: Optional[float] = None
     for name, open_model in candidates.items():
         sm = open_model()
-        x = head_inputs(sm, eval_ids, name)
+        # an ONNX candidate runs in ONNX Runtime
+        x = sm.head_inputs(eval_ids) if isinstance(sm, OnnxCandidate) else head_inputs(sm, eval_ids, name)
         pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap_of(original)) if cfg.divergence else {}
         st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap_of(sm), **pair)
         rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
@@ -73,7 +89,7 @@ def evaluate_streams(
     return rows
 
 
-def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.gguf")) -> int:
+def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.gguf", "*.onnx", "*.onnx.data")) -> int:
     return sum(p.stat().st_size for pat in patterns for p in Path(path).glob(pat))
 
 
@@ -84,7 +100,7 @@ def stage_evaluate(ctx) -> None:
     from compress.data.windows import windows_sha256
     from compress.evaluate.sanity import check_original
     from compress.evaluate.speed import measure_in_subprocess
-    from compress.formats.artifact import open_artifact
+    from compress.formats.onnx_format import is_onnx_artifact
     from compress.stages.context import Protocol
 
     e = ctx.cfg.evaluate
@@ -112,7 +128,7 @@ def stage_evaluate(ctx) -> None:
            "predicted token." if bos is not None else ""),
         bos_token_id=bos,
     )
-    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
+    cands = {n: (lambda p=r.artifact: open_candidate(p, l.device, l.dtype)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, eval_ids, e)
     ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
     if e.dataset != RANDOM_TOKENS:  # random ids are no text: no model predicts them
@@ -127,4 +143,10 @@ def stage_evaluate(ctx) -> None:
         dev = l.device.type
         ctx.original.update(**measure_in_subprocess(l.root, False, e.speed_prompt_tokens, e.speed_new_tokens, dev))
         for r in done.values():
+            if is_onnx_artifact(r.artifact):  # where a user runs it: ONNX Runtime
+                from compress.evaluate import onnx_runtime
+
+                r.metrics.update(**onnx_runtime.measure_in_subprocess(r.artifact, e.speed_prompt_tokens, e.speed_new_tokens),
+                                 speed_runtime=onnx_runtime.RUNTIME)
+                continue
             r.metrics.update(**measure_in_subprocess(r.artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, dev))
