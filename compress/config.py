@@ -178,6 +178,12 @@ class ExportConfig(_Strict):
         "Q4_0 (bits 4, sym), Q4_1 (bits 4, asym), all group_size 32",
     )
 
+    onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0, description="MatMulNBits accuracy_level of an ONNX export (format onnx): 0 computes in float32 "
+        "(logits equal to our torch loader's); 4 quantizes activations to int8 inside the op (the "
+        "onnxruntime-genai builder's CPU default; faster, not the measured quantization alone)",
+    )
+
     @field_validator("gguf_type")
     @classmethod
     def _gguf_type(cls, v: Optional[str], info) -> Optional[str]:

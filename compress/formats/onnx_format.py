@@ -79,7 +79,7 @@ class ONNXFormat(Format):
 
         loaded = exporter.loaded
         return ONNXArtifactWriter(out_dir, config=loaded.config, blocks_prefix=exporter.sm.block_prefix.rstrip("."),
-                                  root=loaded.root, accuracy_level=getattr(exporter.cfg.export, "onnx_accuracy_level", 0),
+                                  root=loaded.root, accuracy_level=exporter.cfg.export.onnx_accuracy_level,
                                   overwrite=exporter.overwrite)
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:

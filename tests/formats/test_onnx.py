@@ -212,3 +212,17 @@ def test_family_without_a_mapping_exits_2(model_dir, text_file, tmp_path):
     res = CliRunner().invoke(main, ["run", str(cfg)])
     assert res.exit_code == 2, res.output
     assert "export.format: onnx: model_type 'gemma' has no ONNX mapping yet" in res.output
+
+
+def test_accuracy_level_reaches_every_matmulnbits(model_dir, text_file, tmp_path):
+    import onnx
+    from onnx import helper
+
+    cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
+                                  quantize={"bits": 8, "group_size": 32},
+                                  export={"format": "onnx", "dtype": "float32", "onnx_accuracy_level": 4}))
+    (res,) = run(cfg).candidates.values()
+    m = onnx.load(str(res.artifact / "model.onnx"), load_external_data=False)
+    levels = [helper.get_attribute_value(a) for n in m.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "accuracy_level"]
+    assert levels == [4] * 14
