@@ -65,11 +65,12 @@ def build(hidden: int, layers: int, folder: Path, tok_src: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def run_one(model: Path, work: Path, windows: int) -> dict:
+def run_one(model: Path, work: Path, windows: int, fmt: str = "compressed-tensors") -> dict:
     cfg = {
         "model": {"source": str(model), "dtype": "float32"},
         "quantize": {"method": "rtn", "bits": 4, "group_size": 64},
-        "export": {"output_dir": str(work / "run"), "overwrite": True},
+        "export": {"output_dir": str(work / "run"), "overwrite": True, "format": fmt,
+                   **({"dtype": "float32"} if fmt == "onnx" else {})},
         "evaluate": {"dataset": "wikipedia", "windows": windows, "seqlen": 512, "speed": False},
         "report": {"html": False, "print": False},
     }
@@ -88,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", nargs="*", default=["576x30", "1024x16", "2048x16"], help="HIDDENxLAYERS")
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens")
+    ap.add_argument("--format", default="compressed-tensors", help="export.format (onnx: a float32 graph)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "memory-scaling")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -98,25 +100,25 @@ def main() -> None:
         folder = args.out / f"llama-{size}"
         weight_bytes = build(hidden, layers, folder, tok_src)
         print(f"{size}: {weight_bytes / 2**20:.0f} MiB of fp32 weights; running the pipeline", flush=True)
-        run = run_one(folder, args.out / f"run-{size}", args.windows)
+        run = run_one(folder, args.out / f"run-{size}-{args.format}", args.windows, args.format)
         rows.append({
             "size": size, "weights_mib": weight_bytes / 2**20, "peak_rss_mib": run["peak_rss_mb"],
             "runtime_rss_mib": run["runtime_rss_mb"], "stage_peak_rss_mib": run["stage_peak_rss_mb"],
         })
         r = rows[-1]
         print(f"  peak {r['peak_rss_mib']:.0f} MiB = {r['peak_rss_mib'] / r['weights_mib']:.2f}x the weights", flush=True)
-    write(args.results, rows, args.windows)
+    write(args.results, rows, args.windows, args.format)
 
 
-def write(results: Path, rows: list[dict], windows: int) -> None:
+def write(results: Path, rows: list[dict], windows: int, fmt: str = "compressed-tensors") -> None:
     date = dt.date.today().isoformat()
     results.mkdir(parents=True, exist_ok=True)
     lines = [
         f"# Peak memory of `compress run` vs model size ({date})",
         "",
-        f"Random-weight Llama checkpoints (fp32 safetensors), RTN w4 g64, evaluation of the original "
+        f"Random-weight Llama checkpoints (fp32 safetensors), RTN w4 g64 exported as {fmt}, evaluation of the original "
         f"and the candidate on {windows} x 512 Wikipedia windows (perplexity, KL); speed off. "
-        f"Command: `.venv/bin/python benchmarks/memory_scaling.py`.",
+        f"Command: `.venv/bin/python benchmarks/memory_scaling.py{'' if fmt == 'compressed-tensors' else ' --format ' + fmt}`.",
         "",
         "| hidden x layers | fp32 weights MiB | peak RSS MiB | peak / weights | runtime MiB | peak - runtime | per stage (load/calibrate/quantize/evaluate) |",
         "|---|---|---|---|---|---|---|",
@@ -130,8 +132,9 @@ def write(results: Path, rows: list[dict], windows: int) -> None:
             f"{r['peak_rss_mib'] - r['runtime_rss_mib']:.0f} | {stages} |"
         )
     md = "\n".join(lines) + "\n"
-    (results / f"memory-scaling-{date}.md").write_text(md)
-    (results / f"memory-scaling-{date}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    stem = f"memory-scaling-{date}" + ("" if fmt == "compressed-tensors" else f"-{fmt}")
+    (results / f"{stem}.md").write_text(md)
+    (results / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(md)
 
 

@@ -163,8 +163,8 @@ class ExportConfig(_Strict):
         "compressed-tensors",
         description="On-disk format: 'compressed-tensors' (transformers + compressed-tensors, "
         "vLLM; loads where compress is installed; W8A8 as int-quantized), 'gptq' (GPTQModel/optimum, "
-        "vLLM), 'awq' (AWQ GEMM: transformers + GPTQModel's AWQ kernels, vLLM; asymmetric 4-bit groups) "
-        "or 'gguf' (llama.cpp, Ollama; see gguf_type)",
+        "vLLM), 'awq' (AWQ GEMM: transformers + GPTQModel's AWQ kernels, vLLM; asymmetric 4-bit groups), "
+        "'gguf' (llama.cpp, Ollama; see gguf_type) or 'onnx' (ONNX Runtime MatMulNBits, onnxruntime-genai; float32)",
     )
     output_dir: str = "runs/out"
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -176,6 +176,12 @@ class ExportConfig(_Strict):
         None, validate_default=True,
         description="GGUF block type of the quantized linears (format gguf only): Q8_0 (bits 8, sym), "
         "Q4_0 (bits 4, sym), Q4_1 (bits 4, asym), all group_size 32",
+    )
+
+    onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0, description="MatMulNBits accuracy_level of an ONNX export (format onnx): 0 computes in float32 "
+        "(logits equal to our torch loader's); 4 quantizes activations to int8 inside the op (the "
+        "onnxruntime-genai builder's CPU default; faster, not the measured quantization alone)",
     )
 
     @field_validator("gguf_type")

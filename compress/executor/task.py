@@ -96,10 +96,9 @@ def _plan(job: dict):
 
 def _run(job: dict, calib_ids, eval_ids, ref) -> dict:
     from compress.config import parse_config
-    from compress.formats.artifact import open_artifact
     from compress.resume import ResumeStore
     from compress.stages.context import CalibrationRecord, CandidateResult, RunContext
-    from compress.stages.evaluate import candidate_speed, evaluate_candidate
+    from compress.stages.evaluate import candidate_speed, evaluate_candidate, open_candidate
     from compress.stages.export import quantize_candidate
     from compress.stages.load import open_resolved
 
@@ -126,7 +125,7 @@ def _run(job: dict, calib_ids, eval_ids, ref) -> dict:
     e = cfg.evaluate
     if e.enabled and ref is not None:
         l = ctx.loaded
-        row, ref_row = evaluate_candidate(plan.name, lambda: open_artifact(res.artifact, l.device, l.dtype, dense=True),
+        row, ref_row = evaluate_candidate(plan.name, lambda: open_candidate(res.artifact, l.device, l.dtype),
                                           l.streamed(), ref, eval_ids, e)
         got["evaluation"] = {"perplexity": row.perplexity, "kl_divergence": row.kl_divergence,
                              "top1_agreement": row.top1_agreement, "extra": row.extra,

@@ -191,4 +191,4 @@ def format_names() -> tuple[str, ...]:
 
 
 def _load_builtins() -> None:
-    from compress.formats import awq, compressed_tensors, gguf, gptq  # noqa: F401  (register themselves)
+    from compress.formats import awq, compressed_tensors, gguf, gptq, onnx_format  # noqa: F401  (register themselves)

@@ -38,7 +38,7 @@ class Metrics:
     prefill_tokens_per_s: Optional[float] = None
     decode_tokens_per_s: Optional[float] = None
     serving_peak_rss_mb: Optional[float] = None
-    speed_runtime: Optional[str] = None  # the runtime/kernels behind the tokens/s (compress/runtime)
+    speed_runtime: Optional[str] = None  # the runtime/kernels behind the tokens/s (compress/runtime; "onnxruntime")
 
     def update(self, **values: Any) -> None:
         known = {f.name for f in fields(self)}

@@ -32,6 +32,19 @@ class EvalRow:
     extra: dict = field(default_factory=dict)
 
 
+def open_candidate(path: Path, device: torch.device, dtype: torch.dtype):
+    """A candidate artifact as `evaluate_streams` reads it: a `StreamedModel` of the stored
+    codes, or for an ONNX artifact an `OnnxCandidate` (run in ONNX Runtime)."""
+    from compress.formats.artifact import open_artifact
+    from compress.formats.onnx_format import is_onnx_artifact
+
+    if is_onnx_artifact(path):
+        from compress.evaluate.onnx_runtime import OnnxCandidate
+
+        return OnnxCandidate(path)
+    return open_artifact(path, device, dtype, dense=True)
+
+
 def head_inputs(sm: StreamedModel, eval_ids: torch.Tensor, desc: str) -> torch.Tensor:
     """The lm_head's inputs ``[windows, L, H]`` for every evaluation window."""
     with sm.embed(eval_ids) as hidden:
@@ -67,8 +80,11 @@ def evaluate_candidate(name: str, open_model: Callable[[], StreamedModel], origi
     """One candidate against the original's head inputs `ref`: its row, and the original's
     row read off the same paired pass (None without `evaluate.divergence`). A Ray task
     (compress/executor/task.py) calls this too, so both executors compute the same figures."""
+    from compress.evaluate.onnx_runtime import OnnxCandidate
+
     sm = open_model()
-    x = head_inputs(sm, eval_ids, name)
+    # an ONNX candidate runs in ONNX Runtime
+    x = sm.head_inputs(eval_ids) if isinstance(sm, OnnxCandidate) else head_inputs(sm, eval_ids, name)
     pair = dict(ref_inputs=ref, ref_head=lambda: original.head_slices(ROWS),
                 ref_softcap=_softcap_of(original)) if cfg.divergence else {}
     st = vocab_metrics(x, lambda: sm.head_slices(ROWS), eval_ids, _softcap_of(sm), **pair)
@@ -89,15 +105,13 @@ def original_row(original: StreamedModel, ref: torch.Tensor, eval_ids: torch.Ten
     return EvalRow("original", st.perplexity, 0.0, 1.0, quality_stats(st.nll).as_metrics())
 
 
-def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.gguf")) -> int:
+def dir_bytes(path: Path, patterns: tuple[str, ...] = ("*.safetensors", "*.bin", "*.gguf", "*.onnx", "*.onnx.data")) -> int:
     return sum(p.stat().st_size for pat in patterns for p in Path(path).glob(pat))
 
 
 def stage_evaluate(ctx) -> None:
     """Bytes of every artifact; with `evaluate.enabled`, perplexity, KL and top-1 of the
     original and every candidate on the evaluation windows, and their speed."""
-    from compress.formats.artifact import open_artifact
-
     e = ctx.cfg.evaluate
     done = {n: r for n, r in ctx.candidates.items() if r.artifact is not None}
     l = ctx.loaded
@@ -106,7 +120,7 @@ def stage_evaluate(ctx) -> None:
         return
     original = l.streamed()
     set_protocol(ctx)
-    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
+    cands = {n: (lambda p=r.artifact: open_candidate(p, l.device, l.dtype)) for n, r in done.items()}
     rows = evaluate_streams(original, cands, ctx.eval_ids, e)
     record_original(ctx, rows["original"])
     for n, r in done.items():
@@ -173,6 +187,13 @@ def record_original_speed(ctx) -> None:
 
 
 def candidate_speed(artifact: Path, e: EvaluateConfig, device_type: str) -> dict:
+    """Speed where a user would run the artifact: ONNX in ONNX Runtime, the rest in torch's fastest path."""
     from compress.evaluate.speed import measure_in_subprocess
+    from compress.formats.onnx_format import is_onnx_artifact
 
+    if is_onnx_artifact(artifact):
+        from compress.evaluate import onnx_runtime
+
+        return {**onnx_runtime.measure_in_subprocess(artifact, e.speed_prompt_tokens, e.speed_new_tokens),
+                "speed_runtime": onnx_runtime.RUNTIME}
     return measure_in_subprocess(artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, device_type)

