@@ -28,6 +28,7 @@ class Column:
 _ALL = (
     Column("name", "candidate"),
     Column("pareto", "pareto"),
+    Column("runtime", "runtime", card_header="Runtime"),
     Column("perplexity", "ppl", "{:.3f}", card_header="Perplexity"),
     Column("ppl_increase", "ppl +%", "{:+.2%}"),
     Column("kl_divergence", "KL", "{:.4f}", card_header="KL div."),
@@ -45,10 +46,10 @@ _ALL = (
 )
 COLUMNS: dict[str, Column] = {c.key: c for c in _ALL}
 
-RUN_TABLE = ("name", "perplexity", "kl_divergence", "top1_agreement", "bytes", "bits_per_weight",
+RUN_TABLE = ("name", "runtime", "perplexity", "kl_divergence", "top1_agreement", "bytes", "bits_per_weight",
              "linear_bits_per_weight", "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb",
              "quantize_seconds", "status")
-COMPARISON_TABLE = ("name", "pareto", "perplexity", "ppl_increase", "kl_divergence", "top1_agreement", "bytes",
+COMPARISON_TABLE = ("name", "pareto", "runtime", "perplexity", "ppl_increase", "kl_divergence", "top1_agreement", "bytes",
                     "bits_per_weight", "serving_bytes", "smallest_gpu", "decode_tokens_per_s",
                     "quantize_seconds", "status")
 CARD_TABLE = tuple(c.key for c in _ALL if c.card_header)

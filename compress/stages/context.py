@@ -27,6 +27,7 @@ class Metrics:
     prefill_tokens_per_s: Optional[float] = None
     decode_tokens_per_s: Optional[float] = None
     serving_peak_rss_mb: Optional[float] = None
+    runtime: Optional[str] = None  # what ran the evaluation: "torch" (our view) or "llama.cpp"
 
     def update(self, **values: Any) -> None:
         known = {f.name for f in fields(self)}

@@ -16,6 +16,7 @@ import torch
 
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
+from compress.evaluate.llamacpp import RUNTIME as LLAMA, TORCH, gguf_of
 from compress.evaluate.memory import release_freed
 from compress.evaluate.vocab_stream import ROWS, vocab_metrics
 
@@ -44,12 +45,13 @@ def _softcap_of(sm: StreamedModel) -> Optional[float]:
 
 def evaluate_streams(
     original: StreamedModel, candidates: dict[str, Callable[[], StreamedModel]],
-    eval_ids: torch.Tensor, cfg: EvaluateConfig,
+    eval_ids: torch.Tensor, cfg: EvaluateConfig, llama: Optional[dict[str, Path]] = None,
 ) -> dict[str, EvalRow]:
     """The original's head inputs are kept (small); candidates are then opened and streamed
     one at a time, so memory holds one block of each model and two sets of head inputs. The
     original's perplexity comes from the first paired pass, which computes its logits anyway;
-    only without one does the original get a pass of its own."""
+    only without one does the original get a pass of its own. `llama` names GGUF files run in
+    llama.cpp instead (`compress.evaluate.llamacpp`), scored against the same original logits."""
     ref = head_inputs(original, eval_ids, "original")
 
     def ref_head():
@@ -67,6 +69,14 @@ def evaluate_streams(
             ref_ppl = st.ref_perplexity
         del sm, x
         release_freed()
+    for name, path in (llama or {}).items():
+        from compress.evaluate.llamacpp import evaluate_gguf
+
+        pair = dict(ref_inputs=ref, ref_head=ref_head, ref_softcap=_softcap_of(original)) if cfg.divergence else {}
+        st = evaluate_gguf(path, eval_ids, **pair)
+        rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
+        if ref_ppl is None:
+            ref_ppl = st.ref_perplexity
     if ref_ppl is None:
         ref_ppl = vocab_metrics(ref, ref_head, eval_ids, _softcap_of(original)).perplexity
     rows["original"].perplexity = ref_ppl
@@ -112,9 +122,13 @@ def stage_evaluate(ctx) -> None:
            "predicted token." if bos is not None else ""),
         bos_token_id=bos,
     )
-    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True)) for n, r in done.items()}
-    rows = evaluate_streams(original, cands, eval_ids, e)
-    ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0)
+    runtimes = {n: runtime_of(e, r.artifact) for n, r in done.items()}
+    llama = {n: gguf_of(r.artifact) for n, r in done.items() if runtimes[n] == LLAMA}
+    cands = {n: (lambda p=r.artifact: open_artifact(p, l.device, l.dtype, dense=True))
+             for n, r in done.items() if n not in llama}
+    rows = evaluate_streams(original, cands, eval_ids, e, llama)
+    ctx.original.update(perplexity=rows["original"].perplexity, kl_divergence=0.0, top1_agreement=1.0,
+                        runtime=TORCH)
     if e.dataset != RANDOM_TOKENS:  # random ids are no text: no model predicts them
         vocab = getattr(l.config, "vocab_size", None) or int(eval_ids.max()) + 1
         ctx.sanity = check_original(rows["original"].perplexity, eval_ids, vocab)
@@ -122,9 +136,30 @@ def stage_evaluate(ctx) -> None:
             log.warning("%s", ctx.sanity["message"])
     for n, r in done.items():
         r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
-                         top1_agreement=rows[n].top1_agreement)
+                         top1_agreement=rows[n].top1_agreement, runtime=runtimes[n])
     if e.speed:
+        from compress.evaluate.llamacpp import speed_in_subprocess
+
         dev = l.device.type
         ctx.original.update(**measure_in_subprocess(l.root, False, e.speed_prompt_tokens, e.speed_new_tokens, dev))
-        for r in done.values():
-            r.metrics.update(**measure_in_subprocess(r.artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, dev))
+        for n, r in done.items():
+            if n in llama:  # llama.cpp's kernels, the ones a GGUF user runs
+                r.metrics.update(**speed_in_subprocess(llama[n], e.speed_prompt_tokens, e.speed_new_tokens))
+            else:
+                r.metrics.update(**measure_in_subprocess(r.artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, dev))
+
+
+def runtime_of(e: EvaluateConfig, artifact: Path) -> str:
+    """Which runtime measures an artifact: llama.cpp for a GGUF file where `evaluate.gguf_runtime`
+    allows it and llama-cpp-python is importable, else our torch view."""
+    from compress.evaluate.llamacpp import available
+
+    if gguf_of(artifact) is None or e.gguf_runtime == "torch":
+        return TORCH
+    if available():
+        return LLAMA
+    if e.gguf_runtime == LLAMA:  # preflight refuses this; an environment changed under the run
+        raise RuntimeError("evaluate.gguf_runtime: llama.cpp, but llama_cpp is no longer importable")
+    log.warning("llama-cpp-python is not installed: the GGUF artifact %s is evaluated in compress's "
+                "torch view (pip install 'compress[llamacpp]' for llama.cpp)", artifact)
+    return TORCH
