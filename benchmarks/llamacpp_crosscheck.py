@@ -62,7 +62,7 @@ def measure(source: str, windows: int, seqlen: int, threads: int) -> dict:
         llm.close()
     our_ids = tok(PROBE)["input_ids"]
     row = {
-        "model": source.split("/")[-1], "gguf": gguf.name, "bos": drawn.get("evaluation_bos"),
+        "model": source.split("/")[-1], "gguf": gguf.name, "bos": int(drawn["evaluation_bos"]),
         "windows": windows, "seqlen": seqlen, "tokens": ours.tokens,
         "compress_ppl": ours.perplexity, "llamacpp_ppl": theirs.perplexity,
         "ref_ppl_check": theirs.ref_perplexity, "kl": theirs.kl, "top1": theirs.top1,
@@ -102,7 +102,7 @@ def main() -> None:
         "",
         "| model | BOS id | scored tokens | ppl compress | ppl llama.cpp | difference | within 2% | KL | top-1 | tok | s compress / llama.cpp |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
-        *[f"| {r['model']} | {r['bos'] if r['bos'] is not None else '-'} | {r['tokens']} | {r['compress_ppl']:.3f} | "
+        *[f"| {r['model']} | {r['bos'] if r['bos'] >= 0 else '-'} | {r['tokens']} | {r['compress_ppl']:.3f} | "
           f"{r['llamacpp_ppl']:.3f} | {r['rel_diff']:+.2%} | {'yes' if abs(r['rel_diff']) <= TOLERANCE else 'NO'} | "
           f"{r['kl']:.5f} | {r['top1']:.3f} | {'same' if r['tokenizer_match'] else 'DIFFERENT'} | "
           f"{r['compress_s']:.0f} / {r['llamacpp_s']:.0f} |" for r in rows],
