@@ -205,6 +205,9 @@ class EvaluateConfig(_Strict):
     speed_prompt_tokens: int = Field(128, ge=1)
     speed_new_tokens: int = Field(32, ge=1)
     bos: BosPolicy = Field("auto", description=_BOS_DESCRIPTION)
+    gguf_runtime: Literal["auto", "llama.cpp", "torch"] = Field(
+        "auto", description="what evaluates a GGUF artifact: llama.cpp (llama-cpp-python), compress's "
+        "torch view, or auto: llama.cpp where llama_cpp is importable")
 
 
 class ReportConfig(_Strict):

@@ -49,6 +49,7 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
 
         require_ray()
     _check_format(cfg, plans)
+    _check_gguf_runtime(cfg)
     if problem := unwritable_dir(out_dir):
         raise ConfigError(f"export.output_dir: {problem}")
     try:
@@ -77,6 +78,17 @@ def preflight(cfg: RunConfig, out_dir: Path, resume: bool = False) -> list[Plan]
                     "set export.overwrite: true or choose another output_dir"
                 )
     return plans
+
+
+def _check_gguf_runtime(cfg: RunConfig) -> None:
+    from compress.evaluate.llamacpp import available
+
+    e = cfg.evaluate
+    if e.enabled and e.gguf_runtime == "llama.cpp" and cfg.export.format == "gguf" and not available():
+        raise ConfigError(
+            "evaluate.gguf_runtime: llama.cpp needs llama-cpp-python, which is not installed "
+            "(pip install 'compress[llamacpp]', or set evaluate.gguf_runtime: auto or torch)"
+        )
 
 
 def _check_format(cfg: RunConfig, plans: list[Plan]) -> None:

@@ -133,7 +133,7 @@ def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"  # SmolLM's (and StarCoder's): single digits, then GPT-2's regex
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's spelling (llama-vocab.cpp); "gpt2" fails to load there
     log.warning("GGUF export: pre-tokenizer %s not recognised; writing tokenizer.ggml.pre 'default'", kinds)
     return "default"
 

@@ -30,6 +30,7 @@ class Column:
 _ALL = (
     Column("name", "candidate"),
     Column("pareto", "pareto"),
+    Column("runtime", "runtime", card_header="Runtime"),
     Column("perplexity", "ppl", "{:.3f}", card_header="Perplexity"),
     Column("perplexity_ci95", "ppl 95% CI", "{:.2f}", card_header="Perplexity 95% CI"),
     Column("ppl_increase", "ppl +%", "{:+.2%}"),
@@ -57,11 +58,11 @@ _ALL = (
 )
 COLUMNS: dict[str, Column] = {c.key: c for c in _ALL}
 
-RUN_TABLE = ("name", "perplexity", "perplexity_ci95", "ppl_ratio_ci95", "kl_divergence", "kl_divergence_se",
+RUN_TABLE = ("name", "runtime", "perplexity", "perplexity_ci95", "ppl_ratio_ci95", "kl_divergence", "kl_divergence_se",
              "kl_median", "kl_p99", "kl_p999", "top1_agreement", "top1_agreement_se", "bytes", "bits_per_weight",
              "linear_bits_per_weight", "prefill_tokens_per_s", "decode_tokens_per_s", "serving_peak_rss_mb",
              "speed_runtime", "quantize_seconds", "status")
-COMPARISON_TABLE = ("name", "pareto", "perplexity", "ppl_increase", "ppl_ratio_ci95", "kl_divergence",
+COMPARISON_TABLE = ("name", "pareto", "runtime", "perplexity", "ppl_increase", "ppl_ratio_ci95", "kl_divergence",
                     "kl_divergence_se", "kl_p99", "top1_agreement", "bytes",
                     "bits_per_weight", "serving_bytes", "smallest_gpu", "decode_tokens_per_s",
                     "speed_runtime", "quantize_seconds", "node", "status")

@@ -39,6 +39,7 @@ class Metrics:
     decode_tokens_per_s: Optional[float] = None
     serving_peak_rss_mb: Optional[float] = None
     speed_runtime: Optional[str] = None  # the runtime/kernels behind the tokens/s (compress/runtime; "onnxruntime")
+    runtime: Optional[str] = None  # what ran the evaluation: "torch" (our view) or "llama.cpp"
 
     def update(self, **values: Any) -> None:
         known = {f.name for f in fields(self)}

@@ -16,6 +16,7 @@ import torch
 
 from compress.config import EvaluateConfig
 from compress.engine import StreamedModel
+from compress.evaluate.llamacpp import RUNTIME as LLAMA, TORCH, gguf_of
 from compress.evaluate.memory import release_freed
 from compress.evaluate.stats import quality_stats
 from compress.evaluate.vocab_stream import ROWS, vocab_metrics
@@ -58,12 +59,13 @@ def _softcap_of(sm: StreamedModel) -> Optional[float]:
 
 def evaluate_streams(
     original: StreamedModel, candidates: dict[str, Callable[[], StreamedModel]],
-    eval_ids: torch.Tensor, cfg: EvaluateConfig,
+    eval_ids: torch.Tensor, cfg: EvaluateConfig, llama: Optional[dict[str, Path]] = None,
 ) -> dict[str, EvalRow]:
     """The original's head inputs are kept (small); candidates are then opened and streamed
     one at a time, so memory holds one block of each model and two sets of head inputs. The
     original's perplexity comes from the first paired pass, which computes its logits anyway;
-    only without one does the original get a pass of its own."""
+    only without one does the original get a pass of its own. `llama` names GGUF files run in
+    llama.cpp instead (`compress.evaluate.llamacpp`), scored against the same original logits."""
     ref = head_inputs(original, eval_ids, "original")
     rows = {"original": EvalRow("original", float("nan"), 0.0, 1.0)}  # first in the table
     ref_row: Optional[EvalRow] = None
@@ -71,6 +73,15 @@ def evaluate_streams(
         rows[name], theirs = evaluate_candidate(name, open_model, original, ref, eval_ids, cfg)
         if ref_row is None:
             ref_row = theirs
+    for name, path in (llama or {}).items():  # GGUF files run by llama.cpp itself
+        from compress.evaluate.llamacpp import evaluate_gguf
+
+        pair = dict(ref_inputs=ref, ref_head=lambda: original.head_slices(ROWS),
+                    ref_softcap=_softcap_of(original)) if cfg.divergence else {}
+        st = evaluate_gguf(path, eval_ids, **pair)
+        rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
+        if ref_row is None and st.ref_perplexity is not None:
+            ref_row = EvalRow("original", st.ref_perplexity, 0.0, 1.0)
     rows["original"] = ref_row if ref_row is not None else original_row(original, ref, eval_ids)
     return rows
 
@@ -120,12 +131,15 @@ def stage_evaluate(ctx) -> None:
         return
     original = l.streamed()
     set_protocol(ctx)
-    cands = {n: (lambda p=r.artifact: open_candidate(p, l.device, l.dtype)) for n, r in done.items()}
-    rows = evaluate_streams(original, cands, ctx.eval_ids, e)
+    runtimes = {n: runtime_of(e, r.artifact) for n, r in done.items()}
+    llama = {n: gguf_of(r.artifact) for n, r in done.items() if runtimes[n] == LLAMA}
+    cands = {n: (lambda p=r.artifact: open_candidate(p, l.device, l.dtype)) for n, r in done.items() if n not in llama}
+    rows = evaluate_streams(original, cands, ctx.eval_ids, e, llama)
     record_original(ctx, rows["original"])
+    ctx.original.update(runtime=TORCH)
     for n, r in done.items():
         r.metrics.update(perplexity=rows[n].perplexity, kl_divergence=rows[n].kl_divergence,
-                         top1_agreement=rows[n].top1_agreement, **rows[n].extra)
+                         top1_agreement=rows[n].top1_agreement, runtime=runtimes[n], **rows[n].extra)
     if e.speed:
         record_original_speed(ctx)
         for r in done.values():
@@ -191,9 +205,29 @@ def candidate_speed(artifact: Path, e: EvaluateConfig, device_type: str) -> dict
     from compress.evaluate.speed import measure_in_subprocess
     from compress.formats.onnx_format import is_onnx_artifact
 
+    if runtime_of(e, artifact) == LLAMA:  # llama.cpp's kernels, the ones a GGUF user runs
+        from compress.evaluate.llamacpp import speed_in_subprocess
+
+        return speed_in_subprocess(gguf_of(artifact), e.speed_prompt_tokens, e.speed_new_tokens)
     if is_onnx_artifact(artifact):
         from compress.evaluate import onnx_runtime
 
         return {**onnx_runtime.measure_in_subprocess(artifact, e.speed_prompt_tokens, e.speed_new_tokens),
                 "speed_runtime": onnx_runtime.RUNTIME}
     return measure_in_subprocess(artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, device_type)
+
+
+def runtime_of(e: EvaluateConfig, artifact: Path) -> str:
+    """Which runtime measures an artifact: llama.cpp for a GGUF file where `evaluate.gguf_runtime`
+    allows it and llama-cpp-python is importable, else our torch view."""
+    from compress.evaluate.llamacpp import available
+
+    if gguf_of(artifact) is None or e.gguf_runtime == "torch":
+        return TORCH
+    if available():
+        return LLAMA
+    if e.gguf_runtime == LLAMA:  # preflight refuses this; an environment changed under the run
+        raise RuntimeError("evaluate.gguf_runtime: llama.cpp, but llama_cpp is no longer importable")
+    log.warning("llama-cpp-python is not installed: the GGUF artifact %s is evaluated in compress's "
+                "torch view (pip install 'compress[llamacpp]' for llama.cpp)", artifact)
+    return TORCH

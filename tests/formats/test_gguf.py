@@ -152,7 +152,7 @@ def test_tokenizer_round_trips_through_the_gguf(model_dir, tiny_tokenizer, text_
     assert tok.decode(tiny_tokenizer(probe)["input_ids"]) == probe
     reader = gguf.GGUFReader(str(alone / "model.gguf"))
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"  # llama.cpp's name
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     assert len(tokens) == 512 and tokens[-1] == "[PAD511]"
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == tiny_tokenizer.eos_token_id

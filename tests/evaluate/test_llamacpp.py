@@ -1,0 +1,123 @@
+"""llama.cpp as the GGUF evaluation runtime: the full-logit statistics against the streaming
+ones, the fallback to our torch view without llama-cpp-python (and the table saying so), the
+preflight refusal of `gguf_runtime: llama.cpp` without it, and (marker `ecosystem`, skipped
+without llama_cpp) llama.cpp's logits on a tiny exported GGUF against our torch view."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress.config import ConfigError, parse_config
+from compress.evaluate import llamacpp
+from compress.evaluate.vocab_stream import vocab_metrics
+from compress.pipeline import preflight, run
+from tiny_models import run_config
+
+
+def test_window_stats_equal_the_streamed_statistics():
+    """Full-logit KL/top-1/NLL per window, merged, equal the online log-sum-exp of vocab_stream."""
+    g = torch.Generator().manual_seed(0)
+    w, L, H, V = 3, 20, 16, 300
+    ids = torch.randint(0, V, (w, L), generator=g)
+    x, xr = torch.randn(w, L, H, generator=g), torch.randn(w, L, H, generator=g)
+    wt, wr = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+
+    def head(t):  # slices of 128 rows, as a checkpoint's head is read
+        return lambda: ((s, t[s : s + 128], None) for s in range(0, V, 128))
+
+    streamed = vocab_metrics(x, head(wt), ids, None, ref_inputs=xr, ref_head=head(wr))
+    full = llamacpp.merge(
+        llamacpp.window_stats(x[i] @ wt.T, ids[i], llamacpp.ref_window_logits(xr[i], head(wr), None))
+        for i in range(w))
+    assert full.tokens == streamed.tokens == w * (L - 1) and full.positions == w * L
+    assert full.agree == streamed.agree
+    for a, b in ((full.perplexity, streamed.perplexity), (full.kl, streamed.kl),
+                 (full.ref_perplexity, streamed.ref_perplexity)):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert full.kl > 0.1  # two unrelated heads: a KL that a wrong sign or index would change
+
+
+def test_softcap_is_applied_to_the_original_logits():
+    x, w = torch.randn(4, 8), torch.randn(10, 8) * 10
+    capped = llamacpp.ref_window_logits(x, lambda: iter([(0, w, None)]), 3.0)
+    assert torch.allclose(capped, torch.tanh(x @ w.T / 3.0) * 3.0) and capped.abs().max() <= 3.0
+
+
+def _gguf_cfg(model_dir, text_file, out, **evaluate):
+    return parse_config(run_config(model_dir("llama"), text_file, out, quantize={"bits": 8, "group_size": 32},
+                                   evaluate={"dataset": str(text_file), "windows": 2, "seqlen": 32,
+                                             "speed": False, **evaluate},
+                                   export={"format": "gguf", "gguf_type": "Q8_0"}))
+
+
+def test_without_llama_cpp_the_torch_view_evaluates_and_the_table_says_so(model_dir, text_file, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    ctx = run(_gguf_cfg(model_dir, text_file, tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["runtime"] for r in rows] == ["torch", "torch"]
+    assert rows[1]["kl_divergence"] < 1e-2
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| candidate | runtime | ppl |" in report and "| torch |" in report
+    (res,) = ctx.candidates.values()
+    assert res.metrics.runtime == "torch"
+
+
+def test_llama_cpp_runtime_without_llama_cpp_exits_2_at_preflight(model_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    cfg = _gguf_cfg(model_dir, text_file, tmp_path / "out", gguf_runtime="llama.cpp")
+    with pytest.raises(ConfigError, match=r"evaluate\.gguf_runtime: llama\.cpp needs llama-cpp-python"):
+        preflight(cfg, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"evaluate\.gguf_runtime"):
+        _gguf_cfg(model_dir, text_file, tmp_path / "out", gguf_runtime="llamacpp")
+
+
+# ---- llama.cpp itself -----------------------------------------------------------------------
+def _mean_kl(p_logits, q_logits) -> float:
+    lp, lq = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@pytest.mark.ecosystem
+@pytest.mark.parametrize("gguf_type,quantize", [
+    ("Q8_0", {"bits": 8, "group_size": 32}),
+    ("Q4_0", {"bits": 4, "group_size": 32}),
+    ("Q4_1", {"method": "gptq", "bits": 4, "group_size": 32, "sym": False}),
+])
+def test_llama_cpp_logits_agree_with_our_torch_view(gguf_type, quantize, model_dir, text_file, tmp_path):
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed (bash scripts/build-llamacpp.sh)")
+    from compress.formats.artifact import open_artifact
+    from tiny_models import walk_logits
+
+    def cfg(out, runtime, speed):
+        return parse_config(run_config(model_dir("llama"), text_file, tmp_path / out, quantize=quantize,
+                                       evaluate={"dataset": str(text_file), "windows": 2, "seqlen": 32,
+                                                 "speed": speed, "speed_prompt_tokens": 16, "speed_new_tokens": 4,
+                                                 "gguf_runtime": runtime},
+                                       export={"format": "gguf", "gguf_type": gguf_type}))
+
+    ctx = run(cfg("out", "llama.cpp", True))
+    (res,) = ctx.candidates.values()
+    assert res.error is None and res.metrics.runtime == "llama.cpp"
+    assert res.metrics.decode_tokens_per_s > 0 and res.metrics.prefill_tokens_per_s > 0
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    ours = walk_logits(open_artifact(res.artifact, torch.device("cpu"), torch.float32, dense=True), ids)
+    llm = llamacpp.open_llama(res.artifact / "model.gguf", 24, 2, logits_all=True)
+    try:
+        theirs = torch.stack([llamacpp.window_logits(llm, ids[w].tolist()) for w in range(2)])
+    finally:
+        llm.close()
+    # llama.cpp quantizes activations to Q8 blocks for quantized dot products and keeps the F16
+    # embedding/head in F16: a kernel tolerance, far below the quantization's own KL
+    kl = _mean_kl(ours, theirs)
+    assert kl < 2e-3, kl
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+    # and the pipeline's llama.cpp KL against the original is the torch view's within that tolerance
+    (tres,) = run(cfg("torch", "torch", False)).candidates.values()
+    assert tres.metrics.runtime == "torch"
+    assert res.metrics.kl_divergence == pytest.approx(tres.metrics.kl_divergence, rel=0.2, abs=2e-3)
+    assert res.metrics.perplexity == pytest.approx(tres.metrics.perplexity, rel=0.02)
