@@ -111,3 +111,30 @@ def quantizable(gguf_name: str, ndim: int) -> bool:
     """llama-quant.cpp's ``tensor_allows_quantization`` for the tensors we write."""
     return ndim >= 2 and gguf_name.endswith("weight") and "_norm.weight" not in gguf_name
 
+
+
+def tensor_types(sm, config, ftype: str) -> dict[str, str]:
+    """HF weight name -> GGUF type (or "F16": kept in float) of every quantizable weight of the
+    streamed model `sm`, linears of the blocks and the embedding / untied lm_head, under `ftype`."""
+    from compress.formats.gguf_meta import Names
+    from compress.stages.passes import weight_of
+    from compress.stages.quantize import block_linears
+
+    names = Names(config)
+    model = sm.model
+    emb = model.get_input_embeddings()
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is None or out_emb.weight is emb.weight or bool(getattr(config, "tie_word_embeddings", False))
+    mods = dict(model.named_modules())
+    emb_name = next(n for n, m in mods.items() if m is emb) + ".weight"
+    rows: list[tuple[str, str, int]] = [(emb_name, names.gguf(emb_name), int(emb.weight.shape[1]))]
+    for i in range(sm.n_blocks):
+        for name in (n for g in block_linears(sm.templates[i], sm.arch.sequential) for n in g):
+            full = f"{sm.block_prefix}{i}.{name}.weight"
+            w = weight_of(sm.templates[i].get_submodule(name), sm.arch.conv1d)
+            rows.append((full, names.gguf(full), int(w.shape[1])))
+    if not tied:
+        out_name = next(n for n, m in mods.items() if m is out_emb) + ".weight"
+        rows.append((out_name, names.gguf(out_name), int(out_emb.weight.shape[1])))
+    types = assign(ftype, [(g, c) for _, g, c in rows], tied)
+    return {hf: types[g] for hf, g, _ in rows}
