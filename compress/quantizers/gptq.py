@@ -206,7 +206,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
         kg = kgrid.get_grid(spec.gguf_grid)
         kparams = kgrid.fit(W, kg, weight=hdiag.float())
         ks, km = (t.repeat_interleave(kg.sub, dim=1).to(dtype) for t in kparams.effective(kg))
-        levels = kg.level_tensor(device).to(dtype)
     elif static:
         # A few groups at a time: the grid search's temporaries stay small for wide layers.
         step = max(1, STATIC_CHUNK // (out_f * gs))
@@ -269,7 +268,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
             if kg is not None:  # the nearest level under the column's fixed sub-block grid
                 q = kgrid.codes_for(w, ks[:, j], km[:, j], kg)
                 Q[:, j] = q.to(torch.uint8)
-                err = (w - (ks[:, j] * levels[q] - km[:, j])) / d
+                err = (w - (ks[:, j] * kg.values(q, dtype) - km[:, j])) / d
             else:
                 g = group_list[j]
                 s, z = scales[:, g], zeros[:, g]

@@ -13,7 +13,7 @@ for IQ4_NL). One-level types (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, IQ4_NL) have ``sub =
 bit for bit gguf-py's dequantization (tests/quantizers/test_kgrid.py).
 
 Choosing the grid of a row (`fit`), the first level is a per-sub-block range search (the range
-shrunk by factors 1.0..0.8, each candidate scored by its squared error, weighted by ``weight``
+shrunk by factors 1.0..0.8 in steps of 0.04, each candidate scored by its squared error, weighted by ``weight``
 when given, e.g. GPTQ's diag(H)); the second quantizes the sub-block scales and mins against the
 block's ``d = max scale / sc_max`` (as ``quantize_row_q4_K_ref`` does) and the codes are then
 chosen with those quantized scales (`codes`). Bit layouts live in `compress.formats.gguf_kquants`.
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-SHRINKS = tuple(1.0 - 0.02 * i for i in range(11))  # 1.00 .. 0.80
+SHRINKS = tuple(1.0 - 0.04 * i for i in range(6))  # 1.00 .. 0.80
 _CHUNK = 1 << 20  # weights per slice of the range search
 IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
@@ -48,6 +48,17 @@ class BlockGrid:
     @property
     def sym(self) -> bool:
         return not self.asym
+
+    @property
+    def linear(self) -> bool:
+        """Levels are consecutive integers (every type but IQ4_NL): rounding is arithmetic."""
+        return self.levels == tuple(range(self.levels[0], self.levels[0] + len(self.levels)))
+
+    def values(self, q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The level of each code (exact integers in float)."""
+        if self.linear:
+            return q.to(dtype) + self.levels[0]
+        return self.level_tensor(q.device).to(dtype)[q.long()]
 
     def level_tensor(self, device=None) -> torch.Tensor:
         return torch.tensor(self.levels, dtype=torch.float32, device=device)
@@ -98,6 +109,8 @@ class GridParams:
 
 def nearest(y: torch.Tensor, grid: BlockGrid) -> torch.Tensor:
     """Index of the level nearest ``y`` (ties to the lower level), as int64."""
+    if grid.linear:  # round half to even, then clamp to the codes
+        return (torch.round(y) - grid.levels[0]).clamp_(0, len(grid.levels) - 1).long()
     lv = grid.level_tensor(y.device).to(y.dtype)
     return torch.bucketize(y.contiguous(), (lv[1:] + lv[:-1]) / 2)
 
@@ -131,7 +144,7 @@ def _first_level(x: torch.Tensor, grid: BlockGrid, weight: Optional[torch.Tensor
             s = ext * p / lv[0]
             n = torch.zeros_like(s)
         q = codes_for(x, s.unsqueeze(1), n.unsqueeze(1), grid)
-        err = (s.unsqueeze(1) * lv[q] - n.unsqueeze(1) - x).pow_(2)
+        err = (s.unsqueeze(1) * grid.values(q, x.dtype) - n.unsqueeze(1) - x).pow_(2)
         if weight is not None:
             err = err * weight
         err = err.sum(dim=1)
@@ -216,5 +229,5 @@ def dequantize(q: torch.Tensor, params: GridParams, grid: BlockGrid) -> torch.Te
     """``(d * sc) * level[q] - (dmin * m)`` in float32, ggml's order of operations."""
     s, mn = params.effective(grid)
     out_f, in_f = q.shape
-    lv = grid.level_tensor(q.device)[q.long()].reshape(out_f, -1, grid.sub)
+    lv = grid.values(q).reshape(out_f, -1, grid.sub)
     return (s.unsqueeze(2) * lv - mn.unsqueeze(2)).reshape(out_f, in_f)

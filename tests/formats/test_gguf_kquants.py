@@ -82,8 +82,8 @@ CASES = [
      {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_v.weight": "Q4_K", "blk.1.attn_v.weight": "Q6_K",
       "blk.1.ffn_down.weight": "Q6_K", "token_embd.weight": "Q4_K", "output.weight": "Q6_K"}),
     ("Q3_K_M", "rtn", dict(hidden_size=256, intermediate_size=512),
-     # attn_output: rows of heads x head_dim = 4 x 32 = 128 -> Q4_K's fallback Q5_0; ffn_down: i < 2/16 never
-     {"blk.0.attn_q.weight": "Q3_K", "blk.0.attn_v.weight": "Q5_K", "blk.1.attn_v.weight": "Q4_K",
+     # attn_v: i < 2 always; attn_output: rows of 4 heads x 32 = 128 -> Q4_K falls back to Q5_0; ffn_down: i < 2/16 never
+     {"blk.0.attn_q.weight": "Q3_K", "blk.0.attn_v.weight": "Q5_K", "blk.1.attn_v.weight": "Q5_K",
       "blk.0.attn_output.weight": "Q5_0", "blk.0.ffn_down.weight": "Q4_K", "output.weight": "Q6_K"}),
     ("Q2_K", "gptq", dict(hidden_size=256, intermediate_size=512), {"blk.1.ffn_up.weight": "Q2_K"}),
     ("Q5_K", "rtn", dict(hidden_size=256, intermediate_size=512), {"blk.1.ffn_down.weight": "Q5_K"}),
