@@ -90,7 +90,7 @@ CASES = [
     # rows of 576 (SmolLM2's hidden size): the fallbacks
     ("Q3_K_M", "gptq", dict(hidden_size=576, intermediate_size=768, num_attention_heads=4),
      {"blk.0.attn_q.weight": "Q4_0", "blk.0.attn_v.weight": "Q5_1", "blk.0.attn_output.weight": "Q5_0",
-      "blk.0.ffn_down.weight": "Q5_K", "blk.1.ffn_down.weight": "Q4_K", "token_embd.weight": "Q4_0",
+      "blk.0.ffn_down.weight": "Q4_K", "blk.1.ffn_down.weight": "Q4_K", "token_embd.weight": "Q4_0",
       "output.weight": "Q8_0"}),
     ("Q6_K", "gptq", dict(hidden_size=576, intermediate_size=768, num_attention_heads=4),
      {"blk.0.attn_q.weight": "Q8_0", "blk.1.ffn_down.weight": "Q6_K"}),
