@@ -172,10 +172,14 @@ class ExportConfig(_Strict):
     )
     overwrite: bool = False
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024)
-    gguf_type: Optional[Literal["Q8_0", "Q4_0", "Q4_1"]] = Field(
+    gguf_type: Optional[Literal["Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M"]] = Field(
         None, validate_default=True,
-        description="GGUF block type of the quantized linears (format gguf only): Q8_0 (bits 8, sym), "
-        "Q4_0 (bits 4, sym), Q4_1 (bits 4, asym), all group_size 32",
+        description="GGUF type of the quantized linears (format gguf only). Simple types take the grid "
+        "from quantize: Q8_0 (bits 8, sym), Q4_0 (bits 4, sym), Q4_1 (bits 4, asym), all group_size 32. "
+        "k-quants (Q2_K..Q6_K: every tensor in that type, llama-quantize --pure) and llama.cpp's mixes "
+        "(Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M: types per tensor as llama-quantize chooses them) set bits, "
+        "group_size and sym per tensor themselves; rtn or gptq round on that grid",
     )
 
     onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
@@ -189,7 +193,8 @@ class ExportConfig(_Strict):
     def _gguf_type(cls, v: Optional[str], info) -> Optional[str]:
         fmt = info.data.get("format")
         if fmt == "gguf" and v is None:
-            raise ValueError("required with export.format: gguf (Q8_0, Q4_0 or Q4_1)")
+            raise ValueError("required with export.format: gguf (Q8_0, Q4_0, Q4_1, a k-quant such as Q4_K, "
+                             "or a mix such as Q4_K_M)")
         if fmt is not None and fmt != "gguf" and v is not None:
             raise ValueError(f"applies to export.format: gguf only (format is '{fmt}')")
         return v

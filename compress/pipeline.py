@@ -99,7 +99,13 @@ def _check_format(cfg: RunConfig, plans: list[Plan]) -> None:
     from compress.stages.load import source_config
 
     fmt = get_format(cfg.export.format)
-    if problem := fmt.check_run(cfg.export, plans):
+    if fmt.name != "gguf":
+        for p in plans:
+            for k, o in enumerate(p.q.overrides):
+                if o.gguf_type is not None:
+                    raise ConfigError(f"quantize.overrides.{k}.gguf_type: applies to export.format: gguf only "
+                                      f"(format is '{fmt.name}')")
+    if problem := fmt.check_config(cfg) or fmt.check_run(cfg.export, plans):
         raise ConfigError(problem)
     try:
         config = source_config(cfg.model)

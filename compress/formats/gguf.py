@@ -22,10 +22,18 @@ from typing import Any, Optional
 import torch
 
 from compress.formats import gguf_blocks as gb
+from compress.formats import gguf_kquants as gk
+from compress.formats.qweight import BlockQuantWeight
 from compress.formats.gguf_writer import GGUF_FILE, TYPE_SUFFIX
 from compress.formats.registry import BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format
 from compress.models.checkpoint import Checkpoint, CheckpointError
 from compress.quantizers.base import QuantSpec
+from compress.quantizers.kgrid import GRIDS
+
+
+def _blocky(kind: str) -> bool:
+    """A GGUF block type compress reads (simple types and kgrid's)."""
+    return kind in gb.TYPES or kind in GRIDS
 
 
 def _ggml_type(name: str) -> int:
@@ -43,9 +51,55 @@ class GGUFFormat(Format):
 
     # ---- preflight ---------------------------------------------------------------------------
     def default_sym(self, export) -> bool:
-        return gb.TYPES[export.gguf_type].sym
+        from compress.formats import gguf_mix as gx
+        from compress.quantizers.kgrid import get_grid
+
+        t = export.gguf_type
+        return get_grid(gx.base_type(t)).sym if t in gx.K_TYPES else gb.TYPES[t].sym
+
+    def check_config(self, cfg) -> Optional[str]:
+        from compress.formats import gguf_mix as gx
+        from compress.quantizers.kgrid import get_grid
+
+        t = cfg.export.gguf_type
+        if t not in gx.K_TYPES:
+            return None
+        g = get_grid(gx.base_type(t))
+        implied = {"bits": g.bits, "group_size": g.sub, "sym": g.sym}
+        pure = t in gx.PURE
+        why = (f"export.gguf_type {t} implies bits {g.bits}, group_size {g.sub}, sym {str(g.sym).lower()}"
+               if pure else f"export.gguf_type {t} is a mix: its types set bits, group_size and sym per tensor")
+        sources = [("quantize", cfg.quantize, cfg.quantize.model_fields_set)]
+        sources += [(f"candidates.{k}", c, {f for f in c.model_fields_set if getattr(c, f) is not None})
+                    for k, c in enumerate(cfg.candidates)]
+        for where, obj, explicit in sources:
+            for key, want in implied.items():
+                if key in explicit and (not pure or getattr(obj, key) != want):
+                    return f"{where}.{key}: {why}; remove the key"
+        if cfg.sweep is not None:
+            for key in implied:
+                if getattr(cfg.sweep, key, None) is not None:
+                    return f"sweep.{key}: {why}; sweep methods or their options instead"
+        return None
 
     def check_run(self, export, plans) -> Optional[str]:
+        from compress.formats import gguf_mix as gx
+
+        if export.gguf_type in gx.K_TYPES:
+            for p in plans:
+                q = p.q
+                which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
+                if q.method not in ("rtn", "gptq"):
+                    return (f"quantize.method: {q.method} cannot round on GGUF {export.gguf_type}'s block grid; "
+                            f"use rtn or gptq{which}")
+                if q.target is not None:
+                    return f"quantize.target: export.gguf_type {export.gguf_type} chooses the types per tensor{which}"
+                for k, o in enumerate(q.overrides):
+                    for key in ("bits", "group_size", "sym"):
+                        if getattr(o, key) is not None:
+                            return (f"quantize.overrides.{k}.{key}: export.gguf_type {export.gguf_type} sets the grid; "
+                                    f"give the override a gguf_type instead{which}")
+            return None
         t = gb.TYPES[export.gguf_type]
         for p in plans:
             q = p.q
@@ -65,7 +119,33 @@ class GGUFFormat(Format):
         problem = family_problem(config)
         return f"export.format: gguf: {problem}" if problem else None
 
+    def resolve_plan(self, plan, sm, config, export):
+        """Under a k-quant `gguf_type`, every block linear gets an exact-name override with the
+        GGUF type llama-quantize would give it (`gguf_mix`), or `skip` where it keeps F16."""
+        import re
+
+        from compress.formats import gguf_mix as gx
+        from compress.quantizers.base import Override
+        from compress.stages.quantize import Plan
+
+        if export.gguf_type not in gx.K_TYPES:
+            return plan
+        extra = []
+        for hf, t in gx.tensor_types(sm, config, export.gguf_type).items():
+            if not hf.startswith(sm.block_prefix):
+                continue  # the embedding / lm_head: the writer rounds them (`open_writer`)
+            pattern = f"^{re.escape(hf[: -len('.weight')])}$"
+            extra.append(Override(pattern=pattern, skip=True) if t == "F16" else Override(pattern=pattern, gguf_type=t))
+        return Plan(plan.name, plan.q.model_copy(update={"overrides": [*plan.q.overrides, *extra]}))
+
     def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
+        if spec.gguf_grid is not None:
+            from compress.quantizers.kgrid import get_grid
+
+            g = get_grid(spec.gguf_grid)
+            if shape[1] % g.block:
+                return f"input size {shape[1]} is not a multiple of {g.name}'s block of {g.block}"
+            return None
         if gb.type_for(spec.bits, spec.group_size, spec.sym) is None:
             return (f"no simple GGUF type has the grid bits={spec.bits} group_size={spec.group_size} "
                     f"sym={spec.sym} (Q8_0: 8 sym, Q4_0: 4 sym, Q4_1: 4 asym, all group_size 32)")
@@ -79,6 +159,7 @@ class GGUFFormat(Format):
     def open_writer(self, out_dir, exporter):
         from compress import __version__
         from compress.formats import gguf_meta as gm
+        from compress.formats import gguf_mix as gx
         from compress.formats.gguf_writer import GGUFArtifactWriter
         from compress.models.provenance import describe_source
 
@@ -90,15 +171,26 @@ class GGUFFormat(Format):
             gm.add_architecture(w, loaded.config)
             gm.add_tokenizer(w, loaded.root, loaded.config)
 
+        outer: dict[str, str] = {}
+        if cfg.export.gguf_type in gx.K_TYPES:  # the embedding / untied lm_head in their mix type
+            outer = {n: t for n, t in gx.tensor_types(exporter.sm, loaded.config, cfg.export.gguf_type).items()
+                     if not n.startswith(exporter.sm.block_prefix) and t != "F16"}
         return GGUFArtifactWriter(
             out_dir, arch=names.family.arch, names=lambda n, rows: (names.gguf(n), names.row_order(n, rows)),
             metadata=metadata, float_dtype=getattr(torch, cfg.export.dtype), overwrite=exporter.overwrite,
+            quantize_float=outer,
         )
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if lin.activations is not None:
             raise ValueError(f"{lin.name}: GGUF export holds weight-only quantization")
         w = lin.weight
+        if isinstance(w, BlockQuantWeight):
+            out = {f"{lin.name}.weight": gk.encode(w),
+                   f"{lin.name}.weight{TYPE_SUFFIX}": torch.tensor(_ggml_type(w.grid_name), dtype=torch.int32)}
+            if lin.bias is not None:
+                out[f"{lin.name}.bias"] = lin.bias.detach().to(torch.float32)
+            return out
         t = gb.type_for(w.bits, w.group_size, w.sym)
         if t is None:
             raise ValueError(f"{lin.name}: no GGUF type for bits={w.bits} group_size={w.group_size} sym={w.sym}")
@@ -112,9 +204,11 @@ class GGUFFormat(Format):
                             options: dict[str, Any]) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for s in layers:
-            t = gb.type_for(s.bits, s.group_size, s.sym)
-            counts[t.name] = counts.get(t.name, 0) + 1
+            t = s.gguf_grid or gb.type_for(s.bits, s.group_size, s.sym).name
+            counts[t] = counts.get(t, 0) + 1
         base_type = gb.type_for(base.bits, base.group_size, base.sym)
+        if any(s.gguf_grid for s in layers):
+            base_type = None  # k-quant runs: `general.file_type` in the file names the mix
         return {"quant_method": self.quant_method, "gguf_file": GGUF_FILE,
                 "gguf_type": base_type.name if base_type else None,
                 "tensor_types": dict(sorted(counts.items())), "unquantized": sorted(skipped),
@@ -157,6 +251,7 @@ class GGUFFormat(Format):
         from gguf import GGMLQuantizationType
 
         by_value = {_ggml_type(n): t for n, t in gb.TYPES.items()}
+        by_value.update({_ggml_type(n): n for n in GRIDS if n not in gb.TYPES})
         dtype = dense_dtype or torch.float32
 
         def patch(block: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -168,7 +263,8 @@ class GGUFFormat(Format):
                                           "is not one compress reads")
                 raw = tensors.pop(f"{n}.weight")
                 bias = tensors.pop(f"{n}.bias", None)
-                w = gb.decode(raw, by_value[code], dtype)
+                t = by_value[code]
+                w = gk.decode(raw, t).dequantize(dtype) if isinstance(t, str) else gb.decode(raw, t, dtype)
                 layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype, device="meta")
                 layer.weight = torch.nn.Parameter(w, requires_grad=False)
                 if bias is not None:
@@ -215,8 +311,8 @@ class GGUFCheckpoint(Checkpoint):
             ck._tensors[hf] = t
             ck._orders[hf] = names.row_order(hf, like.shape[0]) if like.dim() else None
             ck.index[hf] = path
-            if t.tensor_type.name in gb.TYPES:
-                ck.index[hf + TYPE_SUFFIX] = path
+            if _blocky(t.tensor_type.name) and g.startswith("blk."):
+                ck.index[hf + TYPE_SUFFIX] = path  # a block linear: the patcher decodes its bytes
         ck._reader = reader
         return ck
 
@@ -225,8 +321,11 @@ class GGUFCheckpoint(Checkpoint):
         return sorted(set(self.index.values()))
 
     def tensor_info(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {n: (tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
-                for n, t in self._tensors.items() if t.tensor_type.name in ("F32", "F16", "BF16")}
+        out = {n: (tuple(int(d) for d in reversed(t.shape.tolist())), t.tensor_type.name)
+               for n, t in self._tensors.items() if t.tensor_type.name in ("F32", "F16", "BF16")}
+        out.update({n: (tuple(int(d) for d in reversed(t.shape.tolist())), "F32") for n, t in self._tensors.items()
+                    if _blocky(t.tensor_type.name) and not t.name.startswith("blk.")})  # decoded on read
+        return out
 
     def _rows(self, name: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
         import numpy as np
@@ -239,8 +338,10 @@ class GGUFCheckpoint(Checkpoint):
             out = torch.from_numpy(np.array(rows[start:stop])).view(torch.bfloat16)
         elif kind in ("F32", "F16"):
             out = torch.from_numpy(np.array(data[start:stop] if data.ndim > 1 else data))
-        elif kind in gb.TYPES:
+        elif _blocky(kind):
             out = torch.from_numpy(np.array(data.reshape(data.shape[0], -1)[start:stop]))
+            if not t.name.startswith("blk."):  # a quantized embedding / lm_head: read as float
+                out = gk.decode(out, kind).dequantize(torch.float32) if kind in GRIDS else gb.decode(out, gb.TYPES[kind])
         else:
             raise CheckpointError(f"{self.root}: tensor '{name}' has GGUF type {kind}, which compress does not read")
         if data.ndim == 1 or (kind == "BF16" and len(t.shape) == 1):

@@ -214,5 +214,7 @@ def add_general(w, source: dict[str, Any], method: str, gguf_type: str, version:
     w.add_quantized_by("compress")
     w.add_description(f"quantized by compress {version} with {method} on the GGUF {gguf_type} grid")
     w.add_string("compress.method", method)
-    w.add_file_type(LlamaFileType[f"MOSTLY_{gguf_type}"].value)
+    # llama-quantize's own names: a pure Q4_K/Q5_K/Q3_K file is its Q4_K_M/... ftype run with --pure
+    ftype = {"Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q3_K": "Q3_K_M"}.get(gguf_type, gguf_type)
+    w.add_file_type(LlamaFileType[f"MOSTLY_{ftype}"].value)
     w.add_quantization_version(GGML_QUANT_VERSION)

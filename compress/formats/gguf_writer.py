@@ -42,6 +42,7 @@ class GGUFArtifactWriter(ArtifactWriter):
     def __init__(
         self, final_dir: Union[str, Path], *, arch: str, names: Callable[[str, int], tuple[str, Optional[torch.Tensor]]],
         metadata: Callable[[Any], None], float_dtype: torch.dtype, overwrite: bool = False,
+        quantize_float: Optional[Mapping[str, str]] = None,
     ) -> None:
         import gguf
 
@@ -53,6 +54,9 @@ class GGUFArtifactWriter(ArtifactWriter):
         self._float_dtype = float_dtype
         self._offset = 0
         self._gguf_names: set[str] = set()
+        # float tensors (the embedding, an untied lm_head) stored rounded to nearest on a GGUF
+        # block grid, as llama-quantize stores token_embd/output; HF name -> grid name
+        self._quantize_float = dict(quantize_float or {})
 
     # -- content ---------------------------------------------------------------------------
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -78,6 +82,11 @@ class GGUFArtifactWriter(ArtifactWriter):
         gname, order = self._names_of(name, shape[0] if shape else 1)
         if gname in self._gguf_names:
             raise ValueError(f"tensor '{name}': GGUF name '{gname}' is already taken")
+        if ggml_type is None and name in self._quantize_float:
+            grid = self._quantize_float[name]
+            ggml_type = int(gguf.GGMLQuantizationType[grid])
+            chunks = (_round_rows(c, grid, name) for c in chunks)
+            shape, dtype = (shape[0], _row_bytes(grid, shape[1])), torch.uint8
         if ggml_type is not None:
             qtype = gguf.GGMLQuantizationType(ggml_type)
             if dtype != torch.uint8:
@@ -153,3 +162,22 @@ class GGUFArtifactWriter(ArtifactWriter):
         self._done = True
         log.info("wrote %s (%s, %d tensor bytes)", self.final_dir, GGUF_FILE, self._total_bytes)
         return self.final_dir
+
+
+def _row_bytes(grid: str, cols: int) -> int:
+    from compress.formats.gguf_kquants import row_bytes
+    from compress.quantizers.kgrid import get_grid
+
+    return row_bytes(get_grid(grid), cols)
+
+
+def _round_rows(rows: torch.Tensor, grid: str, name: str) -> torch.Tensor:
+    """Rows of a float tensor as bytes of `grid`, rounded to nearest (RTN on the grid)."""
+    from compress.formats.gguf_kquants import encode
+    from compress.quantizers.base import QuantSpec
+    from compress.quantizers.rtn import round_to_nearest
+
+    rows = rows.detach().to("cpu", torch.float32)
+    if not all_finite(rows):
+        raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
+    return encode(round_to_nearest(rows, QuantSpec(bits=8).on_gguf_grid(grid)))

@@ -66,3 +66,60 @@ class QuantizedWeight:
             w.copy_(self.codes[rows])
             w.sub_(self.zeros[rows].to(dtype)[:, g]).mul_(self.scales[rows].to(dtype)[:, g])
         return out
+
+
+@dataclass(frozen=True)
+class BlockQuantWeight:
+    """Codes on one of GGUF's block grids (`compress.quantizers.kgrid`): k-quants' two-level
+    grid (fp16 ``d``/``dmin`` per block of 256, small-integer ``sc``/``m`` per sub-block) or a
+    simple type's one-level grid. ``w = (d * sc) * level[q] - (dmin * m)``; a GGUF layer's
+    minimum is no integer zero point, so this is not a `QuantizedWeight`.
+
+      codes  uint8   [out, in]          index of each weight's level
+      d, dmin fp16   [out, in / block]
+      sc, m  int16   [out, in / sub]
+    """
+
+    grid_name: str
+    codes: torch.Tensor
+    d: torch.Tensor
+    dmin: torch.Tensor
+    sc: torch.Tensor
+    m: torch.Tensor
+    desc_act: bool = False  # codes are always in natural column order
+
+    @property
+    def grid(self):
+        from compress.quantizers.kgrid import get_grid
+
+        return get_grid(self.grid_name)
+
+    @property
+    def params(self):
+        from compress.quantizers.kgrid import GridParams
+
+        return GridParams(self.d, self.dmin, self.sc, self.m)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def bits(self) -> int:
+        return self.grid.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.grid.sub
+
+    @property
+    def sym(self) -> bool:
+        return self.grid.sym
+
+    def to(self, device) -> "BlockQuantWeight":
+        return BlockQuantWeight(self.grid_name, *(t.to(device) for t in (self.codes, self.d, self.dmin, self.sc, self.m)))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from compress.quantizers.kgrid import dequantize
+
+        return dequantize(self.codes, self.params, self.grid).to(dtype)

@@ -9,11 +9,11 @@ evaluation (a block patcher that swaps in modules holding the stored codes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 
-from compress.formats.qweight import QuantizedWeight
+from compress.formats.qweight import BlockQuantWeight, QuantizedWeight
 from compress.quantizers.base import ActivationScheme, QuantSpec  # noqa: F401  (re-exported)
 
 
@@ -22,7 +22,7 @@ class QuantizedLinear:
     """One layer as a writer receives it."""
 
     name: str  # full module name, e.g. model.layers.0.self_attn.q_proj
-    weight: QuantizedWeight
+    weight: Union[QuantizedWeight, BlockQuantWeight]
     spec: QuantSpec  # the grid the method used for this layer
     bias: Optional[torch.Tensor] = None
     activations: Optional[ActivationScheme] = None
@@ -38,15 +38,17 @@ class LayerScheme:
     sym: bool
     permuted: bool  # g_idx not the plain column order (act-order with dynamic groups)
     activations: Optional[ActivationScheme] = None
+    gguf_grid: Optional[str] = None  # a GGUF block grid (k-quants, Q5_0, ...): `BlockQuantWeight`
 
     @classmethod
     def of(cls, lin: QuantizedLinear) -> "LayerScheme":
         w = lin.weight
-        return cls(lin.name, w.bits, w.group_size, w.sym, w.desc_act, lin.activations)
+        return cls(lin.name, w.bits, w.group_size, w.sym, w.desc_act, lin.activations,
+                   getattr(w, "grid_name", None))
 
     @property
     def key(self) -> tuple:
-        return (self.bits, self.group_size, self.sym, self.activations)
+        return (self.bits, self.group_size, self.sym, self.activations, self.gguf_grid)
 
 
 # (block, block index, the block's tensors by local name) -> names of the modules it replaced
@@ -70,6 +72,17 @@ class Format:
         """Why the run's `export` settings and candidates (`Plan`s) cannot be written, naming the
         config key (None when they can); checked at preflight, before the model is read."""
         return None
+
+    def check_config(self, cfg: Any) -> Optional[str]:
+        """Why the run config (`RunConfig`, with which keys were set explicitly) conflicts with
+        this format, naming the key (None when it does not); checked at preflight."""
+        return None
+
+    def resolve_plan(self, plan: Any, sm: Any, config: Any, export: Any) -> Any:
+        """The candidate's `Plan` once the model is known (the streamed model's blocks and
+        shapes, its transformers config): a format that chooses grids per tensor (GGUF's mixes)
+        adds exact-name overrides here. Default: unchanged."""
+        return plan
 
     def check_model(self, config: Any, root: Any) -> Optional[str]:
         """Why this model (transformers config, source folder) cannot be written (None when it can)."""

@@ -52,6 +52,9 @@ class QuantSpec:
     group_size: int = 128  # -1: one group per output channel
     sym: bool = True
     activations: Optional[ActivationScheme] = None
+    # A GGUF block grid (`kgrid.GRIDS`: Q4_K, Q6_K, Q5_0, ...) that replaces the uniform grid;
+    # bits, group_size (its sub-block) and sym are then the grid's own.
+    gguf_grid: Optional[str] = None
 
     def groups_for(self, in_features: int) -> int:
         return 1 if self.group_size == -1 else in_features // self.group_size
@@ -71,7 +74,18 @@ class QuantSpec:
     @property
     def grid(self) -> "QuantSpec":
         """Only the grid, without any method options a subclass adds."""
-        return QuantSpec(self.bits, self.group_size, self.sym, self.activations)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.activations, self.gguf_grid)
+
+    def on_gguf_grid(self, name: Optional[str]) -> "QuantSpec":
+        """This spec (method options kept) on GGUF block grid `name` (None: unchanged)."""
+        import dataclasses
+
+        if name is None:
+            return self
+        from compress.quantizers.kgrid import get_grid
+
+        g = get_grid(name)
+        return dataclasses.replace(self, bits=g.bits, group_size=g.sub, sym=g.sym, gguf_grid=name)
 
 
 # ---- statistics and results ----------------------------------------------------------------
@@ -121,6 +135,8 @@ def check_group_size(v: int) -> int:
 
 GroupSize = Annotated[int, AfterValidator(check_group_size)]
 Bits = Literal[2, 3, 4, 8]
+# the names of `compress.quantizers.kgrid.GRIDS` (kept literal: config parsing imports no torch)
+GGUFGrid = Literal["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "IQ4_NL"]
 
 
 class Override(StrictModel):
@@ -128,6 +144,10 @@ class Override(StrictModel):
     bits: Optional[Bits] = None
     group_size: Optional[GroupSize] = None
     sym: Optional[bool] = None
+    gguf_type: Optional[GGUFGrid] = Field(
+        None, description="A GGUF block grid for these layers (export.format: gguf with a k-quant "
+        "gguf_type); it sets bits, group_size and sym itself",
+    )
     skip: bool = False
 
     @field_validator("pattern")

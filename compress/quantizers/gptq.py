@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch
 
 from pydantic import Field
 
-from compress.formats.qweight import QuantizedWeight
+from compress.formats.qweight import BlockQuantWeight, QuantizedWeight
+from compress.quantizers import kgrid
 from compress.quantizers.base import (
     CalibratedConfig, LayerStats, NumericalError, QuantResult, QuantSpec, register_method,
 )
@@ -89,7 +90,7 @@ class GPTQNumericalError(NumericalError):
 
 @dataclass(frozen=True)
 class GPTQResult:
-    weight: QuantizedWeight
+    weight: Union[QuantizedWeight, BlockQuantWeight]
     loss: float  # the reference's sum over weights of (w - q)^2 / (2 [H^-1]_jj-chol^2)
     damp_percent: float  # the damping actually used (larger than asked after retries)
 
@@ -195,10 +196,17 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
 
     # Static groups (and per-channel grids) are fixed from the unquantized weight up front;
     # otherwise each group's grid is chosen from the error-updated weights when reached.
-    static = spec.static_groups or spec.group_size == -1
+    static = spec.static_groups or spec.group_size == -1 or spec.gguf_grid is not None
     scales = torch.zeros(out_f, n_groups, dtype=dtype, device=device)
     zeros = torch.zeros_like(scales)
-    if static:
+    kg = kparams = None
+    if spec.gguf_grid is not None:
+        # A GGUF block grid is fixed up front, like static groups: sub-block scales/mins fitted
+        # with diag(H) weighting the range search, quantized against the block's d/dmin.
+        kg = kgrid.get_grid(spec.gguf_grid)
+        kparams = kgrid.fit(W, kg, weight=hdiag.float())
+        ks, km = (t.repeat_interleave(kg.sub, dim=1).to(dtype) for t in kparams.effective(kg))
+    elif static:
         # A few groups at a time: the grid search's temporaries stay small for wide layers.
         step = max(1, STATIC_CHUNK // (out_f * gs))
         for g0 in range(0, n_groups, step):
@@ -218,6 +226,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
     if spec.desc_act:
         W = W[:, perm]
         hdiag = hdiag[perm]
+        if kg is not None:
+            ks, km = ks[:, perm], km[:, perm]
     # Group of each position in processing order: static groups keep the original column's
     # group, dynamic groups are consecutive runs of processing order.
     group_of = perm // gs if static else torch.arange(in_f, device=device) // gs
@@ -253,13 +263,18 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
                     cur = torch.cat([cur, rest], dim=1)
                 g = j // gs
                 scales[:, g], zeros[:, g] = _params(cur, spec, hdiag[j : j + gs])
-            g = group_list[j]
-            s, z = scales[:, g], zeros[:, g]
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            Q[:, j] = q
-            err = (w - s * (q - z)) / d
+            if kg is not None:  # the nearest level under the column's fixed sub-block grid
+                q = kgrid.codes_for(w, ks[:, j], km[:, j], kg)
+                Q[:, j] = q.to(torch.uint8)
+                err = (w - (ks[:, j] * kg.values(q, dtype) - km[:, j])) / d
+            else:
+                g = group_list[j]
+                s, z = scales[:, g], zeros[:, g]
+                q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+                Q[:, j] = q
+                err = (w - s * (q - z)) / d
             loss += (err * err).sum() / 2  # Algorithm 1 with the reference's loss bookkeeping
             # Eq. (3) on the Cholesky row: W[:, j+1:] -= err * Hinv[j, j+1:]
             W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
@@ -268,6 +283,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
 
     inv = torch.argsort(perm)
+    if kg is not None:
+        p = kparams
+        return GPTQResult(BlockQuantWeight(kg.name, Q[:, inv], p.d, p.dmin, p.sc, p.m), float(loss), damp)
     g_idx = group_of[inv].to(torch.int32)
     qw = QuantizedWeight(
         codes=Q[:, inv],

@@ -1,11 +1,12 @@
 """Round to nearest: each group's min/max sets the grid, each weight takes the nearest code."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 
-from compress.formats.qweight import QuantizedWeight
+from compress.formats.qweight import BlockQuantWeight, QuantizedWeight
+from compress.quantizers import kgrid
 from compress.quantizers.base import LayerStats, MethodConfig, QuantResult, QuantSpec, register_method
 from compress.quantizers.grid import find_params, quantize
 
@@ -16,7 +17,11 @@ class RTNConfig(MethodConfig):
     method: Literal["rtn"] = "rtn"
 
 
-def round_to_nearest(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+def round_to_nearest(W: torch.Tensor, spec: QuantSpec) -> Union[QuantizedWeight, BlockQuantWeight]:
+    if spec.gguf_grid is not None:  # plain (unweighted) range search, codes on the quantized scales
+        g = kgrid.get_grid(spec.gguf_grid)
+        p = kgrid.fit(W, g)
+        return BlockQuantWeight(g.name, kgrid.codes(W, p, g), p.d, p.dmin, p.sc, p.m)
     out_f, in_f = W.shape
     gs = in_f if spec.group_size == -1 else spec.group_size
     W = W.float()

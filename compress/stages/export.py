@@ -20,7 +20,7 @@ from torch import nn
 from compress import __version__
 from compress.config import RunConfig
 from compress.engine import StreamedModel
-from compress.formats.qweight import QuantizedWeight
+from compress.formats.qweight import BlockQuantWeight, QuantizedWeight
 from compress.formats.registry import ActivationScheme, LayerScheme, QuantizedLinear, get_format
 from compress.quantizers.base import QuantResult
 from compress.models.provenance import describe_source
@@ -304,7 +304,9 @@ def outer_state(sm: StreamedModel) -> list[tuple[str, torch.Tensor]]:
     return [(n, t) for n, t in model.state_dict().items() if not n.startswith(sm.block_prefix) and n != tied_name]
 
 
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
+def _to_cpu(qw):
+    if isinstance(qw, BlockQuantWeight):
+        return qw.to("cpu")
     return dataclasses.replace(
         qw, codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu()
     )

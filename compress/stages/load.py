@@ -304,6 +304,10 @@ def check_layer_schemes(ctx, sm: StreamedModel) -> None:
     fmt = get_format(ctx.cfg.export.format)
     if problem := fmt.check_model(ctx.loaded.config, ctx.loaded.root):
         raise ConfigError(problem)
+    for k, p in enumerate(ctx.plans):  # grids the format chooses per tensor (GGUF mixes)
+        ctx.plans[k] = fmt.resolve_plan(p, sm, ctx.loaded.config, ctx.cfg.export)
+        if p.name in ctx.candidates:
+            ctx.candidates[p.name].plan = ctx.plans[k]
     for p in ctx.plans:
         err = _layer_scheme_error(sm, p, fmt)
         if err and len(ctx.plans) == 1:

@@ -109,7 +109,7 @@ def layer_spec(q: MethodConfig, name: str) -> Optional[QuantSpec]:
     """Settings for linear `name` after `skip` and `overrides`, or None to keep it unquantized."""
     if any(re.search(p, name) for p in q.skip):
         return None
-    bits, gs, sym = q.bits, q.group_size, bool(q.sym)  # unresolved (None): asymmetric
+    bits, gs, sym, gguf = q.bits, q.group_size, bool(q.sym), None  # unresolved sym (None): asymmetric
     for o in q.overrides:  # later overrides win
         if re.search(o.pattern, name):
             if o.skip:
@@ -117,7 +117,8 @@ def layer_spec(q: MethodConfig, name: str) -> Optional[QuantSpec]:
             bits = o.bits if o.bits is not None else bits
             gs = o.group_size if o.group_size is not None else gs
             sym = o.sym if o.sym is not None else sym
-    return q.spec(bits, gs, sym)
+            gguf = o.gguf_type if o.gguf_type is not None else gguf
+    return q.spec(bits, gs, sym).on_gguf_grid(gguf)
 
 
 @dataclass

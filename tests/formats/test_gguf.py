@@ -179,7 +179,7 @@ def test_gguf_type_is_required_and_only_for_gguf(model_dir, text_file, tmp_path)
     with pytest.raises(ConfigError, match=r"export\.gguf_type: Value error, applies to export.format: gguf only"):
         parse_config(run_config(model_dir("llama"), text_file, tmp_path, export={"gguf_type": "Q4_0"}))
     with pytest.raises(ConfigError, match=r"export\.gguf_type: Input should be"):
-        parse_config(run_config(model_dir("llama"), text_file, tmp_path, export={"format": "gguf", "gguf_type": "Q4_K"}))
+        parse_config(run_config(model_dir("llama"), text_file, tmp_path, export={"format": "gguf", "gguf_type": "IQ2_XS"}))
 
 
 def test_family_without_a_mapping_exits_2(model_dir, text_file, tmp_path):
