@@ -214,7 +214,7 @@ class CompressedTensorsFormat(Format):
         by_key: dict[tuple, list[LayerScheme]] = {}
         for s in layers:
             by_key.setdefault(s.key, []).append(s)
-        base_key = (base.bits, base.group_size, base.sym, base.activations)
+        base_key = (base.bits, base.group_size, base.sym, base.activations, None)  # LayerScheme.key; no GGUF grid here
         keys = sorted(by_key, key=lambda k: (k != base_key, str(k)))
         groups = {}
         for g, k in enumerate(keys):
