@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from compress.config import ConfigError

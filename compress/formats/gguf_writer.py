@@ -15,7 +15,6 @@ keeps them F32) and in the export dtype otherwise; a quantized linear arrives as
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 
-from compress.formats.writer import ArtifactWriter, _names_folder
+from compress.formats.writer import ArtifactWriter, _names_folder, stream_tensor
 from compress.models.checkpoint import all_finite
 
 log = logging.getLogger(__name__)
@@ -102,23 +101,12 @@ class GGUFArtifactWriter(ArtifactWriter):
             chunks = [whole[order]]
         if self._spill is None:
             self._spill = open(self.tmp_dir / ".spill", "wb")
-        written = 0
+        start = self._spill.tell()
         try:
-            for c in chunks:
-                c = c.detach().to("cpu")
-                if c.is_floating_point() and not all_finite(c):
-                    raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
-                c = c.to(store).contiguous()
-                self._spill.write(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
-                written += c.numel() * c.element_size()
-            size = math.prod(shape) * torch.empty((), dtype=store).element_size()
-            if written != size:
-                raise ValueError(f"tensor '{name}': slices hold {written} bytes, its shape {shape} needs {size}")
-            pad = -written % _ALIGN
-            self._spill.write(b"\0" * pad)
+            written, pad = stream_tensor(self._spill, name, chunks, shape, store, _ALIGN)
         except BaseException:
-            if written:
-                self.abort()
+            if self._spill.tell() != start:
+                self.abort()  # the spill file may hold part of this tensor
             raise
         shape_np = list(shape) if shape else [1]
         if ggml_type is not None:

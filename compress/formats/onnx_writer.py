@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
@@ -19,8 +18,7 @@ from typing import Any, Iterable, Mapping, Union
 import torch
 
 from compress.formats.onnx_graph import COS, NBITS, SIN, DecoderGraph, NBitsLayer, genai_config, rotary_tables
-from compress.formats.writer import ArtifactWriter, _names_folder
-from compress.models.checkpoint import all_finite
+from compress.formats.writer import ArtifactWriter, _names_folder, stream_tensor
 
 log = logging.getLogger(__name__)
 
@@ -84,23 +82,12 @@ class ONNXArtifactWriter(ArtifactWriter):
             raise ValueError(f"tensor '{name}' was already added")
         store = torch.float32 if dtype.is_floating_point else dtype
         _onnx_type(store)  # refuses a type the graph does not take
-        written = 0
+        start = self._data.tell()
         try:
-            for c in chunks:
-                c = c.detach().to("cpu")
-                if c.is_floating_point() and not all_finite(c):
-                    raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
-                c = c.to(store).contiguous()
-                self._data.write(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
-                written += c.numel() * c.element_size()
-            size = math.prod(shape) * torch.empty((), dtype=store).element_size()
-            if written != size:
-                raise ValueError(f"tensor '{name}': slices hold {written} bytes, its shape {shape} needs {size}")
-            pad = -written % _ALIGN
-            self._data.write(b"\0" * pad)
+            written, pad = stream_tensor(self._data, name, chunks, shape, store, _ALIGN)
         except BaseException:
-            if written:
-                self.abort()
+            if self._data.tell() != start:
+                self.abort()  # the data file may hold part of this tensor
             raise
         self._inits[name] = (_onnx_type(store), tuple(shape), self._offset, written)
         self._offset += written + pad

@@ -70,6 +70,28 @@ def _names_folder(method):
     return wrapper
 
 
+def stream_tensor(out, name: str, chunks, shape: tuple[int, ...], store: torch.dtype, align: int) -> tuple[int, int]:
+    """Write a tensor's row slices to the open binary file `out` as raw `store` bytes, then zero
+    padding to `align`: (bytes written, padding). Refuses NaN/Inf and slices whose sizes do not
+    add up to `shape`. Shared by the formats that keep one data file (GGUF, ONNX external data)."""
+    from compress.models.checkpoint import all_finite
+
+    written = 0
+    for c in chunks:
+        c = c.detach().to("cpu")
+        if c.is_floating_point() and not all_finite(c):
+            raise ValueError(f"tensor '{name}' contains NaN or Inf; refusing to write it")
+        c = c.to(store).contiguous()
+        out.write(memoryview(c.reshape(-1).view(torch.uint8).numpy()))
+        written += c.numel() * c.element_size()
+    size = math.prod(shape) * torch.empty((), dtype=store).element_size()
+    if written != size:
+        raise ValueError(f"tensor '{name}': slices hold {written} bytes, its shape {shape} needs {size}")
+    pad = -written % align
+    out.write(b"\0" * pad)
+    return written, pad
+
+
 def _is_empty_dir(p: Path) -> bool:
     return p.is_dir() and not any(p.iterdir())
 
