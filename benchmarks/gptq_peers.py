@@ -1,7 +1,13 @@
-"""Our RTN and GPTQ side by side with GPTQModel's and llm-compressor's GPTQ on SmolLM2-135M.
+"""Our quantizers side by side with GPTQModel's and llm-compressor's on SmolLM2-135M.
 
     bash scripts/setup-peers.sh && bash scripts/setup-llmc.sh     # the peers' environments
-    GPTQMODEL_CPU_WORKERS=2 .venv/bin/python benchmarks/gptq_peers.py [--only NAME ...] [--eval-windows 40]
+    GPTQMODEL_CPU_WORKERS=2 .venv/bin/python benchmarks/gptq_peers.py [--suite gptq|awq] [--only NAME ...] [--eval-windows 40]
+
+Suites: `gptq` (the default) puts our RTN and GPTQ beside GPTQModel's and llm-compressor's GPTQ;
+`awq` puts our AWQ (RTN and GPTQ rounding), asymmetric GPTQ and SmoothQuant W8A8 (RTN and GPTQ
+rounding) beside llm-compressor's AWQ (W4 g64 asymmetric) and SmoothQuant+GPTQ W8A8, each with
+its defaults. W8A8 rows are evaluated with their dynamic per-token int8 activations simulated
+(compress's compressed-tensors reader, for llm-compressor's folder too).
 
 Every method gets the same 64 x 512 Wikipedia calibration windows (drawn once here with
 `calibration_windows(tok, "wikipedia", 64, 512, seed 0)`, handed to each peer as a
@@ -47,6 +53,8 @@ class Row:
     group_size: int
     desc_act: bool | None = None  # ours only; the peers run their defaults
     quantize: dict = field(default_factory=dict)  # extra keys of our quantize section
+    recipe: str = "gptq"  # the peer's recipe (benchmarks/peers/llmc_quantize.py)
+    suite: str = "gptq"
 
 
 ROWS = [
@@ -65,6 +73,14 @@ ROWS = [
     Row("gptqmodel gptq w3 g64", "gptqmodel", "gptq", 3, 64),
     Row("llm-compressor gptq w4 g64", "llm-compressor", "gptq", 4, 64),
     Row("llm-compressor gptq w3 g64", "llm-compressor", "gptq", 3, 64),
+    # suite awq: AWQ and W8A8 (issue 15). Our W4 rows are asymmetric, as llm-compressor's AWQ is.
+    Row("compress gptq w4 g64 asym", "compress", "gptq", 4, 64, True, {"sym": False}, suite="awq"),
+    Row("compress awq w4 g64", "compress", "awq", 4, 64, None, {"sym": False}, suite="awq"),
+    Row("compress awq+gptq w4 g64", "compress", "awq", 4, 64, None, {"sym": False, "rounding": "gptq"}, suite="awq"),
+    Row("compress smoothquant w8a8", "compress", "smoothquant", 8, -1, suite="awq"),
+    Row("compress smoothquant+gptq w8a8", "compress", "smoothquant", 8, -1, None, {"rounding": "gptq"}, suite="awq"),
+    Row("llm-compressor awq w4 g64", "llm-compressor", "awq", 4, 64, recipe="awq", suite="awq"),
+    Row("llm-compressor smoothquant+gptq w8a8", "llm-compressor", "w8a8", 8, -1, recipe="w8a8", suite="awq"),
 ]
 
 
@@ -153,11 +169,13 @@ def quantize_peer(row: Row, work: Path, model_root: Path, windows: Path) -> dict
     art = work / "artifact"
     shutil.rmtree(art, ignore_errors=True)
     cmd = [str(py), str(ROOT / "benchmarks" / "peers" / script), str(model_root), str(windows), str(art),
-           str(row.bits), str(row.group_size)]
+           str(row.bits), str(row.group_size)] + ([row.recipe] if row.tool == "llm-compressor" else [])
     wall, peak = run_child(cmd, work / "log.txt", {"GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2")})
     res = last_json(work / "log.txt")
     if row.tool == "gptqmodel":
         paths = {"artifact": str(art), "eval_path": str(art), "eval_kind": "gptq"}
+    elif row.recipe != "gptq":  # read by our compressed-tensors reader, activation quantization included
+        paths = {"artifact": str(art / "compressed"), "eval_path": str(art / "compressed"), "eval_kind": "gptq"}
     else:
         paths = {"artifact": str(art / "compressed"), "eval_path": str(art / "dense"), "eval_kind": "dense"}
     return {**res, **paths, "peak_rss_mb": peak, "process_seconds": wall}
@@ -194,16 +212,18 @@ def evaluate_all(done: dict[str, dict], windows: int, seqlen: int) -> tuple[dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gptq-peers")
+    ap.add_argument("--suite", choices=("gptq", "awq"), default="gptq")
+    ap.add_argument("--out", type=Path, help="work folder (default runs/SUITE-peers)")
     ap.add_argument("--only", nargs="*", help="row names to run (default: all)")
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--fresh", action="store_true", help="forget finished rows under --out")
     args = ap.parse_args()
+    args.out = args.out or ROOT / "runs" / f"{args.suite}-peers"
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [r for r in ROWS if not args.only or r.name in args.only]
+    rows = [r for r in ROWS if r.suite == args.suite and (not args.only or r.name in args.only)]
     model_root, calib_hash = prepare(args.out)
     done: dict[str, dict] = {}
     invocation = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -234,7 +254,7 @@ def main() -> None:
     metrics, protocol = evaluate_all(done, args.eval_windows, CALIB["seqlen"])
     from benchmarks.peers.table import write_results
 
-    md = write_results(args.results, done, metrics, protocol, calib_hash, machine())
+    md = write_results(args.results, done, metrics, protocol, calib_hash, machine(), f"{args.suite}-peers")
     print(md)
 
 

@@ -1,9 +1,12 @@
 """A 4-candidate sweep on SmolLM2-135M (RTN, 16 x 512 evaluation windows): local vs Ray with the
-same total CPUs (2), in one invocation, alternating order. Ray runs 1 task at a time with 2 torch
-threads (the local run's thread count, so the weights hash the same). Writes the table to
-benchmarks/results/ray-sweep-DATE.md, with the bytes moved to and from each task.
+same total CPUs (--cpus, default torch's thread count), in one invocation: local first, then Ray.
+Ray runs 1 task at a time with --cpus torch threads (the local run's thread count, so the
+weights hash the same). Writes the table to benchmarks/results/ray-sweep-DATE.md, with the bytes
+moved to and from each task.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py [--out runs/ray-bench]
+    PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py [--out runs/ray-bench] [--cpus N]
+
+On a box where other work runs, pin it: `taskset -c 0 ... --cpus 1`.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -38,7 +42,9 @@ def hashes(out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/ray-bench")
+    ap.add_argument("--cpus", type=int, default=torch.get_num_threads(), help="torch threads locally = Ray's num_cpus")
     args = ap.parse_args()
+    torch.set_num_threads(args.cpus)
     import ray
 
     from compress.config import parse_config
@@ -46,7 +52,7 @@ def main() -> None:
 
     base = Path(args.out)
     shutil.rmtree(base, ignore_errors=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     walls: dict[str, float] = {}
     for kind in ("local", "ray"):
         cfg = parse_config({**CONFIG, "executor": {"kind": kind}, "export": {**CONFIG["export"], "output_dir": str(base / kind)}})
@@ -61,11 +67,11 @@ def main() -> None:
     lines = [
         f"# Ray sweep vs local sweep, {dt.date.today()} (commit {commit})",
         "",
-        "`PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py`: SmolLM2-135M-Instruct fp32, RTN sweep "
+        f"`PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py --cpus {args.cpus}` (CPU affinity: "
+        f"{sorted(os.sched_getaffinity(0))}): SmolLM2-135M-Instruct fp32, RTN sweep "
         "bits [8, 4] x group_size [-1, 64] (4 candidates), 16 x 512 wikipedia evaluation windows, no speed "
-        f"measurement. Both runs in one invocation on a 2-core CPU box shared with other jobs (load "
-        f"average above 10 at times: the ratio is what counts). torch threads: {torch.get_num_threads()} "
-        "locally; Ray cluster `ray.init(num_cpus=2)`, one task at a time with 2 threads.",
+        f"measurement. Both runs in one invocation, local first. torch threads: {torch.get_num_threads()} "
+        f"locally; Ray cluster `ray.init(num_cpus={args.cpus})`, one task at a time with {args.cpus} thread(s).",
         "",
         "| executor | wall s |",
         "|---|---|",

@@ -38,7 +38,36 @@ def ratios(done: dict[str, dict], metrics: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_results(results_dir: Path, done: dict, metrics: dict, protocol: dict, calib_hash: str, machine: str) -> str:
+def awq_ratios(done: dict[str, dict], metrics: dict[str, dict]) -> list[str]:
+    """Issue 15's targets: our AWQ against llm-compressor's AWQ, our W8A8 against its SmoothQuant+GPTQ,
+    and whether our best W4 g64 row has the lowest KL of every W4 g64 row."""
+    def compare(ours: list[str], peer: str, label: str, kl_target: float, time_target: float, rss_target):
+        ours = [n for n in ours if n in done]
+        if peer not in done or not ours:
+            return []
+        best = min(ours, key=lambda n: metrics[n]["kl_divergence"])
+        kl = metrics[best]["kl_divergence"] / metrics[peer]["kl_divergence"]
+        t = done[best]["quantize_seconds"] / done[peer]["quantize_seconds"]
+        rss = done[best]["peak_rss_mb"] / done[peer]["peak_rss_mb"]
+        line = (f"- **{label}**: {best} KL {metrics[best]['kl_divergence']:.4f} vs {metrics[peer]['kl_divergence']:.4f} "
+                f"({peer}): ratio **{kl:.2f}** (target <= {kl_target}); quantize time ratio **{t:.2f}** "
+                f"(target <= {time_target}); peak RSS ratio **{rss:.2f}**")
+        return [line + (f" (target <= {rss_target})" if rss_target else "")]
+
+    w4 = [n for n in done if "w4 g64" in n]
+    lines = compare([n for n in w4 if n.startswith("compress awq")], "llm-compressor awq w4 g64", "AWQ W4 g64",
+                    0.8, 0.5, 0.5)
+    lines += compare([n for n in done if n.startswith("compress smoothquant")], "llm-compressor smoothquant+gptq w8a8",
+                     "W8A8", 1.0, 0.5, None)
+    if w4:
+        best = min(w4, key=lambda n: metrics[n]["kl_divergence"])
+        lines.append(f"- **Lowest W4 g64 KL in the table**: {best} ({metrics[best]['kl_divergence']:.4f}); "
+                     f"target: a compress row ({'met' if best.startswith('compress') else 'missed'})")
+    return lines
+
+
+def write_results(results_dir: Path, done: dict, metrics: dict, protocol: dict, calib_hash: str, machine: str,
+                  stem: str = "gptq-peers") -> str:
     orig = metrics["original"]
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
     body = [f"| original (fp32) | - | - | {orig['perplexity']:.3f} | 0 | 1.000 | {orig['bytes'] / 1e6:.1f} |"]
@@ -56,8 +85,8 @@ def write_results(results_dir: Path, done: dict, metrics: dict, protocol: dict, 
             "their times were not measured side by side.")
     today = dt.date.today().isoformat()
     md = (
-        f"# GPTQ side by side on SmolLM2-135M-Instruct ({today})\n\n"
-        f"Command: `GPTQMODEL_CPU_WORKERS=2 .venv/bin/python benchmarks/gptq_peers.py` "
+        f"# {'AWQ and W8A8' if stem == 'awq-peers' else 'GPTQ'} side by side on SmolLM2-135M-Instruct ({today})\n\n"
+        f"Command: `GPTQMODEL_CPU_WORKERS=2 .venv/bin/python benchmarks/gptq_peers.py --suite {stem.split('-')[0]}` "
         f"(after `bash scripts/setup-peers.sh` and `bash scripts/setup-llmc.sh`).\n\n"
         f"Machine: {machine}. Versions: {', '.join(versions)}. {when}\n\n"
         f"Calibration: 64 x 512 Wikipedia windows, the same for every row (sha256 {calib_hash[:16]}...). "
@@ -65,12 +94,15 @@ def write_results(results_dir: Path, done: dict, metrics: dict, protocol: dict, 
         "evaluated by the same code against the fp32 original. `quantize s` is the quantize step alone "
         "as each tool times it; `peak RSS` is the whole quantizing process (load, calibration, quantize, save). "
         "Ours: `compress gptq` rows use our defaults (damping 0.05, MSE range clip, static groups), with "
-        "desc_act on unless the row says `no-act`. Peers use their defaults with the bits and group size shown.\n\n"
-        + head + "\n".join(body) + "\n\n" + "\n".join(ratios(done, metrics)) + "\n"
+        "desc_act on unless the row says `no-act`; AWQ and SmoothQuant rows use their defaults (AWQ: duo "
+        "scaling, 20-point grid, no clip search; SmoothQuant: alpha 0.5). Peers use their defaults with the "
+        "bits and group size shown.\n\n"
+        + head + "\n".join(body) + "\n\n"
+        + "\n".join(awq_ratios(done, metrics) if stem == "awq-peers" else ratios(done, metrics)) + "\n"
     )
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"gptq-peers-{today}.md").write_text(md)
-    (results_dir / f"gptq-peers-{today}.json").write_text(json.dumps(
+    (results_dir / f"{stem}-{today}.md").write_text(md)
+    (results_dir / f"{stem}-{today}.json").write_text(json.dumps(
         {"machine": machine, "protocol": protocol, "calibration_sha256": calib_hash,
          "rows": {n: {**done[n], **metrics[n]} for n in done}, "original": orig}, indent=2, default=str))
     return md
