@@ -50,10 +50,31 @@ ROWS = [
      "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "sym": False}},
     {"name": "compress RTN Q4_0", "by": "compress", "gguf_type": "Q4_0",
      "quantize": {"method": "rtn", "bits": 4, "group_size": 32, "sym": True}},
-    # once branch i18-kquants lands, e.g.:
-    # {"name": "compress GPTQ Q4_K_M", "by": "compress", "gguf_type": "Q4_K_M",
-    #  "quantize": {"method": "gptq", "bits": 4, "group_size": 32, "sym": False}},
+    # k-quant mixes: bits, group size and grid come from each tensor's type in the mix
+    {"name": "compress GPTQ Q4_K_M", "by": "compress", "gguf_type": "Q4_K_M", "quantize": {"method": "gptq"}},
+    {"name": "compress RTN Q4_K_M", "by": "compress", "gguf_type": "Q4_K_M", "quantize": {"method": "rtn"}},
+    {"name": "compress GPTQ Q3_K_M", "by": "compress", "gguf_type": "Q3_K_M", "quantize": {"method": "gptq"}},
+    {"name": "compress RTN Q3_K_M", "by": "compress", "gguf_type": "Q3_K_M", "quantize": {"method": "rtn"}},
 ]
+# Issue 18's targets: per type, our best row against llama-quantize's strongest recipe of the
+# same type and layout (the importance matrix; for Q4_0 the F16-embedding row, compress's layout).
+TARGETS = {"Q4_0": "llama-quantize Q4_0 +imatrix, F16 embedding", "Q4_K_M": "llama-quantize Q4_K_M +imatrix",
+           "Q3_K_M": "llama-quantize Q3_K_M +imatrix"}
+
+
+def target_lines(results: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in results}
+    lines = ["Targets (issue 18): KL <= 0.8x llama-quantize with an importance matrix at the same type and size; "
+             "decode tokens/s within 5% of llama.cpp's file of the same type.", ""]
+    for t, peer in TARGETS.items():
+        ours = [r for r in results if r["name"].startswith("compress") and r["name"].endswith(f" {t}")]
+        if peer not in by or not ours:
+            continue
+        best, p = min(ours, key=lambda r: r["kl"]), by[peer]
+        lines.append(f"- **{t}**: {best['name']} KL {best['kl']:.4f} vs {p['kl']:.4f} ({peer}): ratio "
+                     f"**{best['kl'] / p['kl']:.2f}**; size ratio {best['bytes'] / p['bytes']:.3f}; decode ratio "
+                     f"**{best['decode_tokens_per_s'] / p['decode_tokens_per_s']:.3f}**")
+    return lines
 
 
 def sh(cmd: list, log: Path) -> None:
@@ -224,6 +245,7 @@ def main() -> None:
                      f"{r['decode_tokens_per_s']:.1f} |")
     for name, note in notes.items():
         lines.append(f"| {name} | - | - | - | - | - | - | - | - | {note} |")
+    lines += ["", *target_lines(results)]
     lines += [
         "",
         "Reading: SmolLM2-135M was distributed as Q4_1, so the fp32 original holds Q4_1 codes at group 32: "
