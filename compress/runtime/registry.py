@@ -5,7 +5,8 @@ compress's formats (`gptq`, `compressed-tensors`, `awq`, `gguf`), a folder witho
 plain float model (`dense`), and a folder with an ONNX model is `onnx`. `open_decoder(path,
 device)` opens it with the runtime registered for that kind. Speed measurement
 (`compress.evaluate.speed`) and `compress generate` only talk to the `Decoder` it returns, so a
-new runtime (ONNX Runtime, say) is one `@register_runtime("onnx")` function that returns one.
+new runtime is one `@register_runtime(KIND)` function that returns one (torch: `torch_runtime`;
+ONNX Runtime: `onnx_runtime`, when the onnx extra is installed).
 """
 from __future__ import annotations
 
@@ -84,3 +85,8 @@ def open_decoder(path: Path, device: torch.device) -> Decoder:
 
 def _load_builtins() -> None:
     from compress.runtime import torch_runtime  # noqa: F401  (registers itself)
+
+    try:
+        from compress.runtime import onnx_runtime  # noqa: F401  (needs the onnx extra)
+    except ImportError:
+        pass

@@ -140,6 +140,19 @@ def test_greedy_decoding_with_the_cache_is_token_identical(case, pair):
     assert len(set(want)) > 3  # a real sequence, not one token repeated
 
 
+def test_generate_runs_an_onnx_artifact_in_onnx_runtime(pair):
+    from compress.runtime.generate import Sampling, generate
+    from compress.runtime.registry import kind_of, open_decoder
+
+    _, onnx_dir, _ = pair("llama-gptq-w4-g32-act-asym")
+    prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(5))
+    assert kind_of(onnx_dir) == "onnx"
+    dec = open_decoder(onnx_dir, torch.device("cpu"))
+    assert dec.label == "onnxruntime MatMulNBits"
+    got = list(generate(dec, prompt[0].tolist(), 32, Sampling(temperature=0), stop_ids=set()))
+    assert got == OrtDecoder(onnx_dir).greedy(prompt, 32)
+
+
 def test_onnxruntime_genai_generates_the_same_tokens(pair):
     og = pytest.importorskip("onnxruntime_genai")
     _, onnx_dir, _ = pair("llama-gptq-w4-g32-act-asym")
