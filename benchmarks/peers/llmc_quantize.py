@@ -63,6 +63,11 @@ def main(model_dir: str, windows: str, out_dir: str, bits: str, group: str, kind
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14.0.1's AWQ pins its activation cache (`cache.pin_memory`), which
+        # raises "Cannot access accelerator device" on a CPU-only machine. Pinning only speeds
+        # host-to-GPU copies, so on a CPU it is the identity.
+        torch.Tensor.pin_memory = lambda self, *a, **k: self
     ids = load_file(windows)["input_ids"]
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
