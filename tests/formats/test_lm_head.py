@@ -184,3 +184,14 @@ def test_sweep_varies_the_head(tied, text_file):
                                   sweep={"lm_head": [None, {"bits": 8, "group_size": -1}, {"bits": 4}]}))
     names = [c.name for c in with_sweep(cfg).candidates]
     assert names == ["rtn-w4-g64", "rtn-w4-g64-head8ch", "rtn-w4-g64-head4"]
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_a_bytes_target_counts_the_quantized_head_exactly(fmt, tied, text_file, tmp_path):
+    """`quantize.target: max_bytes` leaves the slots what the embedding and the quantized head
+    (as the format stores it) do not take: the achieved bytes are the written tensors'."""
+    from compress.serving import safetensors_tensor_bytes
+
+    res = export(tied[0], text_file, tmp_path / "out", fmt,
+                 {"bits": 4, "group_size": 64, "target": {"max_bytes": 400_000}}, {"bits": 8, "group_size": -1})
+    assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= 400_000
