@@ -107,6 +107,10 @@ def _check_format(cfg: RunConfig, plans: list[Plan]) -> None:
                                       f"(format is '{fmt.name}')")
     if problem := fmt.check_config(cfg) or fmt.check_run(cfg.export, plans):
         raise ConfigError(problem)
+    for p in plans:
+        if p.q.lm_head is not None and (why := fmt.check_head(p.q.lm_head.spec(p.q), cfg.export)):
+            which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
+            raise ConfigError(f"quantize.lm_head: export.format {fmt.name}: {why}{which}")
     try:
         config = source_config(cfg.model)
     except CheckpointError:

@@ -95,13 +95,33 @@ def head_slices(path, rows: int) -> Iterator[tuple[int, torch.Tensor, None]]:
     import onnx
 
     m = onnx.load(str(Path(path) / ONNX_FILE), load_external_data=False)
-    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
-    init = next(t for t in m.graph.initializer if t.name == gemm.input[1])
-    ext = {e.key: e.value for e in init.external_data}
-    vocab, hidden = init.dims
-    table = np.memmap(Path(path) / ext["location"], np.float32, "r", int(ext["offset"]), (vocab, hidden))
+    inits = {t.name: t for t in m.graph.initializer}
+
+    def table(name: str, dtype) -> np.memmap:
+        ext = {e.key: e.value for e in inits[name].external_data}
+        return np.memmap(Path(path) / ext["location"], dtype, "r", int(ext["offset"]), tuple(inits[name].dims))
+
+    node = next(n for n in m.graph.node if n.op_type in ("Gemm", "MatMulNBits") and n.output[0] in _logit_sources(m))
+    if node.op_type == "MatMulNBits":  # a quantized head: its codes dequantized a slice at a time
+        from compress.formats.matmulnbits import dequantize_rows
+
+        attrs = {a.name: a.i for a in node.attribute}
+        B, sc = table(node.input[1], np.uint8), table(node.input[2], np.float32)
+        zp = table(node.input[3], np.uint8) if len(node.input) > 3 and node.input[3] else None
+        for start in range(0, attrs["N"], rows):
+            part = (torch.from_numpy(np.array(t[start : start + rows])) for t in (B, sc))
+            z = None if zp is None else torch.from_numpy(np.array(zp[start : start + rows]))
+            yield start, dequantize_rows(*part, z, attrs["K"], attrs["bits"]), None
+        return
+    vocab, hidden = inits[node.input[1]].dims
+    head = table(node.input[1], np.float32)
     for start in range(0, vocab, rows):
-        yield start, torch.from_numpy(np.array(table[start : start + rows])), None
+        yield start, torch.from_numpy(np.array(head[start : start + rows])), None
+
+
+def _logit_sources(m) -> set[str]:
+    """The outputs that the graph reshapes into `logits`: the head's."""
+    return {n.input[0] for n in m.graph.node if n.output and n.output[0] == "logits"}
 
 
 # ---- speed -----------------------------------------------------------------------------------

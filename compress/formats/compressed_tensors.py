@@ -39,7 +39,7 @@ import torch
 
 from compress.formats.qweight import QuantizedWeight
 from compress.formats.registry import (
-    BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format,
+    BlockPatcher, Format, LayerScheme, QuantizedLinear, full_name, register_format,
 )
 from compress.quantizers.base import ActivationScheme, QuantSpec
 
@@ -190,6 +190,9 @@ class CompressedTensorsFormat(Format):
                     "longer stores; set quantize.static_groups: true (act-order kept as actorder 'weight')")
         return None
 
+    def check_head(self, spec: QuantSpec, export: Any) -> Optional[str]:
+        return None  # the head is one more target of a config group, out of `ignore`
+
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return linear_tensors(lin, dtype)
 
@@ -256,7 +259,7 @@ class CompressedTensorsFormat(Format):
 
         scheme_of = _scheme_lookup(qcfg)
 
-        def patch(block: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
+        def patch(block: torch.nn.Module, i: Optional[int], tensors: dict[str, torch.Tensor]) -> list[str]:
             # every quantized layer has a weight_scale; its codes are weight_packed or int8 weight
             names = sorted(k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale"))
             for n in names:
@@ -265,7 +268,7 @@ class CompressedTensorsFormat(Format):
                 for extra in ("weight_zero_point", "bias"):
                     if f"{n}.{extra}" in tensors:
                         t[extra] = tensors.pop(f"{n}.{extra}")
-                full = f"{block_prefix}{i}.{n}"
+                full = full_name(block_prefix, i, n)
                 group = scheme_of(full)
                 qw, b = read_linear(t, group["weights"], full)
                 acts = _activation_scheme(group.get("input_activations"), full)

@@ -138,6 +138,18 @@ class GGUFFormat(Format):
             extra.append(Override(pattern=pattern, skip=True) if t == "F16" else Override(pattern=pattern, gguf_type=t))
         return Plan(plan.name, plan.q.model_copy(update={"overrides": [*plan.q.overrides, *extra]}))
 
+    def check_head(self, spec: QuantSpec, export) -> Optional[str]:
+        from compress.formats import gguf_mix as gx
+
+        if export.gguf_type in gx.K_TYPES:
+            return (f"export.gguf_type {export.gguf_type} already stores output / token_embd in the types "
+                    "llama-quantize chooses; remove quantize.lm_head")
+        if gb.type_for(spec.bits, spec.group_size, spec.sym) is None:
+            return (f"the output tensor needs a simple GGUF type's grid (Q8_0: bits 8 sym; Q4_0: bits 4 sym; "
+                    f"Q4_1: bits 4 asym; group_size 32), not bits {spec.bits} group_size {spec.group_size} "
+                    f"sym {str(spec.sym).lower()}")
+        return None
+
     def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
         if spec.gguf_grid is not None:
             from compress.quantizers.kgrid import get_grid

@@ -19,7 +19,7 @@ import torch
 
 from compress.formats.pack import pack, packed_size, unpack
 from compress.formats.qweight import QuantizedWeight
-from compress.formats.registry import BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format
+from compress.formats.registry import BlockPatcher, Format, LayerScheme, QuantizedLinear, full_name, register_format
 from compress.quantizers.base import QuantSpec
 
 TensorSource = Union[Mapping[str, torch.Tensor], Callable[[str], Optional[torch.Tensor]]]
@@ -147,6 +147,7 @@ def quantization_config(
     damp_percent: float = 0.01,
     true_sequential: bool = True,
     meta: Optional[Mapping[str, Any]] = None,
+    lm_head: bool = False,
 ) -> dict[str, Any]:
     """``config.json["quantization_config"]``; also the content of ``quantize_config.json``.
 
@@ -180,7 +181,7 @@ def quantization_config(
         "act_group_aware": False,
         "damp_percent": damp_percent,
         "true_sequential": true_sequential,
-        "lm_head": False,
+        "lm_head": lm_head,  # GPTQModel and vLLM read a quantized lm_head where this is true
         "pack_dtype": "int32",
         "meta": meta,
     }
@@ -238,6 +239,9 @@ class GPTQFormat(Format):
             return f"shape [{out_f}, {in_f}] cannot use the GPTQ layout: {e}"
         return None
 
+    def check_head(self, spec: QuantSpec, export: Any) -> Optional[str]:
+        return None  # `lm_head: true`, with its grid in `dynamic` where it differs (GPTQModel, vLLM)
+
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         # GPTQ kernels read fp16 scales whatever the model's dtype
         if lin.activations is not None:
@@ -265,7 +269,7 @@ class GPTQFormat(Format):
             base.bits, base.group_size, base.sym, any(s.permuted for s in layers),
             modules_to_not_convert=skipped, dynamic=dynamic or None,
             damp_percent=options.get("damp_percent", 0.01), true_sequential=options.get("propagate", True),
-            meta=options.get("meta"),
+            meta=options.get("meta"), lm_head=options.get("lm_head") is not None,
         )
 
     def side_files(self, qcfg: dict[str, Any]) -> dict[str, bytes]:
@@ -292,7 +296,7 @@ class GPTQFormat(Format):
         sym = bool(qcfg.get("sym", True))
         dynamic = qcfg.get("dynamic") or {}
 
-        def patch(block: torch.nn.Module, i: int, tensors: dict[str, torch.Tensor]) -> list[str]:
+        def patch(block: torch.nn.Module, i: Optional[int], tensors: dict[str, torch.Tensor]) -> list[str]:
             names = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
             for n in names:
                 t = {s: tensors.pop(f"{n}.{s}") for s in SUFFIXES}
@@ -300,7 +304,7 @@ class GPTQFormat(Format):
                 if bias is not None:
                     t["bias"] = bias
                 bits, gs = _layer_geometry(t)
-                layer_sym = bool(_dynamic_match(f"{block_prefix}{i}.{n}", dynamic).get("sym", sym))
+                layer_sym = bool(_dynamic_match(full_name(block_prefix, i, n), dynamic).get("sym", sym))
                 qw, b = read_linear(lambda k, t=t, n=n: t.get(k[len(n) + 1 :]), n, bits, gs, layer_sym)
                 mod = QuantLinear(qw, b) if dense_dtype is None else dequantized_linear(qw, b, dtype=dense_dtype)
                 block.set_submodule(n, mod)

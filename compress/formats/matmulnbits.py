@@ -113,6 +113,30 @@ def to_matmulnbits(qw: QuantizedWeight) -> NBitsTensors:
     return NBitsTensors(B.contiguous(), scales.to(torch.float32).contiguous(), zp, perm, K, N, qw.bits, bs)
 
 
+def _unpack_rows(b: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `_pack_rows`: bytes [R, C'] -> the first `n` values [R, n] of each row."""
+    if bits == 8:
+        return b[:, :n]
+    per, mask = 8 // bits, (1 << bits) - 1
+    vals = torch.stack([(b >> (bits * j)) & mask for j in range(per)], -1)
+    return vals.reshape(b.shape[0], -1)[:, :n]
+
+
+def dequantize_rows(B: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
+                    K: int, bits: int) -> torch.Tensor:
+    """The float weights [R, K] of rows of the op's tensors (`B` [R, k_blocks, blob], `scales`
+    [R, k_blocks], `zero_points` [R, zp_bytes] or None), columns in B's order: what ONNX Runtime
+    multiplies by, read back for evaluation (a quantized head)."""
+    R, kb, blob = B.shape
+    bs = blob * 8 // bits
+    codes = _unpack_rows(B.reshape(R, -1), bits, kb * bs).to(torch.float32).reshape(R, kb, bs)
+    if zero_points is None:
+        zp = torch.full((R, kb), float(1 << (bits - 1)))
+    else:
+        zp = _unpack_rows(zero_points, bits, kb).to(torch.float32)
+    return ((codes - zp[..., None]) * scales.to(torch.float32)[..., None]).reshape(R, -1)[:, :K]
+
+
 def nbytes(out_features: int, in_features: int, bits: int, group_size: int, sym: bool) -> int:
     """Bytes of `to_matmulnbits`'s tensors for a layer of this shape (asymmetric grids keep
     zero points; act-order adds an int64 permutation, not counted here: it depends on the data)."""

@@ -64,6 +64,13 @@ class ONNXFormat(Format):
         problem = family_problem(config)
         return f"export.format: onnx: {problem}" if problem else None
 
+    def check_head(self, spec: QuantSpec, export) -> Optional[str]:
+        if spec.bits not in BITS:
+            return f"MatMulNBits holds bits {' or '.join(map(str, BITS))}, not {spec.bits}"
+        if block_size_for(spec.group_size, 1) is None:
+            return f"group_size {spec.group_size} is not a power of two >= 16 (MatMulNBits block_size)"
+        return None
+
     def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
         if spec.activations is not None:
             return "MatMulNBits holds weight-only quantization, not quantized activations (W8A8)"

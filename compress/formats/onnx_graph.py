@@ -154,7 +154,8 @@ class DecoderGraph:
         self.rms(h, final_norm)
         x = self.nodes[-1].output[0] = FINAL_NORM
         flat = self._node("Reshape", [x, self._const("/const/flat", [-1, c.hidden_size])])[0]
-        logits = self._node("Gemm", [flat, head], transB=1)[0]
+        # a quantized head (`quantize.lm_head`) is one more MatMulNBits; else Gemm against the table
+        logits = self.linear(flat, head) if head in self.nbits else self._node("Gemm", [flat, head], transB=1)[0]
         shape = self._node("Concat", [self._node("Shape", ["input_ids"])[0],
                                       self._const("/const/vocab", [c.vocab_size])], axis=0)[0]
         self.nodes.append(helper.make_node("Reshape", [logits, shape], ["logits"], name="/logits"))

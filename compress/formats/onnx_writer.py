@@ -135,6 +135,7 @@ class ONNXArtifactWriter(ArtifactWriter):
             nbits[name] = NBitsLayer(K=tags["K"], N=B[0], bits=tags["bits"], block_size=tags["block_size"])
         embed = "model.embed_tokens.weight"
         head = "lm_head.weight" if "lm_head.weight" in self._inits else embed
+        head = "lm_head" if "lm_head" in nbits else head  # quantized: a MatMulNBits of its own
         g = DecoderGraph(c, nbits, set(self._inits), self.accuracy_level)
         inputs, outputs = g.build(embed, head, self.blocks_prefix, "model.norm.weight")
         graph = helper.make_graph(g.nodes, "compress-decoder", inputs, outputs, self._initializers())

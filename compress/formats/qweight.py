@@ -53,6 +53,22 @@ class QuantizedWeight:
     def n_groups(self) -> int:
         return self.scales.shape[1]
 
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """Output rows ``[start, stop)`` (a slice of a head's vocabulary), sharing storage."""
+        import dataclasses
+
+        return dataclasses.replace(self, codes=self.codes[start:stop], scales=self.scales[start:stop],
+                                   zeros=self.zeros[start:stop])
+
+    @staticmethod
+    def cat_rows(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
+        """Slices of output rows with one grid and column order, as one weight."""
+        import dataclasses
+
+        return dataclasses.replace(parts[0], codes=torch.cat([p.codes for p in parts]),
+                                   scales=torch.cat([p.scales for p in parts]),
+                                   zeros=torch.cat([p.zeros for p in parts]))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The real-valued weight ``[out, in]`` these codes stand for."""
         g = self.g_idx.long()

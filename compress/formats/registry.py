@@ -51,8 +51,14 @@ class LayerScheme:
         return (self.bits, self.group_size, self.sym, self.activations, self.gguf_grid)
 
 
-# (block, block index, the block's tensors by local name) -> names of the modules it replaced
-BlockPatcher = Callable[[torch.nn.Module, int, dict[str, torch.Tensor]], list[str]]
+# (block, block index, the block's tensors by local name) -> names of the modules it replaced.
+# The index is None for the model's outer modules (a quantized lm_head), named from the root.
+BlockPatcher = Callable[[torch.nn.Module, Optional[int], dict[str, torch.Tensor]], list[str]]
+
+
+def full_name(block_prefix: str, i: Optional[int], local: str) -> str:
+    """A patched layer's full module name: `local` inside block `i`, or from the root when `i` is None."""
+    return local if i is None else f"{block_prefix}{i}.{local}"
 
 
 class Format:
@@ -112,6 +118,12 @@ class Format:
     def check(self, layer: str, spec: QuantSpec, shape: tuple[int, int], conv1d: bool) -> Optional[str]:
         """Why this format cannot hold `spec` for `layer` (None when it can)."""
         raise NotImplementedError
+
+    def check_head(self, spec: QuantSpec, export: Any) -> Optional[str]:
+        """Why this format cannot store the lm_head quantized on `spec` (`quantize.lm_head`;
+        None when it can); checked at preflight, before the model is read. Shapes are then
+        checked by `check` like any layer. Default: the format keeps the head in float."""
+        return f"{self.name} artifacts keep the lm_head in export.dtype; remove quantize.lm_head"
 
     def check_plan(self, specs: dict[str, QuantSpec]) -> Optional[str]:
         """Why this format cannot hold the plan's layers together (None when it can): for a

@@ -6,7 +6,7 @@ Counted as `export.format` writes them (`Format.linear_bytes`): codes, scales, z
 and g_idx of a quantized linear (and its bias, in the dtype that format gives it); a linear
 left in float is its weight (and bias) in `export.dtype`. The rest (embeddings, norms, an
 lm_head, skipped linears) is fixed: `export.dtype` for floating tensors, as the exporter casts
-them. `bits_per_weight` counts only the slots, without biases, as `linear_bits_per_weight`.
+them, and a `quantize.lm_head` head as the format stores it quantized. `bits_per_weight` counts only the slots, without biases, as `linear_bits_per_weight`.
 """
 from __future__ import annotations
 
@@ -87,14 +87,19 @@ def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list
     return out
 
 
-def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype) -> int:
-    """Bytes of every artifact tensor that is not a slot's, as the exporter writes them."""
+def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None) -> int:
+    """Bytes of every artifact tensor that is not a slot's, as the exporter writes them; with
+    `q.lm_head`, the head as `fmt` stores it quantized (beside a tied embedding)."""
     from compress.stages.export import outer_state
 
     def size(t: torch.Tensor) -> int:
         return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
 
-    total = sum(size(t) for _, t in outer_state(sm))
+    head = sm._head_name() if q is not None and q.lm_head is not None else None
+    total = sum(size(t) for n, t in outer_state(sm) if n != f"{head}.weight")
+    if head is not None:
+        mod = sm.model.get_output_embeddings()
+        total += fmt.linear_bytes(tuple(mod.weight.shape), q.lm_head.spec(q), mod.bias is not None, dtype)
     for i in range(sm.n_blocks):
         prefix = f"{sm.block_prefix}{i}."
         for name, t in sm.templates[i].state_dict().items():

@@ -38,8 +38,9 @@ def _strip_quant(config):
     return config
 
 
-# (block, block index, the block's tensors by local name) -> names of the modules it replaced
-BlockPatcher = Callable[[nn.Module, int, dict[str, torch.Tensor]], list[str]]
+# (block, block index, the block's tensors by local name) -> names of the modules it replaced;
+# index None: the model's outer modules (a quantized lm_head), names from the root
+BlockPatcher = Callable[[nn.Module, Optional[int], dict[str, torch.Tensor]], list[str]]
 
 
 class ModelWeights:
@@ -59,6 +60,7 @@ class ModelWeights:
         patch_block: Optional[BlockPatcher] = None,
         load_outer: bool = True,
         stored_outer: bool = False,
+        patch_head: Optional[BlockPatcher] = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -67,6 +69,8 @@ class ModelWeights:
         self.device = device
         self.dtype = dtype
         self.patch_block = patch_block
+        # a quantized lm_head's module (default: as the blocks'); called with index None
+        self.patch_head = patch_head or patch_block
         config = _strip_quant(config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -78,6 +82,7 @@ class ModelWeights:
         self.n_blocks = len(self.templates)
         self.block_prefix = self.arch.blocks + "."
         self.stored_outer = stored_outer  # embedding/head kept in the checkpoint's dtype
+        self.head_patched: tuple[str, ...] = ()  # the quantized head's module, once materialized
         self._check_headers()
         if load_outer:  # a skeleton without weights suffices for shape checks
             self._materialize_outer()
@@ -121,9 +126,11 @@ class ModelWeights:
         return self.ckpt_name(f"{name}.weight")
 
     def _load_into(
-        self, module: nn.Module, prefix: str, patch: Optional[Callable] = None, keep: frozenset = frozenset()
+        self, module: nn.Module, prefix: str, patch: Optional[Callable] = None, keep: frozenset = frozenset(),
+        patched: tuple[str, ...] = (),
     ) -> None:
-        """Load ``module``'s tensors from the checkpoint keys under ``prefix``."""
+        """Load ``module``'s tensors from the checkpoint keys under ``prefix``; modules named in
+        ``patched`` already hold theirs."""
         if prefix:
             ck_prefix = prefix
             if not self.checkpoint.names(prefix):
@@ -132,11 +139,12 @@ class ModelWeights:
             raw = self.checkpoint.load(self.checkpoint.names(ck_prefix), device=self.device)
             ck_of = {k[len(ck_prefix):]: k for k in raw}
         else:
-            found = {k: self.ckpt_name(k) for k in module.state_dict()}
+            found = {k: self.ckpt_name(k) for k in module.state_dict()
+                     if not any(k.startswith(r + ".") for r in patched)}
             raw = self.checkpoint.load([c for c in found.values() if c], device=self.device)
             ck_of = {k: c for k, c in found.items() if c}
         local = {k: raw[c] for k, c in ck_of.items()}
-        replaced: list[str] = patch(module, local) if patch is not None else []
+        replaced: list[str] = list(patched) + (patch(module, local) if patch is not None else [])
         state = {}
         missing = []
         for k, like in module.state_dict().items():
@@ -180,11 +188,28 @@ class ModelWeights:
             model.to_empty(device=self.device)
             _init_nonpersistent(model, model)
             keep = frozenset(stored_outer_names(model)) if self.stored_outer else frozenset()
-            self._load_into(model, "", keep=keep)
+            self.head_patched = self._patch_head(model)
+            self._load_into(model, "", keep=keep, patched=self.head_patched)
             if model.get_output_embeddings() is not None and self._is_tied_missing():
                 model.get_output_embeddings().weight = model.get_input_embeddings().weight
             if self.stored_outer:
                 install_upcast(model, self.dtype)
+
+    def _head_name(self) -> Optional[str]:
+        head = self.model.get_output_embeddings()
+        return None if head is None else next(n for n, m in self.model.named_modules() if m is head)
+
+    def _patch_head(self, model: nn.Module) -> tuple[str, ...]:
+        """An artifact's quantized lm_head (`quantize.lm_head`: its tensors stored under the
+        head's name, no float weight) becomes the format's quantized module; the names of the
+        modules replaced."""
+        name = self._head_name()
+        if self.patch_head is None or name is None or self.ckpt_name(f"{name}.weight") is not None:
+            return ()
+        stored = self.checkpoint.names(f"{name}.")
+        if not stored:
+            return ()
+        return tuple(self.patch_head(model, None, self.checkpoint.load(stored, device=self.device)))
 
     def release_outer(self) -> None:
         """Free the outer modules' weights (embeddings, final norm, head). For the quantize
@@ -246,6 +271,9 @@ class ModelWeights:
         from the checkpoint a slice at a time (a tied head reads the embedding's rows), so its
         full table is never resident."""
         head = self.model.get_output_embeddings()
+        if self.head_patched:  # a quantized head (`_patch_head`), held by its module
+            yield from _patched_rows(head, rows, self.dtype)
+            return
         ck = self._weight_ckpt_name(head)
         if ck is None and getattr(self.config, "tie_word_embeddings", False):
             ck = self._weight_ckpt_name(self.model.get_input_embeddings())
@@ -256,3 +284,13 @@ class ModelWeights:
         for s in range(0, vocab, rows):
             w = self.checkpoint.load_rows(ck, s, s + rows).to(self.device, self.dtype)
             yield s, w, None if bias is None else bias[s : s + rows].to(self.dtype)
+
+
+def _patched_rows(head: nn.Module, rows: int, dtype: torch.dtype):
+    """`head_slices` of a quantized head's module: a `QuantLinear`'s codes dequantized a slice
+    of rows at a time, or the float weight a patcher decoded them to."""
+    bias = head.bias
+    qw = head.quantized_weight() if hasattr(head, "quantized_weight") else None
+    for s in range(0, head.out_features, rows):
+        w = head.weight[s : s + rows].to(dtype) if qw is None else qw.rows(s, s + rows).dequantize(dtype)
+        yield s, w, None if bias is None else bias[s : s + rows].to(dtype)

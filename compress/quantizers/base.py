@@ -160,6 +160,27 @@ class Override(StrictModel):
         return v
 
 
+class OuterQuant(StrictModel):
+    """How a tensor outside the decoder blocks is stored (`quantize.lm_head`): rounded to
+    nearest on the blocks' grid (`compress.quantizers.grid`), whatever the method. Unset
+    `group_size` / `sym` take the plan's."""
+
+    bits: Bits
+    group_size: Optional[GroupSize] = None
+    sym: Optional[bool] = None
+
+    def spec(self, plan: "MethodConfig") -> QuantSpec:
+        gs = plan.group_size if self.group_size is None else self.group_size
+        return QuantSpec(self.bits, gs, bool(plan.sym) if self.sym is None else self.sym)
+
+    def label(self, plan: "MethodConfig", what: str) -> str:
+        """Candidate-name part: `head8`, plus the group and grid where they differ from the plan's."""
+        s = self.spec(plan)
+        gs = "" if s.group_size == plan.group_size else ("ch" if s.group_size == -1 else f"g{s.group_size}")
+        grid = "" if s.sym == bool(plan.sym) else ("sym" if s.sym else "asym")
+        return f"{what}{s.bits}{gs}{grid}"
+
+
 class MethodConfig(StrictModel):
     """Settings every method has: the grid, and which layers get which grid.
 
@@ -181,6 +202,11 @@ class MethodConfig(StrictModel):
         "per linear from target_options by predicted loss; written as exact-name overrides",
     )
     target_options: TargetOptions = Field(default_factory=TargetOptions)
+    lm_head: Optional[OuterQuant] = Field(
+        None, description="Quantize the lm_head too (round to nearest: bits, group_size and sym, unset ones "
+        "the plan's); a tied embedding stays in export.dtype for the lookup and the artifact stores the "
+        "head as its own tensor. Default: the head stays in export.dtype",
+    )
 
     def spec(self, bits: int, group_size: int, sym: bool) -> QuantSpec:
         """The spec handed to the method for one layer (a subclass adds its options)."""

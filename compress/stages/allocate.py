@@ -50,7 +50,7 @@ def stage_allocate(ctx) -> None:
         q = ctx.candidates[name].plan.q
         try:
             slots = mp.slots(sm, q, fmt, dtype, with_bias=q.target.bits_per_weight is None)
-            fixed = mp.fixed_bytes(sm, {s.name for s in slots}, dtype) if q.target.bits_per_weight is None else 0
+            fixed = mp.fixed_bytes(sm, {s.name for s in slots}, dtype, q, fmt) if q.target.bits_per_weight is None else 0
             budget = mp.budget(q.target, cfg, ctx.loaded.config, slots, fixed)
             smallest = sum(min(s.bytes) for s in slots)
             if smallest > budget.slots_bytes:

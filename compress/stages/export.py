@@ -94,6 +94,8 @@ class Exporter:
         self.layers: list[LayerScheme] = []
         self.quantized_params = 0
         self.quantized_bytes = 0
+        self.head: Optional[dict] = None  # the quantized lm_head, for the manifest
+        self.head_reports: list = []  # its LayerReport, after the blocks'
         try:
             self._write_outer()
         except BaseException:  # the caller gets no exporter to abort: remove the partial here
@@ -117,9 +119,12 @@ class Exporter:
 
         # Linears outside the blocks (the lm_head) stay in float: formats that quantize every
         # Linear by class (compressed-tensors) must be told to leave them alone.
+        head = self.sm._head_name() if self.plan.q.lm_head is not None else None
         with self.sm._outer_only() as outer:
-            self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+            self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n != head]
         for name, t in outer_state(self.sm):
+            if name == f"{head}.weight":
+                continue  # written quantized by `_write_head`
             ck = self.sm.ckpt_name(name)
             if ck is None:
                 raise ValueError(f"{ckpt.root}: tensor '{name}' is missing from the checkpoint")
@@ -130,6 +135,49 @@ class Exporter:
             rows = range(0, t.shape[0], rows_per_slice)
             slices = (self._cast(ckpt.load_rows(ck, s, s + rows_per_slice)) for s in rows)
             self.writer.add_tensor_chunks(name, dtype, tuple(t.shape), slices)
+        if head is not None:
+            self._write_head(head, rows_per_slice)
+
+    def _write_head(self, name: str, rows_per_slice: int) -> None:
+        """`quantize.lm_head`: the head rounded to nearest on its grid, read from the checkpoint a
+        slice of rows at a time, written as the format writes a quantized linear under the head's
+        own name. A tied head is read from the embedding, which stays as written (the artifact
+        unties them)."""
+        import time
+
+        from compress.quantizers.rtn import round_to_nearest
+        from compress.stages.quantize import LayerReport
+
+        t0 = time.perf_counter()
+        sm, q = self.sm, self.plan.q
+        spec = q.lm_head.spec(q)
+        model = sm.model
+        head = model.get_output_embeddings()
+        tied = head.weight is model.get_input_embeddings().weight
+        ck = sm.ckpt_name(f"{name}.weight") or sm._weight_ckpt_name(model.get_input_embeddings())
+        vocab, hidden = head.weight.shape
+        spec.check_divides(hidden, name)
+        parts, err, energy = [], 0.0, 0.0
+        for s in range(0, vocab, rows_per_slice):
+            w = sm.checkpoint.load_rows(ck, s, s + rows_per_slice).float()
+            if not torch.isfinite(w).all():
+                raise ValueError(f"layer '{name}': weights contain NaN or Inf")
+            parts.append(round_to_nearest(w, spec))
+            err += float((w - parts[-1].dequantize()).double().pow(2).sum())
+            energy += float(w.double().pow(2).sum())
+        qw = QuantizedWeight.cat_rows(parts)
+        bias_ck = sm.ckpt_name(f"{name}.bias")
+        bias = None if bias_ck is None else sm.checkpoint.load([bias_ck])[bias_ck]
+        lin = QuantizedLinear(name, qw, spec, bias)
+        out = self.format.linear_tensors(lin, self.dtype)
+        self.writer.add_tensors(out)
+        self.layers.append(LayerScheme.of(lin))
+        w_err = err / max(energy, 1e-30)
+        self.head = {"name": name, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                     "method": "rtn", "untied_from_embedding": tied,
+                     "bytes": sum(v.numel() * v.element_size() for v in out.values() if v.dim() > 0),
+                     "weight_rel_error": w_err}
+        self.head_reports = [LayerReport(name, spec.bits, spec.group_size, "rtn", w_err, None, time.perf_counter() - t0)]
 
     def add_block(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> None:
         """Write block `i`, and hand what was written to `self.keep` (the resume store)."""
@@ -190,6 +238,8 @@ class Exporter:
         config = self.loaded.config.to_dict()
         config["quantization_config"] = qcfg
         config["dtype"] = self.cfg.export.dtype
+        if self.head is not None and self.head["untied_from_embedding"]:
+            config["tie_word_embeddings"] = False  # the head is its own (quantized) tensor now
         for name, content in self.format.side_files(qcfg).items():
             self.writer.add_file(name, content)
         if self.format.copies_side_files:
@@ -205,6 +255,8 @@ class Exporter:
             "linear_bits_per_weight": self.linear_bits_per_weight,
             "algorithm": algorithm,
         }
+        if self.head is not None:
+            manifest["quantization"]["lm_head"] = self.head
         return self.writer.finish(config, manifest)
 
     def abort(self) -> None:
@@ -256,6 +308,7 @@ def quantize_candidate(ctx, res, saved, manifest: dict) -> None:
             exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
         exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
         res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
+        res.layers += exporter.head_reports
         res.quantize_seconds = saved.seconds()  # the interrupted runs' share included
         res.artifact = exporter.finish(manifest if res.allocation is None else {**manifest, "allocation": res.allocation})
         res.metrics.linear_bits_per_weight = exporter.linear_bits_per_weight

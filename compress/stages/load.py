@@ -291,6 +291,24 @@ def _layer_scheme_error(sm: StreamedModel, plan, fmt) -> Optional[str]:
     why = fmt.check_plan(specs)
     if why:
         return f"export.format: {fmt.name} cannot hold candidate '{plan.name}': {why}"
+    return _head_scheme_error(sm, plan, fmt)
+
+
+def _head_scheme_error(sm: StreamedModel, plan, fmt) -> Optional[str]:
+    """`quantize.lm_head` against the head's shape, as `_layer_scheme_error` checks a block linear."""
+    if plan.q.lm_head is None:
+        return None
+    name = sm._head_name()
+    if name is None:
+        return f"quantize.lm_head: the model has no lm_head (candidate '{plan.name}')"
+    spec = plan.q.lm_head.spec(plan.q)
+    shape = tuple(sm.model.get_output_embeddings().weight.shape)
+    if spec.group_size != -1 and shape[1] % spec.group_size:
+        return (f"quantize.lm_head.group_size: {spec.group_size} does not divide the lm_head's input size "
+                f"{shape[1]} (candidate '{plan.name}')")
+    why = fmt.check(name, spec, shape, False)
+    if why:
+        return f"quantize.lm_head: export.format {fmt.name} cannot hold the lm_head of candidate '{plan.name}': {why}"
     return None
 
 

@@ -58,6 +58,8 @@ def candidate_name(q: MethodConfig) -> str:
     parts = [q.method, f"w{q.bits}", gs] + (["sym"] if marked else []) + q.name_parts()
     if q.target is not None:  # bits and group size are the base the allocation starts from
         parts.append(q.target.label())
+    if q.lm_head is not None:
+        parts.append(q.lm_head.label(q, "head"))
     return "-".join(parts)
 
 

@@ -1,0 +1,197 @@
+"""`quantize.lm_head`: a tied model's head rounded to nearest and stored as its own quantized
+tensor in every format that holds one. The head each format wrote reads back as the RTN of the
+original head (independent slow reference below), our loader's logits equal the format's own
+reader (transformers + compressed-tensors, transformers' GGUF loader, ONNX Runtime), and
+formats that cannot hold it refuse at preflight naming `quantize.lm_head`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress.config import ConfigError, parse_config
+from compress.formats.artifact import open_artifact
+from compress.formats.writer import is_complete
+from compress.pipeline import preflight, run
+from tiny_models import HIDDEN, VOCAB, family_tokenizer, make_model, run_config, save_model, walk_logits
+
+CPU = torch.device("cpu")
+
+
+def rtn_reference(W: torch.Tensor, bits: int, gs: int, sym: bool, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round to nearest per (row, group) written out loop by loop, as GPTQ's reference
+    `quant.py` does, with scales stored in `scale_dtype`: the weights a reader must see."""
+    gs = W.shape[1] if gs == -1 else gs
+    maxq = (1 << bits) - 1
+    out = torch.empty_like(W)
+    for c in range(0, W.shape[1], gs):
+        x = W[:, c : c + gs]
+        lo, hi = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
+        if sym:
+            hi = torch.maximum(lo.abs(), hi)
+            lo = torch.where(lo < 0, -hi, lo)
+        scale = (hi - lo) / maxq
+        zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
+        if not sym:  # zero points start at 1 (compress.quantizers.grid)
+            low = zero < 1
+            scale = torch.where(low, hi / (maxq - 1), scale)
+            zero = torch.where(low, torch.ones_like(zero), zero)
+        q = torch.clamp(torch.round(x / scale[:, None]) + zero[:, None], 0, maxq)
+        out[:, c : c + gs] = scale.to(scale_dtype).float()[:, None] * (q - zero[:, None])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """A tied llama (the SmolLM2 case): source folder and its float head [vocab, hidden]."""
+    model = make_model("llama", seed=5, tie_word_embeddings=True)
+    src = save_model(model, tmp_path_factory.mktemp("tied") / "src", family_tokenizer("llama"))
+    return src, model.lm_head.weight.detach().clone()
+
+
+def export(src, text_file, out, fmt, quantize, lm_head, **export_kw):
+    cfg = parse_config(run_config(src, text_file, out, evaluate={"enabled": False},
+                                  quantize={**quantize, "lm_head": lm_head}, export={"format": fmt, **export_kw}))
+    (res,) = run(cfg).candidates.values()
+    assert res.error is None and is_complete(res.artifact, check_hashes=True)
+    return res
+
+
+@pytest.mark.parametrize("fmt,lm_head,scale_dtype", [
+    ("compressed-tensors", {"bits": 8, "group_size": -1}, torch.float16),
+    ("compressed-tensors", {"bits": 4, "group_size": 32, "sym": True}, torch.float16),
+    ("gptq", {"bits": 4, "group_size": 64}, torch.float16),
+])
+def test_head_reads_back_as_rtn_and_transformers_agrees(fmt, lm_head, scale_dtype, tied, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, W = tied
+    res = export(src, text_file, tmp_path / "out", fmt, {"bits": 4, "group_size": 64}, lm_head)
+    man = json.loads((res.artifact / "compress-manifest.json").read_text())
+    head = man["quantization"]["lm_head"]
+    assert head["untied_from_embedding"] is True and head["bits"] == lm_head["bits"]
+    assert json.loads((res.artifact / "config.json").read_text())["tie_word_embeddings"] is False
+    assert res.plan.name.endswith("-head" + str(lm_head["bits"]) + ("ch" if lm_head["group_size"] == -1 else
+                                                                    "g32sym" if lm_head.get("sym") else ""))
+    assert res.layers[-1].name == "lm_head" and 0 < res.layers[-1].weight_rel_error < 0.05
+
+    sm = open_artifact(res.artifact, CPU, torch.float32, dense=True)
+    ours_head = torch.cat([w for _, w, _ in sm.head_slices(100)])
+    ref = rtn_reference(W, lm_head["bits"], lm_head["group_size"], bool(lm_head.get("sym", False)), scale_dtype)
+    torch.testing.assert_close(ours_head, ref, rtol=0, atol=1e-6)
+    # the embedding the gather reads is unchanged (fp16 of the original)
+    emb = sm.model.get_input_embeddings().weight
+    torch.testing.assert_close(emb.float(), W.half().float(), rtol=0, atol=0)
+
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    ours = walk_logits(sm, ids)
+    if fmt == "compressed-tensors":  # transformers + compressed-tensors reads the head from its config group
+        peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), dtype=torch.float32, device_map="cpu").eval()
+        with torch.no_grad():
+            theirs = peer(ids).logits
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(peer.lm_head.weight if hasattr(peer.lm_head, "weight") else W, W)
+    else:
+        qcfg = json.loads((res.artifact / "config.json").read_text())["quantization_config"]
+        assert qcfg["lm_head"] is True and "-:^lm_head$" not in (qcfg.get("dynamic") or {})
+    # the fast CPU path (compress generate / speed) runs the quantized head through a kernel
+    from compress.runtime import kernels
+
+    model = open_artifact(res.artifact, CPU, torch.float32).materialize_all()
+    used = kernels.accelerate(model, CPU)
+    assert "lm_head" in used
+
+
+def test_onnx_head_is_a_matmulnbits_ort_runs(tied, text_file, tmp_path):
+    import onnx
+
+    from compress.evaluate.onnx_runtime import OrtDecoder, head_inputs, head_slices
+    from compress.formats.onnx_format import ONNX_FILE
+
+    src, W = tied
+    res = export(src, text_file, tmp_path / "out", "onnx", {"bits": 4, "group_size": 64},
+                 {"bits": 4, "group_size": 32}, dtype="float32")
+    m = onnx.load(str(res.artifact / ONNX_FILE), load_external_data=False)
+    assert not [n for n in m.graph.node if n.op_type == "Gemm"]
+    assert any(n.op_type == "MatMulNBits" and n.input[1] == "lm_head.MatMulNBits.B" for n in m.graph.node)
+    head = torch.cat([w for _, w, _ in head_slices(res.artifact, 100)])
+    torch.testing.assert_close(head, rtn_reference(W, 4, 32, False, torch.float32), rtol=0, atol=1e-6)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(head_inputs(res.artifact, ids) @ head.T, OrtDecoder(res.artifact).logits(ids),
+                               rtol=0, atol=1e-4)
+
+
+def test_gguf_output_in_the_simple_type_transformers_agrees(tied, text_file, tmp_path):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    src, W = tied
+    res = export(src, text_file, tmp_path / "out", "gguf", {"bits": 8, "group_size": 32},
+                 {"bits": 4, "group_size": 32, "sym": True}, gguf_type="Q8_0")
+    reader = gguf.GGUFReader(str(res.artifact / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["output.weight"] == "Q4_0" and types["token_embd.weight"] == "F16"
+    sm = open_artifact(res.artifact, CPU, torch.float32, dense=True)
+    head = torch.cat([w for _, w, _ in sm.head_slices(100)])
+    torch.testing.assert_close(head, rtn_reference(W, 4, 32, True, torch.float16), rtol=0, atol=1e-6)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), gguf_file="model.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(2)])
+    torch.testing.assert_close(walk_logits(sm, ids), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_default_keeps_the_head_in_float_and_tied(tied, text_file, tmp_path):
+    src, _ = tied
+    res = export(src, text_file, tmp_path / "out", "compressed-tensors", {"bits": 4, "group_size": 64}, None)
+    cfg = json.loads((res.artifact / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is True and cfg["quantization_config"]["ignore"] == ["lm_head"]
+    assert "lm_head" not in json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]
+    assert res.plan.name == "rtn-w4-g64"
+
+
+@pytest.mark.parametrize("fmt,export_kw,lm_head,message", [
+    ("awq", {}, {"bits": 4}, "quantize.lm_head: export.format awq: awq artifacts keep the lm_head"),
+    ("gguf", {"gguf_type": "Q4_K_M"}, {"bits": 8, "group_size": 32}, "quantize.lm_head: export.format gguf: "
+     "export.gguf_type Q4_K_M already stores output"),
+    ("gguf", {"gguf_type": "Q8_0"}, {"bits": 8, "group_size": 64}, "quantize.lm_head: export.format gguf: "
+     "the output tensor needs a simple GGUF type's grid"),
+    ("onnx", {"dtype": "float32"}, {"bits": 2}, "quantize.lm_head: export.format onnx: MatMulNBits holds bits 4 or 8"),
+])
+def test_formats_that_cannot_hold_it_refuse_at_preflight(fmt, export_kw, lm_head, message, tied, text_file, tmp_path):
+    q = {"method": "awq", "bits": 4, "group_size": 64} if fmt == "awq" else {"bits": 8, "group_size": 32}
+    raw = run_config(tied[0], text_file, tmp_path / "out", export={"format": fmt, **export_kw})
+    raw["quantize"] = {"lm_head": lm_head, **({} if export_kw.get("gguf_type") == "Q4_K_M" else q)}
+    cfg = parse_config(raw)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        preflight(cfg, tmp_path / "out")
+
+
+def test_a_group_size_that_does_not_divide_the_head_fails_before_quantizing(tied, text_file, tmp_path):
+    from compress.config import ConfigError as Err
+
+    cfg = parse_config(run_config(tied[0], text_file, tmp_path / "out",
+                                  quantize={"lm_head": {"bits": 8, "group_size": 2 * HIDDEN}}))
+    with pytest.raises(Err, match=r"quantize\.lm_head\.group_size: 256 does not divide"):
+        run(cfg)
+
+
+def test_sweep_varies_the_head(tied, text_file):
+    from compress.sweep import with_sweep
+
+    cfg = parse_config(run_config(tied[0], text_file, "/tmp/unused",
+                                  sweep={"lm_head": [None, {"bits": 8, "group_size": -1}, {"bits": 4}]}))
+    names = [c.name for c in with_sweep(cfg).candidates]
+    assert names == ["rtn-w4-g64", "rtn-w4-g64-head8ch", "rtn-w4-g64-head4"]
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_a_bytes_target_counts_the_quantized_head_exactly(fmt, tied, text_file, tmp_path):
+    """`quantize.target: max_bytes` leaves the slots what the embedding and the quantized head
+    (as the format stores it) do not take: the achieved bytes are the written tensors'."""
+    from compress.serving import safetensors_tensor_bytes
+
+    res = export(tied[0], text_file, tmp_path / "out", fmt,
+                 {"bits": 4, "group_size": 64, "target": {"max_bytes": 400_000}}, {"bits": 8, "group_size": -1})
+    assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= 400_000
