@@ -147,7 +147,6 @@ def quantization_config(
     damp_percent: float = 0.01,
     true_sequential: bool = True,
     meta: Optional[Mapping[str, Any]] = None,
-    lm_head: bool = False,
 ) -> dict[str, Any]:
     """``config.json["quantization_config"]``; also the content of ``quantize_config.json``.
 
@@ -181,7 +180,7 @@ def quantization_config(
         "act_group_aware": False,
         "damp_percent": damp_percent,
         "true_sequential": true_sequential,
-        "lm_head": lm_head,  # GPTQModel and vLLM read a quantized lm_head where this is true
+        "lm_head": False,
         "pack_dtype": "int32",
         "meta": meta,
     }
@@ -240,7 +239,12 @@ class GPTQFormat(Format):
         return None
 
     def check_head(self, spec: QuantSpec, export: Any) -> Optional[str]:
-        return None  # `lm_head: true`, with its grid in `dynamic` where it differs (GPTQModel, vLLM)
+        # GPTQModel and vLLM read `lm_head: true`, but transformers (optimum 2.3's
+        # GPTQQuantizer.convert_model) swaps only the linears under the block list: a quantized
+        # head would be left unread and randomly initialised there.
+        return ("gptq artifacts keep the lm_head in export.dtype (transformers' GPTQ loader replaces only "
+                "the decoder blocks' linears and would not read a quantized head); use compressed-tensors, "
+                "onnx or gguf, or remove quantize.lm_head")
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         # GPTQ kernels read fp16 scales whatever the model's dtype
@@ -269,7 +273,7 @@ class GPTQFormat(Format):
             base.bits, base.group_size, base.sym, any(s.permuted for s in layers),
             modules_to_not_convert=skipped, dynamic=dynamic or None,
             damp_percent=options.get("damp_percent", 0.01), true_sequential=options.get("propagate", True),
-            meta=options.get("meta"), lm_head=options.get("lm_head") is not None,
+            meta=options.get("meta"),
         )
 
     def side_files(self, qcfg: dict[str, Any]) -> dict[str, bytes]:

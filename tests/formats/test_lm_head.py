@@ -61,7 +61,6 @@ def export(src, text_file, out, fmt, quantize, lm_head, **export_kw):
 @pytest.mark.parametrize("fmt,lm_head,scale_dtype", [
     ("compressed-tensors", {"bits": 8, "group_size": -1}, torch.float16),
     ("compressed-tensors", {"bits": 4, "group_size": 32, "sym": True}, torch.float16),
-    ("gptq", {"bits": 4, "group_size": 64}, torch.float16),
 ])
 def test_head_reads_back_as_rtn_and_transformers_agrees(fmt, lm_head, scale_dtype, tied, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -86,15 +85,12 @@ def test_head_reads_back_as_rtn_and_transformers_agrees(fmt, lm_head, scale_dtyp
 
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     ours = walk_logits(sm, ids)
-    if fmt == "compressed-tensors":  # transformers + compressed-tensors reads the head from its config group
-        peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), dtype=torch.float32, device_map="cpu").eval()
-        with torch.no_grad():
-            theirs = peer(ids).logits
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-        assert not torch.equal(peer.lm_head.weight if hasattr(peer.lm_head, "weight") else W, W)
-    else:
-        qcfg = json.loads((res.artifact / "config.json").read_text())["quantization_config"]
-        assert qcfg["lm_head"] is True and "-:^lm_head$" not in (qcfg.get("dynamic") or {})
+    # transformers + compressed-tensors reads the head from its config group
+    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), dtype=torch.float32, device_map="cpu").eval()
+    with torch.no_grad():
+        theirs = peer(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(peer.lm_head.weight if hasattr(peer.lm_head, "weight") else W, W)
     # the fast CPU path (compress generate / speed) runs the quantized head through a kernel
     from compress.runtime import kernels
 
@@ -153,6 +149,7 @@ def test_default_keeps_the_head_in_float_and_tied(tied, text_file, tmp_path):
 
 @pytest.mark.parametrize("fmt,export_kw,lm_head,message", [
     ("awq", {}, {"bits": 4}, "quantize.lm_head: export.format awq: awq artifacts keep the lm_head"),
+    ("gptq", {}, {"bits": 4}, "quantize.lm_head: export.format gptq: gptq artifacts keep the lm_head in export.dtype"),
     ("gguf", {"gguf_type": "Q4_K_M"}, {"bits": 8, "group_size": 32}, "quantize.lm_head: export.format gguf: "
      "export.gguf_type Q4_K_M already stores output"),
     ("gguf", {"gguf_type": "Q8_0"}, {"bits": 8, "group_size": 64}, "quantize.lm_head: export.format gguf: "
@@ -186,7 +183,7 @@ def test_sweep_varies_the_head(tied, text_file):
     assert names == ["rtn-w4-g64", "rtn-w4-g64-head8ch", "rtn-w4-g64-head4"]
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+@pytest.mark.parametrize("fmt", ["compressed-tensors"])
 def test_a_bytes_target_counts_the_quantized_head_exactly(fmt, tied, text_file, tmp_path):
     """`quantize.target: max_bytes` leaves the slots what the embedding and the quantized head
     (as the format stores it) do not take: the achieved bytes are the written tensors'."""
