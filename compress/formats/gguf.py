@@ -89,9 +89,12 @@ class GGUFFormat(Format):
             for p in plans:
                 q = p.q
                 which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
-                if q.method not in ("rtn", "gptq"):
+                if q.method not in ("rtn", "gptq", "awq"):
                     return (f"quantize.method: {q.method} cannot round on GGUF {export.gguf_type}'s block grid; "
-                            f"use rtn or gptq{which}")
+                            f"use rtn, gptq or awq{which}")
+                if getattr(q, "clip", False):  # AWQ's clipping searches a uniform grid's range
+                    return (f"quantize.clip: GGUF {export.gguf_type}'s block grid chooses its own ranges "
+                            f"(kgrid's range search); remove clip{which}")
                 if q.target is not None:
                     return f"quantize.target: export.gguf_type {export.gguf_type} chooses the types per tensor{which}"
                 for k, o in enumerate(q.overrides):
