@@ -181,7 +181,7 @@ class GGUFFormat(Format):
         return GGUFArtifactWriter(
             out_dir, arch=names.family.arch, names=lambda n, rows: (names.gguf(n), names.row_order(n, rows)),
             metadata=metadata, float_dtype=getattr(torch, cfg.export.dtype), overwrite=exporter.overwrite,
-            quantize_float=outer,
+            quantize_float=outer, shift=names.shift,
         )
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -302,7 +302,7 @@ class GGUFCheckpoint(Checkpoint):
             skeleton = AutoModelForCausalLM.from_config(_strip_quant(config))
         by_gguf = {t.name: t for t in reader.tensors}
         ck = cls(path.parent, {})
-        ck._tensors, ck._orders = {}, {}
+        ck._tensors, ck._orders, ck._shifts = {}, {}, {}
         for hf, like in skeleton.state_dict().items():
             try:
                 g = names.gguf(hf)
@@ -313,6 +313,7 @@ class GGUFCheckpoint(Checkpoint):
                 continue
             ck._tensors[hf] = t
             ck._orders[hf] = names.row_order(hf, like.shape[0]) if like.dim() else None
+            ck._shifts[hf] = names.shift(hf)
             ck.index[hf] = path
             if _blocky(t.tensor_type.name) and g.startswith("blk."):
                 ck.index[hf + TYPE_SUFFIX] = path  # a block linear: the patcher decodes its bytes
@@ -349,6 +350,8 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.root}: tensor '{name}' has GGUF type {kind}, which compress does not read")
         if data.ndim == 1 or (kind == "BF16" and len(t.shape) == 1):
             out = out.reshape(-1)
+        if self._shifts[name]:  # back to the Hugging Face convention (Gemma 3's norms: w, not 1 + w)
+            out = out - self._shifts[name]
         order = self._orders[name]
         if order is not None and start is None:
             out = out[torch.argsort(order)]
