@@ -117,9 +117,9 @@ class GGUFFormat(Format):
         return None
 
     def check_model(self, config, root) -> Optional[str]:
-        from compress.formats.gguf_meta import family_problem
+        from compress.formats.gguf_meta import family_problem, tokenizer_problem
 
-        problem = family_problem(config)
+        problem = family_problem(config) or (tokenizer_problem(Path(root)) if root is not None else None)
         return f"export.format: gguf: {problem}" if problem else None
 
     def resolve_plan(self, plan, sm, config, export):

@@ -207,14 +207,12 @@ def add_tokenizer(w, root: Path, config) -> None:
     if original is not None:
         _copy_tokenizer_fields(w, original)
         return
+    problem = tokenizer_problem(root)
+    if problem:
+        raise ValueError(problem)
     path = root / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"{root}: no tokenizer.json to write the GGUF vocabulary from")
     tok = json.loads(path.read_text(encoding="utf-8"))
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"{path}: only byte-level BPE tokenizers are written to GGUF yet "
-                         f"(model {model.get('type')}, byte_fallback {model.get('byte_fallback')})")
+    model = tok["model"]
     n = config.vocab_size
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [gguf.TokenType.UNUSED] * n
@@ -232,6 +230,22 @@ def add_tokenizer(w, root: Path, config) -> None:
     w.add_token_types(types)
     w.add_token_merges(merges)
     gguf.SpecialVocab(root, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
+
+
+def tokenizer_problem(root: Path) -> Optional[str]:
+    """Why the vocabulary of the model folder `root` cannot be written (None when it can): a
+    source converted from GGUF carries its own fields over; otherwise only a byte-level BPE
+    tokenizer.json is written (a SentencePiece one, Gemma's, is not yet)."""
+    if _source_gguf(root) is not None:
+        return None
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        return f"{root}: no tokenizer.json to write the GGUF vocabulary from"
+    model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        return (f"{path}: only byte-level BPE tokenizers are written to GGUF yet (model {model.get('type')}, "
+                f"byte_fallback {model.get('byte_fallback')}); a GGUF source carries its own vocabulary over")
+    return None
 
 
 def _source_gguf(root: Path) -> Optional[Path]:

@@ -120,3 +120,20 @@ def test_shapes_llama_cpp_cannot_run_exit_2(change, message, tiny_tokenizer, tex
     with pytest.raises(ConfigError, match=re.escape(message)) as e:
         preflight(parse_config(raw), tmp_path / "out")
     assert "export.format: gguf: gemma3 " in str(e.value)
+
+
+def test_a_sentencepiece_tokenizer_json_stops_before_quantizing(tiny_tokenizer, text_file, tmp_path):
+    """Gemma's Hugging Face tokenizer.json is BPE with byte fallback (SentencePiece), which the
+    writer does not turn into a GGUF vocabulary yet: the run stops at load, naming the file,
+    instead of after quantizing. A GGUF source (the real Gemma 3) carries its vocabulary over."""
+    import json
+
+    _, src = _gemma3(tmp_path / "src", tiny_tokenizer, True)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["model"]["byte_fallback"] = True
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    raw = run_config(src, text_file, tmp_path / "out", export={"format": "gguf", "gguf_type": "Q8_0"},
+                     quantize={"bits": 8, "group_size": 32}, evaluate={"enabled": False})
+    with pytest.raises(ConfigError, match=r"export\.format: gguf: .*tokenizer\.json: only byte-level BPE"):
+        run(parse_config(raw))
+    assert not list((tmp_path / "out").glob("*/model.gguf"))
