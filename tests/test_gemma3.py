@@ -84,3 +84,24 @@ def test_original_perplexity_is_sane_and_rtn8_is_close(tmp_path):
     assert ppl < sanity["unigram_perplexity"] / 10 and ppl < 60, ppl
     rtn = ctx.candidates["rtn-w8-ch"].metrics
     assert rtn.kl_divergence < 0.01 and abs(rtn.perplexity / ppl - 1) < 0.02, (rtn.kl_divergence, rtn.perplexity)
+
+
+def test_gguf_export_runs_in_llama_cpp_close_to_the_original(tmp_path):
+    """Gemma 3 written as GGUF Q8_0 by compress (arch gemma3, norms as 1 + w, the source's
+    SentencePiece vocabulary carried over) loads in llama.cpp, whose perplexity on 4 x 512
+    Wikipedia windows is within 2% of the original's in torch (measured: 23.67 vs 23.58, KL 0.0025)."""
+    pytest.importorskip("llama_cpp")
+    from compress.config import parse_config
+    from compress.pipeline import run
+
+    cfg = {"model": {"source": SOURCE, "dtype": "float32", "device": "cpu"},
+           "quantize": {"method": "rtn", "bits": 8, "group_size": 32},
+           "export": {"output_dir": str(tmp_path / "out"), "format": "gguf", "gguf_type": "Q8_0"},
+           "evaluate": {"windows": 4, "seqlen": 512, "speed": False, "gguf_runtime": "llama.cpp"},
+           "report": {"print": False, "html": False}}
+    ctx = run(parse_config(cfg))
+    (res,) = ctx.candidates.values()
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert res.error is None and [r["runtime"] for r in rows] == ["torch", "llama.cpp"]
+    ppl, m = ctx.original.perplexity, res.metrics
+    assert abs(m.perplexity / ppl - 1) < 0.02 and m.kl_divergence < 0.01, (ppl, m.perplexity, m.kl_divergence)

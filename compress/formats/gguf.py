@@ -89,9 +89,12 @@ class GGUFFormat(Format):
             for p in plans:
                 q = p.q
                 which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
-                if q.method not in ("rtn", "gptq"):
+                if q.method not in ("rtn", "gptq", "awq"):
                     return (f"quantize.method: {q.method} cannot round on GGUF {export.gguf_type}'s block grid; "
-                            f"use rtn or gptq{which}")
+                            f"use rtn, gptq or awq{which}")
+                if getattr(q, "clip", False):  # AWQ's clipping searches a uniform grid's range
+                    return (f"quantize.clip: GGUF {export.gguf_type}'s block grid chooses its own ranges "
+                            f"(kgrid's range search); remove clip{which}")
                 if q.target is not None:
                     return f"quantize.target: export.gguf_type {export.gguf_type} chooses the types per tensor{which}"
                 for k, o in enumerate(q.overrides):
@@ -114,9 +117,9 @@ class GGUFFormat(Format):
         return None
 
     def check_model(self, config, root) -> Optional[str]:
-        from compress.formats.gguf_meta import family_problem
+        from compress.formats.gguf_meta import family_problem, tokenizer_problem
 
-        problem = family_problem(config)
+        problem = family_problem(config) or (tokenizer_problem(Path(root)) if root is not None else None)
         return f"export.format: gguf: {problem}" if problem else None
 
     def resolve_plan(self, plan, sm, config, export):
@@ -190,7 +193,7 @@ class GGUFFormat(Format):
         return GGUFArtifactWriter(
             out_dir, arch=names.family.arch, names=lambda n, rows: (names.gguf(n), names.row_order(n, rows)),
             metadata=metadata, float_dtype=getattr(torch, cfg.export.dtype), overwrite=exporter.overwrite,
-            quantize_float=outer,
+            quantize_float=outer, shift=names.shift,
         )
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -311,7 +314,7 @@ class GGUFCheckpoint(Checkpoint):
             skeleton = AutoModelForCausalLM.from_config(_strip_quant(config))
         by_gguf = {t.name: t for t in reader.tensors}
         ck = cls(path.parent, {})
-        ck._tensors, ck._orders = {}, {}
+        ck._tensors, ck._orders, ck._shifts = {}, {}, {}
         for hf, like in skeleton.state_dict().items():
             try:
                 g = names.gguf(hf)
@@ -322,6 +325,7 @@ class GGUFCheckpoint(Checkpoint):
                 continue
             ck._tensors[hf] = t
             ck._orders[hf] = names.row_order(hf, like.shape[0]) if like.dim() else None
+            ck._shifts[hf] = names.shift(hf)
             ck.index[hf] = path
             if _blocky(t.tensor_type.name) and g.startswith("blk."):
                 ck.index[hf + TYPE_SUFFIX] = path  # a block linear: the patcher decodes its bytes
@@ -358,6 +362,8 @@ class GGUFCheckpoint(Checkpoint):
             raise CheckpointError(f"{self.root}: tensor '{name}' has GGUF type {kind}, which compress does not read")
         if data.ndim == 1 or (kind == "BF16" and len(t.shape) == 1):
             out = out.reshape(-1)
+        if self._shifts[name]:  # back to the Hugging Face convention (Gemma 3's norms: w, not 1 + w)
+            out = out - self._shifts[name]
         order = self._orders[name]
         if order is not None and start is None:
             out = out[torch.argsort(order)]

@@ -1,8 +1,9 @@
 """What a GGUF file says besides its tensors: architecture keys, tensor names, the llama Q/K row
 order, the tokenizer and `general.*` provenance, as llama.cpp's convert_hf_to_gguf.py lays them out.
 
-Families are data (`FAMILIES`): the GGUF architecture name and whether llama.cpp's rotary
-layout needs q_proj/k_proj rows permuted. Tensor names come from gguf-py's own `TensorNameMap`
+Families are data (`FAMILIES`): the GGUF architecture name, whether llama.cpp's rotary
+layout needs q_proj/k_proj rows permuted, and what is added to norm weights (Gemma 3's
+``1 + w``). Tensor names come from gguf-py's own `TensorNameMap`
 (the table convert_hf_to_gguf uses), so `model.layers.3.self_attn.q_proj.weight` becomes
 `blk.3.attn_q.weight` without a table of ours.
 """
@@ -23,16 +24,22 @@ log = logging.getLogger(__name__)
 class Family:
     arch: str  # general.architecture
     permute_qk: bool  # llama.cpp's llama arch rotates pairs (i, i + d/2) as (2i, 2i+1): rows reordered
+    kv_length: bool = False  # attention.key_length/value_length written even when head_dim = hidden / heads
+    # added to every `*norm.weight` in the file: HF Gemma 3's RMSNorm scales by (1 + w), llama.cpp's
+    # by the stored weight (convert_hf_to_gguf's Gemma3Model.norm_shift)
+    norm_shift: float = 0.0
 
 
 FAMILIES = {
     # convert_hf_to_gguf: LlamaModel (also Mistral, SmolLM) -> "llama" with q/k permuted;
-    # Qwen2Model -> "qwen2", Qwen3Model -> "qwen3" (NEOX rope, rows as they are).
+    # Qwen2Model -> "qwen2", Qwen3Model -> "qwen3", Gemma3Model -> "gemma3" (NEOX rope, rows as they are).
     "llama": Family("llama", True),
     "mistral": Family("llama", True),
     "qwen2": Family("qwen2", False),
-    "qwen3": Family("qwen3", False),
+    "qwen3": Family("qwen3", False, kv_length=True),
+    "gemma3_text": Family("gemma3", False, kv_length=True, norm_shift=1.0),
 }
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 loader: layer i is global where i % 6 == 5 (no pattern key written)
 
 
 def family_problem(config) -> Optional[str]:
@@ -41,9 +48,31 @@ def family_problem(config) -> Optional[str]:
     if mt not in FAMILIES:
         return (f"model_type '{mt}' has no GGUF mapping yet; GGUF export supports "
                 f"{', '.join(sorted(FAMILIES))}")
-    rope = _rope(config)
-    if rope.get("rope_type", "default") not in ("default", None):
-        return f"rope scaling '{rope.get('rope_type')}' of model_type '{mt}' is not written to GGUF yet"
+    for rope in _rope_kinds(config):
+        if rope.get("rope_type", "default") not in ("default", None):
+            return f"rope scaling '{rope.get('rope_type')}' of model_type '{mt}' is not written to GGUF yet"
+    if FAMILIES[mt].arch == "gemma3":
+        return _gemma3_problem(config)
+    return None
+
+
+def _gemma3_problem(config) -> Optional[str]:
+    """What llama.cpp's gemma3 graph (src/models/gemma3.cpp) cannot express: it scales queries by
+    1/sqrt(head_dim) (1/sqrt(hidden / heads) for the 62-layer 27B), makes every 6th layer global,
+    and has no attention logit softcapping (convert_hf_to_gguf asserts it is unset)."""
+    n = config.num_hidden_layers
+    scalar = config.hidden_size // config.num_attention_heads if n == 62 else head_dim(config)
+    if getattr(config, "query_pre_attn_scalar", scalar) != scalar:
+        return (f"gemma3 query_pre_attn_scalar {config.query_pre_attn_scalar}: llama.cpp scales queries by "
+                f"1/sqrt({scalar}) for this shape")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "gemma3 attn_logit_softcapping is set; llama.cpp's gemma3 has none"
+    types = getattr(config, "layer_types", None)
+    want = ["full_attention" if i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1 else "sliding_attention"
+            for i in range(n)]
+    if getattr(config, "sliding_window", None) and types is not None and list(types) != want:
+        return (f"gemma3 layer_types {list(types)}: llama.cpp makes every {GEMMA3_SWA_PATTERN}th layer "
+                "global (sliding window pattern 6), this model does not")
     return None
 
 
@@ -56,6 +85,22 @@ def family(config) -> Family:
 
 def _rope(config) -> dict[str, Any]:
     return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+
+
+_ROPE_KINDS = ("full_attention", "sliding_attention")
+
+
+def _rope_kinds(config) -> list[dict[str, Any]]:
+    """The rope parameters of each attention kind (Gemma 3 nests them per layer type)."""
+    rope = _rope(config)
+    nested = [rope[k] for k in _ROPE_KINDS if isinstance(rope.get(k), dict)]
+    return nested or [rope]
+
+
+def _rope_global(config) -> dict[str, Any]:
+    """convert_hf_to_gguf's `rope_parameters.get("full_attention", rope_parameters)`."""
+    rope = _rope(config)
+    return dict(rope.get("full_attention", rope))
 
 
 def head_dim(config) -> int:
@@ -95,10 +140,16 @@ class Names:
             return None
         return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
+    def shift(self, hf_name: str) -> float:
+        """What the file adds to this tensor's values (convert_hf_to_gguf's norm_shift: every
+        name ending in ``norm.weight``, for Gemma 3 the seven RMSNorms' ``1 + w``)."""
+        return self.family.norm_shift if hf_name.endswith("norm.weight") else 0.0
+
 
 # ---- key/value metadata -----------------------------------------------------------------------
 def add_architecture(w, config) -> None:
-    """`<arch>.*` keys (convert_hf_to_gguf's TextModel.set_gguf_parameters and LlamaModel's)."""
+    """`<arch>.*` keys (convert_hf_to_gguf's TextModel.set_gguf_parameters, LlamaModel's and
+    Gemma3Model's). Gemma 3's embedding scale sqrt(hidden) is implicit in llama.cpp's arch."""
     fam = family(config)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -107,16 +158,24 @@ def add_architecture(w, config) -> None:
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    theta = _rope(config).get("rope_theta", getattr(config, "rope_theta", None))
+    theta = _rope_global(config).get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None:
         w.add_rope_freq_base(float(theta))
+    local = _rope(config).get("sliding_attention", {}).get("rope_theta")
+    if local is not None:
+        w.add_rope_freq_base_swa(float(local))
     hd = head_dim(config)
-    if hd != config.hidden_size // config.num_attention_heads or fam.arch == "qwen3":
+    if hd != config.hidden_size // config.num_attention_heads or fam.kv_length:
         w.add_key_length(hd)
         w.add_value_length(hd)
     if fam.arch == "llama":
         w.add_vocab_size(config.vocab_size)
         w.add_rope_dimension_count(hd)
+    if fam.arch == "gemma3":
+        if getattr(config, "final_logit_softcapping", None):
+            w.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if getattr(config, "sliding_window", None):
+            w.add_sliding_window(int(config.sliding_window))
 
 
 def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
@@ -148,14 +207,12 @@ def add_tokenizer(w, root: Path, config) -> None:
     if original is not None:
         _copy_tokenizer_fields(w, original)
         return
+    problem = tokenizer_problem(root)
+    if problem:
+        raise ValueError(problem)
     path = root / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"{root}: no tokenizer.json to write the GGUF vocabulary from")
     tok = json.loads(path.read_text(encoding="utf-8"))
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ValueError(f"{path}: only byte-level BPE tokenizers are written to GGUF yet "
-                         f"(model {model.get('type')}, byte_fallback {model.get('byte_fallback')})")
+    model = tok["model"]
     n = config.vocab_size
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [gguf.TokenType.UNUSED] * n
@@ -173,6 +230,22 @@ def add_tokenizer(w, root: Path, config) -> None:
     w.add_token_types(types)
     w.add_token_merges(merges)
     gguf.SpecialVocab(root, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
+
+
+def tokenizer_problem(root: Path) -> Optional[str]:
+    """Why the vocabulary of the model folder `root` cannot be written (None when it can): a
+    source converted from GGUF carries its own fields over; otherwise only a byte-level BPE
+    tokenizer.json is written (a SentencePiece one, Gemma's, is not yet)."""
+    if _source_gguf(root) is not None:
+        return None
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        return f"{root}: no tokenizer.json to write the GGUF vocabulary from"
+    model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        return (f"{path}: only byte-level BPE tokenizers are written to GGUF yet (model {model.get('type')}, "
+                f"byte_fallback {model.get('byte_fallback')}); a GGUF source carries its own vocabulary over")
+    return None
 
 
 def _source_gguf(root: Path) -> Optional[Path]:

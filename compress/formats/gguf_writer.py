@@ -36,12 +36,13 @@ _COPY_CHUNK = 1 << 24
 class GGUFArtifactWriter(ArtifactWriter):
     """`ArtifactWriter`'s folder protocol (partial sibling, owner record, manifest last, rename)
     around one GGUF file. `names(hf_name) -> (gguf_name, row order or None)`; `metadata(w)`
-    adds the key/values to a `gguf.GGUFWriter` at `finish`."""
+    adds the key/values to a `gguf.GGUFWriter` at `finish`; `shift(hf_name)` is added to a
+    float tensor's values as it is stored (Gemma 3's norms: llama.cpp holds 1 + w)."""
 
     def __init__(
         self, final_dir: Union[str, Path], *, arch: str, names: Callable[[str, int], tuple[str, Optional[torch.Tensor]]],
         metadata: Callable[[Any], None], float_dtype: torch.dtype, overwrite: bool = False,
-        quantize_float: Optional[Mapping[str, str]] = None,
+        quantize_float: Optional[Mapping[str, str]] = None, shift: Optional[Callable[[str], float]] = None,
     ) -> None:
         import gguf
 
@@ -56,6 +57,7 @@ class GGUFArtifactWriter(ArtifactWriter):
         # float tensors (the embedding, an untied lm_head) stored rounded to nearest on a GGUF
         # block grid, as llama-quantize stores token_embd/output; HF name -> grid name
         self._quantize_float = dict(quantize_float or {})
+        self._shift = shift
 
     # -- content ---------------------------------------------------------------------------
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -94,6 +96,9 @@ class GGUFArtifactWriter(ArtifactWriter):
         else:
             if not dtype.is_floating_point:
                 raise ValueError(f"tensor '{name}' has dtype {dtype}; GGUF export writes float or block tensors")
+            offset = self._shift(name) if self._shift is not None else 0.0
+            if offset:
+                chunks = (c.detach().to(torch.float32) + offset for c in chunks)
             qtype = gguf.GGMLQuantizationType["F32" if len(shape) <= 1 else self._float_type]
             store = torch.float32 if len(shape) <= 1 else self._float_dtype
         if order is not None:  # a row permutation needs the whole tensor (q/k: one chunk)

@@ -8,6 +8,9 @@ in [0, 1): the balance weights are scaled by ``s``, fake-quantized on the method
 divided by ``s`` again, and the ``r`` whose parent-module output is closest (MSE) to the
 unquantized one wins. ``1/s`` is then folded into the smooth layer and ``s`` into the balance
 layers' input columns, which leaves the block's function unchanged before quantization.
+On a GGUF block grid (``QuantSpec.gguf_grid``, set per layer by ``export.format: gguf`` with a
+k-quant type) the search's fake quantization and the final rounding are RTN's and GPTQ's on
+that grid (`compress.quantizers.kgrid`), so the scales are chosen for the codes written.
 
 The engine then quantizes the rescaled weights with ``quantize_weight``: round to nearest,
 optionally with AutoAWQ's clipping search (a shrunk range per group minimising that group's
@@ -34,6 +37,7 @@ from compress.quantizers.base import (
 from compress.quantizers.folding import fold_checked, live_mappings, weight_of
 from compress.quantizers.gptq import GPTQSpec, gptq
 from compress.quantizers.grid import dequantize, find_params, quantize
+from compress.quantizers.rtn import round_to_nearest
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,10 @@ def _ungroup(flat: torch.Tensor, out_f: int) -> torch.Tensor:
 
 
 def fake_quantize(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """RTN of ``W`` [out, in] on ``spec``'s grid, dequantized (float32)."""
+    """RTN of ``W`` [out, in] on ``spec``'s grid, dequantized (float32); a GGUF block grid is
+    rounded as `round_to_nearest` rounds it (the codes RTN would write)."""
+    if spec.gguf_grid is not None:
+        return round_to_nearest(W, spec).dequantize(torch.float32)
     flat = _groups(W.float(), spec.group_size)
     s, z = find_params(flat, spec.bits, spec.sym)
     return _ungroup(dequantize(quantize(flat, s, z, spec.bits), s, z), W.shape[0])
@@ -156,6 +163,8 @@ def _on_grid(W: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.
 
 def quantize_weight(W: torch.Tensor, stats: LayerStats, spec: AWQSpec) -> QuantResult:
     """Rounds a weight the block transform already rescaled."""
+    if spec.clip and spec.gguf_grid is not None:
+        raise ValueError(f"awq clip searches a uniform grid's range; GGUF {spec.gguf_grid} chooses its own (remove clip)")
     if spec.rounding == "gptq" or spec.clip:
         if stats.hessian is None:
             raise ValueError("awq with clip or rounding: gptq needs the layer's Hessian; calibration gave none")
@@ -163,10 +172,13 @@ def quantize_weight(W: torch.Tensor, stats: LayerStats, spec: AWQSpec) -> QuantR
         # GPTQ's defaults (act-order over static groups, so g_idx stays in order); its own
         # clipping search stands in for AWQ's here.
         res = gptq(W, stats.hessian, GPTQSpec(spec.bits, spec.group_size, spec.sym, damp_percent=spec.damp_percent,
-                                               desc_act=True, static_groups=True, mse_clip=spec.clip))
+                                               desc_act=True, static_groups=True, mse_clip=spec.clip
+                                               ).on_gguf_grid(spec.gguf_grid))
         if res.damp_percent != spec.damp_percent:
             spec = AWQSpec(**{**spec.__dict__, "damp_percent": res.damp_percent})
         return QuantResult(res.weight, spec)
+    if spec.gguf_grid is not None:
+        return QuantResult(round_to_nearest(W, spec), spec)
     if spec.clip:
         scale, zero = clip_params(W, stats.hessian, spec)
     else:
