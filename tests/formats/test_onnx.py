@@ -91,6 +91,30 @@ def onnx_layers(onnx_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             nat_codes[:, perm], nat_w[:, perm] = codes, w
             codes, w = nat_codes, nat_w
         out[name] = (codes, w)
+    return split_fused(onnx_dir, out)
+
+
+def split_fused(onnx_dir, layers: dict) -> dict:
+    """Fused layers (q/k/v, gate/up stacked along N) as their parts, by the model's shapes."""
+    from compress.formats.onnx_graph import FUSED
+
+    c = json.loads((onnx_dir / "config.json").read_text())
+    hd = c["hidden_size"] // c["num_attention_heads"]
+    rows = {"self_attn.q_proj": c["num_attention_heads"] * hd, "self_attn.k_proj": c["num_key_value_heads"] * hd,
+            "self_attn.v_proj": c["num_key_value_heads"] * hd, "mlp.gate_proj": c["intermediate_size"],
+            "mlp.up_proj": c["intermediate_size"]}
+    out = {}
+    for name, (codes, w) in layers.items():
+        fused = next((f for f in FUSED if name.endswith("." + f)), None)
+        if fused is None:
+            out[name] = (codes, w)
+            continue
+        start = 0
+        for part in FUSED[fused]:
+            n = rows[part]
+            out[name[: -len(fused)] + part] = (codes[start : start + n], w[start : start + n])
+            start += n
+        assert start == codes.shape[0], name
     return out
 
 
@@ -225,4 +249,4 @@ def test_accuracy_level_reaches_every_matmulnbits(model_dir, text_file, tmp_path
     m = onnx.load(str(res.artifact / "model.onnx"), load_external_data=False)
     levels = [helper.get_attribute_value(a) for n in m.graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"]
-    assert levels == [4] * 14
+    assert levels == [4] * 8  # per block: q/k/v as one op, o, gate/up as one op, down
