@@ -18,6 +18,7 @@ Evaluated in ONNX Runtime (`compress.evaluate.onnx_runtime`), not read back into
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +29,8 @@ from compress.formats.onnx_graph import family_problem
 from compress.formats.onnx_writer import DATA_FILE, GENAI_CONFIG, ONNX_FILE, nbits_tensors
 from compress.formats.registry import BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format
 from compress.quantizers.base import QuantSpec
+
+log = logging.getLogger(__name__)
 
 
 def is_onnx_artifact(path: Any) -> bool:
@@ -58,6 +61,11 @@ class ONNXFormat(Format):
             if block_size_for(q.group_size, 1) is None:
                 return (f"quantize.group_size: MatMulNBits blocks are a power of two >= 16 (or -1, per channel), "
                         f"got {q.group_size}{which}")
+            if q.bits == 8 and export.onnx_accuracy_level < 4:
+                # ORT's CPU library has 8-bit MatMulNBits kernels for int8 activations only; below
+                # level 4 the op dequantizes its whole weight on every call
+                log.warning("export.onnx_accuracy_level: %d with bits 8%s runs some 20x slower than float32 "
+                            "in ONNX Runtime on a CPU; 4 uses its int8 kernel", export.onnx_accuracy_level, which)
         return None
 
     def check_model(self, config, root) -> Optional[str]:

@@ -85,7 +85,7 @@ def rotary_tables(config, max_positions: int):
 class DecoderGraph:
     """Nodes of one decoder; `linear` decides per layer between MatMulNBits and MatMul."""
 
-    def __init__(self, config, nbits: dict[str, NBitsLayer], stored: set[str], accuracy_level: int = 0):
+    def __init__(self, config, nbits: dict[str, NBitsLayer], stored: set[str], accuracy_level: int = 4):
         self.c = config
         self.nbits = nbits
         self.stored = stored  # initializer names the writer holds

@@ -4,8 +4,8 @@ Tensors arrive block by block under Hugging Face names (a quantized linear as it
 tensors, `nbits_tensors`) and their bytes are appended to ``model.onnx.data`` at once, so
 the process holds one block; only their names, shapes and offsets are kept. A block's linears
 of one input (`onnx_graph.FUSED`) are stacked into one op's tensors on the way
-(`matmulnbits.concat`), under the fused name (``self_attn.qkv_proj``, ``mlp.gate_up_proj``). `finish` adds the
-rotary tables, builds the graph (`onnx_graph.DecoderGraph`) whose initializers point into the
+(`matmulnbits.concat`), under the fused name (``self_attn.qkv_proj``, ``mlp.gate_up_proj``).
+`finish` adds the rotary tables, builds the graph (`onnx_graph.DecoderGraph`) whose initializers point into the
 data file (ONNX external data: location, offset, length), writes ``model.onnx``,
 ``genai_config.json``, and seals the folder as every writer does (`ArtifactWriter._seal`).
 """
@@ -92,8 +92,10 @@ class ONNXArtifactWriter(ArtifactWriter):
     """`ArtifactWriter`'s folder protocol around one ONNX decoder. `config`: the model's
     transformers config; `root`: its source folder (generation defaults for genai)."""
 
+    fused: Mapping[str, tuple[str, ...]] = FUSED  # linears written as one op when they stack
+
     def __init__(self, final_dir: Union[str, Path], *, config, blocks_prefix: str, root: Any = None,
-                 accuracy_level: int = 0, overwrite: bool = False) -> None:
+                 accuracy_level: int = 4, overwrite: bool = False) -> None:
         super().__init__(final_dir, overwrite=overwrite)
         self.config = config
         self.blocks_prefix = blocks_prefix
@@ -111,7 +113,7 @@ class ONNXArtifactWriter(ArtifactWriter):
 
     # -- content ---------------------------------------------------------------------------
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        for name, t in fuse_linears(tensors).items():
+        for name, t in fuse_linears(tensors, self.fused).items():
             t = t.detach().to("cpu")
             tag = name.rsplit(".", 1)
             if t.dim() == 0 and tag[0].endswith(NBITS) and tag[1] in _TAGS:
