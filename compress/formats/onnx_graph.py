@@ -12,10 +12,11 @@ where a residual add precedes it, one pass over the hidden state), ``GroupQueryA
 ``seqlens_k``; q, k, v packed in one input when they are one op) and ``com.microsoft::MatMulNBits``
 for each quantized linear (a plain ``MatMul`` for a linear left in float). Linears that read
 the same input are one MatMulNBits where the writer could stack them (`FUSED`,
-`matmulnbits.concat`): at decode each op is a pass over its weights plus a dispatch, and fewer,
-larger ops keep ORT's threads busier. The head is a ``Gemm`` against the [vocab, hidden] table (``transB``), so a tied
-head reads the embedding itself. Initializers are not made here: the writer stores them as
-external data and passes their names, types and shapes in.
+`matmulnbits.concat`), as the builder packs q/k/v: one dispatch, one int8 quantization of the
+input (accuracy_level 4) and one act-order Gather instead of two or three. The head is a
+``Gemm`` against the [vocab, hidden] table (``transB``), so a tied head reads the embedding
+itself. Initializers are not made here: the writer stores them as external data and passes
+their names, types and shapes in.
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ class DecoderGraph:
         y = self.linear(x, prefix + fused)
         if fused == "self_attn.qkv_proj":
             return [y, "", ""]  # GroupQueryAttention takes q, k, v packed in its first input
-        i = self.c.intermediate_size
+        i = self.nbits[prefix + fused].N // 2  # gate and up: equal halves
         return self._node("Split", [y, self._const(f"/const/split{i}", [i, i])], n_out=2, axis=-1)
 
     def build(self, embed: str, head: str, blocks_prefix: str, final_norm: str):

@@ -5,8 +5,8 @@ tensors, `nbits_tensors`) and their bytes are appended to ``model.onnx.data`` at
 the process holds one block; only their names, shapes and offsets are kept. A block's linears
 of one input (`onnx_graph.FUSED`) are stacked into one op's tensors on the way
 (`matmulnbits.concat`), under the fused name (``self_attn.qkv_proj``, ``mlp.gate_up_proj``).
-`finish` adds the rotary tables, builds the graph (`onnx_graph.DecoderGraph`) whose initializers point into the
-data file (ONNX external data: location, offset, length), writes ``model.onnx``,
+`finish` adds the rotary tables, builds the graph (`onnx_graph.DecoderGraph`) whose
+initializers point into the data file (ONNX external data: location, offset, length), writes ``model.onnx``,
 ``genai_config.json``, and seals the folder as every writer does (`ArtifactWriter._seal`).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ def nbits_tensors(name: str, t: NBitsTensors, bias: Optional[torch.Tensor] = Non
     if t.perm is not None:
         out[f"{p}.perm"] = t.perm
     # 0-dim tags: the op's attributes, read by the writer, never stored
-    out.update({f"{p}.K": torch.tensor(t.K), f"{p}.bits": torch.tensor(t.bits), f"{p}.block_size": torch.tensor(t.block_size)})
+    out.update({f"{p}.{k}": torch.tensor(getattr(t, k)) for k in _TAGS})
     if bias is not None:
         out[f"{name}.bias"] = bias.detach().to(torch.float32)
     return out
@@ -52,13 +52,14 @@ def _take_nbits(tensors: dict[str, torch.Tensor], name: str) -> tuple[NBitsTenso
     """Inverse of `nbits_tensors` (removing them from `tensors`)."""
     p = f"{name}{NBITS}"
     B = tensors.pop(f"{p}.B")
-    t = NBitsTensors(B, tensors.pop(f"{p}.scales"), tensors.pop(f"{p}.zero_points", None), tensors.pop(f"{p}.perm", None),
-                     int(tensors.pop(f"{p}.K")), B.shape[0], int(tensors.pop(f"{p}.bits")),
-                     int(tensors.pop(f"{p}.block_size")))
+    t = NBitsTensors(B, tensors.pop(f"{p}.scales"), tensors.pop(f"{p}.zero_points", None),
+                     tensors.pop(f"{p}.perm", None), int(tensors.pop(f"{p}.K")), B.shape[0],
+                     int(tensors.pop(f"{p}.bits")), int(tensors.pop(f"{p}.block_size")))
     return t, tensors.pop(f"{name}.bias", None)
 
 
-def fuse_linears(tensors: Mapping[str, torch.Tensor], fused: Mapping[str, tuple[str, ...]] = FUSED) -> dict[str, torch.Tensor]:
+def fuse_linears(tensors: Mapping[str, torch.Tensor],
+                 fused: Mapping[str, tuple[str, ...]] = FUSED) -> dict[str, torch.Tensor]:
     """`tensors` with each group of `fused` linears (all quantized, stackable) as one linear."""
     out = dict(tensors)
     for name, parts in fused.items():

@@ -248,7 +248,8 @@ def test_accuracy_level_4_is_the_default_and_reaches_every_matmulnbits(model_dir
     from onnx import helper
 
     cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
-                                  quantize={"bits": 8, "group_size": 32}, export={"format": "onnx", "dtype": "float32"}))
+                                  quantize={"bits": 8, "group_size": 32},
+                                  export={"format": "onnx", "dtype": "float32"}))
     (res,) = run(cfg).candidates.values()
     m = onnx.load(str(res.artifact / "model.onnx"), load_external_data=False)
     levels = [helper.get_attribute_value(a) for n in m.graph.node if n.op_type == "MatMulNBits"
