@@ -19,6 +19,11 @@ affine grid exactly, so the codes are copied, never quantized again:
   permutation: columns are sorted by group, the codes follow, and the graph gathers the
   input's columns in that order (``perm``) before the matmul. The op's own ``g_idx`` input
   would make ORT fall back from its prepacked kernels.
+
+Linears that read the same input (q/k/v, gate/up) can be one op: `concat` stacks their rows
+(N), which is exact when they share K, bits, block size and column order. GPTQ's act-order
+columns of q, k and v come from one Hessian and agree; when they do not (mixed schemes), the
+layers stay separate ops.
 """
 from __future__ import annotations
 
@@ -135,6 +140,26 @@ def dequantize_rows(B: torch.Tensor, scales: torch.Tensor, zero_points: Optional
     else:
         zp = _unpack_rows(zero_points, bits, kb).to(torch.float32)
     return ((codes - zp[..., None]) * scales.to(torch.float32)[..., None]).reshape(R, -1)[:, :K]
+
+
+def concat(parts: list[NBitsTensors]) -> Optional[NBitsTensors]:
+    """One op's tensors for linears of the same input stacked along N (None: their layouts
+    differ). A part without zero points gets the op's default ones written out, so a
+    symmetric and an asymmetric layer still stack."""
+    first = parts[0]
+    key = (first.K, first.bits, first.block_size, first.k_blocks)
+    if any((p.K, p.bits, p.block_size, p.k_blocks) != key for p in parts):
+        return None
+    if any((p.perm is None) != (first.perm is None) or (p.perm is not None and not torch.equal(p.perm, first.perm))
+           for p in parts):
+        return None
+    zp = None
+    if any(p.zero_points is not None for p in parts):
+        default = torch.full((1, first.k_blocks), 1 << (first.bits - 1), dtype=torch.uint8)
+        zp = torch.cat([p.zero_points if p.zero_points is not None else _pack_rows(default, first.bits).expand(p.N, -1)
+                        for p in parts])
+    return NBitsTensors(torch.cat([p.B for p in parts]), torch.cat([p.scales for p in parts]), zp, first.perm,
+                        first.K, sum(p.N for p in parts), first.bits, first.block_size)
 
 
 def nbytes(out_features: int, in_features: int, bits: int, group_size: int, sym: bool) -> int:

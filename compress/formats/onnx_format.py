@@ -18,16 +18,19 @@ Evaluated in ONNX Runtime (`compress.evaluate.onnx_runtime`), not read back into
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from compress.formats.matmulnbits import BITS, block_size_for, nbytes, to_matmulnbits
-from compress.formats.onnx_graph import NBITS, family_problem
-from compress.formats.onnx_writer import DATA_FILE, GENAI_CONFIG, ONNX_FILE
+from compress.formats.onnx_graph import family_problem
+from compress.formats.onnx_writer import DATA_FILE, GENAI_CONFIG, ONNX_FILE, nbits_tensors
 from compress.formats.registry import BlockPatcher, Format, LayerScheme, QuantizedLinear, register_format
 from compress.quantizers.base import QuantSpec
+
+log = logging.getLogger(__name__)
 
 
 def is_onnx_artifact(path: Any) -> bool:
@@ -58,6 +61,11 @@ class ONNXFormat(Format):
             if block_size_for(q.group_size, 1) is None:
                 return (f"quantize.group_size: MatMulNBits blocks are a power of two >= 16 (or -1, per channel), "
                         f"got {q.group_size}{which}")
+            if q.bits == 8 and export.onnx_accuracy_level < 4:
+                # ORT's CPU library has 8-bit MatMulNBits kernels for int8 activations only; below
+                # level 4 the op dequantizes its whole weight on every call
+                log.warning("export.onnx_accuracy_level: %d with bits 8%s runs some 20x slower than float32 "
+                            "in ONNX Runtime on a CPU; 4 uses its int8 kernel", export.onnx_accuracy_level, which)
         return None
 
     def check_model(self, config, root) -> Optional[str]:
@@ -92,19 +100,7 @@ class ONNXFormat(Format):
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if lin.activations is not None:
             raise ValueError(f"{lin.name}: ONNX MatMulNBits export holds weight-only quantization")
-        t = to_matmulnbits(lin.weight)
-        p = f"{lin.name}{NBITS}"
-        out = {f"{p}.B": t.B, f"{p}.scales": t.scales}
-        if t.zero_points is not None:
-            out[f"{p}.zero_points"] = t.zero_points
-        if t.perm is not None:
-            out[f"{p}.perm"] = t.perm
-        # 0-dim tags: the op's attributes, read by the writer, never stored
-        out.update({f"{p}.K": torch.tensor(t.K), f"{p}.bits": torch.tensor(t.bits),
-                    f"{p}.block_size": torch.tensor(t.block_size)})
-        if lin.bias is not None:
-            out[f"{lin.name}.bias"] = lin.bias.detach().to(torch.float32)
-        return out
+        return nbits_tensors(lin.name, to_matmulnbits(lin.weight), lin.bias)
 
     def linear_bytes(self, shape, spec, bias, dtype) -> int:
         return nbytes(shape[0], shape[1], spec.bits, spec.group_size, spec.sym) + (4 * shape[0] if bias else 0)

@@ -6,12 +6,17 @@ Inputs and outputs follow onnxruntime-genai's decoder (its model builder's names
 [batch, seq, vocab] and ``present.N.key/value`` [batch, kv_heads, total, head_dim].
 
 Per block (Llama, Mistral, Qwen2: RMSNorm, RoPE, GQA, SwiGLU), with the ORT contrib ops the
-builder uses: ``SimplifiedLayerNormalization`` (RMSNorm), ``GroupQueryAttention`` (rotary
-from ``cos_cache``/``sin_cache``, the past/present cache, causal mask from ``seqlens_k``) and
-``com.microsoft::MatMulNBits`` for each quantized linear (a plain ``MatMul`` for a linear left
-in float). The head is a ``Gemm`` against the [vocab, hidden] table (``transB``), so a tied
-head reads the embedding itself. Initializers are not made here: the writer stores them as
-external data and passes their names, types and shapes in.
+builder uses: ``SimplifiedLayerNormalization`` (RMSNorm; ``SkipSimplifiedLayerNormalization``
+where a residual add precedes it, one pass over the hidden state), ``GroupQueryAttention``
+(rotary from ``cos_cache``/``sin_cache``, the past/present cache, causal mask from
+``seqlens_k``; q, k, v packed in one input when they are one op) and ``com.microsoft::MatMulNBits``
+for each quantized linear (a plain ``MatMul`` for a linear left in float). Linears that read
+the same input are one MatMulNBits where the writer could stack them (`FUSED`,
+`matmulnbits.concat`), as the builder packs q/k/v: one dispatch, one int8 quantization of the
+input (accuracy_level 4) and one act-order Gather instead of two or three. The head is a
+``Gemm`` against the [vocab, hidden] table (``transB``), so a tied head reads the embedding
+itself. Initializers are not made here: the writer stores them as external data and passes
+their names, types and shapes in.
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 NBITS = ".MatMulNBits"  # a quantized linear's tensors: <name>.MatMulNBits.{B,scales,zero_points,perm}
 COS, SIN = "cos_cache", "sin_cache"
 FINAL_NORM = "/model/norm/output_0"  # the head's input (evaluation reads it)
+# linears of one input written as one MatMulNBits (rows stacked in this order) when they can be
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 @dataclass(frozen=True)
@@ -78,13 +86,14 @@ def rotary_tables(config, max_positions: int):
 class DecoderGraph:
     """Nodes of one decoder; `linear` decides per layer between MatMulNBits and MatMul."""
 
-    def __init__(self, config, nbits: dict[str, NBitsLayer], stored: set[str], accuracy_level: int = 0):
+    def __init__(self, config, nbits: dict[str, NBitsLayer], stored: set[str], accuracy_level: int = 4):
         self.c = config
         self.nbits = nbits
         self.stored = stored  # initializer names the writer holds
         self.accuracy_level = accuracy_level
         self.nodes: list[Any] = []
         self._n = 0
+        self._consts: set[str] = set()
 
     def _node(self, op: str, inputs: list[str], domain: str = "", n_out: int = 1, **attrs) -> list[str]:
         from onnx import helper
@@ -97,8 +106,10 @@ class DecoderGraph:
     def _const(self, name: str, values: list[int]) -> str:
         from onnx import helper, TensorProto
 
-        self.nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(
-            name, TensorProto.INT64, [len(values)], values)))
+        if name not in self._consts:
+            self._consts.add(name)
+            self.nodes.append(helper.make_node("Constant", [], [name], value=helper.make_tensor(
+                name, TensorProto.INT64, [len(values)], values)))
         return name
 
     def linear(self, x: str, name: str) -> str:
@@ -121,6 +132,23 @@ class DecoderGraph:
         return self._node("SimplifiedLayerNormalization", [x, weight], axis=-1,
                           epsilon=float(self.c.rms_norm_eps), stash_type=1)[0]
 
+    def add_rms(self, h: str, y: str, weight: str) -> tuple[str, str]:
+        """(RMSNorm(h + y), h + y) in one op."""
+        out = self._node("SkipSimplifiedLayerNormalization", [h, y, weight], "com.microsoft", n_out=4,
+                         epsilon=float(self.c.rms_norm_eps))
+        self.nodes[-1].output[1] = self.nodes[-1].output[2] = ""  # mean, inverse std: not needed
+        return out[0], out[3]
+
+    def linears(self, x: str, prefix: str, fused: str) -> list[str]:
+        """The outputs of the linears `FUSED[fused]` of input `x`: one op split in parts, or one op each."""
+        if prefix + fused not in self.nbits:
+            return [self.linear(x, prefix + n) for n in FUSED[fused]]
+        y = self.linear(x, prefix + fused)
+        if fused == "self_attn.qkv_proj":
+            return [y, "", ""]  # GroupQueryAttention takes q, k, v packed in its first input
+        i = self.nbits[prefix + fused].N // 2  # gate and up: equal halves
+        return self._node("Split", [y, self._const(f"/const/split{i}", [i, i])], n_out=2, axis=-1)
+
     def build(self, embed: str, head: str, blocks_prefix: str, final_norm: str):
         from onnx import TensorProto, helper
 
@@ -134,24 +162,22 @@ class DecoderGraph:
         total = self._node("Cast", [self._node("Squeeze", [total])[0]], to=TensorProto.INT32)[0]
         (h,) = self._node("Gather", [embed, "input_ids"], axis=0)
         window = getattr(c, "sliding_window", None) if c.model_type == "mistral" else None
+        x = self.rms(h, f"{blocks_prefix}.0.input_layernorm.weight")
         for i in range(L):
             p = f"{blocks_prefix}.{i}."
-            x = self.rms(h, p + "input_layernorm.weight")
-            q, k, v = (self.linear(x, p + f"self_attn.{n}_proj") for n in "qkv")
+            qkv = self.linears(x, p, "self_attn.qkv_proj")
             attn = self._node(
                 "GroupQueryAttention",
-                [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, COS, SIN],
+                [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, COS, SIN],
                 "com.microsoft", n_out=3, num_heads=c.num_attention_heads, kv_num_heads=kvh,
                 scale=float(hd ** -0.5), do_rotary=1, rotary_interleaved=0,
                 local_window_size=int(window) if window else -1)
             self.nodes[-1].output[1], self.nodes[-1].output[2] = f"present.{i}.key", f"present.{i}.value"
-            (h,) = self._node("Add", [h, self.linear(attn[0], p + "self_attn.o_proj")])
-            x = self.rms(h, p + "post_attention_layernorm.weight")
-            g = self.linear(x, p + "mlp.gate_proj")
-            u = self.linear(x, p + "mlp.up_proj")
+            x, h = self.add_rms(h, self.linear(attn[0], p + "self_attn.o_proj"), p + "post_attention_layernorm.weight")
+            g, u = self.linears(x, p, "mlp.gate_up_proj")
             act = self._node("Mul", [self._node("Mul", [g, self._node("Sigmoid", [g])[0]])[0], u])[0]
-            (h,) = self._node("Add", [h, self.linear(act, p + "mlp.down_proj")])
-        self.rms(h, final_norm)
+            norm = f"{blocks_prefix}.{i + 1}.input_layernorm.weight" if i + 1 < L else final_norm
+            x, h = self.add_rms(h, self.linear(act, p + "mlp.down_proj"), norm)
         x = self.nodes[-1].output[0] = FINAL_NORM
         flat = self._node("Reshape", [x, self._const("/const/flat", [-1, c.hidden_size])])[0]
         # a quantized head (`quantize.lm_head`) is one more MatMulNBits; else Gemm against the table

@@ -1,10 +1,12 @@
 """Atomic, streamed writing of an ONNX decoder folder (``model.onnx`` + ``model.onnx.data``).
 
 Tensors arrive block by block under Hugging Face names (a quantized linear as its MatMulNBits
-tensors, `formats.onnx_format`) and their bytes are appended to ``model.onnx.data`` at once, so
-the process holds one block; only their names, shapes and offsets are kept. `finish` adds the
-rotary tables, builds the graph (`onnx_graph.DecoderGraph`) whose initializers point into the
-data file (ONNX external data: location, offset, length), writes ``model.onnx``,
+tensors, `nbits_tensors`) and their bytes are appended to ``model.onnx.data`` at once, so
+the process holds one block; only their names, shapes and offsets are kept. A block's linears
+of one input (`onnx_graph.FUSED`) are stacked into one op's tensors on the way
+(`matmulnbits.concat`), under the fused name (``self_attn.qkv_proj``, ``mlp.gate_up_proj``).
+`finish` adds the rotary tables, builds the graph (`onnx_graph.DecoderGraph`) whose
+initializers point into the data file (ONNX external data: location, offset, length), writes ``model.onnx``,
 ``genai_config.json``, and seals the folder as every writer does (`ArtifactWriter._seal`).
 """
 from __future__ import annotations
@@ -13,11 +15,13 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
-from compress.formats.onnx_graph import COS, NBITS, SIN, DecoderGraph, NBitsLayer, genai_config, rotary_tables
+from compress.formats.matmulnbits import NBitsTensors, concat
+from compress.formats.onnx_graph import (COS, FUSED, NBITS, SIN, DecoderGraph, NBitsLayer, genai_config,
+                                         rotary_tables)
 from compress.formats.writer import ArtifactWriter, _names_folder, stream_tensor
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,55 @@ DATA_FILE = "model.onnx.data"
 GENAI_CONFIG = "genai_config.json"
 _ALIGN = 64
 _TAGS = ("K", "bits", "block_size")  # 0-dim tags of a MatMulNBits layer, not stored
+
+
+def nbits_tensors(name: str, t: NBitsTensors, bias: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Linear `name`'s tensors as the writer takes them: ``<name>.MatMulNBits.{B,scales,...}``."""
+    p = f"{name}{NBITS}"
+    out = {f"{p}.B": t.B, f"{p}.scales": t.scales}
+    if t.zero_points is not None:
+        out[f"{p}.zero_points"] = t.zero_points
+    if t.perm is not None:
+        out[f"{p}.perm"] = t.perm
+    # 0-dim tags: the op's attributes, read by the writer, never stored
+    out.update({f"{p}.{k}": torch.tensor(getattr(t, k)) for k in _TAGS})
+    if bias is not None:
+        out[f"{name}.bias"] = bias.detach().to(torch.float32)
+    return out
+
+
+def _take_nbits(tensors: dict[str, torch.Tensor], name: str) -> tuple[NBitsTensors, Optional[torch.Tensor]]:
+    """Inverse of `nbits_tensors` (removing them from `tensors`)."""
+    p = f"{name}{NBITS}"
+    B = tensors.pop(f"{p}.B")
+    t = NBitsTensors(B, tensors.pop(f"{p}.scales"), tensors.pop(f"{p}.zero_points", None),
+                     tensors.pop(f"{p}.perm", None), int(tensors.pop(f"{p}.K")), B.shape[0],
+                     int(tensors.pop(f"{p}.bits")), int(tensors.pop(f"{p}.block_size")))
+    return t, tensors.pop(f"{name}.bias", None)
+
+
+def fuse_linears(tensors: Mapping[str, torch.Tensor],
+                 fused: Mapping[str, tuple[str, ...]] = FUSED) -> dict[str, torch.Tensor]:
+    """`tensors` with each group of `fused` linears (all quantized, stackable) as one linear."""
+    out = dict(tensors)
+    for name, parts in fused.items():
+        first = f"{parts[0]}{NBITS}.B"
+        for key in [k for k in tensors if k.endswith("." + first)]:
+            prefix = key[: -len(first)]
+            if not all(f"{prefix}{n}{NBITS}.B" in out for n in parts):
+                continue  # a part left in float
+            taken = [_take_nbits(out, prefix + n) for n in parts]
+            t = concat([x for x, _ in taken])
+            if t is None:
+                log.info("%s%s: layouts differ (act-order or grid), kept as separate MatMulNBits", prefix, name)
+                for n, (x, b) in zip(parts, taken):
+                    out.update(nbits_tensors(prefix + n, x, b))
+                continue
+            bias = None
+            if any(b is not None for _, b in taken):
+                bias = torch.cat([b if b is not None else torch.zeros(x.N) for x, b in taken])
+            out.update(nbits_tensors(prefix + name, t, bias))
+    return out
 
 
 def _onnx_type(dtype: torch.dtype) -> int:
@@ -40,8 +93,10 @@ class ONNXArtifactWriter(ArtifactWriter):
     """`ArtifactWriter`'s folder protocol around one ONNX decoder. `config`: the model's
     transformers config; `root`: its source folder (generation defaults for genai)."""
 
+    fused: Mapping[str, tuple[str, ...]] = FUSED  # linears written as one op when they stack
+
     def __init__(self, final_dir: Union[str, Path], *, config, blocks_prefix: str, root: Any = None,
-                 accuracy_level: int = 0, overwrite: bool = False) -> None:
+                 accuracy_level: int = 4, overwrite: bool = False) -> None:
         super().__init__(final_dir, overwrite=overwrite)
         self.config = config
         self.blocks_prefix = blocks_prefix
@@ -59,7 +114,7 @@ class ONNXArtifactWriter(ArtifactWriter):
 
     # -- content ---------------------------------------------------------------------------
     def add_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        for name, t in tensors.items():
+        for name, t in fuse_linears(tensors, self.fused).items():
             t = t.detach().to("cpu")
             tag = name.rsplit(".", 1)
             if t.dim() == 0 and tag[0].endswith(NBITS) and tag[1] in _TAGS:

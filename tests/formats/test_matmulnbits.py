@@ -85,3 +85,24 @@ def test_unequal_groups_and_foreign_bits_are_refused():
     three = QuantizedWeight(qw.codes % 8, qw.scales, torch.full_like(qw.zeros, 4), qw.g_idx, 3, 32, True)
     with pytest.raises(ValueError, match="bits"):
         to_matmulnbits(three)
+
+
+def test_concat_stacks_rows_as_the_ops_side_by_side():
+    """q/k/v-like layers of one input (one act-order permutation; symmetric next to asymmetric)
+    as one op give the separate ops' outputs; layouts that differ are refused."""
+    from dataclasses import replace
+
+    from compress.formats.matmulnbits import concat
+
+    q = random_qweight(64, 256, 4, 32, sym=False, act_order=True, seed=1)
+    k = replace(random_qweight(32, 256, 4, 32, sym=True, seed=2), g_idx=q.g_idx, desc_act=True)
+    v = replace(random_qweight(32, 256, 4, 32, sym=False, seed=3), g_idx=q.g_idx, desc_act=True)
+    parts = [to_matmulnbits(w) for w in (q, k, v)]
+    t = concat(parts)
+    assert t.N == 128 and t.zero_points is not None and torch.equal(t.perm, parts[0].perm)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(run_op(t, x), torch.cat([run_op(p, x) for p in parts], -1), rtol=0, atol=1e-5)
+    other = to_matmulnbits(random_qweight(32, 256, 4, 32, sym=False, act_order=True, seed=5))
+    assert concat([parts[0], other]) is None  # another permutation
+    assert concat([parts[1], to_matmulnbits(random_qweight(32, 256, 4, 64, sym=True))]) is None  # block size
+    assert concat([parts[1], to_matmulnbits(random_qweight(32, 256, 8, 32, sym=True))]) is None  # bits

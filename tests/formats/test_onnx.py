@@ -39,21 +39,25 @@ def pair(tmp_path_factory, text_file):
 
     def get(case):
         if case not in made:
-            family, quantize = CASES[case]
+            family = CASES[case][0]
             tmp = tmp_path_factory.mktemp(case)
             src = save_model(make_model(family, seed=3, tie_word_embeddings=family == "qwen2"), tmp / "src",
                              family_tokenizer(family))
-            arts = []
-            for fmt in ("onnx", "gptq"):
-                cfg = parse_config(run_config(src, text_file, tmp / fmt, evaluate={"enabled": False}, quantize=quantize,
-                                              export={"format": fmt, "dtype": "float32"}))
-                (res,) = run(cfg).candidates.values()
-                assert res.error is None and is_complete(res.artifact, check_hashes=True)
-                arts.append(res.artifact)
-            made[case] = (src, *arts)
+            made[case] = (src, export(case, src, text_file, tmp / "onnx", "onnx", onnx_accuracy_level=0),
+                          export(case, src, text_file, tmp / "gptq", "gptq"))
         return made[case]
 
     return get
+
+
+def export(case, src, text_file, out, fmt, **options):
+    """The artifact of `case`'s deterministic quantization run in format `fmt`. The ONNX one
+    of `pair` computes in float32 (accuracy_level 0), so its logits equal the torch loader's."""
+    cfg = parse_config(run_config(src, text_file, out, evaluate={"enabled": False}, quantize=CASES[case][1],
+                                  export={"format": fmt, "dtype": "float32", **options}))
+    (res,) = run(cfg).candidates.values()
+    assert res.error is None and is_complete(res.artifact, check_hashes=True)
+    return res.artifact
 
 
 def _unpack(b: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -91,6 +95,30 @@ def onnx_layers(onnx_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             nat_codes[:, perm], nat_w[:, perm] = codes, w
             codes, w = nat_codes, nat_w
         out[name] = (codes, w)
+    return split_fused(onnx_dir, out)
+
+
+def split_fused(onnx_dir, layers: dict) -> dict:
+    """Fused layers (q/k/v, gate/up stacked along N) as their parts, by the model's shapes."""
+    from compress.formats.onnx_graph import FUSED
+
+    c = json.loads((onnx_dir / "config.json").read_text())
+    hd = c["hidden_size"] // c["num_attention_heads"]
+    rows = {"self_attn.q_proj": c["num_attention_heads"] * hd, "self_attn.k_proj": c["num_key_value_heads"] * hd,
+            "self_attn.v_proj": c["num_key_value_heads"] * hd, "mlp.gate_proj": c["intermediate_size"],
+            "mlp.up_proj": c["intermediate_size"]}
+    out = {}
+    for name, (codes, w) in layers.items():
+        fused = next((f for f in FUSED if name.endswith("." + f)), None)
+        if fused is None:
+            out[name] = (codes, w)
+            continue
+        start = 0
+        for part in FUSED[fused]:
+            n = rows[part]
+            out[name[: -len(fused)] + part] = (codes[start : start + n], w[start : start + n])
+            start += n
+        assert start == codes.shape[0], name
     return out
 
 
@@ -187,8 +215,9 @@ def test_pipeline_evaluates_an_onnx_candidate_like_the_others(model_dir, text_fi
     q = {"method": "rtn", "bits": 4, "group_size": 32, "sym": False}
     rows = {}
     for fmt in ("onnx", "compressed-tensors"):
+        exact = {"onnx_accuracy_level": 0} if fmt == "onnx" else {}  # float32 compute, as torch's
         cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / fmt, quantize=q,
-                                      export={"format": fmt, "dtype": "float32"}))
+                                      export={"format": fmt, "dtype": "float32", **exact}))
         (res,) = run(cfg).candidates.values()
         rows[fmt] = res.metrics
         results = json.loads((res.artifact / "compress-results.json").read_text())
@@ -227,15 +256,79 @@ def test_family_without_a_mapping_exits_2(model_dir, text_file, tmp_path):
     assert "export.format: onnx: model_type 'gemma' has no ONNX mapping yet" in res.output
 
 
-def test_accuracy_level_reaches_every_matmulnbits(model_dir, text_file, tmp_path):
+def test_accuracy_level_4_is_the_default_and_reaches_every_matmulnbits(model_dir, text_file, tmp_path):
     import onnx
     from onnx import helper
 
     cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
                                   quantize={"bits": 8, "group_size": 32},
-                                  export={"format": "onnx", "dtype": "float32", "onnx_accuracy_level": 4}))
+                                  export={"format": "onnx", "dtype": "float32"}))
     (res,) = run(cfg).candidates.values()
     m = onnx.load(str(res.artifact / "model.onnx"), load_external_data=False)
     levels = [helper.get_attribute_value(a) for n in m.graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "accuracy_level"]
-    assert levels == [4] * 14
+    assert levels == [4] * 8  # per block: q/k/v as one op, o, gate/up as one op, down
+
+
+# ---- fused linears and accuracy levels ------------------------------------------------------
+def _graph(onnx_dir):
+    import onnx
+
+    return onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False).graph
+
+
+def test_fused_qkv_and_gate_up_give_the_unfused_graphs_logits(pair, text_file, tmp_path, monkeypatch):
+    """Act-order q/k/v share one permutation (one Hessian), so they are one MatMulNBits behind
+    one Gather; the graph with every linear its own op gives the same logits and tokens."""
+    from compress.formats.onnx_writer import ONNXArtifactWriter
+
+    case = "llama-gptq-w4-g32-act-asym"
+    src, fused, _ = pair(case)
+    g = _graph(fused)
+    ops = [n.input[1] for n in g.node if n.op_type == "MatMulNBits"]
+    assert len(ops) == 8 and sum("qkv_proj" in o for o in ops) == 2 and sum("gate_up_proj" in o for o in ops) == 2
+    assert sum(n.op_type == "Gather" and n.input[1].endswith(".perm") for n in g.node) == 8  # one per op
+    assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in g.node) == 4
+    monkeypatch.setattr(ONNXArtifactWriter, "fused", {})
+    plain = export(case, src, text_file, tmp_path / "plain", "onnx", onnx_accuracy_level=0)
+    assert sum(n.op_type == "MatMulNBits" for n in _graph(plain).node) == 14
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(OrtDecoder(fused).logits(ids), OrtDecoder(plain).logits(ids), rtol=0, atol=1e-5)
+    prompt = ids[:1, :8]
+    assert OrtDecoder(fused).greedy(prompt, 16) == OrtDecoder(plain).greedy(prompt, 16)
+
+
+def test_linears_whose_layouts_differ_stay_separate_ops():
+    """q/k/v with different act-order permutations (as a mixed plan could give) are not
+    stacked; gate/up of the same block still are."""
+    from compress.formats.matmulnbits import to_matmulnbits
+    from compress.formats.onnx_writer import fuse_linears, nbits_tensors
+    from test_matmulnbits import random_qweight
+
+    p = "model.layers.0."
+    shapes = {"self_attn.q_proj": 64, "self_attn.k_proj": 32, "self_attn.v_proj": 32, "mlp.gate_proj": 96,
+              "mlp.up_proj": 96}
+    tensors = {}
+    for i, (n, rows) in enumerate(shapes.items()):
+        qw = random_qweight(rows, 128, 4, 32, sym=False, act_order=n.startswith("self_attn"), seed=i)
+        tensors.update(nbits_tensors(p + n, to_matmulnbits(qw)))
+    out = fuse_linears(tensors)
+    assert {k for k in tensors if k.startswith(p + "self_attn")} == {k for k in out if k.startswith(p + "self_attn")}
+    assert out[p + "mlp.gate_up_proj.MatMulNBits.B"].shape[0] == 192 and p + "mlp.gate_proj.MatMulNBits.B" not in out
+    torch.testing.assert_close(out[p + "mlp.gate_up_proj.MatMulNBits.scales"],
+                               torch.cat([tensors[p + f"mlp.{n}_proj.MatMulNBits.scales"] for n in ("gate", "up")]))
+
+
+def test_accuracy_level_4_rounds_activations_within_the_weights_error(pair, text_file, tmp_path):
+    """The default (int8 activations in the op) moves the logits, by less than the weight
+    quantization itself does."""
+    from transformers import AutoModelForCausalLM
+
+    case = "llama-gptq-w4-g32-act-asym"
+    src, level0, _ = pair(case)
+    level4 = export(case, src, text_file, tmp_path / "l4", "onnx")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        orig = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()(ids).logits
+    a, b = OrtDecoder(level0).logits(ids), OrtDecoder(level4).logits(ids)
+    assert 0 < (a - b).abs().max() < 0.5 * (orig - a).abs().max()
