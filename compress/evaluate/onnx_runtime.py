@@ -81,27 +81,52 @@ class OrtDecoder:
 
 
 def head_inputs(path, eval_ids: torch.Tensor) -> torch.Tensor:
-    """The head's inputs [windows, L, hidden] of every evaluation window, run in ONNX Runtime."""
+    """The head's inputs [windows, L, hidden] of every evaluation window, run in ONNX Runtime,
+    as the head multiplies them: a quantized head at accuracy_level 4 first rounds them to int8
+    per block of its block size (`int8_blocks`), so the KL reported is the graph's."""
     dec = OrtDecoder(path, extra_outputs=(FINAL_NORM,))
     rows = []
     for w in range(eval_ids.shape[0]):
         out = dec.run(eval_ids[w : w + 1].numpy(), dec.empty_past(1), [FINAL_NORM])
         rows.append(torch.from_numpy(out[FINAL_NORM]))
-    return torch.cat(rows)
+    x = torch.cat(rows)
+    _, node, _ = _head_node(path)
+    attrs = {a.name: a.i for a in node.attribute}
+    if node.op_type == "MatMulNBits" and attrs.get("accuracy_level", 0) == 4:
+        x = int8_blocks(x, attrs["block_size"])
+    return x
 
 
-def head_slices(path, rows: int) -> Iterator[tuple[int, torch.Tensor, None]]:
-    """The head table [vocab, hidden] of the graph's Gemm, read from the data file in slices of rows."""
+def int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """`x` [..., K] as MatMulNBits at accuracy_level 4 sees it (MLAS's CompInt8 path): each run
+    of `block` values along K rounded to symmetric int8 with scale max|x| / 127, nearest even."""
+    K = x.shape[-1]
+    pad = (-K) % block
+    xb = torch.nn.functional.pad(x, (0, pad)).reshape(*x.shape[:-1], -1, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round(xb * inv).clamp(-127, 127)
+    return (q * scale).reshape(*x.shape[:-1], -1)[..., :K]
+
+
+def _head_node(path):
+    """(graph, the node whose output becomes `logits`, initializers by name)."""
     import onnx
 
     m = onnx.load(str(Path(path) / ONNX_FILE), load_external_data=False)
-    inits = {t.name: t for t in m.graph.initializer}
+    node = next(n for n in m.graph.node if n.op_type in ("Gemm", "MatMulNBits") and n.output[0] in _logit_sources(m))
+    return m, node, {t.name: t for t in m.graph.initializer}
+
+
+def head_slices(path, rows: int) -> Iterator[tuple[int, torch.Tensor, None]]:
+    """The head table [vocab, hidden] of the graph's Gemm (or of a quantized head's MatMulNBits,
+    dequantized), read from the data file in slices of rows."""
+    _, node, inits = _head_node(path)
 
     def table(name: str, dtype) -> np.memmap:
         ext = {e.key: e.value for e in inits[name].external_data}
         return np.memmap(Path(path) / ext["location"], dtype, "r", int(ext["offset"]), tuple(inits[name].dims))
 
-    node = next(n for n in m.graph.node if n.op_type in ("Gemm", "MatMulNBits") and n.output[0] in _logit_sources(m))
     if node.op_type == "MatMulNBits":  # a quantized head: its codes dequantized a slice at a time
         from compress.formats.matmulnbits import dequantize_rows
 
