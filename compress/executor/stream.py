@@ -120,7 +120,8 @@ class Receiver:
 
     @property
     def complete(self) -> bool:
-        return self.result is not None and self._k == len(self.files)
+        """The candidate's error, or every file received."""
+        return self.result is not None and (bool(self.result.get("error")) or self._k == len(self.files))
 
     def _begin(self, item: dict) -> None:
         from compress.owner import make_partial
@@ -250,7 +251,10 @@ def collect(ray, submit: Callable[[str], Any], names: list[str], out_dir: Path, 
                 try:
                     if item is not None:
                         recv[name].take(item)
-                    else:
+                    # Done when the last file ended, without waiting for the end of the stream:
+                    # that wait (on the task's return) can hang in Ray 2.60 while the other
+                    # tasks, paused by backpressure, wait for the driver.
+                    if item is None or recv[name].complete:
                         gens.pop(gen)
                         outcomes[name] = _finish(recv[name])
                 except (StreamError, OSError) as e:
