@@ -9,7 +9,9 @@ into the output folder, which every node must see (`executor.artifacts: shared`)
 as in a local run: a worker that dies leaves a `.partial-` folder with its owner record, never
 a folder that looks complete. A task whose worker dies is run again up to `max_retries`
 times, continuing from the blocks its killed attempt stored (compress/resume.py); after that
-the candidate is listed as failed with the reason, and the others complete.
+the candidate is listed as failed with the reason, and the others complete. With
+`executor.artifacts: stream` the tasks send their artifacts back instead and this process
+writes them (compress/executor/stream.py).
 """
 from __future__ import annotations
 

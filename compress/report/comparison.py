@@ -129,7 +129,8 @@ def executor_lines(ex: dict) -> list[str]:
     """Where the candidates ran, for a Ray sweep: per task its node, attempts and bytes moved."""
     if ex.get("kind") != "ray":
         return []
-    lines = ["", f"Ran as Ray tasks ({ex['threads_per_task']} torch thread(s) each); shared objects put once: "
+    streamed = "; artifacts streamed back to the driver" if ex.get("artifacts") == "stream" else ""
+    lines = ["", f"Ran as Ray tasks ({ex['threads_per_task']} torch thread(s) each{streamed}); shared objects put once: "
              + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in ex["shared_object_bytes"].items()) + "."]
     for name, t in ex["tasks"].items():
         node = t.get("node") or {}
