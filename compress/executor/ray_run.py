@@ -143,7 +143,8 @@ def _fan_out(ray, ctx, threads: int) -> None:
     for name, out in outcomes.items():
         tasks[name]["bytes_from_task"] = len(json.dumps(out, default=str).encode()) + out.get("artifact_bytes", 0)
         if stream:
-            tasks[name].update(artifact_bytes=out.get("artifact_bytes", 0), attempts=out.get("attempts"))
+            tasks[name].update(artifact_bytes=out.get("artifact_bytes", 0), attempts=out.get("attempts"),
+                               stream_seconds=out.get("stream_seconds"))
     sweep_dead(ctx.out_dir)  # partial folders of workers that died on this host
 
     ref_row = None

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -102,6 +103,7 @@ class Receiver:
         self.files: list[list] = []
         self.tmp: Optional[Path] = None
         self.bytes = 0  # artifact bytes received
+        self.started = 0.0  # when the first file began
         self._k = 0  # index of the file being received
         self._file: Any = None
         self._digest: Any = None
@@ -124,18 +126,19 @@ class Receiver:
         return self.result is not None and (bool(self.result.get("error")) or self._k == len(self.files))
 
     def _begin(self, item: dict) -> None:
-        from compress.owner import make_partial
+        from compress.owner import OWNER, make_partial
 
         if "result" not in item:
             raise StreamError(f"{self.name}: the stream does not start with the task's result")
         self.result, self.files = item["result"], item.get("files") or []
         for rel, _ in self.files:
             p = Path(rel)
-            if p.is_absolute() or ".." in p.parts or not p.parts:
+            if p.is_absolute() or ".." in p.parts or not p.parts or rel == OWNER:
                 raise StreamError(f"{self.name}: file name '{rel}' is not a path inside the artifact")
         if self.files:
             self.tmp = make_partial(self.out_dir, f".{self.name}.partial-")
             self._open()
+        self.started = time.perf_counter()
 
     def _open(self) -> None:
         rel = self.files[self._k][0]
@@ -274,4 +277,4 @@ def _finish(r: Receiver) -> dict:
     if r.result is not None and r.result.get("error"):
         return r.result
     r.seal()
-    return {**r.result, "artifact_bytes": r.bytes}
+    return {**r.result, "artifact_bytes": r.bytes, "stream_seconds": time.perf_counter() - r.started}
