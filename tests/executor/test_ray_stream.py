@@ -14,7 +14,7 @@ import pytest
 from compress.executor import stream
 from compress.executor.stream import Receiver, StreamError, artifact_files, send_folder
 from compress.formats.writer import MANIFEST, is_complete
-from test_ray import TIMING, TWO, _run, cluster, kill, rows  # noqa: F401 (cluster: the fixture)
+from test_ray import TWO, _run, cluster, kill, rows  # noqa: F401 (cluster: the module's Ray fixture)
 
 ray = pytest.importorskip("ray")
 STREAM = {"kind": "ray", "artifacts": "stream", "max_retries": 1}
