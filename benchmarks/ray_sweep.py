@@ -2,9 +2,10 @@
 same total CPUs (--cpus, default torch's thread count), in one invocation: local first, then Ray.
 Ray runs 1 task at a time with --cpus torch threads (the local run's thread count, so the
 weights hash the same). Writes the table to benchmarks/results/ray-sweep-DATE.md, with the bytes
-moved to and from each task.
+moved to and from each task; with `--artifacts stream` the Ray tasks stream their artifacts back
+(`executor.artifacts: stream`), and "bytes back" counts them.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py [--out runs/ray-bench] [--cpus N]
+    PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py [--out runs/ray-bench] [--cpus N] [--artifacts stream]
 
 On a box where other work runs, pin it: `taskset -c 0 ... --cpus 1`.
 """
@@ -43,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/ray-bench")
     ap.add_argument("--cpus", type=int, default=torch.get_num_threads(), help="torch threads locally = Ray's num_cpus")
+    ap.add_argument("--artifacts", choices=["shared", "stream"], default="shared",
+                    help="executor.artifacts of the Ray run")
     args = ap.parse_args()
     torch.set_num_threads(args.cpus)
     import ray
@@ -55,19 +58,21 @@ def main() -> None:
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     walls: dict[str, float] = {}
     for kind in ("local", "ray"):
-        cfg = parse_config({**CONFIG, "executor": {"kind": kind}, "export": {**CONFIG["export"], "output_dir": str(base / kind)}})
+        executor = {"kind": kind, **({"artifacts": args.artifacts} if kind == "ray" else {})}
+        cfg = parse_config({**CONFIG, "executor": executor, "export": {**CONFIG["export"], "output_dir": str(base / kind)}})
         t0 = time.perf_counter()
         run(cfg)
         walls[kind] = time.perf_counter() - t0
     ray.shutdown()
     same = hashes(base / "local") == hashes(base / "ray")
+    suffix = " --artifacts stream" if args.artifacts == "stream" else ""
     comp = json.loads((base / "ray" / "comparison.json").read_text())
     ex = comp["executor"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = [
         f"# Ray sweep vs local sweep, {dt.date.today()} (commit {commit})",
         "",
-        f"`PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py --cpus {args.cpus}` (CPU affinity: "
+        f"`PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py --cpus {args.cpus}{suffix}` (CPU affinity: "
         f"{sorted(os.sched_getaffinity(0))}): SmolLM2-135M-Instruct fp32, RTN sweep "
         "bits [8, 4] x group_size [-1, 64] (4 candidates), 16 x 512 wikipedia evaluation windows, no speed "
         f"measurement. Both runs in one invocation, local first. torch threads: {torch.get_num_threads()} "
@@ -89,10 +94,12 @@ def main() -> None:
     for name, t in ex["tasks"].items():
         lines.append(f"| {name} | {t['bytes_to_task']:,} | {t['bytes_from_task']:,} | {t['seconds']:.1f} | "
                      f"{t['resources']['memory'] / 2**30:.2f} |")
+    moved = ("Bytes back: the task's results (JSON) plus its artifact, streamed through the object store in "
+             "64 MiB chunks and written by the driver (`executor.artifacts: stream`)." if args.artifacts == "stream"
+             else "Artifacts are not moved: tasks write into the shared output folder (`executor.artifacts: shared`).")
     lines += ["", "Bytes to a task: the job description (config, plan, manifest, fingerprint; JSON) plus the shared "
-              "objects it reads from the object store (zero-copy on the same node). Artifacts are not moved: "
-              "tasks write into the shared output folder (`executor.artifacts: shared`)."]
-    path = Path("benchmarks/results") / f"ray-sweep-{dt.date.today()}.md"
+              "objects it reads from the object store (zero-copy on the same node). " + moved]
+    path = Path("benchmarks/results") / f"ray-sweep{suffix.replace(' --artifacts ', '-')}-{dt.date.today()}.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -296,9 +296,11 @@ class ExecutorConfig(_Strict):
         "(compress/executor/resources.py)",
     )
     artifacts: Literal["shared", "stream"] = Field(
-        "shared", description="'shared': workers write into export.output_dir, which every node "
-        "mounts (one machine, NFS); 'stream': workers write into their own scratch folder and "
-        "send the files back to this process, which writes them atomically",
+        "shared", description="'shared' (default): workers write into export.output_dir, which every "
+        "node mounts (one machine, NFS), and a retried task resumes from its stored blocks; 'stream': "
+        "workers write and evaluate in a node-local scratch folder and send the files back to this "
+        "process in 64 MiB chunks, each file's sha256 checked before the artifact is renamed into "
+        "place (a retry starts from block 0; docs/ray.md)",
     )
 
     @field_validator("address", "threads", "gpus", "memory_gb", "artifacts")

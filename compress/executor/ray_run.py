@@ -9,7 +9,9 @@ into the output folder, which every node must see (`executor.artifacts: shared`)
 as in a local run: a worker that dies leaves a `.partial-` folder with its owner record, never
 a folder that looks complete. A task whose worker dies is run again up to `max_retries`
 times, continuing from the blocks its killed attempt stored (compress/resume.py); after that
-the candidate is listed as failed with the reason, and the others complete.
+the candidate is listed as failed with the reason, and the others complete. With
+`executor.artifacts: stream` the tasks send their artifacts back instead and this process
+writes them (compress/executor/stream.py).
 """
 from __future__ import annotations
 
@@ -65,9 +67,6 @@ def stage_ray(ctx) -> None:
 
     ray = require_ray()
     ex = ctx.cfg.executor
-    if ex.artifacts != "shared":
-        raise ConfigError("executor.artifacts: 'stream' is documented in docs/ray.md but not built yet; "
-                          "use 'shared' (workers write into export.output_dir)")
     started = connect(ray, ex.address)
     try:
         _fan_out(ray, ctx, ex.threads or torch.get_num_threads())
@@ -77,6 +76,7 @@ def stage_ray(ctx) -> None:
 
 
 def _fan_out(ray, ctx, threads: int) -> None:
+    from compress.executor.stream import CHUNK_BYTES, collect, stream_candidate
     from compress.executor.task import run_candidate, to_wire, wire_bytes
     from compress.owner import sweep_dead
     from compress.resume import fingerprint, open_store, store_dir
@@ -111,10 +111,12 @@ def _fan_out(ray, ctx, threads: int) -> None:
         "input_hashes": ctx.input_hashes, "threads": threads, "store": str(store_dir(ctx.out_dir).resolve()),
         "fingerprint": fp, "manifest": manifest,
         "calibration": None if ctx.calibration is None else _asdict(ctx.calibration),
+        "chunk_bytes": CHUNK_BYTES,
     }
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    remote = ray.remote(run_candidate)
-    futures: dict[Any, str] = {}
+    stream = ex.artifacts == "stream"
+    remote = ray.remote(stream_candidate if stream else run_candidate)
+    jobs: dict[str, tuple[dict, dict]] = {}
     tasks: dict[str, dict] = {}
     for name, res in ctx.candidates.items():
         if res.error:
@@ -122,25 +124,27 @@ def _fan_out(ray, ctx, threads: int) -> None:
         job = {**common, "name": name, "plan": res.plan.q.model_dump(mode="json"), "allocation": res.allocation}
         opts = task_options(ctx, res.plan, threads)
         check_fits(nodes, opts, name)
-        future = remote.options(**opts).remote(job, refs["calibration"], refs["evaluation"], refs["head_inputs"])
-        futures[future] = name
+        jobs[name] = (job, opts)
         job_bytes = len(json.dumps(job, default=str).encode())
         tasks[name] = {"resources": {k: v for k, v in opts.items() if k in ("num_cpus", "num_gpus", "memory")},
                        "bytes_to_task": job_bytes + sum(shared_bytes.values())}
-    log.info("ray: %d candidate task(s) submitted (%d thread(s) each; shared objects %s)", len(futures), threads,
-             ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in shared_bytes.items()))
 
-    outcomes: dict[str, dict] = {}
-    pending = list(futures)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        name = futures[ready[0]]
-        try:
-            outcomes[name] = ray.get(ready[0])
-        except Exception as err:  # the worker died max_retries + 1 times (or the node was lost)
-            outcomes[name] = {"name": name, "error": _lost(err, ex.max_retries)}
-        tasks[name]["bytes_from_task"] = len(json.dumps(outcomes[name], default=str).encode())
-        log.info("ray: candidate %s %s", name, "failed" if outcomes[name].get("error") else "done")
+    def submit(name: str):
+        job, opts = jobs[name]
+        return remote.options(**opts).remote(job, refs["calibration"], refs["evaluation"], refs["head_inputs"])
+
+    log.info("ray: submitting %d candidate task(s) (%d thread(s) each; shared objects %s)", len(jobs), threads,
+             ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in shared_bytes.items()))
+    lost = lambda err: _lost(err, ex.max_retries)  # noqa: E731
+    if stream:
+        outcomes = collect(ray, submit, list(jobs), ctx.out_dir, cfg.export.overwrite, ex.max_retries, lost)
+    else:
+        outcomes = _collect(ray, submit, list(jobs), lost)
+    for name, out in outcomes.items():
+        tasks[name]["bytes_from_task"] = len(json.dumps(out, default=str).encode()) + out.get("artifact_bytes", 0)
+        if stream:
+            tasks[name].update(artifact_bytes=out.get("artifact_bytes", 0), attempts=out.get("attempts"),
+                               stream_seconds=out.get("stream_seconds"))
     sweep_dead(ctx.out_dir)  # partial folders of workers that died on this host
 
     ref_row = None
@@ -153,13 +157,29 @@ def _fan_out(ray, ctx, threads: int) -> None:
                            resumed_at_block=out.get("resumed_at_block"))
         if ref_row is None and out.get("evaluation") and out["evaluation"]["ref"] is not None:
             ref_row = EvalRow(**out["evaluation"]["ref"])  # as the local run: the first evaluated candidate's
-    ctx.executor = {"kind": "ray", "address": ex.address, "threads_per_task": threads,
+    ctx.executor = {"kind": "ray", "address": ex.address, "artifacts": ex.artifacts, "threads_per_task": threads,
                     "shared_object_bytes": shared_bytes, "tasks": tasks}
     record_sizes(ctx)
     if e.enabled:
         record_original(ctx, ref_row if ref_row is not None else original_row(original, ref, ctx.eval_ids))
         if e.speed:
             record_original_speed(ctx)
+
+
+def _collect(ray, submit, names: list[str], lost) -> dict[str, dict]:
+    """`shared` mode: each task's result as it finishes (Ray retries a task whose worker died)."""
+    futures = {submit(name): name for name in names}
+    outcomes: dict[str, dict] = {}
+    pending = list(futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        name = futures[ready[0]]
+        try:
+            outcomes[name] = ray.get(ready[0])
+        except Exception as err:  # the worker died max_retries + 1 times (or the node was lost)
+            outcomes[name] = {"name": name, "error": lost(err)}
+        log.info("ray: candidate %s %s", name, "failed" if outcomes[name].get("error") else "done")
+    return outcomes
 
 
 def task_options(ctx, plan, threads: int) -> dict:
@@ -172,6 +192,10 @@ def task_options(ctx, plan, threads: int) -> dict:
     memory = int(ex.memory_gb * 2**30) if ex.memory_gb else plan_memory(ctx.cfg, ctx.loaded.config, plan, device).request
     opts: dict[str, Any] = dict(num_cpus=threads, num_gpus=gpus, memory=memory, max_retries=ex.max_retries,
                                 retry_exceptions=False, name=f"compress:{plan.name}")
+    if ex.artifacts == "stream":  # a generator task; the driver retries it (compress/executor/stream.py)
+        from compress.executor.stream import IN_FLIGHT
+
+        opts.update(num_returns="streaming", _generator_backpressure_num_objects=IN_FLIGHT, max_retries=0)
     if os.environ.get("PYTHONPATH"):  # the workers import the compress this process runs
         opts["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     return opts

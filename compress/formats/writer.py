@@ -294,19 +294,25 @@ class ArtifactWriter:
         self._move_into_place()
 
     def _move_into_place(self) -> None:
-        final = self.final_dir
-        if _is_empty_dir(final):
-            final.rmdir()
-        if not final.exists():
-            self.tmp_dir.rename(final)
-            return
-        if not self.overwrite:
-            raise FileExistsError(f"{final} appeared while writing; pass overwrite=True to replace it")
-        # Swap: the old folder leaves only after the new one is complete on disk.
-        old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
-        final.rename(old)
-        self.tmp_dir.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        move_into_place(self.tmp_dir, self.final_dir, self.overwrite)
+
+
+def move_into_place(tmp_dir: Path, final: Path, overwrite: bool) -> None:
+    """Rename a complete partial folder (manifest written, owner record removed) to `final`: the
+    last step of every writer, and of a Ray driver receiving a streamed artifact
+    (compress/executor/stream.py)."""
+    if _is_empty_dir(final):
+        final.rmdir()
+    if not final.exists():
+        tmp_dir.rename(final)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{final} appeared while writing; pass overwrite=True to replace it")
+    # Swap: the old folder leaves only after the new one is complete on disk.
+    old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+    final.rename(old)
+    tmp_dir.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def is_complete(folder: Union[str, Path], check_hashes: bool = False) -> bool:

@@ -129,16 +129,24 @@ def executor_lines(ex: dict) -> list[str]:
     """Where the candidates ran, for a Ray sweep: per task its node, attempts and bytes moved."""
     if ex.get("kind") != "ray":
         return []
-    lines = ["", f"Ran as Ray tasks ({ex['threads_per_task']} torch thread(s) each); shared objects put once: "
+    streamed = "; artifacts streamed back to the driver" if ex.get("artifacts") == "stream" else ""
+    lines = ["", f"Ran as Ray tasks ({ex['threads_per_task']} torch thread(s) each{streamed}); shared objects put once: "
              + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in ex["shared_object_bytes"].items()) + "."]
     for name, t in ex["tasks"].items():
         node = t.get("node") or {}
         res = t.get("resources", {})
         lines.append(f"- {name}: node {node.get('host', '?')} ({str(node.get('node_id', '?'))[:12]}), "
                      f"{res.get('num_cpus')} CPU, {res.get('num_gpus')} GPU, {res.get('memory', 0) / 2**30:.2f} GiB asked; "
-                     f"{t.get('bytes_to_task', 0) / 2**20:.2f} MiB to the task, {t.get('bytes_from_task', 0) / 1024:.1f} KiB back"
-                     + (f"; retried from block {t['resumed_at_block']}" if t.get("resumed_at_block") else ""))
+                     f"{t.get('bytes_to_task', 0) / 2**20:.2f} MiB to the task, " + _back(t)
+                     + (f"; retried from block {t['resumed_at_block']}" if t.get("resumed_at_block") else "")
+                     + (f"; {t['attempts']} attempts" if (t.get("attempts") or 1) > 1 else ""))
     return lines
+
+
+def _back(t: dict) -> str:
+    if "artifact_bytes" in t:  # executor.artifacts: stream
+        return f"{t.get('bytes_from_task', 0) / 2**20:.2f} MiB back ({t['artifact_bytes'] / 2**20:.2f} MiB artifact streamed)"
+    return f"{t.get('bytes_from_task', 0) / 1024:.1f} KiB back"
 
 
 def terminal(comp: dict) -> str:
