@@ -152,7 +152,8 @@ def quantize_ours(row: Row, work: Path, calib_hash: str) -> dict:
     q = {"method": row.method, "bits": row.bits, "group_size": row.group_size, "sym": True, **row.quantize}
     if row.desc_act is not None:
         q["desc_act"] = row.desc_act
-    wall, peak, cand, artifact, manifest = run_ours(work, dict(CALIB), q)
+    # held-out: the windows `prepare` drew (a run without evaluation would otherwise calibrate on the whole source)
+    wall, peak, cand, artifact, manifest = run_ours(work, {**CALIB, "split": "held-out"}, q)
     got = (manifest.get("calibration") or {}).get("windows_sha256")
     if row.method != "rtn" and got != calib_hash:
         raise RuntimeError(f"{row.name}: calibration windows differ ({got} != {calib_hash})")
