@@ -64,11 +64,20 @@ class TargetOptions(_Strict):
     # relative_output_error by measurement: on SmolLM2-135M its summed prediction orders 10
     # allocations by measured KL with Pearson r 0.954 (log-log), the absolute one's 0.010
     # (benchmarks/results/mixed-precision-rtn-2026-12-06.md)
-    predictor: Literal["output_error", "relative_output_error"] = Field(
+    predictor: Literal["output_error", "relative_output_error", "block_kl"] = Field(
         "relative_output_error",
         description="What the allocation minimises per layer: tr((W-Q) H (W-Q)^T) over the "
         "output's own energy tr(W H W^T) (every layer's output weighted alike), or unnormalised "
-        "('output_error')",
+        "('output_error'), or 'block_kl': the relative error times its block's measured KL per "
+        "unit of relative error (the whole-model KL with only that block at the reference option)",
+    )
+    reference_bits: Optional[_Bits] = Field(
+        None, description="block_kl: bits of the reference option each block's KL is measured at "
+        "(group size and symmetry the plan's); default the plan's bits",
+    )
+    kl_windows: int = Field(
+        4, ge=1, description="block_kl: calibration windows the per-block KL is measured over "
+        "(cost: n_blocks^2/2 block forwards over them, and n_blocks + 1 of their hidden states held)",
     )
 
     @field_validator("bits", "group_sizes")
