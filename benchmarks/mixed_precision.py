@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the .md/.json go")
     ap.add_argument("--kl-windows", type=int, default=2, help="block_kl: calibration windows of the per-block KL")
     ap.add_argument("--reference-bits", type=int, default=3, help="block_kl: bits of the reference option")
+    ap.add_argument("--absolute", action="store_true", help="also the rows allocated by output_error (mixed-at-*)")
     a = ap.parse_args()
 
     from compress.config import parse_config
@@ -102,7 +103,9 @@ def main() -> None:
     }
     sizes = {(b, g): uniform_bytes(data, b, g) for b, g in UNIFORM}
     kl = {"reference_bits": a.reference_bits, "kl_windows": a.kl_windows}  # one block KL walk serves every row
-    prefixes = {"mixed": "output_error", "mixed-rel": "relative_output_error", "mixed-kl": "block_kl"}
+    prefixes = {"mixed-rel": "relative_output_error", "mixed-kl": "block_kl", "mixed-fisher": "fisher"}
+    if a.absolute:
+        prefixes = {"mixed": "output_error", **prefixes}
     cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM]
     cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
                "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in UNIFORM]
@@ -126,8 +129,9 @@ def main() -> None:
         pred = sum(sens[n][k] for n, k in keys.items())
         pred_rel = sum(sens[n][k] / sens[n]["output_energy"] for n, k in keys.items())
         pred_kl = sum(sens[n][k] / sens[n]["output_energy"] * sens[n]["kl_scale"] for n, k in keys.items())
+        pred_fisher = sum(sens[n]["fisher " + k] for n, k in keys.items())
         rows.append({"name": name, "bytes": safetensors_tensor_bytes(r.artifact), "predicted_relative": pred_rel,
-                     "predicted_kl": pred_kl,
+                     "predicted_kl": pred_kl, "predicted_fisher": pred_fisher,
                      "linear_bits_per_weight": r.metrics.linear_bits_per_weight,
                      "predicted_loss": pred, "kl": r.metrics.kl_divergence, "ppl": r.metrics.perplexity,
                      # bytes the bytes model predicted for the whole artifact (max_bytes rows)
@@ -136,7 +140,7 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r and r["kl"]]
     lk = [math.log(r["kl"]) for r in ok]
     corr = {}
-    for key in ("predicted_loss", "predicted_relative", "predicted_kl"):
+    for key in ("predicted_loss", "predicted_relative", "predicted_kl", "predicted_fisher"):
         lp = [math.log(max(r[key], 1e-30)) for r in ok]
         corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)))
     by = {r["name"]: r for r in rows}
@@ -150,26 +154,31 @@ def main() -> None:
     lines = [
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
         f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} "
-        f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}`; "
+        f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}"
+        f"{' --absolute' if a.absolute else ''}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
         "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it); `block_kl` the relative one times its "
         f"block's measured KL per unit of it (KL with only that block at {a.reference_bits}-bit g64 RTN, over "
-        f"{a.kl_windows} calibration windows; rows `mixed-kl-*` and `mixed-bpw*`). Every row's predicted loss "
+        f"{a.kl_windows} calibration windows; rows `mixed-kl-*`); `fisher` 1/2 E[(g . (W-Q) x)^2], g the gradient "
+        "at the layer's output of the log-probability of a label drawn from the model, over the same windows "
+        "(rows `mixed-fisher-*`); rows `mixed-bpw*` by the default predictor. Every row's predicted loss "
         "under each is summed from the run's one sensitivity table.", "",
-        "| row | bytes | bits/w (linears) | predicted loss | predicted (relative) | predicted KL (block_kl) | KL | ppl |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | bytes | bits/w (linears) | predicted loss | predicted (relative) | predicted KL (block_kl) "
+        "| predicted KL (fisher) | KL | ppl |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | | |")
+            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['bytes']:,} | {r['linear_bits_per_weight']:.3f} | "
                      f"{r['predicted_loss']:.4g} | {r['predicted_relative']:.4g} | {r['predicted_kl']:.4g} | "
+                     f"{r['predicted_fisher']:.4g} | "
                      f"{r['kl']:.4f} | {r['ppl']:.3f} |")
     lines.append("")
     for key, label in (("predicted_loss", "output_error"), ("predicted_relative", "relative_output_error"),
-                       ("predicted_kl", "block_kl")):
+                       ("predicted_kl", "block_kl"), ("predicted_fisher", "fisher")):
         r_log, rho = corr[key]
         lines.append(f"Predictor {label}, over {len(ok)} rows: Pearson r(log predicted, log KL) = "
                      f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")

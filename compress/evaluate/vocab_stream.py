@@ -183,3 +183,37 @@ def kl_divergences(ref_inputs: torch.Tensor, inputs: list[torch.Tensor], head: H
                 c.update(b, start, none[sl], sl)
                 t[sl] = t[sl] * rescale + (e * (a - b)).sum(1)
     return [float((t / ref.s - ref.lse + c.lse).double().mean()) for c, t in zip(cands, ts)]
+
+
+def sampled_log_prob_grad(x: torch.Tensor, head: HeadSlices, softcap: Optional[float],
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """For head inputs ``x`` [n, hidden]: a label per position drawn from the model's own
+    distribution (Gumbel-max, a vocabulary slice at a time), and the gradient at ``x`` of the
+    sum of their log-probabilities, ``sum_v (1[v = y] - p_v) dlogit_v/dx`` -- whose outer
+    product in expectation over the labels is the Fisher information, the Hessian of the KL
+    from the model (`compress.mixed.fisher`). Two passes over the head: the log-sum-exp and the
+    label, then the gradient."""
+    n, dev = x.shape[0], x.device
+    run = _Running(n, dev)
+    none = torch.full((n,), -1, dtype=torch.long, device=dev)
+    best = torch.full((n,), -math.inf, device=dev)
+    label = torch.zeros(n, dtype=torch.long, device=dev)
+    for start, wt, bias in head():
+        a = _softcap(torch.nn.functional.linear(x, wt, bias).float(), softcap)
+        run.update(a, start, none, slice(None))
+        u = torch.rand(a.shape, generator=generator).clamp_(1e-20, 1.0).to(dev)
+        v, j = (a - torch.log(-torch.log(u))).max(dim=1)
+        label = torch.where(v > best, j + start, label)
+        best = torch.maximum(best, v)
+    lse = run.lse
+    grad = torch.zeros_like(x, dtype=torch.float32)
+    for start, wt, bias in head():
+        z = torch.nn.functional.linear(x, wt, bias).float()
+        coef = -torch.exp(_softcap(z, softcap) - lse[:, None])
+        local = label - start
+        hit = (local >= 0) & (local < z.shape[1])
+        coef[hit, local[hit]] += 1.0
+        if softcap:  # d/dz of cap * tanh(z / cap)
+            coef *= 1 - torch.tanh(z / softcap) ** 2
+        grad += coef @ wt.float()
+    return grad.to(x.dtype), label

@@ -64,20 +64,23 @@ class TargetOptions(_Strict):
     # relative_output_error by measurement: on SmolLM2-135M its summed prediction orders 10
     # allocations by measured KL with Pearson r 0.954 (log-log), the absolute one's 0.010
     # (benchmarks/results/mixed-precision-rtn-2026-12-06.md)
-    predictor: Literal["output_error", "relative_output_error", "block_kl"] = Field(
+    predictor: Literal["output_error", "relative_output_error", "block_kl", "fisher"] = Field(
         "relative_output_error",
         description="What the allocation minimises per layer: tr((W-Q) H (W-Q)^T) over the "
         "output's own energy tr(W H W^T) (every layer's output weighted alike), or unnormalised "
         "('output_error'), or 'block_kl': the relative error times its block's measured KL per "
-        "unit of relative error (the whole-model KL with only that block at the reference option)",
+        "unit of relative error (the whole-model KL with only that block at the reference option), or "
+        "'fisher': 1/2 E[(g . (W-Q) x)^2], g the gradient at the layer's output of the log-probability "
+        "of a label drawn from the model (its Fisher information: the predicted KL per layer)",
     )
     reference_bits: Optional[_Bits] = Field(
         None, description="block_kl: bits of the reference option each block's KL is measured at "
         "(group size and symmetry the plan's); default the plan's bits",
     )
     kl_windows: int = Field(
-        4, ge=1, description="block_kl: calibration windows the per-block KL is measured over "
-        "(cost: n_blocks^2/2 block forwards over them, and n_blocks + 1 of their hidden states held)",
+        2, ge=1, description="block_kl, fisher: calibration windows the KL is measured or predicted over "
+        "(block_kl: n_blocks^2/2 block forwards over them; fisher: about three forward passes; both "
+        "hold n_blocks + 1 of their hidden states)",
     )
 
     @field_validator("bits", "group_sizes")

@@ -107,6 +107,16 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
                            "output_energy": energy[n]} for n in options}
     out: dict[tuple, float] = {(n, _grid_key(spec)): v for n in options for spec, v in zip(options[n], got[n])}
     out.update({(n, "energy"): max(e, 1e-30) for n, e in energy.items()})
+    fisher_job = next((j for j in jobs if _options(ctx, j).predictor == "fisher"), None)
+    if fisher_job is not None:
+        from compress.mixed.fisher import fisher_losses
+
+        windows = _options(ctx, fisher_job).kl_windows
+        fisher = fisher_losses(ctx.loaded.streamed(), ctx.calib_ids[:windows], options, spool_dir(ctx))
+        for n in options:
+            for spec, v in zip(options[n], fisher[n]):
+                out[(n, "fisher", _grid_key(spec))] = v
+                ctx.sensitivity[n]["fisher " + option_label(spec)] = v
     if block_kl is not None:
         out.update(_kl_scales(sm.block_prefix, block_kl, reference, out))
         for n in options:
@@ -146,6 +156,8 @@ def _kl_scales(prefix: str, block_kl: list[float], reference: dict, losses: dict
 
 def predicted_loss(predictor: str, losses: dict[tuple, float], name: str, spec) -> float:
     """One layer's predicted loss of one option under `predictor` (`quantize.target_options.predictor`)."""
+    if predictor == "fisher":
+        return losses[(name, "fisher", _grid_key(spec))]
     v = losses[(name, _grid_key(spec))]
     if predictor == "output_error":
         return v
@@ -164,6 +176,10 @@ def _describe(q) -> str:
         return PREDICTOR
     if p == "relative_output_error":
         return PREDICTOR + ", over the output energy tr(W H W^T)"
+    if p == "fisher":
+        return ("1/2 E[(g . (W-Q) x)^2] of each option's RTN weights, g the gradient at the layer's output of the "
+                "log-probability of a label drawn from the model (Fisher-weighted output error: predicted KL), "
+                f"over {q.target_options.kl_windows} calibration windows")
     ref = option_label(q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym))
     return (PREDICTOR + ", over the output energy tr(W H W^T), times the block's measured KL per unit of it "
             f"(whole-model KL with only that block at {ref} RTN, over {q.target_options.kl_windows} "
