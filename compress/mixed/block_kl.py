@@ -15,15 +15,15 @@ measured directly, for every block at once, in one block walk over a few calibra
   (`compress.evaluate.vocab_stream.kl_divergences`), against stream 0's.
 
 Each block is loaded once; compute is n(n+1)/2 block forwards over the windows plus one head
-pass per block (the original's logits computed once). Memory: n_blocks + 1 streams of windows x seqlen x hidden floats (SmolLM2-135M,
-8 x 512 windows: 31 x 9.4 MB = 292 MB; an 8B Llama: 33 x 67 MB = 2.2 GB), on disk instead under
-`calibration.spool_dir`; plus one block and the outer modules (embedding, final norm), which
-stay loaded for the head pass, and at the end every block's head inputs (n x windows x seqlen x
-hidden floats, as much again).
+pass per block (the original's logits computed once). Memory: n_blocks + 1 streams of
+windows x seqlen x hidden floats (SmolLM2-135M, 2 x 512 windows: 31 x 2.4 MB = 73 MB; an 8B
+Llama: 33 x 17 MB = 550 MB), on disk instead under `calibration.spool_dir`; one block; the
+outer modules (embedding, final norm), which stay loaded for the head pass; and at the end every
+block's head inputs (as much again as the streams).
 
-A seam for options outside the blocks (a quantized embedding or head): their KL is the same
-comparison with stream 0's inputs perturbed at the embedding, or with the head's slices
-quantized in `kl_of`; the streams and the head pass here serve both.
+A seam for options outside the blocks (a quantized embedding or head, not built here): the
+embedding's KL is one more perturbed stream, opened before block 0 from quantized embedding
+rows; the head's is `kl_divergences` with the candidate's head slices quantized.
 """
 from __future__ import annotations
 
@@ -43,18 +43,20 @@ from compress.quantizers.rtn import round_to_nearest
 def quantized(block: nn.Module, specs: dict[str, QuantSpec], conv1d: bool):
     """The block's linears `specs` (names inside the block) hold their round-to-nearest
     weights inside the `with`; the original weights are back afterwards."""
+    from compress.stages.passes import weight_of
+    from compress.stages.quantize import set_weight
+
     saved = {}
     try:
         for n, spec in specs.items():
-            w = block.get_submodule(n).weight
-            saved[n] = w.data
-            W = w.data.t() if conv1d else w.data
-            Q = round_to_nearest(W.float(), spec).dequantize(torch.float32).to(w.dtype)
-            w.data = (Q.t() if conv1d else Q).contiguous()
+            mod = block.get_submodule(n)
+            W = weight_of(mod, conv1d)
+            saved[n] = W.clone()
+            set_weight(mod, round_to_nearest(W.float(), spec.grid).dequantize(torch.float32), conv1d)
         yield block
     finally:
-        for n, data in saved.items():
-            block.get_submodule(n).weight.data = data
+        for n, W in saved.items():
+            set_weight(block.get_submodule(n), W, conv1d)
 
 
 class BlockKL:

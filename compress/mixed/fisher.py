@@ -29,10 +29,6 @@ from compress.quantizers.base import QuantSpec
 from compress.quantizers.rtn import round_to_nearest
 
 
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def fisher_losses(sm, ids: torch.Tensor, options: dict[str, list[Optional[QuantSpec]]],
                   spool_dir: Optional[Path] = None, seed: int = 0) -> dict[str, list[float]]:
     """`options[name]` (full names) -> ``1/2 mean_t (g_t . (W - Q) x_t)^2`` of each option's
@@ -69,7 +65,7 @@ def fisher_losses(sm, ids: torch.Tensor, options: dict[str, list[Optional[QuantS
             deltas = {}
             for name in names:
                 W = weight_of(block.get_submodule(name), sm.arch.conv1d).float()
-                deltas[name] = [None if spec is None else W - round_to_nearest(W, spec).dequantize(torch.float32)
+                deltas[name] = [None if spec is None else W - round_to_nearest(W, spec.grid).dequantize(torch.float32)
                                 for spec in options[prefix + name]]
                 acc[prefix + name] = torch.zeros(len(deltas[name]), dtype=torch.float64)
             for w in range(0, len(inputs[i]), sm.batch_size):
