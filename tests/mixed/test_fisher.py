@@ -8,13 +8,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import compress.evaluate.vocab_stream as vocab_stream
-from compress.config import ModelConfig
+from compress.config import ModelConfig, parse_config
 from compress.mixed.fisher import fisher_losses
+from compress.pipeline import run
 from compress.quantizers.base import QuantSpec
 from compress.stages.load import load_model
 from test_block_kl import LINEARS
 from test_sensitivity import slow_rtn
-from tiny_models import VOCAB
+from tiny_models import VOCAB, run_config
 
 
 def _slices(head, rows=3):
@@ -83,3 +84,19 @@ def test_fisher_loss_equals_transformers_autograd_on_the_same_labels(model_dir, 
         want = 0.5 * float(((X @ D.t()) * G).sum(1).pow(2).mean())
         assert want > 0 and got[n][0] == pytest.approx(want, rel=1e-3)
         assert got[n][1] == 0.0
+
+
+def test_fisher_allocation_sums_the_table_and_is_monotone(model_dir, text_file, tmp_path):
+    data = run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
+                      quantize={"method": "rtn", "bits": 4, "group_size": 64})
+    data["candidates"] = [{"name": f"f{x}", "target": {"bits_per_weight": x},
+                           "target_options": {"predictor": "fisher", "kl_windows": 2}} for x in (3.0, 3.5, 4.5)]
+    ctx = run(parse_config(data))
+    allocs = [ctx.candidates[f"f{x}"].allocation for x in (3.0, 3.5, 4.5)]
+    assert [a["predicted_loss"] for a in allocs] == sorted((a["predicted_loss"] for a in allocs), reverse=True)
+    assert "Fisher" in allocs[0]["predictor"]
+    for a in allocs:
+        keys = ["float" if l["bits"] is None else f"{l['bits']}/{l['group_size']}/{'sym' if l['sym'] else 'asym'}"
+                for l in a["layers"]]
+        summed = sum(ctx.sensitivity[l["name"]]["fisher " + k] for l, k in zip(a["layers"], keys))
+        assert a["predicted_loss"] == pytest.approx(summed) and summed > 0
