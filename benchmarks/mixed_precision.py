@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the .md/.json go")
     ap.add_argument("--kl-windows", type=int, default=2, help="block_kl: calibration windows of the per-block KL")
     ap.add_argument("--reference-bits", type=int, default=3, help="block_kl: bits of the reference option")
+    ap.add_argument("--bpw", type=float, nargs="*", default=BPW, help="bits_per_weight rows (default predictor)")
     ap.add_argument("--absolute", action="store_true", help="also the rows allocated by output_error (mixed-at-*)")
     a = ap.parse_args()
 
@@ -109,7 +110,7 @@ def main() -> None:
     cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM]
     cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
                "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in UNIFORM]
-    cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}, "target_options": kl} for x in BPW]
+    cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}, "target_options": kl} for x in a.bpw]
     t0 = time.perf_counter()
     ctx = run(parse_config({**data, "candidates": cands}))
     wall = time.perf_counter() - t0
@@ -155,7 +156,7 @@ def main() -> None:
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
         f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} "
         f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}"
-        f"{' --absolute' if a.absolute else ''}`; "
+        f"{' --absolute' if a.absolute else ''} --bpw {' '.join(f'{x:g}' for x in a.bpw)}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
         "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it); `block_kl` the relative one times its "
