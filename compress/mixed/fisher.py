@@ -36,6 +36,7 @@ def fisher_losses(sm, ids: torch.Tensor, options: dict[str, list[Optional[QuantS
     mean per position, as the evaluation's); 0 for None (left in float). `sm` is a
     `StreamedModel` with its outer modules loaded."""
     from compress.evaluate.vocab_stream import ROWS, sampled_log_prob_grad
+    from compress.progress import progress
     from compress.stages.passes import weight_of
 
     n = sm.n_blocks
@@ -44,7 +45,7 @@ def fisher_losses(sm, ids: torch.Tensor, options: dict[str, list[Optional[QuantS
     hidden = sm.embed(ids, spool_dir)
     grad = WindowStream(len(hidden), hidden.device, spool_dir)
     try:
-        for i in range(n):  # forward: keep each block's inputs
+        for i in progress(range(n), desc="fisher forward", unit="block"):  # keep each block's inputs
             s = WindowStream(len(hidden), hidden.device, spool_dir)
             for w in range(0, len(hidden), sm.batch_size):
                 s.write(w, hidden.read(w, w + sm.batch_size))
@@ -57,7 +58,7 @@ def fisher_losses(sm, ids: torch.Tensor, options: dict[str, list[Optional[QuantS
                 x.reshape(-1, x.shape[-1]), lambda: sm.head_slices(ROWS), softcap, gen)[0].reshape(x.shape))
             grad.write(w, g)
         hidden.close()
-        for i in range(n - 1, -1, -1):  # backward
+        for i in progress(range(n - 1, -1, -1), desc="fisher backward", unit="block"):
             block = sm.load_block(i)
             block.requires_grad_(False)
             prefix = f"{sm.block_prefix}{i}."

@@ -39,7 +39,7 @@ def option_losses(W: torch.Tensor, H: torch.Tensor, options: Iterable[Optional[Q
 
 def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantSpec]]],
             spool_dir: Optional[Path] = None, reference: Optional[dict[str, QuantSpec]] = None,
-            kl_windows: int = 8) -> tuple[dict[str, list[float]], dict[str, float], Optional[list[float]]]:
+            kl_windows: int = 2) -> tuple[dict[str, list[float]], dict[str, float], Optional[list[float]]]:
     """`options[name]` for every slot (full names) -> the predicted loss of each, in order;
     each layer's output energy ``tr(W H W^T)`` (the loss of quantizing it to zero); and with
     `reference` (full name -> option), the whole-model KL per block when only that block's

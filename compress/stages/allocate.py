@@ -71,6 +71,10 @@ def stage_allocate(ctx) -> None:
     if len(refs) > 1:  # one walk measures one reference per block
         raise ConfigError(f"quantize.target_options.reference_bits: candidates with predictor block_kl "
                           f"must share one reference option (plan bits, group_size, sym); got {sorted(refs)}")
+    windows = {_options(ctx, j).kl_windows for j in jobs if _options(ctx, j).predictor in ("block_kl", "fisher")}
+    if len(windows) > 1:  # one walk each for every candidate
+        raise ConfigError(f"quantize.target_options.kl_windows: candidates with predictor block_kl or fisher "
+                          f"must share one; got {sorted(windows)}")
     losses = _sensitivity(ctx, sm, jobs)
     for job in jobs:
         _apply(ctx, job, losses)

@@ -114,3 +114,14 @@ def test_block_kl_candidates_must_share_one_reference(model_dir, text_file, tmp_
     with pytest.raises(ConfigError, match="quantize.target_options.reference_bits: candidates with predictor "
                                           r"block_kl must share one reference option .*'3/64/asym', '4/64/asym'"):
         run(parse_config(data))
+
+
+def test_kl_predictors_must_share_their_windows(model_dir, text_file, tmp_path):
+    data = run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
+                      quantize={"method": "rtn", "bits": 4, "group_size": 64})
+    data["candidates"] = [{"name": p, "target": {"bits_per_weight": 3.5},
+                           "target_options": {"predictor": p, "kl_windows": k}}
+                          for p, k in (("block_kl", 2), ("fisher", 3), ("relative_output_error", 4))]
+    with pytest.raises(ConfigError, match=r"quantize.target_options.kl_windows: candidates with predictor "
+                                          r"block_kl or fisher must share one; got \[2, 3\]"):
+        run(parse_config(data))
