@@ -100,3 +100,17 @@ def test_fisher_allocation_sums_the_table_and_is_monotone(model_dir, text_file, 
                 for l in a["layers"]]
         summed = sum(ctx.sensitivity[l["name"]]["fisher " + k] for l, k in zip(a["layers"], keys))
         assert a["predicted_loss"] == pytest.approx(summed) and summed > 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gemma3_text", "qwen2"])
+def test_fisher_is_the_default_and_runs_on_every_family(family, model_dir, text_file, tmp_path):
+    """GPT-2's Conv1D (weights stored transposed), OPT's projection, Gemma 3's per-layer masks:
+    the fisher walks go through each, and a coarser option never predicts less KL."""
+    data = run_config(model_dir(family), text_file, tmp_path / "out", evaluate={"enabled": False},
+                      quantize={"method": "rtn", "bits": 4, "group_size": 32, "target": {"bits_per_weight": 3.5},
+                                "target_options": {"bits": [2, 8], "group_sizes": [32], "unquantized": False}})
+    ctx = run(parse_config(data))
+    (res,) = ctx.candidates.values()
+    assert res.error is None and "Fisher" in res.allocation["predictor"]
+    for name, row in ctx.sensitivity.items():
+        assert row["fisher 2/32/asym"] > row["fisher 8/32/asym"] >= 0, name
