@@ -78,6 +78,13 @@ def fisher_losses(sm, ids: torch.Tensor, options: dict[str, list[Optional[QuantS
         grad.close()
         for s in inputs:
             s.close()
+    missing = sorted(set(options) - set(acc))
+    if missing:
+        raise RuntimeError(f"fisher: layers never reached in the block walk: {missing[:3]}")
+    for name, a in acc.items():
+        if not torch.isfinite(a).all():
+            raise ValueError(f"layer '{name}': the Fisher-weighted error is NaN or Inf (calibration inputs or "
+                             "gradients); set quantize.target_options.predictor: relative_output_error")
     return {name: [0.5 * float(v) / ids.numel() for v in a] for name, a in acc.items()}
 
 
