@@ -6,7 +6,7 @@ KL does, and what does the allocation buy at the byte size of a uniform plan?
 One `compress compare` run (same calibration and evaluation windows for every row) of:
 uniform W3 g64 and W4 g64; mixed precision at exactly their artifact byte sizes
 (`target: {max_bytes}`, computed beforehand by the bytes model, which the run checks against
-the files), by each of the three predictors; mixed precision at several `bits_per_weight` (the
+the files), by each predictor (`--absolute` adds output_error); mixed precision at several `bits_per_weight` (the
 default predictor). Every row gets its predicted loss under every predictor (summed over its
 layers' choices from the run's one sensitivity table) beside its measured KL; the script
 reports Pearson's r of log predicted vs log measured and Spearman's rho, per predictor.

@@ -103,14 +103,20 @@ def test_fisher_allocation_sums_the_table_and_is_monotone(model_dir, text_file, 
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt", "gemma3_text", "qwen2"])
-def test_fisher_is_the_default_and_runs_on_every_family(family, model_dir, text_file, tmp_path):
+def test_kl_predictors_run_on_every_family(family, model_dir, text_file, tmp_path):
     """GPT-2's Conv1D (weights stored transposed), OPT's projection, Gemma 3's per-layer masks:
-    the fisher walks go through each, and a coarser option never predicts less KL."""
+    the fisher walks and the block KL (the default predictor) go through each, and a coarser
+    option never predicts less KL."""
     data = run_config(model_dir(family), text_file, tmp_path / "out", evaluate={"enabled": False},
-                      quantize={"method": "rtn", "bits": 4, "group_size": 32, "target": {"bits_per_weight": 3.5},
-                                "target_options": {"bits": [2, 8], "group_sizes": [32], "unquantized": False}})
+                      quantize={"method": "rtn", "bits": 2, "group_size": 32})
+    options = {"bits": [2, 8], "group_sizes": [32], "unquantized": False}
+    data["candidates"] = [{"name": "f", "target": {"bits_per_weight": 3.5},
+                           "target_options": {**options, "predictor": "fisher"}},
+                          {"name": "default", "target": {"bits_per_weight": 3.5}, "target_options": options}]
     ctx = run(parse_config(data))
-    (res,) = ctx.candidates.values()
-    assert res.error is None and "Fisher" in res.allocation["predictor"]
+    res = ctx.candidates
+    assert res["f"].error is None and "Fisher" in res["f"].allocation["predictor"]
+    assert res["default"].error is None and "measured KL" in res["default"].allocation["predictor"]
     for name, row in ctx.sensitivity.items():
         assert row["fisher 2/32/asym"] > row["fisher 8/32/asym"] >= 0, name
+        assert row["kl_scale"] > 0, name  # every block's KL at 2 bits is measured and positive
