@@ -6,10 +6,10 @@ KL does, and what does the allocation buy at the byte size of a uniform plan?
 One `compress compare` run (same calibration and evaluation windows for every row) of:
 uniform W3 g64 and W4 g64; mixed precision at exactly their artifact byte sizes
 (`target: {max_bytes}`, computed beforehand by the bytes model, which the run checks against
-the files), by each of the two predictors; mixed precision at several `bits_per_weight`. Every
-row gets its predicted loss under both predictors (summed over its layers' choices from the
-run's one sensitivity table) beside its measured KL; the script reports Pearson's r of log
-predicted vs log measured and Spearman's rho, per predictor.
+the files), by each predictor (`--absolute` adds output_error); mixed precision at several `bits_per_weight` (the
+default predictor). Every row gets its predicted loss under every predictor (summed over its
+layers' choices from the run's one sensitivity table) beside its measured KL; the script
+reports Pearson's r of log predicted vs log measured and Spearman's rho, per predictor.
 
 Writes benchmarks/results/mixed-precision-<date>.md and .json.
 """
@@ -82,6 +82,10 @@ def main() -> None:
     ap.add_argument("--source", default=SOURCE, help="model.source (a small model checks the script itself)")
     ap.add_argument("--dataset", default="wikipedia", help="calibration and evaluation text")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the .md/.json go")
+    ap.add_argument("--kl-windows", type=int, default=2, help="block_kl: calibration windows of the per-block KL")
+    ap.add_argument("--reference-bits", type=int, default=3, help="block_kl: bits of the reference option")
+    ap.add_argument("--bpw", type=float, nargs="*", default=BPW, help="bits_per_weight rows (default predictor)")
+    ap.add_argument("--absolute", action="store_true", help="also the rows allocated by output_error (mixed-at-*)")
     a = ap.parse_args()
 
     from compress.config import parse_config
@@ -99,12 +103,14 @@ def main() -> None:
         "report": {"print": False, "html": False},
     }
     sizes = {(b, g): uniform_bytes(data, b, g) for b, g in UNIFORM}
+    kl = {"reference_bits": a.reference_bits, "kl_windows": a.kl_windows}  # one block KL walk serves every row
+    prefixes = {"mixed-rel": "relative_output_error", "mixed-kl": "block_kl", "mixed-fisher": "fisher"}
+    if a.absolute:
+        prefixes = {"mixed": "output_error", **prefixes}
     cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM]
-    cands += [{"name": f"mixed-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]}} for b, g in UNIFORM]
-    cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}} for x in BPW]
-    rel = {"predictor": "relative_output_error"}
-    cands += [{"name": f"mixed-rel-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]}, "target_options": rel}
-              for b, g in UNIFORM]
+    cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
+               "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in UNIFORM]
+    cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}, "target_options": kl} for x in a.bpw]
     t0 = time.perf_counter()
     ctx = run(parse_config({**data, "candidates": cands}))
     wall = time.perf_counter() - t0
@@ -120,10 +126,13 @@ def main() -> None:
                     for l in r.allocation["layers"]}
         else:
             keys = {n: f"{r.plan.q.bits}/{r.plan.q.group_size}/sym" for n in sens}
-        # Both predictors for every row, from the run's one sensitivity table.
+        # Every predictor for every row, from the run's one sensitivity table.
         pred = sum(sens[n][k] for n, k in keys.items())
         pred_rel = sum(sens[n][k] / sens[n]["output_energy"] for n, k in keys.items())
+        pred_kl = sum(sens[n][k] / sens[n]["output_energy"] * sens[n]["kl_scale"] for n, k in keys.items())
+        pred_fisher = sum(sens[n]["fisher " + k] for n, k in keys.items())
         rows.append({"name": name, "bytes": safetensors_tensor_bytes(r.artifact), "predicted_relative": pred_rel,
+                     "predicted_kl": pred_kl, "predicted_fisher": pred_fisher,
                      "linear_bits_per_weight": r.metrics.linear_bits_per_weight,
                      "predicted_loss": pred, "kl": r.metrics.kl_divergence, "ppl": r.metrics.perplexity,
                      # bytes the bytes model predicted for the whole artifact (max_bytes rows)
@@ -132,35 +141,45 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r and r["kl"]]
     lk = [math.log(r["kl"]) for r in ok]
     corr = {}
-    for key in ("predicted_loss", "predicted_relative"):
+    for key in ("predicted_loss", "predicted_relative", "predicted_kl", "predicted_fisher"):
         lp = [math.log(max(r[key], 1e-30)) for r in ok]
         corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)))
     by = {r["name"]: r for r in rows}
     ratios = {}
     for b, g in UNIFORM:
-        for prefix in ("mixed", "mixed-rel"):
+        for prefix in prefixes:
             u, x = by.get(f"{m}-w{b}-g{g}", {}), by.get(f"{prefix}-at-w{b}-g{g}-bytes", {})
             if u.get("kl") and x.get("kl"):
                 ratios[f"{prefix}-at-w{b}-g{g}"] = (f"w{b}-g{g}", x["kl"] / u["kl"])
     load = os.getloadavg()
     lines = [
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
-        f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} --seqlen {a.seqlen}`; "
+        f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} "
+        f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}"
+        f"{' --absolute' if a.absolute else ''} --bpw {' '.join(f'{x:g}' for x in a.bpw)}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
-        "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it). Every row's predicted loss under "
-        "both is summed from the run's one sensitivity table.", "",
-        "| row | bytes | bits/w (linears) | predicted loss | predicted (relative) | KL | ppl |",
-        "|---|---|---|---|---|---|---|",
+        "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it); `block_kl` the relative one times its "
+        f"block's measured KL per unit of it (KL with only that block at {a.reference_bits}-bit g64 RTN, over "
+        f"{a.kl_windows} calibration windows; rows `mixed-kl-*`); `fisher` 1/2 E[(g . (W-Q) x)^2], g the gradient "
+        "at the layer's output of the log-probability of a label drawn from the model, over the same windows "
+        "(rows `mixed-fisher-*`); rows `mixed-bpw*` by the default predictor. Every row's predicted loss "
+        "under each is summed from the run's one sensitivity table.", "",
+        "| row | bytes | bits/w (linears) | predicted loss | predicted (relative) | predicted KL (block_kl) "
+        "| predicted KL (fisher) | KL | ppl |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | |")
+            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['bytes']:,} | {r['linear_bits_per_weight']:.3f} | "
-                     f"{r['predicted_loss']:.4g} | {r['predicted_relative']:.4g} | {r['kl']:.4f} | {r['ppl']:.3f} |")
+                     f"{r['predicted_loss']:.4g} | {r['predicted_relative']:.4g} | {r['predicted_kl']:.4g} | "
+                     f"{r['predicted_fisher']:.4g} | "
+                     f"{r['kl']:.4f} | {r['ppl']:.3f} |")
     lines.append("")
-    for key, label in (("predicted_loss", "output_error"), ("predicted_relative", "relative_output_error")):
+    for key, label in (("predicted_loss", "output_error"), ("predicted_relative", "relative_output_error"),
+                       ("predicted_kl", "block_kl"), ("predicted_fisher", "fisher")):
         r_log, rho = corr[key]
         lines.append(f"Predictor {label}, over {len(ok)} rows: Pearson r(log predicted, log KL) = "
                      f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")

@@ -122,12 +122,12 @@ class StreamedModel(ModelWeights):
             self._restore()
         return stream
 
-    def block_output(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+    def block_output(self, block: nn.Module, i: int, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """Block ``i``'s output for one batch ``[b, L, D]`` of windows (a `StopForward` raised
-        by a hook inside it propagates)."""
+        by a hook inside it propagates); with `grad`, differentiable (for a backward pass)."""
         assert self._layer_calls is not None, "embed() must run before the blocks"
         call = self._layer_calls[i]
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             # Windows share one length and no padding, so the recorded batch-1 masks and
             # rotary tables broadcast over a batch of them.
             return _first(block(x, *call.args, **call.kwargs))
@@ -216,6 +216,37 @@ class StreamedModel(ModelWeights):
             handle.remove()
             self._restore()
         return out
+
+    def head_input_backward(self, final_hidden: torch.Tensor, input_ids: torch.Tensor,
+                            grad_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """For one window: the gradient at the last block's output ``final_hidden`` [1, L, D]
+        of a loss whose gradient at the lm_head's input x is ``grad_of(x)``, back through the
+        model's own final norm (as `head_inputs`, differentiably)."""
+        last = self.n_blocks - 1
+        h = final_hidden.detach().requires_grad_(True)
+        got: dict[str, torch.Tensor] = {}
+
+        def hook(i, hidden, args, kwargs):
+            return h if i == last else hidden
+
+        def grab(module, args):
+            got["x"] = args[0]
+            raise _Stop
+
+        handle = self.model.get_output_embeddings().register_forward_pre_hook(grab)
+        self._with_proxies(hook)
+        try:
+            with self._compact_embedding(input_ids) as ids, torch.enable_grad():
+                try:
+                    self.model(input_ids=ids.to(self.device), use_cache=False)
+                except _Stop:
+                    pass
+                x = got["x"]
+                (g,) = torch.autograd.grad(x, h, grad_of(x.detach()))
+        finally:
+            handle.remove()
+            self._restore()
+        return g
 
     def materialize_all(self) -> nn.Module:
         """The whole model in memory (for generation speed only; never for calibration)."""

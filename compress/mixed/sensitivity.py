@@ -7,7 +7,10 @@ option adds to the layer's output. Summed over layers it is what the allocation 
 `benchmarks/mixed_precision.py` measures how well it ranks allocations by whole-model KL.
 
 Measured once per run, over one block walk with the original weights (the inputs of each
-block are the float model's), so memory holds one block and its Hessians at a time.
+block are the float model's), so memory holds one block and its Hessians at a time. With
+`reference` options the same walk also measures each block's whole-model KL at them
+(`compress.mixed.block_kl`), which the `block_kl` predictor uses to put every block's relative
+errors in units of KL.
 """
 from __future__ import annotations
 
@@ -35,19 +38,26 @@ def option_losses(W: torch.Tensor, H: torch.Tensor, options: Iterable[Optional[Q
 
 
 def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantSpec]]],
-            spool_dir: Optional[Path] = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+            spool_dir: Optional[Path] = None, reference: Optional[dict[str, QuantSpec]] = None,
+            kl_windows: int = 2) -> tuple[dict[str, list[float]], dict[str, float], Optional[list[float]]]:
     """`options[name]` for every slot (full names) -> the predicted loss of each, in order;
-    and each layer's output energy ``tr(W H W^T)`` (the loss of quantizing it to zero).
+    each layer's output energy ``tr(W H W^T)`` (the loss of quantizing it to zero); and with
+    `reference` (full name -> option), the whole-model KL per block when only that block's
+    layers hold their reference options, over the first `kl_windows` windows (else None).
     `sm` is a `StreamedModel` with its outer modules loaded; it is used up."""
+    from compress.mixed.block_kl import BlockKL
     from compress.stages.passes import block_forward, collect_stats, weight_of
     from compress.stages.quantize import block_linears
 
     losses: dict[str, list[float]] = {}
     energy: dict[str, float] = {}
+    kl = BlockKL(sm, calib_ids[:kl_windows], spool_dir) if reference else None
 
     def process(i: int, block: torch.nn.Module, hidden) -> None:
         prefix = f"{sm.block_prefix}{i}."
         names = [n for g in block_linears(block, sm.arch.sequential) for n in g if prefix + n in options]
+        if kl is not None:  # before the statistics pass: both need the original weights
+            kl.step(i, block, {n: reference[prefix + n] for n in names if prefix + n in reference})
         # No early stop: the forward writes the block's outputs over its inputs for the next block.
         stats = collect_stats(sm, block, names, hidden, torch.float32, False, block_forward(sm, block, i),
                               where=f"{sm.block_prefix}{i}", kind="hessian")
@@ -60,13 +70,19 @@ def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantS
             energy[prefix + n] = output_error(W.float(), torch.zeros_like(W, dtype=torch.float32), H)
         stats.clear()
 
-    hidden = sm.embed(calib_ids, spool_dir)
     try:
-        sm.release_outer()
-        sm.walk(hidden, process, "sensitivity")
+        hidden = sm.embed(calib_ids, spool_dir)
+        try:
+            if kl is None:  # the block KL's head pass needs the final norm and the head
+                sm.release_outer()
+            sm.walk(hidden, process, "sensitivity")
+        finally:
+            hidden.close()
+        block_kl = kl.finish() if kl is not None else None
     finally:
-        hidden.close()
+        if kl is not None:
+            kl.close()
     missing = sorted(set(options) - set(losses))
     if missing:
         raise RuntimeError(f"sensitivity: layers never reached in the block walk: {missing[:3]}")
-    return losses, energy
+    return losses, energy, block_kl

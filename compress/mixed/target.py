@@ -61,14 +61,30 @@ class TargetOptions(_Strict):
         None, min_length=1, description="Default: the plan's group_size and -1 (per output channel)",
     )
     unquantized: bool = Field(True, description="Whether leaving a linear in float is an option")
-    # relative_output_error by measurement: on SmolLM2-135M its summed prediction orders 10
-    # allocations by measured KL with Pearson r 0.954 (log-log), the absolute one's 0.010
-    # (benchmarks/results/mixed-precision-rtn-2026-12-06.md)
-    predictor: Literal["output_error", "relative_output_error"] = Field(
-        "relative_output_error",
-        description="What the allocation minimises per layer: tr((W-Q) H (W-Q)^T) over the "
-        "output's own energy tr(W H W^T) (every layer's output weighted alike), or unnormalised "
-        "('output_error')",
+    # block_kl by measurement, on SmolLM2-135M (16 calibration windows, 8 x 512 evaluation,
+    # kl_windows 2; KL of the allocation at uniform W3 g64's / W4 g64's bytes over uniform's):
+    #   GPTQ: block_kl 0.948 / 0.867, fisher 0.988 / 1.012, relative_output_error 1.281 / 0.958;
+    #         Pearson r (log predicted, log KL, 8 allocations) 0.960, 0.939, 0.946.
+    #   RTN:  block_kl 1.089 / 1.043, fisher 1.084 / 0.918, relative_output_error 1.366 / 1.421;
+    #         Pearson r (10 allocations) 0.936, 0.978, 0.919.
+    # block_kl is best against GPTQ (issue 17's targets), fisher against RTN.
+    predictor: Literal["output_error", "relative_output_error", "block_kl", "fisher"] = Field(
+        "block_kl",
+        description="What the allocation minimises per layer: 'block_kl' (default), tr((W-Q) H (W-Q)^T) "
+        "over the output's own energy tr(W H W^T), times its block's measured KL per unit of that "
+        "(the whole-model KL with only that block at the reference option); 'fisher', "
+        "1/2 E[(g . (W-Q) x)^2], g the gradient at the layer's output of the log-probability of a label "
+        "drawn from the model (its Fisher information: the predicted KL); 'relative_output_error', "
+        "without the block's factor; 'output_error', unnormalised",
+    )
+    reference_bits: Optional[_Bits] = Field(
+        None, description="block_kl: bits of the reference option each block's KL is measured at "
+        "(group size and symmetry the plan's); default the plan's bits",
+    )
+    kl_windows: int = Field(
+        2, ge=1, description="block_kl, fisher: calibration windows the KL is measured or predicted over "
+        "(block_kl: n_blocks^2/2 block forwards over them; fisher: about three forward passes; both "
+        "hold n_blocks + 1 of their hidden states)",
     )
 
     @field_validator("bits", "group_sizes")

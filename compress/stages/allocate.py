@@ -66,6 +66,15 @@ def stage_allocate(ctx) -> None:
         jobs.append(_Job(name, slots, budget, sm.block_prefix))
     if not jobs:
         return
+    refs = {option_label(next(iter(_reference(ctx, j).values()), None)) for j in jobs
+            if _options(ctx, j).predictor == "block_kl"}
+    if len(refs) > 1:  # one walk measures one reference per block
+        raise ConfigError(f"quantize.target_options.reference_bits: candidates with predictor block_kl "
+                          f"must share one reference option (plan bits, group_size, sym); got {sorted(refs)}")
+    windows = {_options(ctx, j).kl_windows for j in jobs if _options(ctx, j).predictor in ("block_kl", "fisher")}
+    if len(windows) > 1:  # one walk each for every candidate
+        raise ConfigError(f"quantize.target_options.kl_windows: candidates with predictor block_kl or fisher "
+                          f"must share one; got {sorted(windows)}")
     losses = _sensitivity(ctx, sm, jobs)
     for job in jobs:
         _apply(ctx, job, losses)
@@ -83,7 +92,8 @@ def _too_small(target, budget, smallest: int, slots) -> str:
 
 
 def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
-    """(layer, grid) -> predicted loss over the union of every job's options: one walk."""
+    """(layer, grid) -> predicted loss over the union of every job's options: one walk. With a
+    `block_kl` job, also (layer, "kl_scale"): its block's measured KL per unit of relative error."""
     from compress.mixed.sensitivity import measure
     from compress.stages.calibrate import spool_dir
 
@@ -93,17 +103,91 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
             for spec in s.options:
                 union.setdefault(s.name, {}).setdefault(_grid_key(spec), spec)
     options = {n: list(d.values()) for n, d in union.items()}
-    got, energy = measure(sm, ctx.calib_ids, options, spool_dir(ctx))
+    kl_job = next((j for j in jobs if _options(ctx, j).predictor == "block_kl"), None)
+    reference = _reference(ctx, kl_job) if kl_job is not None else None
+    kl_windows = _options(ctx, kl_job).kl_windows if kl_job is not None else 0
+    got, energy, block_kl = measure(sm, ctx.calib_ids, options, spool_dir(ctx), reference, kl_windows)
     ctx.sensitivity = {n: {**{option_label(spec): v for spec, v in zip(options[n], got[n])},
                            "output_energy": energy[n]} for n in options}
     out: dict[tuple, float] = {(n, _grid_key(spec)): v for n in options for spec, v in zip(options[n], got[n])}
     out.update({(n, "energy"): max(e, 1e-30) for n, e in energy.items()})
+    fisher_job = next((j for j in jobs if _options(ctx, j).predictor == "fisher"), None)
+    if fisher_job is not None:
+        from compress.mixed.fisher import fisher_losses
+
+        windows = _options(ctx, fisher_job).kl_windows
+        fisher = fisher_losses(ctx.loaded.streamed(), ctx.calib_ids[:windows], options, spool_dir(ctx))
+        for n in options:
+            for spec, v in zip(options[n], fisher[n]):
+                out[(n, "fisher", _grid_key(spec))] = v
+                ctx.sensitivity[n]["fisher " + option_label(spec)] = v
+    if block_kl is not None:
+        out.update(_kl_scales(sm.block_prefix, block_kl, reference, out))
+        for n in options:
+            ctx.sensitivity[n]["kl_scale"] = out[(n, "kl_scale")]
+        log.info("block KL at the reference options (%s): %s", option_label(next(iter(reference.values()))),
+                 " ".join(f"{k:.3g}" for k in block_kl))
     return out
+
+
+def _options(ctx, job: _Job):
+    return ctx.candidates[job.name].plan.q.target_options
+
+
+def _reference(ctx, job: _Job) -> dict:
+    """Each slot's reference option: `target_options.reference_bits` (default the plan's bits)
+    at the plan's group size and symmetry; a slot without it is left out of its block's KL."""
+    q = ctx.candidates[job.name].plan.q
+    want = _grid_key(q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym))
+    return {s.name: spec for s in job.slots for spec in s.options if _grid_key(spec) == want}
+
+
+def _block_of(name: str, prefix: str) -> int:
+    return int(name[len(prefix):].split(".", 1)[0])
+
+
+def _kl_scales(prefix: str, block_kl: list[float], reference: dict, losses: dict[tuple, float]) -> dict[tuple, float]:
+    """(layer, "kl_scale") -> KL_b / sum over block b's layers of their relative error at the
+    reference option: the factor that puts a relative error of block b in units of KL."""
+    rel: dict[int, float] = {}
+    for n, spec in reference.items():
+        b = _block_of(n, prefix)
+        rel[b] = rel.get(b, 0.0) + losses[(n, _grid_key(spec))] / losses[(n, "energy")]
+    layers = {k[0] for k in losses}
+    return {(n, "kl_scale"): block_kl[b] / rel[b] if rel.get(b) else 0.0
+            for n in layers for b in [_block_of(n, prefix)]}
+
+
+def predicted_loss(predictor: str, losses: dict[tuple, float], name: str, spec) -> float:
+    """One layer's predicted loss of one option under `predictor` (`quantize.target_options.predictor`)."""
+    if predictor == "fisher":
+        return losses[(name, "fisher", _grid_key(spec))]
+    v = losses[(name, _grid_key(spec))]
+    if predictor == "output_error":
+        return v
+    v /= losses[(name, "energy")]
+    return v * losses[(name, "kl_scale")] if predictor == "block_kl" else v
 
 
 def option_label(spec) -> str:
     """`4/64/sym`, `3/-1/asym`, or `float`: an option's key in results.json's `sensitivity`."""
     return "float" if spec is None else f"{spec.bits}/{spec.group_size}/{'sym' if spec.sym else 'asym'}"
+
+
+def _describe(q) -> str:
+    p = q.target_options.predictor
+    if p == "output_error":
+        return PREDICTOR
+    if p == "relative_output_error":
+        return PREDICTOR + ", over the output energy tr(W H W^T)"
+    if p == "fisher":
+        return ("1/2 E[(g . (W-Q) x)^2] of each option's RTN weights, g the gradient at the layer's output of the "
+                "log-probability of a label drawn from the model (Fisher-weighted output error: predicted KL), "
+                f"over {q.target_options.kl_windows} calibration windows")
+    ref = option_label(q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym))
+    return (PREDICTOR + ", over the output energy tr(W H W^T), times the block's measured KL per unit of it "
+            f"(whole-model KL with only that block at {ref} RTN, over {q.target_options.kl_windows} "
+            "calibration windows)")
 
 
 def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
@@ -114,9 +198,8 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
 
     res = ctx.candidates[job.name]
     q = res.plan.q
-    relative = q.target_options.predictor == "relative_output_error"
-    table = [[losses[(s.name, _grid_key(spec))] / (losses[(s.name, "energy")] if relative else 1.0)
-              for spec in s.options] for s in job.slots]
+    predictor = q.target_options.predictor
+    table = [[predicted_loss(predictor, losses, s.name, spec) for spec in s.options] for s in job.slots]
     alloc = allocate([s.bytes for s in job.slots], table, job.budget.slots_bytes)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
     extra = overrides_for(q, chosen)
@@ -138,7 +221,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         "achieved_bytes": alloc.bytes + job.budget.fixed_bytes,
         "slots_bits_per_weight": 8 * alloc.bytes / n,  # biases included unless bits_per_weight
         "predicted_loss": alloc.loss,
-        "predictor": PREDICTOR + (", over the output energy tr(W H W^T)" if relative else ""),
+        "predictor": _describe(q),
         "block_prefix": job.block_prefix,
         "layers": layers,
     }

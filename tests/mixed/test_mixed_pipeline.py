@@ -170,7 +170,8 @@ def test_relative_predictor_minimises_the_loss_over_each_layers_output_energy(mo
                       quantize={"method": "rtn", "bits": 4, "group_size": 64})
     data["candidates"] = [{"name": "abs", "target": {"bits_per_weight": 3.25},
                            "target_options": {"predictor": "output_error"}},
-                          {"name": "rel", "target": {"bits_per_weight": 3.25}}]  # the default
+                          {"name": "rel", "target": {"bits_per_weight": 3.25},
+                           "target_options": {"predictor": "relative_output_error"}}]
     ctx = run(parse_config(data))
     sens = ctx.sensitivity
 

@@ -43,7 +43,7 @@ def test_predicted_loss_equals_an_independent_computation(layer, model_dir):
     ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(5))
     options = [QuantSpec(3, 32, True), QuantSpec(4, -1, False), QuantSpec(2, 64, False), None]
     sm = load_model(ModelConfig(source=str(folder), dtype="float32", device="cpu")).streamed()
-    losses, energy = measure(sm, ids, {layer: options})
+    losses, energy, block_kl = measure(sm, ids, {layer: options})
     got = losses[layer]
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -64,4 +64,5 @@ def test_predicted_loss_equals_an_independent_computation(layer, model_dir):
         want = 2.0 / X.shape[0] * float(((X @ D.t()) ** 2).sum())
         assert want > 0 and loss == pytest.approx(want, rel=1e-4)
     assert got[2] > got[0] > got[1]  # 2-bit worse than 3-bit worse than 4-bit
+    assert block_kl is None  # no reference options: no block KL walk
     assert energy[layer] == pytest.approx(2.0 / X.shape[0] * float(((X @ W.t()) ** 2).sum()), rel=1e-4)
