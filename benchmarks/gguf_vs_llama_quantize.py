@@ -6,7 +6,8 @@ writer holds it; an entry this compress's config refuses is listed as skipped, n
   - `llama-quantize` of an F32 GGUF (llama.cpp's own `convert_hf_to_gguf.py` of the fp32
     safetensors compress converted the source to) to Q4_0, Q4_K_M, Q3_K_M, without and with
     an importance matrix from `llama-imatrix` on our calibration windows (their text, decoded;
-    llama-imatrix tokenizes it again and cuts chunks of `seqlen`);
+    llama-imatrix tokenizes it again and cuts chunks of `seqlen`; it runs on the source GGUF,
+    whose weights the fp32 original dequantizes exactly);
   - compress's exports (`export.format: gguf`) by GPTQ and RTN on the same calibration windows.
 Every row: perplexity, KL(original || row) and top-1 agreement against the fp32 original in
 torch (compress/evaluate/llamacpp.py), file size, and prefill / decode tokens/s in llama.cpp.
@@ -170,7 +171,11 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(str(loaded.tokenizer_root))
         text = "\n\n".join(tok.decode(w, skip_special_tokens=True) for w in drawn["calibration"])
         (a.work / "calibration.txt").write_text(text)
-        sh([bin_dir / "llama-imatrix", "-m", f32, "-f", a.work / "calibration.txt", "-o", imatrix, "-c", a.seqlen,
+        # On the source GGUF when there is one: its weights are the fp32 original's exactly (the
+        # original is their dequantization), and its vocabulary is the model's own; llama-imatrix
+        # aborts tokenizing text with the F32 file's (convert_hf_to_gguf of the converted folder:
+        # `llama_vocab::byte_to_token` out of range).
+        sh([bin_dir / "llama-imatrix", "-m", loaded.gguf or f32, "-f", a.work / "calibration.txt", "-o", imatrix, "-c", a.seqlen,
             "-b", a.seqlen, "--chunks", a.nsamples, "-t", a.threads], log)
     # 4. the files
     files: dict[str, Path] = {"F32 (convert_hf_to_gguf)": f32}
