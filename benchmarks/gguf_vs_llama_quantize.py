@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "gguf-vs-llama-quantize")
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--only", nargs="*", help="row names to run (default: all); the F32 reference always runs")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     a = ap.parse_args()
 
@@ -183,6 +184,8 @@ def main() -> None:
     seconds: dict[str, float] = {}
     for row in ROWS:
         name = row["name"]
+        if a.only and name not in a.only:
+            continue
         t0 = time.perf_counter()
         if row["by"] == "llama-quantize":
             out = a.work / f"{slug(row)}.gguf"
