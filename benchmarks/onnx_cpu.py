@@ -114,14 +114,12 @@ def quality(src: Path, folders: dict[str, Path], ids) -> dict[str, dict]:
 
 
 def speed(src: Path, folders: dict[str, Path], rounds: int) -> dict[str, dict]:
-    from compress.evaluate import onnx_runtime
     from compress.evaluate.speed import measure_in_subprocess
 
     best: dict[str, dict] = {}
     for _ in range(rounds):
         for n in ["torch-fp32", *folders]:
-            r = (measure_in_subprocess(src, False, 128, 32, "cpu") if n == "torch-fp32"
-                 else onnx_runtime.measure_in_subprocess(folders[n], 128, 32))
+            r = measure_in_subprocess(src if n == "torch-fp32" else folders[n], n != "torch-fp32", 128, 32, "cpu")
             if n not in best or r["decode_tokens_per_s"] > best[n]["decode_tokens_per_s"]:
                 best[n] = r
             print(f"  {n}: decode {r['decode_tokens_per_s']:.1f} tok/s, prefill {r['prefill_tokens_per_s']:.0f} tok/s",

@@ -1,27 +1,22 @@
 """Run an ONNX artifact (`formats.onnx_format`) in ONNX Runtime: logits, greedy decoding with
-the KV cache, the evaluation protocol's head inputs, and speed in a child process.
+the KV cache and the evaluation protocol's head inputs. Speed is measured like every other
+artifact's (`compress.evaluate.speed`, through the `onnx` runtime of `compress.runtime`).
 
 Evaluation follows the protocol of the safetensors candidates (`stages.evaluate`): the same
 windows; the decoder runs in ONNX Runtime up to the final norm (a graph output added to a
 copy of the graph, `FINAL_NORM`), and the head is read from the artifact's own data file a
 slice of vocabulary rows at a time (`vocab_stream.vocab_metrics`), so the ONNX candidate's
 perplexity, KL and top-1 come from the same code, against the same original logits.
-
-    python -m compress.evaluate.onnx_runtime PATH --prompt 128 --new 32
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from compress.children import die_with_parent, run_child
 from compress.formats.onnx_graph import FINAL_NORM
 from compress.formats.onnx_writer import GENAI_CONFIG, ONNX_FILE
 
@@ -147,57 +142,6 @@ def head_slices(path, rows: int) -> Iterator[tuple[int, torch.Tensor, None]]:
 def _logit_sources(m) -> set[str]:
     """The outputs that the graph reshapes into `logits`: the head's."""
     return {n.input[0] for n in m.graph.node if n.output and n.output[0] == "logits"}
-
-
-# ---- speed -----------------------------------------------------------------------------------
-def measure(dec: OrtDecoder, vocab: int, prompt: int, new: int, repeats: int = 3) -> dict:
-    """Prefill and decode tokens/s as `evaluate.speed.measure` counts them (random prompt ids,
-    greedy decoding with the cache, median of `repeats`)."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, prompt), generator=gen).numpy()
-    dec.run(ids[:, :8], dec.empty_past(1), ["logits"])  # warm-up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = dec.run(ids, dec.empty_past(1))
-        t1 = time.perf_counter()
-        for _ in range(new):
-            nxt = out["logits"][:, -1:].argmax(-1)
-            out = dec.run(nxt, dec.presents(out))
-        t2 = time.perf_counter()
-        prefill.append(prompt / (t1 - t0))
-        decode.append(new / (t2 - t1))
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"prefill_tokens_per_s": med(prefill), "decode_tokens_per_s": med(decode)}
-
-
-def main(argv: list[str] | None = None) -> None:
-    from compress.evaluate.memory import PeakMemory
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("path", type=Path)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=32)
-    a = ap.parse_args(argv)
-    with PeakMemory() as mem:
-        dec = OrtDecoder(a.path)
-        vocab = json.loads((a.path / GENAI_CONFIG).read_text())["model"]["vocab_size"]
-        res = measure(dec, vocab, a.prompt, a.new)
-    res["serving_peak_rss_mb"] = mem.peak / 2**20
-    print(json.dumps(res))
-
-
-def measure_in_subprocess(path: Path, prompt: int, new: int) -> dict:
-    cmd = [sys.executable, "-m", "compress.evaluate.onnx_runtime", str(path), "--prompt", str(prompt), "--new", str(new)]
-    proc = run_child(cmd)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ONNX Runtime speed measurement failed for {path}: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-if __name__ == "__main__":
-    die_with_parent()
-    main()
 
 
 class OnnxCandidate:

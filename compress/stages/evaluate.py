@@ -209,12 +209,8 @@ def candidate_speed(artifact: Path, e: EvaluateConfig, device_type: str) -> dict
         from compress.evaluate.llamacpp import speed_in_subprocess
 
         return speed_in_subprocess(gguf_of(artifact), e.speed_prompt_tokens, e.speed_new_tokens)
-    if is_onnx_artifact(artifact):
-        from compress.evaluate import onnx_runtime
-
-        return {**onnx_runtime.measure_in_subprocess(artifact, e.speed_prompt_tokens, e.speed_new_tokens),
-                "speed_runtime": onnx_runtime.RUNTIME}
-    return measure_in_subprocess(artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, device_type)
+    device = "cpu" if is_onnx_artifact(artifact) else device_type  # ONNX: the CPU execution provider
+    return measure_in_subprocess(artifact, True, e.speed_prompt_tokens, e.speed_new_tokens, device)
 
 
 def runtime_of(e: EvaluateConfig, artifact: Path) -> str:
