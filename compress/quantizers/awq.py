@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # AutoAWQ's auto_clip: max_shrink 0.5 over a grid of 20 -> range factors 1.00, 0.95, .., 0.55.
 CLIP_SHRINKS = tuple(1.0 - 0.05 * i for i in range(10))
+# Grid points whose balance weights are built at once (each is then run on every batch); a
+# mapping whose weights exceed this takes one point at a time.
+CANDIDATE_BYTES = 256 << 20
 EPS = 1e-4  # llm-compressor's floor in the duo-scaling formula; keeps s finite and > 0
 
 
@@ -218,9 +221,28 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _candidates(mods: list[nn.Module], W0: list[torch.Tensor], specs: list[Optional[QuantSpec]],
+                s: torch.Tensor) -> Optional[list[torch.Tensor]]:
+    """The balance weights for scale ``s``: scaled, fake-quantized and unscaled, in each module's
+    dtype; None when that overflows the dtype or gives NaN (not a candidate)."""
+    out = []
+    for m, W, sp in zip(mods, W0, specs):
+        Ws = W * s
+        cand = ((Ws if sp is None else fake_quantize(Ws, sp)) / s).to(m.weight.dtype)
+        if not (torch.isfinite(Ws.to(m.weight.dtype)).all() and torch.isfinite(cand).all()):
+            return None
+        out.append(cand)
+    return out
+
+
 def _search(view: BlockView, smooth: str, balance: tuple[str, ...], parent_name: str,
             x_mean: torch.Tensor, specs: list[Optional[QuantSpec]], n: int, where: str) -> Optional[torch.Tensor]:
-    """The best scale of one mapping, or None when no grid point gave a finite error."""
+    """The best scale of one mapping, or None when no grid point gave a finite error.
+
+    Each grid point's weights are built once and kept while every batch is run with them
+    (they used to be rebuilt per batch: a quarter of AWQ's time on SmolLM2); the points are
+    taken in chunks of at most `CANDIDATE_BYTES`, and a chunk after the first recomputes the
+    unquantized reference outputs rather than keeping them."""
     q, conv1d, block = view.config, view.arch.conv1d, view.block
     mods = [block.get_submodule(b) for b in balance]
     saved = [m.weight.data.clone() for m in mods]
@@ -230,36 +252,39 @@ def _search(view: BlockView, smooth: str, balance: tuple[str, ...], parent_name:
     scales = [candidate_scales(x_mean, w_mean, k / q.grid, q.duo_scaling) for k in range(q.grid)]
     losses = torch.zeros(q.grid, dtype=torch.float64)
     parent = block.get_submodule(parent_name) if parent_name else None
+    per_point = sum(m.weight.numel() * m.weight.element_size() for m in mods)
+    chunk = max(1, CANDIDATE_BYTES // max(per_point, 1))
     try:
         with torch.no_grad():
-            for start in range(0, n, view.batch_size):
-                x = view.inputs.read(start, min(start + view.batch_size, n))
-                if parent is None:
-                    def run():
-                        return view.forward(x)
-                else:
-                    args, kwargs = _parent_call(view, parent, x)
-
-                    def run():
-                        return _first(parent(*args, **kwargs))
-                ref = run().float()
-                if not bool(torch.isfinite(ref).all()):
-                    raise ValueError(f"{where}{parent_name or 'block'}: NaN or Inf in its unquantized output")
-                for k, s in enumerate(scales):
-                    if not torch.isfinite(losses[k]):
-                        continue
-                    for m, W, sp in zip(mods, W0, specs):
-                        Ws = W * s
-                        Wq = Ws if sp is None else fake_quantize(Ws, sp)
-                        cand = (Wq / s).to(m.weight.dtype)
-                        if not (torch.isfinite(Ws.to(m.weight.dtype)).all() and torch.isfinite(cand).all()):
-                            losses[k] = float("inf")  # overflows the module's dtype: not a candidate
-                            break
-                        _set_weight(m, cand, conv1d)
-                    else:
-                        losses[k] += float((run().float() - ref).pow(2).mean())
+            for first in range(0, q.grid, chunk):
+                points = range(first, min(first + chunk, q.grid))
+                cands = {k: _candidates(mods, W0, specs, scales[k]) for k in points}
+                for k, c in cands.items():
+                    if c is None:
+                        losses[k] = float("inf")  # overflows the module's dtype: not a candidate
+                live = [(k, c) for k, c in cands.items() if c is not None]
+                if not live:
+                    continue
+                for start in range(0, n, view.batch_size):
+                    x = view.inputs.read(start, min(start + view.batch_size, n))
                     for m, w in zip(mods, saved):
                         m.weight.data.copy_(w)
+                    if parent is None:
+                        def run():
+                            return view.forward(x)
+                    else:
+                        args, kwargs = _parent_call(view, parent, x)
+
+                        def run():
+                            return _first(parent(*args, **kwargs))
+                    ref = run().float()
+                    if not bool(torch.isfinite(ref).all()):
+                        raise ValueError(f"{where}{parent_name or 'block'}: NaN or Inf in its unquantized output")
+                    for k, cand in live:
+                        for m, c in zip(mods, cand):
+                            _set_weight(m, c, conv1d)
+                        losses[k] += float((run().float() - ref).pow(2).mean())
+                del cands, live
     finally:
         for m, w in zip(mods, saved):
             m.weight.data.copy_(w)
