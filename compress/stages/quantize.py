@@ -287,6 +287,11 @@ class _BlockQuantizer:
         if collect and not self.propagate:
             # One pass with the original weights gives every statistic and the next inputs.
             stats = self._collect(block, i, [n for g in groups for n in g], hidden, False, whole)
+        elif hidden is not None and not self.propagate:
+            # Nothing below runs the block: its original outputs feed the next block's transform
+            # (and the head's Hessian), as the statistics pass above would have written them.
+            for s in range(0, len(hidden), sm.batch_size):
+                whole(hidden, s, True)
         for g, group in enumerate(groups):
             if collect and self.propagate:
                 if mlp_from is None or g < mlp_from:
