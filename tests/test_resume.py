@@ -492,3 +492,31 @@ def test_the_sweep_of_dead_runs_leaves_the_store(tmp_path):
     (dead / ".owner.json").write_text(json.dumps({"pid": 2**22 + 1, "host": socket.gethostname(), "start": 1}))
     assert sweep_dead(tmp_path) == [dead]
     assert (tmp_path / STORE / GPTQ / "block-00000.rec").is_file()
+
+
+@pytest.mark.parametrize("kill", ["in-block-1", "in-head"])
+def test_gptq_head_resumes_byte_identical(kill, model3, text_file, tmp_path, monkeypatch, caplog, reference):
+    """A GPTQ-rounded head reads the last block's outputs: the store keeps them, so a run killed
+    while rounding the head resumes after the last block and writes the same artifact."""
+    from compress.stages import head as head_stage
+
+    head = {"quantize": {"lm_head": {"bits": 4, "group_size": 32}}, "export": {"format": "onnx", "dtype": "float32"}}
+    name = "gptq-w4-g64-head4g32"
+    out = tmp_path / "out"
+    cfg = parse_config(config(model3, text_file, out, **json.loads(json.dumps(head))))
+    with monkeypatch.context() as mp:
+        if kill == "in-head":
+            def round_head(*a, **k):
+                raise Killed("rounding the head")
+            mp.setattr(head_stage, "round_head", round_head)
+        else:
+            _at_layer(mp, LINEARS + 4)
+        with pytest.raises(Killed):
+            pipeline.run(cfg)
+    caplog.set_level(logging.INFO, logger="compress")
+    pipeline.run(cfg, resume=True)
+    at = BLOCKS if kill == "in-head" else 1
+    assert f"resuming {name} at block {at} of {BLOCKS}" in caplog.text
+    ref = reference("gptq", **json.loads(json.dumps(head)))
+    assert json.loads((ref / name / _MANIFEST).read_text())["quantization"]["lm_head"]["method"] == "gptq"
+    assert_same(out, ref, (name,))

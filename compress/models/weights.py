@@ -211,13 +211,21 @@ class ModelWeights:
             return ()
         return tuple(self.patch_head(model, None, self.checkpoint.load(stored, device=self.device)))
 
-    def release_outer(self) -> None:
+    def release_outer(self, keep_head_path: bool = False) -> None:
         """Free the outer modules' weights (embeddings, final norm, head). For the quantize
         stage, which needs them only to embed the calibration windows and for the exporter's
         copy, both done before the block walk: the embedding is the largest single tensor of a
-        small model. `embed()` and `logits()` fail afterwards."""
+        small model. `embed()` and `logits()` fail afterwards. With `keep_head_path`, only the
+        input and output embeddings go: what lies between the last block and the head (the
+        final norm, OPT's projection: small) stays, so `head_input_windows` still runs, its
+        lookups going through `_compact_embedding`."""
         with self._outer_only() as model:
-            model.to("meta")
+            if not keep_head_path:
+                model.to("meta")
+                return
+            for m in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if m is not None:
+                    m.to("meta")
 
     def _is_tied_missing(self) -> bool:
         return getattr(self.config, "tie_word_embeddings", False) and not any(

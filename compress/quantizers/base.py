@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.mixed.target import Target, TargetOptions
 
@@ -127,6 +127,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _error_at(title: str, loc: tuple[str, ...], value: Any, message: str) -> ValidationError:
+    """A validation error at a sub-key of the model being validated, so the config error names
+    the full key path (`quantize.lm_head.rounding`), not the model's."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    return ValidationError.from_exception_data(title, [InitErrorDetails(
+        type=PydanticCustomError("invalid_combination", message), loc=loc, input=value)])
+
+
 def check_group_size(v: int) -> int:
     if v != -1 and (v < 8 or v & (v - 1)):
         raise ValueError("must be -1 (per output channel) or a power of two >= 8 (32, 64, 128, ...)")
@@ -160,25 +169,42 @@ class Override(StrictModel):
         return v
 
 
+HeadRounding = Literal["rtn", "gptq"]
+
+
 class OuterQuant(StrictModel):
-    """How a tensor outside the decoder blocks is stored (`quantize.lm_head`): rounded to
-    nearest on the blocks' grid (`compress.quantizers.grid`), whatever the method. Unset
-    `group_size` / `sym` take the plan's."""
+    """How a tensor outside the decoder blocks is stored (`quantize.lm_head`): on the blocks'
+    grid (`compress.quantizers.grid`), rounded to nearest or by GPTQ against the Hessian of
+    what the head receives. Unset `group_size` / `sym` / `rounding` take the plan's."""
 
     bits: Bits
     group_size: Optional[GroupSize] = None
     sym: Optional[bool] = None
+    rounding: Optional[HeadRounding] = Field(
+        None, description="rtn, or gptq (the Hessian of the final norm's output over the calibration windows). "
+        "Default: gptq for a method that reads calibration data (gptq, awq, smoothquant), as GPTQModel "
+        "quantizes a head it is asked to; rtn for rtn",
+    )
 
     def spec(self, plan: "MethodConfig") -> QuantSpec:
         gs = plan.group_size if self.group_size is None else self.group_size
         return QuantSpec(self.bits, gs, bool(plan.sym) if self.sym is None else self.sym)
 
+    def rounding_for(self, plan: "MethodConfig") -> HeadRounding:
+        """The rounding used: the set one, else GPTQ wherever the plan has a calibration stream."""
+        if self.rounding is not None:
+            return self.rounding
+        return "gptq" if isinstance(plan, CalibratedConfig) else "rtn"
+
     def label(self, plan: "MethodConfig", what: str) -> str:
-        """Candidate-name part: `head8`, plus the group and grid where they differ from the plan's."""
+        """Candidate-name part: `head8`, plus the group, grid and rounding where they differ from
+        the plan's (the rounding: from the method's natural choice, `rounding_for`)."""
         s = self.spec(plan)
         gs = "" if s.group_size == plan.group_size else ("ch" if s.group_size == -1 else f"g{s.group_size}")
         grid = "" if s.sym == bool(plan.sym) else ("sym" if s.sym else "asym")
-        return f"{what}{s.bits}{gs}{grid}"
+        natural = OuterQuant(bits=self.bits).rounding_for(plan)
+        rounding = "" if self.rounding_for(plan) == natural else self.rounding_for(plan)
+        return f"{what}{s.bits}{gs}{grid}{rounding}"
 
 
 class MethodConfig(StrictModel):
@@ -203,10 +229,22 @@ class MethodConfig(StrictModel):
     )
     target_options: TargetOptions = Field(default_factory=TargetOptions)
     lm_head: Optional[OuterQuant] = Field(
-        None, description="Quantize the lm_head too (round to nearest: bits, group_size and sym, unset ones "
-        "the plan's); a tied embedding stays in export.dtype for the lookup and the artifact stores the "
+        None, description="Quantize the lm_head too (bits, group_size, sym and rounding, unset ones the "
+        "plan's); a tied embedding stays in export.dtype for the lookup and the artifact stores the "
         "head as its own tensor. Default: the head stays in export.dtype",
     )
+
+    @model_validator(mode="after")
+    def _head_rounding_has_statistics(self) -> "MethodConfig":
+        # GPTQ needs the head inputs' Hessian, which only a calibrated method's block walk
+        # produces; rtn never embeds the calibration windows, and running every block just for
+        # the head is the cost of a calibrated method, so that is what the message asks for.
+        if self.lm_head is not None and self.lm_head.rounding == "gptq" and not isinstance(self, CalibratedConfig):
+            raise _error_at(type(self).__name__, ("lm_head", "rounding"), "gptq", (
+                f"gptq needs the Hessian of the head's inputs over the calibration windows, which method "
+                f"'{self.method}' does not collect; choose a calibrated method (gptq, awq: their head rounds "
+                f"by GPTQ by default) or rounding: rtn"))
+        return self
 
     def spec(self, bits: int, group_size: int, sym: bool) -> QuantSpec:
         """The spec handed to the method for one layer (a subclass adds its options)."""

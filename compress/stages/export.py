@@ -96,6 +96,7 @@ class Exporter:
         self.quantized_bytes = 0
         self.head: Optional[dict] = None  # the quantized lm_head, for the manifest
         self.head_reports: list = []  # its LayerReport, after the blocks'
+        self._head_src: Optional[tuple[str, str, bool, tuple[int, int]]] = None  # `_head_source`
         try:
             self._write_outer()
         except BaseException:  # the caller gets no exporter to abort: remove the partial here
@@ -124,7 +125,7 @@ class Exporter:
             self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n != head]
         for name, t in outer_state(self.sm):
             if name == f"{head}.weight":
-                continue  # written quantized by `_write_head`
+                continue  # written quantized by `write_head`
             ck = self.sm.ckpt_name(name)
             if ck is None:
                 raise ValueError(f"{ckpt.root}: tensor '{name}' is missing from the checkpoint")
@@ -136,48 +137,63 @@ class Exporter:
             slices = (self._cast(ckpt.load_rows(ck, s, s + rows_per_slice)) for s in rows)
             self.writer.add_tensor_chunks(name, dtype, tuple(t.shape), slices)
         if head is not None:
-            self._write_head(head, rows_per_slice)
+            # A head rounded by GPTQ waits for the Hessian of its inputs: the caller writes it
+            # (`write_head`) once the block walk has produced that.
+            self._head_src = self._head_source(head)
+            if not self.needs_head_hessian:
+                self.write_head()
 
-    def _write_head(self, name: str, rows_per_slice: int) -> None:
-        """`quantize.lm_head`: the head rounded to nearest on its grid, read from the checkpoint a
-        slice of rows at a time, written as the format writes a quantized linear under the head's
-        own name. A tied head is read from the embedding, which stays as written (the artifact
-        unties them)."""
+    @property
+    def needs_head_hessian(self) -> bool:
+        """Whether `quantize.lm_head` rounds by GPTQ: `write_head` then takes the Hessian of
+        the head's inputs, which the quantize walk produces after its last block."""
+        q = self.plan.q
+        return q.lm_head is not None and q.lm_head.rounding_for(q) == "gptq"
+
+    def _head_source(self, name: str) -> tuple[str, str, bool, tuple[int, int]]:
+        """The head's name, the checkpoint key of its rows (a tied head's: the embedding's),
+        whether it is tied, and its shape, its grid checked against that shape."""
+        model = self.sm.model
+        head = model.get_output_embeddings()
+        self.plan.q.lm_head.spec(self.plan.q).check_divides(head.weight.shape[1], name)
+        ck = self.sm.ckpt_name(f"{name}.weight") or self.sm._weight_ckpt_name(model.get_input_embeddings())
+        return name, ck, head.weight is model.get_input_embeddings().weight, tuple(head.weight.shape)
+
+    def write_head(self, hessian: Optional[torch.Tensor] = None, rows_per_slice: int = 4096) -> None:
+        """`quantize.lm_head`: the head rounded on its grid (to nearest, or by GPTQ against
+        `hessian` of its inputs, `compress.stages.head`), read from the checkpoint a slice of rows
+        at a time, written as the format writes a quantized linear under the head's own name. A
+        tied head is read from the embedding, which stays as written (the artifact unties them)."""
         import time
 
-        from compress.quantizers.rtn import round_to_nearest
+        from compress.stages.head import head_gptq_spec, round_head
         from compress.stages.quantize import LayerReport
 
         t0 = time.perf_counter()
         sm, q = self.sm, self.plan.q
+        name, ck, tied, (vocab, _) = self._head_src
         spec = q.lm_head.spec(q)
-        model = sm.model
-        head = model.get_output_embeddings()
-        tied = head.weight is model.get_input_embeddings().weight
-        ck = sm.ckpt_name(f"{name}.weight") or sm._weight_ckpt_name(model.get_input_embeddings())
-        vocab, hidden = head.weight.shape
-        spec.check_divides(hidden, name)
-        parts, err, energy = [], 0.0, 0.0
-        for s in range(0, vocab, rows_per_slice):
-            w = sm.checkpoint.load_rows(ck, s, s + rows_per_slice).float()
-            if not torch.isfinite(w).all():
-                raise ValueError(f"layer '{name}': weights contain NaN or Inf")
-            parts.append(round_to_nearest(w, spec))
-            err += float((w - parts[-1].dequantize()).double().pow(2).sum())
-            energy += float(w.double().pow(2).sum())
-        qw = QuantizedWeight.cat_rows(parts)
+        rounding = q.lm_head.rounding_for(q)
+        if (rounding == "gptq") != (hessian is not None):
+            raise ValueError(f"lm_head: rounding {rounding} {'needs' if hessian is None else 'takes no'} "
+                             "Hessian of the head's inputs")
+        gspec = head_gptq_spec(q, spec) if hessian is not None else None
+        rows = (sm.checkpoint.load_rows(ck, s, s + rows_per_slice) for s in range(0, vocab, rows_per_slice))
+        got = round_head(rows, spec, name, hessian, gspec)
         bias_ck = sm.ckpt_name(f"{name}.bias")
         bias = None if bias_ck is None else sm.checkpoint.load([bias_ck])[bias_ck]
-        lin = QuantizedLinear(name, qw, spec, bias)
+        lin = QuantizedLinear(name, got.weight, spec, bias)
         out = self.format.linear_tensors(lin, self.dtype)
         self.writer.add_tensors(out)
         self.layers.append(LayerScheme.of(lin))
-        w_err = err / max(energy, 1e-30)
         self.head = {"name": name, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
-                     "method": "rtn", "untied_from_embedding": tied,
+                     "rounding": rounding, "method": got.method, "untied_from_embedding": tied,
                      "bytes": sum(v.numel() * v.element_size() for v in out.values() if v.dim() > 0),
-                     "weight_rel_error": w_err}
-        self.head_reports = [LayerReport(name, spec.bits, spec.group_size, "rtn", w_err, None, time.perf_counter() - t0)]
+                     "weight_rel_error": got.weight_rel_error}
+        if got.output_rel_error is not None:
+            self.head.update(output_rel_error=got.output_rel_error, damp_percent=got.damp_percent)
+        self.head_reports = [LayerReport(name, spec.bits, spec.group_size, got.method, got.weight_rel_error,
+                                         got.output_rel_error, time.perf_counter() - t0)]
 
     def add_block(self, i: int, block: nn.Module, results: dict[str, QuantResult]) -> None:
         """Write block `i`, and hand what was written to `self.keep` (the resume store)."""
@@ -230,6 +246,8 @@ class Exporter:
 
     def finish(self, manifest: dict) -> Path:
         q = self.plan.q
+        if q.lm_head is not None and self.head is None:
+            raise RuntimeError("lm_head: the quantized head was never written (write_head after the block walk)")
         algorithm = q.model_dump(mode="json")
         options = {**algorithm, "act_order": bool(algorithm.get("desc_act")),
                    "meta": {"quantizer": [f"compress:{__version__}"], "method": q.method}}
@@ -307,7 +325,9 @@ def quantize_candidate(ctx, res, saved, manifest: dict) -> None:
         for i in range(point.start):  # the interrupted run's blocks, as it wrote them
             exporter.write_block(BlockRecord.restore(*saved.load_block(i)))
         exporter.keep = lambda i, rec: saved.save_block(i, rec.tensors, rec.meta())
-        res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point)
+        head_sink = exporter.write_head if exporter.needs_head_hessian else None
+        res.layers = quantize_model(sm, res.plan, ctx.calib_ids, exporter.add_block, spool_dir(ctx), saved, point,
+                                    head_sink=head_sink)
         res.layers += exporter.head_reports
         res.quantize_seconds = saved.seconds()  # the interrupted runs' share included
         res.artifact = exporter.finish(manifest if res.allocation is None else {**manifest, "allocation": res.allocation})

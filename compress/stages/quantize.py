@@ -185,7 +185,7 @@ BlockSink = Callable[[int, nn.Module, dict[str, QuantResult]], None]
 def quantize_model(
     sm: StreamedModel, plan: Plan, calib_ids: Optional[torch.Tensor], sink: BlockSink,
     spool_dir: Optional[Path] = None, store: Optional["CandidateStore"] = None,
-    point: Optional["ResumePoint"] = None,
+    point: Optional["ResumePoint"] = None, head_sink: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> list[LayerReport]:
     """Quantize block by block; `sink(i, block, results)` receives each finished block.
 
@@ -194,7 +194,10 @@ def quantize_model(
     there instead of in memory (`WindowStream`). With `store` (compress/resume.py), the
     progress after each block (the layer reports, and the activations that feed the next
     block) is saved there; with `point`, the walk continues at `point.start` from that progress
-    (the blocks before it are the caller's to replay).
+    (the blocks before it are the caller's to replay). With `head_sink`, the Hessian of what
+    the lm_head receives over the calibration windows leaving the last block
+    (`compress.stages.head`) is handed to it after the walk: the final norm is kept for that,
+    and the store keeps the last block's outputs, so a run stopped before the head resumes there.
 
     The block handed to the sink holds the fake-quantized (dequantized) weights in its linears.
     """
@@ -205,22 +208,31 @@ def quantize_model(
         if calib_ids is None:
             raise ValueError(f"quantize.method: {method.name} needs calibration data")
         hidden = sm.embed(calib_ids, spool_dir)  # also records each block's call arguments
+    elif head_sink is not None:
+        raise ValueError(f"quantize.lm_head.rounding: gptq needs calibration data, which method {method.name} "
+                         "does not read")
     try:
         walker = _BlockQuantizer(sm, plan, method, hidden, sink)
         if start:
             walker.restore(point)
-            if hidden is not None and start < sm.n_blocks:
+            if hidden is not None and (start < sm.n_blocks or head_sink is not None):
                 store.restore_stream(hidden)
-        sm.release_outer()  # the sink (exporter) took its copy of them when it was created
+        # the sink (exporter) took its copy of the outer modules when it was created
+        sm.release_outer(keep_head_path=head_sink is not None)
 
         def process(i: int, block: nn.Module, stream: Optional[WindowStream]) -> None:
             walker(i, block, stream)
             if store is not None:
-                last = i + 1 == sm.n_blocks  # nothing reads the last block's outputs
+                # nothing reads the last block's outputs, unless the head's Hessian does
+                last = i + 1 == sm.n_blocks and head_sink is None
                 store.save_progress(i + 1, None if last else stream, report_dicts(walker.reports),
                                     walker.state())
 
         sm.walk(hidden, process, f"quantize {plan.name}", start=start)
+        if head_sink is not None:
+            from compress.stages.head import head_hessian
+
+            head_sink(head_hessian(sm, hidden, calib_ids, walker.sdtype))
         return walker.reports
     finally:
         if hidden is not None:
@@ -275,6 +287,11 @@ class _BlockQuantizer:
         if collect and not self.propagate:
             # One pass with the original weights gives every statistic and the next inputs.
             stats = self._collect(block, i, [n for g in groups for n in g], hidden, False, whole)
+        elif hidden is not None and not self.propagate:
+            # Nothing below runs the block: its original outputs feed the next block's transform
+            # (and the head's Hessian), as the statistics pass above would have written them.
+            for s in range(0, len(hidden), sm.batch_size):
+                whole(hidden, s, True)
         for g, group in enumerate(groups):
             if collect and self.propagate:
                 if mlp_from is None or g < mlp_from:

@@ -50,8 +50,8 @@ def tied(tmp_path_factory):
     return src, model.lm_head.weight.detach().clone()
 
 
-def export(src, text_file, out, fmt, quantize, lm_head, **export_kw):
-    cfg = parse_config(run_config(src, text_file, out, evaluate={"enabled": False},
+def export(src, text_file, out, fmt, quantize, lm_head, calibration=None, **export_kw):
+    cfg = parse_config(run_config(src, text_file, out, evaluate={"enabled": False}, calibration=calibration or {},
                                   quantize={**quantize, "lm_head": lm_head}, export={"format": fmt, **export_kw}))
     (res,) = run(cfg).candidates.values()
     assert res.error is None and is_complete(res.artifact, check_hashes=True)
@@ -192,3 +192,82 @@ def test_a_bytes_target_counts_the_quantized_head_exactly(fmt, tied, text_file, 
     res = export(tied[0], text_file, tmp_path / "out", fmt,
                  {"bits": 4, "group_size": 64, "target": {"max_bytes": 400_000}}, {"bits": 8, "group_size": -1})
     assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= 400_000
+
+
+# ---- rounding: gptq (the default for a calibrated method) -------------------------------------
+def _output_error(x: torch.Tensor, W: torch.Tensor, Wq: torch.Tensor) -> float:
+    return float(((x.reshape(-1, x.shape[-1]).double() @ (W - Wq).double().T) ** 2).sum())
+
+
+@pytest.mark.parametrize("fmt,export_kw,quantize,lm_head,scale_dtype", [
+    ("onnx", {"dtype": "float32"}, {"bits": 4, "group_size": 64}, {"bits": 4, "group_size": 32}, torch.float32),
+    ("compressed-tensors", {}, {"bits": 4, "group_size": 64}, {"bits": 4, "group_size": 32, "sym": True},
+     torch.float16),
+    ("gguf", {"gguf_type": "Q8_0"}, {"bits": 8, "group_size": 32}, {"bits": 4, "group_size": 32, "sym": True},
+     torch.float16),
+], ids=["onnx", "compressed-tensors", "gguf"])
+def test_gptq_head_beats_rtn_and_the_formats_reader_agrees(fmt, export_kw, quantize, lm_head, scale_dtype, tied,
+                                                          text_file, tmp_path):
+    """A GPTQ plan's head is rounded by GPTQ: the manifest says so, the head's output error on
+    what the artifact's head receives is below the RTN head's, and the format's own reader
+    (ONNX Runtime, transformers + compressed-tensors, transformers' GGUF loader) gives our logits."""
+    from transformers import AutoModelForCausalLM
+
+    from transformers import AutoTokenizer
+
+    src, W = tied
+    # enough calibration tokens that the head's Hessian (hidden x hidden) describes the text
+    res = export(src, text_file, tmp_path / "out", fmt, {"method": "gptq", **quantize}, lm_head,
+                 calibration={"nsamples": 32}, **export_kw)
+    head = json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]["lm_head"]
+    assert (head["rounding"], head["method"]) == ("gptq", "gptq") and 0 < head["output_rel_error"] < 0.05
+    assert res.layers[-1].name == "lm_head" and res.layers[-1].method == "gptq"
+    assert res.plan.name.startswith("gptq-") and "-head4" in res.plan.name and not res.plan.name.endswith("rtn")
+
+    # windows of the calibration text (the objective's distribution), not random ids
+    tok = AutoTokenizer.from_pretrained(str(src))
+    ids = torch.tensor(tok(text_file.read_text())["input_ids"][-4 * 32 :]).reshape(4, 32)
+    if fmt == "onnx":
+        from compress.evaluate.onnx_runtime import OrtDecoder, head_inputs, head_slices
+
+        ours_head = torch.cat([w for _, w, _ in head_slices(res.artifact, 100)])
+        x = head_inputs(res.artifact, ids)
+        torch.testing.assert_close(x @ ours_head.T, OrtDecoder(res.artifact).logits(ids), rtol=0, atol=1e-4)
+    else:
+        from compress.stages.evaluate import head_inputs as walk_head_inputs
+
+        sm = open_artifact(res.artifact, CPU, torch.float32, dense=True)
+        ours_head = torch.cat([w for _, w, _ in sm.head_slices(100)])
+        kw = {"gguf_file": "model.gguf"} if fmt == "gguf" else {"device_map": "cpu"}
+        peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), dtype=torch.float32, **kw).eval()
+        with torch.no_grad():
+            theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(ids.shape[0])])
+        torch.testing.assert_close(walk_logits(sm, ids), theirs, rtol=1e-4, atol=1e-4)
+        x = walk_head_inputs(open_artifact(res.artifact, CPU, torch.float32, dense=True), ids, "test")
+    rtn = rtn_reference(W, lm_head["bits"], lm_head["group_size"], bool(lm_head.get("sym", False)), scale_dtype)
+    assert not torch.equal(ours_head, rtn)
+    assert _output_error(x, W, ours_head) < _output_error(x, W, rtn)
+
+
+def test_rounding_rtn_overrides_a_gptq_plan_and_names_it(tied, text_file, tmp_path):
+    src, W = tied
+    res = export(src, text_file, tmp_path / "out", "compressed-tensors", {"method": "gptq", "bits": 4, "group_size": 64},
+                 {"bits": 4, "group_size": 32, "sym": True, "rounding": "rtn"})
+    assert res.plan.name.endswith("-head4g32symrtn")
+    head = json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]["lm_head"]
+    assert (head["rounding"], head["method"]) == ("rtn", "rtn") and "output_rel_error" not in head
+    sm = open_artifact(res.artifact, CPU, torch.float32, dense=True)
+    ours_head = torch.cat([w for _, w, _ in sm.head_slices(100)])
+    torch.testing.assert_close(ours_head, rtn_reference(W, 4, 32, True, torch.float16), rtol=0, atol=1e-6)
+
+
+def test_gptq_rounding_of_an_rtn_plan_is_a_config_error_naming_the_key(tied, text_file, tmp_path):
+    raw = run_config(tied[0], text_file, tmp_path / "out", quantize={"lm_head": {"bits": 4, "rounding": "gptq"}})
+    with pytest.raises(ConfigError, match=r"^quantize\.lm_head\.rounding: gptq needs the Hessian .* method 'rtn'"):
+        parse_config(raw)
+    # a candidate that switches to rtn under a gptq head is refused before any work, naming it
+    raw = run_config(tied[0], text_file, tmp_path / "out",
+                     quantize={"method": "gptq", "lm_head": {"bits": 4, "rounding": "gptq"}},
+                     candidates=[{"method": "rtn"}])
+    with pytest.raises(ConfigError, match=r"candidates\.0\.lm_head\.rounding: gptq needs"):
+        preflight(parse_config(raw), tmp_path / "out")

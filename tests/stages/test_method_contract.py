@@ -103,3 +103,31 @@ def test_a_method_without_calibration_never_embeds(model_dir, monkeypatch):
     out = {}
     quantize_model(sm, Plan("r", RTNConfig(bits=4, group_size=32)), None, lambda i, b, r: out.update(r))
     assert out
+
+
+def test_without_propagation_or_statistics_each_transform_sees_its_blocks_original_inputs(model_dir, monkeypatch):
+    """A method with only a block transform (no per-layer statistic) and `propagate: false`:
+    block i's transform reads block i's inputs in the original model (the stream still advances
+    through each original block), and so does the head's Hessian after the last block."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def look(view: BlockView) -> None:
+        seen[view.index] = view.inputs.read(0, len(view.inputs)).clone()
+
+    def quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec) -> QuantResult:
+        return QuantResult(round_to_nearest(W, spec), spec.grid)
+
+    monkeypatch.setitem(METHODS, "test-fold", Method("test-fold", FoldConfig, quantize, "none", look))
+    folder = model_dir("llama")
+    sm = load_model(ModelConfig(source=str(folder), dtype="float32", device="cpu")).streamed()
+    ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(6))
+    quantize_model(sm, Plan("t", FoldConfig(bits=4, group_size=32, propagate=False)), ids, lambda i, b, r: None)
+
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        states = [ref(ids[w : w + 1], output_hidden_states=True).hidden_states for w in range(3)]
+    assert sorted(seen) == [0, 1]
+    for i in (0, 1):
+        torch.testing.assert_close(seen[i], torch.cat([s[i] for s in states]), rtol=1e-4, atol=1e-5)
