@@ -207,10 +207,10 @@ def test_clip_search_never_raises_the_output_error(sym, gs):
 
 
 @pytest.mark.parametrize("q", [
-    AWQConfig(bits=4, group_size=-1, sym=False, grid=5),
-    AWQConfig(bits=3, group_size=32, sym=False, clip=True, max_windows=2, grid=5),
+    AWQConfig(bits=4, group_size=-1, sym=False, grid=5, clip=False),
+    AWQConfig(bits=3, group_size=32, sym=False, max_windows=2, grid=5),
     AWQConfig(bits=4, group_size=32, rounding="gptq", grid=5),
-], ids=["asym-per-channel", "asym-clip", "gptq-rounding"])
+], ids=["asym-per-channel-noclip", "asym-clip-default", "gptq-rounding"])
 def test_variants_run_on_every_layer(q, model_dir):
     sm = load_model(ModelConfig(source=str(model_dir("opt")), dtype="float32", device="cpu")).streamed()
     got = {}
@@ -220,7 +220,7 @@ def test_variants_run_on_every_layer(q, model_dir):
         assert (res.weight.bits, res.weight.group_size, res.weight.sym) == (q.bits, q.group_size, bool(q.sym))  # unset sym: asymmetric
         assert int(res.weight.codes.max()) <= 2**q.bits - 1
     # Only rounding that reads it asks for the Hessian.
-    assert get_method("awq").stats_for(q) == ("hessian" if q.clip or q.rounding == "gptq" else "none")
+    assert get_method("awq").stats_for(q) == ("none" if q.clip is False and q.rounding == "rtn" else "hessian")
 
 
 def test_config_union_and_sweep_include_awq():
@@ -234,6 +234,17 @@ def test_config_union_and_sweep_include_awq():
     swept = parse_config({"model": {"source": "x"}, "sweep": {"method": ["rtn", "awq"], "rounding": ["rtn", "gptq"]}})
     names = [p.name for p in resolve_plans(with_sweep(swept))]
     assert names == ["rtn-w4-g128", "awq-w4-g128", "awq-w4-g128-gptq"]
+    # clip is AWQ's default (AutoAWQ's apply_clip): only turning it off shows in the name
+    off = parse_config({"model": {"source": "x"}, "quantize": {"method": "awq", "clip": False}})
+    assert [p.name for p in resolve_plans(off)] == ["awq-w4-g128-noclip"]
+
+
+def test_clip_is_on_by_default_except_on_a_gguf_grid():
+    spec = AWQConfig().spec(4, 64, False)
+    assert spec.clip is None and spec.clips
+    assert not spec.on_gguf_grid("Q4_K").clips
+    assert not AWQConfig(clip=False).spec(4, 64, False).clips
+    assert AWQConfig().max_windows == 16
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
