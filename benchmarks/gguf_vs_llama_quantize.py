@@ -56,6 +56,13 @@ ROWS = [
     {"name": "compress RTN Q4_K_M", "by": "compress", "gguf_type": "Q4_K_M", "quantize": {"method": "rtn"}},
     {"name": "compress GPTQ Q3_K_M", "by": "compress", "gguf_type": "Q3_K_M", "quantize": {"method": "gptq"}},
     {"name": "compress RTN Q3_K_M", "by": "compress", "gguf_type": "Q3_K_M", "quantize": {"method": "rtn"}},
+    # AWQ's scales, then GPTQ's rounding on the type's grid (AWQ's defaults otherwise)
+    {"name": "compress AWQ+GPTQ Q4_0", "by": "compress", "gguf_type": "Q4_0",
+     "quantize": {"method": "awq", "rounding": "gptq", "bits": 4, "group_size": 32, "sym": True}},
+    {"name": "compress AWQ+GPTQ Q4_K_M", "by": "compress", "gguf_type": "Q4_K_M",
+     "quantize": {"method": "awq", "rounding": "gptq"}},
+    {"name": "compress AWQ+GPTQ Q3_K_M", "by": "compress", "gguf_type": "Q3_K_M",
+     "quantize": {"method": "awq", "rounding": "gptq"}},
 ]
 # Issue 18's targets: per type, our best row against llama-quantize's strongest recipe of the
 # same type and layout (the importance matrix; for Q4_0 the F16-embedding row, compress's layout).
