@@ -118,10 +118,15 @@ def _fan_out(ray, ctx, threads: int) -> None:
     remote = ray.remote(stream_candidate if stream else run_candidate)
     jobs: dict[str, tuple[dict, dict]] = {}
     tasks: dict[str, dict] = {}
+    kept: dict[str, dict] = {}  # streamed candidates an interrupted run finished: evaluated here
     for name, res in ctx.candidates.items():
         if res.error:
             continue
         job = {**common, "name": name, "plan": res.plan.q.model_dump(mode="json"), "allocation": res.allocation}
+        if stream and ctx.resume and _finished_here(store.candidate(name), ctx.out_dir / name):
+            kept[name] = job
+            tasks[name] = {"kept_finished": True, "bytes_to_task": 0}
+            continue
         opts = task_options(ctx, res.plan, threads)
         check_fits(nodes, opts, name)
         jobs[name] = (job, opts)
@@ -137,12 +142,18 @@ def _fan_out(ray, ctx, threads: int) -> None:
              ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in shared_bytes.items()))
     lost = lambda err: _lost(err, ex.max_retries)  # noqa: E731
     if stream:
-        outcomes = collect(ray, submit, list(jobs), ctx.out_dir, cfg.export.overwrite, ex.max_retries, lost)
+        def sealed(name: str, out: dict) -> None:  # what --resume keeps (compress/resume.py)
+            store.candidate(name).mark_done({"reports": out["layers"], "quantize_seconds": out["quantize_seconds"],
+                                             "linear_bits_per_weight": out["linear_bits_per_weight"]})
+
+        outcomes = collect(ray, submit, list(jobs), ctx.out_dir, cfg.export.overwrite, ex.max_retries, lost, sealed)
+        for name, job in kept.items():
+            outcomes[name] = _evaluate_kept(ctx, job, shared)
     else:
         outcomes = _collect(ray, submit, list(jobs), lost)
     for name, out in outcomes.items():
         tasks[name]["bytes_from_task"] = len(json.dumps(out, default=str).encode()) + out.get("artifact_bytes", 0)
-        if stream:
+        if stream and name not in kept:
             tasks[name].update(artifact_bytes=out.get("artifact_bytes", 0), attempts=out.get("attempts"),
                                stream_seconds=out.get("stream_seconds"))
     sweep_dead(ctx.out_dir)  # partial folders of workers that died on this host
@@ -164,6 +175,38 @@ def _fan_out(ray, ctx, threads: int) -> None:
         record_original(ctx, ref_row if ref_row is not None else original_row(original, ref, ctx.eval_ids))
         if e.speed:
             record_original_speed(ctx)
+
+
+def _finished_here(saved, folder) -> bool:
+    """Whether the interrupted run's driver sealed this streamed candidate (its store says so
+    and the folder is complete). A record without its folder is dropped: the candidate runs."""
+    from compress.formats.writer import is_complete
+
+    if saved.done() is None:
+        return False
+    if is_complete(folder):
+        return True
+    log.warning("--resume: %s was finished, but %s is no longer a complete artifact; quantizing it again",
+                saved.name, folder)
+    saved.discard()
+    return False
+
+
+def _evaluate_kept(ctx, job: dict, shared: dict) -> dict:
+    """A streamed candidate kept by --resume: its artifact is here, not on any worker, so this
+    process evaluates it, with the task's own function and thread count (its quantization
+    is skipped by the store's done record, as in a local resume)."""
+    import torch
+
+    from compress.executor.task import run_candidate
+    from compress.resume import store_dir
+
+    before = torch.get_num_threads()
+    try:
+        return run_candidate({**job, "out_dir": str(ctx.out_dir.resolve()), "store": str(store_dir(ctx.out_dir).resolve())},
+                             shared["calibration"], shared["evaluation"], shared["head_inputs"])
+    finally:
+        torch.set_num_threads(before)
 
 
 def _collect(ray, submit, names: list[str], lost) -> dict[str, dict]:
