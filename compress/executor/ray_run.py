@@ -87,12 +87,22 @@ def _fan_out(ray, ctx, threads: int) -> None:
 
     cfg, l, ex = ctx.cfg, ctx.loaded, ctx.cfg.executor
     e = cfg.evaluate
+    driver: dict[str, float] = {}  # wall seconds of this process's steps, for the executor record
+    mark = time.perf_counter()
+
+    def lap(what: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        driver[what] = driver.get(what, 0.0) + now - mark
+        mark = now
+
     fp = fingerprint(ctx)
     fp["runtime settings"]["torch_threads"] = threads  # what the tasks run with
     store = open_store(ctx.out_dir, fp, ctx.resume)
     store.ensure()  # once, here: tasks only add their candidate's folder
     manifest = base_manifest(cfg, l, ctx.input_hashes, ctx.calibration)
     manifest["runtime"] = {**runtime_settings(l.device), "torch_threads": threads}
+    lap("setup")
 
     t0 = time.perf_counter()
     ref = original = None
@@ -100,10 +110,12 @@ def _fan_out(ray, ctx, threads: int) -> None:
         set_protocol(ctx)
         original = l.streamed()
         ref = head_inputs(original, ctx.eval_ids, "original")
+    lap("original")
     shared = {"calibration": to_wire(ctx.calib_ids), "evaluation": to_wire(ctx.eval_ids), "head_inputs": to_wire(ref)}
     shared_bytes = {k: wire_bytes(v) for k, v in shared.items()}
     refs = {k: ray.put(v) for k, v in shared.items()}
     ctx.timings["original"] = time.perf_counter() - t0
+    lap("put")
 
     common = {
         "config": cfg.model_dump(mode="json"), "out_dir": str(ctx.out_dir.resolve()), "root": str(l.root),
@@ -133,9 +145,11 @@ def _fan_out(ray, ctx, threads: int) -> None:
         job_bytes = len(json.dumps(job, default=str).encode())
         tasks[name] = {"resources": {k: v for k, v in opts.items() if k in ("num_cpus", "num_gpus", "memory")},
                        "bytes_to_task": job_bytes + sum(shared_bytes.values())}
+    lap("jobs")
 
     def submit(name: str):
         job, opts = jobs[name]
+        tasks[name]["submitted_at"] = time.time()
         return remote.options(**opts).remote(job, refs["calibration"], refs["evaluation"], refs["head_inputs"])
 
     log.info("ray: submitting %d candidate task(s) (%d thread(s) each; shared objects %s)", len(jobs), threads,
@@ -151,12 +165,15 @@ def _fan_out(ray, ctx, threads: int) -> None:
             outcomes[name] = _evaluate_kept(ctx, job, shared)
     else:
         outcomes = _collect(ray, submit, list(jobs), lost)
+    lap("tasks")
     for name, out in outcomes.items():
+        tasks[name]["returned_at"] = out.pop("returned_at", None)
         tasks[name]["bytes_from_task"] = len(json.dumps(out, default=str).encode()) + out.get("artifact_bytes", 0)
         if stream and name not in kept:
             tasks[name].update(artifact_bytes=out.get("artifact_bytes", 0), attempts=out.get("attempts"),
                                stream_seconds=out.get("stream_seconds"))
     sweep_dead(ctx.out_dir)  # partial folders of workers that died on this host
+    lap("sweep")
 
     ref_row = None
     for name, res in ctx.candidates.items():
@@ -165,16 +182,18 @@ def _fan_out(ray, ctx, threads: int) -> None:
             continue
         _apply(ctx, res, out)
         tasks[name].update(node=out.get("node"), threads=out.get("threads"), seconds=out.get("task_seconds"),
-                           resumed_at_block=out.get("resumed_at_block"))
+                           resumed_at_block=out.get("resumed_at_block"), started_at=out.get("started_at"),
+                           cpu_seconds=out.get("task_cpu_seconds"), phases=out.get("phases"))
         if ref_row is None and out.get("evaluation") and out["evaluation"]["ref"] is not None:
             ref_row = EvalRow(**out["evaluation"]["ref"])  # as the local run: the first evaluated candidate's
     ctx.executor = {"kind": "ray", "address": ex.address, "artifacts": ex.artifacts, "threads_per_task": threads,
-                    "shared_object_bytes": shared_bytes, "tasks": tasks}
+                    "shared_object_bytes": shared_bytes, "tasks": tasks, "driver_seconds": driver}
     record_sizes(ctx)
     if e.enabled:
         record_original(ctx, ref_row if ref_row is not None else original_row(original, ref, ctx.eval_ids))
         if e.speed:
             record_original_speed(ctx)
+    lap("record")
 
 
 def _finished_here(saved, folder) -> bool:
@@ -221,6 +240,7 @@ def _collect(ray, submit, names: list[str], lost) -> dict[str, dict]:
             outcomes[name] = ray.get(ready[0])
         except Exception as err:  # the worker died max_retries + 1 times (or the node was lost)
             outcomes[name] = {"name": name, "error": lost(err)}
+        outcomes[name]["returned_at"] = time.time()
         log.info("ray: candidate %s %s", name, "failed" if outcomes[name].get("error") else "done")
     return outcomes
 
