@@ -44,21 +44,44 @@ def connect(ray, address: Optional[str]) -> bool:
     whether this call started the connection (and so must end it)."""
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}} if os.environ.get("PYTHONPATH") else None
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, runtime_env=env)
+    # A cluster started here inherits this environment; one joined gets this PYTHONPATH
+    # as the job's runtime_env.
+    env = {"env_vars": {"PYTHONPATH": _absolute(os.environ["PYTHONPATH"])}} if os.environ.get("PYTHONPATH") else None
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True)
     if address in (None, "auto"):
         try:
-            ray.init(address="auto", **kwargs)
+            ray.init(address="auto", runtime_env=env, **kwargs)
         except ConnectionError:  # none running (or a stale record of one): a new one here
             ray.init(address="local", **kwargs)
     elif address == "local":
         ray.init(address="local", **kwargs)
     else:
         try:
-            ray.init(address=address, **kwargs)
+            ray.init(address=address, runtime_env=env, **kwargs)
         except ConnectionError as e:
             raise ConfigError(f"executor.address: cannot reach a Ray cluster at {address} ({e})") from None
     return True
+
+
+def _absolute(path: str) -> str:
+    """A PYTHONPATH with every entry absolute: a worker's working folder need not be ours."""
+    return os.pathsep.join(os.path.abspath(p) for p in path.split(os.pathsep) if p)
+
+
+def worker_env(ray, nodes: list[dict]) -> Optional[dict]:
+    """The runtime_env each task needs for its worker to import the compress this process runs.
+    None where this job's workers already do, asked of one worker on a one-node cluster (a
+    cluster this process started inherits its environment): a task with a runtime_env of its
+    own cannot run in the workers Ray started with the cluster and waits for a new process,
+    which imports Ray again while the started one idles. Else this process's PYTHONPATH."""
+    from compress.executor.task import compress_location
+
+    path = os.environ.get("PYTHONPATH")
+    if not path:
+        return None
+    if len(nodes) == 1 and ray.get(ray.remote(compress_location).remote()) == compress_location():
+        return None
+    return {"env_vars": {"PYTHONPATH": _absolute(path)}}
 
 
 def stage_ray(ctx) -> None:
@@ -126,6 +149,7 @@ def _fan_out(ray, ctx, threads: int) -> None:
         "chunk_bytes": CHUNK_BYTES,
     }
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    env = worker_env(ray, nodes)
     stream = ex.artifacts == "stream"
     remote = ray.remote(stream_candidate if stream else run_candidate)
     jobs: dict[str, tuple[dict, dict]] = {}
@@ -139,7 +163,7 @@ def _fan_out(ray, ctx, threads: int) -> None:
             kept[name] = job
             tasks[name] = {"kept_finished": True, "bytes_to_task": 0}
             continue
-        opts = task_options(ctx, res.plan, threads)
+        opts = task_options(ctx, res.plan, threads, env)
         check_fits(nodes, opts, name)
         jobs[name] = (job, opts)
         job_bytes = len(json.dumps(job, default=str).encode())
@@ -245,8 +269,8 @@ def _collect(ray, submit, names: list[str], lost) -> dict[str, dict]:
     return outcomes
 
 
-def task_options(ctx, plan, threads: int) -> dict:
-    """Ray options of one candidate's task: CPUs, GPUs, memory, retries, environment."""
+def task_options(ctx, plan, threads: int, env: Optional[dict] = None) -> dict:
+    """Ray options of one candidate's task: CPUs, GPUs, memory, retries, and `env` (`worker_env`)."""
     from compress.executor.resources import plan_memory
 
     ex = ctx.cfg.executor
@@ -259,8 +283,8 @@ def task_options(ctx, plan, threads: int) -> dict:
         from compress.executor.stream import IN_FLIGHT
 
         opts.update(num_returns="streaming", _generator_backpressure_num_objects=IN_FLIGHT, max_retries=0)
-    if os.environ.get("PYTHONPATH"):  # the workers import the compress this process runs
-        opts["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
+    if env is not None:  # the workers import the compress this process runs
+        opts["runtime_env"] = env
     return opts
 
 

@@ -74,6 +74,13 @@ def where_am_i() -> dict:
     return out
 
 
+def compress_location() -> str:
+    """Where this process imports compress from: the driver asks a worker (compress/executor/ray_run.py)."""
+    import compress
+
+    return str(Path(compress.__file__).resolve())
+
+
 def run_candidate(job: dict, calib, evals, ref) -> dict:
     """Quantize, export and evaluate the candidate `job` describes; returns its results as
     JSON-able data. A failure of the candidate itself (not of the worker) is returned as
