@@ -321,7 +321,7 @@ def _apply(ctx, res, out: dict) -> None:
     ev = out.get("evaluation")
     if ev:
         res.metrics.update(perplexity=ev["perplexity"], kl_divergence=ev["kl_divergence"],
-                           top1_agreement=ev["top1_agreement"], **ev["extra"])
+                           top1_agreement=ev["top1_agreement"], runtime=ev.get("runtime"), **ev["extra"])
     if out.get("speed"):
         res.metrics.update(**out["speed"])
 

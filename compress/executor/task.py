@@ -115,7 +115,10 @@ def _run(job: dict, calib_ids, eval_ids, ref, phases: dict) -> dict:
     from compress.config import parse_config
     from compress.resume import ResumeStore
     from compress.stages.context import CalibrationRecord, CandidateResult, RunContext
-    from compress.stages.evaluate import candidate_speed, evaluate_candidate, open_candidate
+    from compress.evaluate.llamacpp import RUNTIME as LLAMA, gguf_of
+    from compress.stages.evaluate import (
+        candidate_speed, evaluate_candidate, evaluate_gguf_candidate, open_candidate, runtime_of,
+    )
     from compress.stages.export import quantize_candidate
     from compress.stages.load import open_resolved
 
@@ -152,10 +155,14 @@ def _run(job: dict, calib_ids, eval_ids, ref, phases: dict) -> dict:
     e = cfg.evaluate
     if e.enabled and ref is not None:
         l = ctx.loaded
-        row, ref_row = evaluate_candidate(plan.name, lambda: open_candidate(res.artifact, l.device, l.dtype),
-                                          l.streamed(), ref, eval_ids, e)
+        runtime = runtime_of(e, res.artifact)  # as the local evaluate stage: a GGUF file in llama.cpp
+        if runtime == LLAMA:
+            row, ref_row = evaluate_gguf_candidate(plan.name, gguf_of(res.artifact), l.streamed(), ref, eval_ids, e)
+        else:
+            row, ref_row = evaluate_candidate(plan.name, lambda: open_candidate(res.artifact, l.device, l.dtype),
+                                              l.streamed(), ref, eval_ids, e)
         got["evaluation"] = {"perplexity": row.perplexity, "kl_divergence": row.kl_divergence,
-                             "top1_agreement": row.top1_agreement, "extra": row.extra,
+                             "top1_agreement": row.top1_agreement, "extra": row.extra, "runtime": runtime,
                              "ref": None if ref_row is None else dataclasses.asdict(ref_row)}
         lap("evaluate")
         if e.speed:

@@ -121,18 +121,22 @@ def test_a_streamed_multi_file_artifact_is_what_a_local_run_writes(cluster, mode
     if export["format"] == "onnx":
         pytest.importorskip("onnxruntime")
     kill(cluster)
-    # llama.cpp's figures differ between a local run and a Ray task (in shared mode too; not
-    # looked into here):
-    # the torch view is evaluated here, so the rows can be compared
-    sections = dict(quantize=quantize, export=export, evaluate={"windows": 2, "gguf_runtime": "torch"})
+    # A GGUF file is evaluated in llama.cpp where it is installed, by the local run and the task alike
+    runtime = "auto" if export["format"] == "gguf" else "torch"
+    sections = dict(quantize=quantize, export=export, evaluate={"windows": 2, "gguf_runtime": runtime})
     local = _run(model_dir, text_file, tmp_path / "local", **sections)
     (name,) = local.candidates
-    _run(model_dir, text_file, tmp_path / "stream", executor=STREAM, **sections)
+    remote = _run(model_dir, text_file, tmp_path / "stream", executor=STREAM, **sections)
     big = max((tmp_path / "local" / name).rglob("*"), key=lambda p: p.stat().st_size)
     assert big.suffix in (".gguf", ".data") and big.stat().st_size > 2 * 64 * 1024  # the data file took chunks
     assert files(tmp_path / "stream" / name) == files(tmp_path / "local" / name)
     got, want = rows(tmp_path / "stream"), rows(tmp_path / "local")
     assert [{k for k in a if a.get(k) != b.get(k)} for a, b in zip(got, want)] == [set()] * len(want)
+    if export["format"] == "gguf":
+        from compress.evaluate.llamacpp import available
+
+        assert remote.candidates[name].metrics.runtime == local.candidates[name].metrics.runtime == \
+            ("llama.cpp" if available() else "torch")
 
 
 @pytest.mark.parametrize("artifacts", ["stream", "shared"])
