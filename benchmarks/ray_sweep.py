@@ -8,6 +8,12 @@ moved to and from each task; with `--artifacts stream` the Ray tasks stream thei
     PYTHONPATH=. .venv/bin/python benchmarks/ray_sweep.py [--out runs/ray-bench] [--cpus N] [--artifacts stream]
 
 On a box where other work runs, pin it: `taskset -c 0 ... --cpus 1`.
+
+What is outside both timings: `ray.init` (the cluster's start, including the idle worker process
+Ray starts with it, which the tasks then run in), as for a cluster that already runs; the cluster
+is up during the local half too. Nothing overlaps inside the timings: the Ray half's worker
+imports torch, transformers and compress and opens the model skeleton after the driver's shared
+work, on the same CPUs (the table's start-up column).
 """
 from __future__ import annotations
 
@@ -88,12 +94,18 @@ def main() -> None:
         "",
         "Shared objects put once: " + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in ex["shared_object_bytes"].items()),
         "",
-        "| candidate | bytes to task | bytes back | task s | memory asked GiB |",
-        "|---|---|---|---|---|",
+        "| candidate | bytes to task | bytes back | task s | of which start-up s | quantize s | evaluate s | worker pid | memory asked GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in ex["tasks"].items():
-        lines.append(f"| {name} | {t['bytes_to_task']:,} | {t['bytes_from_task']:,} | {t['seconds']:.1f} | "
+        ph = t.get("phases") or {}
+        start = sum(ph.get(k, 0.0) for k in ("torch_import", "imports", "open"))
+        lines.append(f"| {name} | {t['bytes_to_task']:,} | {t['bytes_from_task']:,} | {t['seconds']:.1f} | {start:.1f} | "
+                     f"{ph.get('quantize', 0.0):.1f} | {ph.get('evaluate', 0.0):.1f} | {t['node'].get('pid')} | "
                      f"{t['resources']['memory'] / 2**30:.2f} |")
+    lines += ["", "Driver steps of the Ray run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in ex["driver_seconds"].items())
+              + ". Start-up: importing torch, compress and transformers and opening the model skeleton in the worker "
+              "(the local run pays it once in its load stage)."]
     moved = ("Bytes back: the task's results (JSON) plus its artifact, streamed through the object store in "
              "64 MiB chunks and written by the driver (`executor.artifacts: stream`)." if args.artifacts == "stream"
              else "Artifacts are not moved: tasks write into the shared output folder (`executor.artifacts: shared`).")

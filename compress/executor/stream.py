@@ -14,6 +14,8 @@ driver's owner record), checks every file's size and sha256 as it ends and the w
 against the manifest, and renames the folder into place as a local writer does. A stream that
 breaks (the worker died, a sha256 differs) leaves nothing: the partial folder is removed, and a
 worker's death starts the task again from the beginning, up to `executor.max_retries` times.
+Each sealed artifact is recorded as done in the driver's resume store, so `--resume` keeps it
+(compress/executor/ray_run.py evaluates such a candidate in the driver, which holds its files).
 Ray's own retry of a generator task replays it and drops the items the driver already has,
 which assumes the replay yields identical bytes; a retry on another node need not, so the
 driver retries instead (the task is submitted with `max_retries=0`).
@@ -209,10 +211,13 @@ class Receiver:
 
 
 def collect(ray, submit: Callable[[str], Any], names: list[str], out_dir: Path, overwrite: bool, retries: int,
-            lost: Callable[[Exception], str]) -> dict[str, dict]:
+            lost: Callable[[Exception], str],
+            sealed: Optional[Callable[[str, dict], None]] = None) -> dict[str, dict]:
     """Take every candidate's stream as chunks arrive, whichever task sends next; seal each
-    artifact when its stream ends. Returns name -> the task's result, with `artifact_bytes`
-    (what was streamed) and `attempts`; a candidate whose stream broke gets `error`."""
+    artifact when its stream ends, then call `sealed(name, result)` (the driver's resume store
+    records it as done, so --resume keeps it). Returns name -> the task's result, with
+    `artifact_bytes` (what was streamed) and `attempts`; a candidate whose stream broke gets
+    `error`."""
     gens: dict[Any, str] = {}
     recv: dict[str, Receiver] = {}
     tries: dict[str, int] = {}
@@ -260,6 +265,8 @@ def collect(ray, submit: Callable[[str], Any], names: list[str], out_dir: Path, 
                     if item is None or recv[name].complete:
                         gens.pop(gen)
                         outcomes[name] = _finish(recv[name])
+                        if sealed is not None and not outcomes[name].get("error"):
+                            sealed(name, outcomes[name])
                 except (StreamError, OSError) as e:
                     ray.cancel(gen)  # its scratch folder goes with it (the task's `finally`)
                     fail(gen, name, f"{type(e).__name__}: {e}")

@@ -58,6 +58,12 @@ def where_am_i() -> dict:
     """The node this process runs on: host name, and Ray's node id and IP inside a Ray worker."""
     out = {"host": socket.gethostname(), "pid": os.getpid()}
     try:
+        import psutil
+
+        out["process_started_at"] = psutil.Process().create_time()
+    except ImportError:
+        pass
+    try:
         import ray
 
         if ray.is_initialized():
@@ -68,21 +74,31 @@ def where_am_i() -> dict:
     return out
 
 
+def compress_location() -> str:
+    """Where this process imports compress from: the driver asks a worker (compress/executor/ray_run.py)."""
+    import compress
+
+    return str(Path(compress.__file__).resolve())
+
+
 def run_candidate(job: dict, calib, evals, ref) -> dict:
     """Quantize, export and evaluate the candidate `job` describes; returns its results as
     JSON-able data. A failure of the candidate itself (not of the worker) is returned as
     `error`, so the scheduler does not retry what would fail again."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    started = time.time()
     import torch
 
-    t0 = time.perf_counter()
     torch.set_num_threads(job["threads"])  # the bytes follow the thread count (compress/resume.py)
-    out: dict[str, Any] = {"name": job["name"], "node": where_am_i(), "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"name": job["name"], "node": where_am_i(), "threads": torch.get_num_threads(),
+                           "started_at": started, "phases": {"torch_import": time.perf_counter() - t0}}
     try:
-        out.update(_run(job, from_wire(calib), from_wire(evals), from_wire(ref)))
+        out.update(_run(job, from_wire(calib), from_wire(evals), from_wire(ref), out["phases"]))
     except Exception as e:  # the candidate failed: recorded, as in a local sweep
         log.exception("candidate %s failed", job["name"])
         out["error"] = f"{type(e).__name__}: {e}"
     out["task_seconds"] = time.perf_counter() - t0
+    out["task_cpu_seconds"] = time.process_time() - cpu0
     return out
 
 
@@ -94,13 +110,25 @@ def _plan(job: dict):
     return Plan(job["name"], get_method(q["method"]).config.model_validate(q))
 
 
-def _run(job: dict, calib_ids, eval_ids, ref) -> dict:
+def _run(job: dict, calib_ids, eval_ids, ref, phases: dict) -> dict:
+    mark = time.perf_counter()
     from compress.config import parse_config
     from compress.resume import ResumeStore
     from compress.stages.context import CalibrationRecord, CandidateResult, RunContext
-    from compress.stages.evaluate import candidate_speed, evaluate_candidate, open_candidate
+    from compress.evaluate.llamacpp import RUNTIME as LLAMA, gguf_of
+    from compress.stages.evaluate import (
+        candidate_speed, evaluate_candidate, evaluate_gguf_candidate, open_candidate, runtime_of,
+    )
     from compress.stages.export import quantize_candidate
     from compress.stages.load import open_resolved
+
+    def lap(what: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[what] = phases.get(what, 0.0) + now - mark
+        mark = now
+
+    lap("imports")
 
     cfg = parse_config(job["config"])
     plan = _plan(job)
@@ -116,7 +144,9 @@ def _run(job: dict, calib_ids, eval_ids, ref) -> dict:
     store = ResumeStore(Path(job["store"]), job["fingerprint"])
     saved = store.candidate(plan.name)
     before = saved.resume_point(ctx.loaded.streamed(load_outer=False).n_blocks).start if saved.done() is None else None
+    lap("open")
     quantize_candidate(ctx, res, saved, job["manifest"])
+    lap("quantize")
     got: dict[str, Any] = {
         "artifact": res.artifact.name, "layers": [dataclasses.asdict(r) for r in res.layers],
         "quantize_seconds": res.quantize_seconds, "linear_bits_per_weight": res.metrics.linear_bits_per_weight,
@@ -125,13 +155,19 @@ def _run(job: dict, calib_ids, eval_ids, ref) -> dict:
     e = cfg.evaluate
     if e.enabled and ref is not None:
         l = ctx.loaded
-        row, ref_row = evaluate_candidate(plan.name, lambda: open_candidate(res.artifact, l.device, l.dtype),
-                                          l.streamed(), ref, eval_ids, e)
+        runtime = runtime_of(e, res.artifact)  # as the local evaluate stage: a GGUF file in llama.cpp
+        if runtime == LLAMA:
+            row, ref_row = evaluate_gguf_candidate(plan.name, gguf_of(res.artifact), l.streamed(), ref, eval_ids, e)
+        else:
+            row, ref_row = evaluate_candidate(plan.name, lambda: open_candidate(res.artifact, l.device, l.dtype),
+                                              l.streamed(), ref, eval_ids, e)
         got["evaluation"] = {"perplexity": row.perplexity, "kl_divergence": row.kl_divergence,
-                             "top1_agreement": row.top1_agreement, "extra": row.extra,
+                             "top1_agreement": row.top1_agreement, "extra": row.extra, "runtime": runtime,
                              "ref": None if ref_row is None else dataclasses.asdict(ref_row)}
+        lap("evaluate")
         if e.speed:
             got["speed"] = candidate_speed(res.artifact, e, l.device.type)
+            lap("speed")
     return got
 
 

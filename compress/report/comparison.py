@@ -134,6 +134,10 @@ def executor_lines(ex: dict) -> list[str]:
              + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in ex["shared_object_bytes"].items()) + "."]
     for name, t in ex["tasks"].items():
         node = t.get("node") or {}
+        if t.get("kept_finished"):
+            lines.append(f"- {name}: kept from the interrupted run (--resume); evaluated by the driver on "
+                         f"{node.get('host', '?')}")
+            continue
         res = t.get("resources", {})
         lines.append(f"- {name}: node {node.get('host', '?')} ({str(node.get('node_id', '?'))[:12]}), "
                      f"{res.get('num_cpus')} CPU, {res.get('num_gpus')} GPU, {res.get('memory', 0) / 2**30:.2f} GiB asked; "

@@ -74,14 +74,9 @@ def evaluate_streams(
         if ref_row is None:
             ref_row = theirs
     for name, path in (llama or {}).items():  # GGUF files run by llama.cpp itself
-        from compress.evaluate.llamacpp import evaluate_gguf
-
-        pair = dict(ref_inputs=ref, ref_head=lambda: original.head_slices(ROWS),
-                    ref_softcap=_softcap_of(original)) if cfg.divergence else {}
-        st = evaluate_gguf(path, eval_ids, **pair)
-        rows[name] = EvalRow(name, st.perplexity, st.kl, st.top1)
-        if ref_row is None and st.ref_perplexity is not None:
-            ref_row = EvalRow("original", st.ref_perplexity, 0.0, 1.0)
+        rows[name], theirs = evaluate_gguf_candidate(name, path, original, ref, eval_ids, cfg)
+        if ref_row is None:
+            ref_row = theirs
     rows["original"] = ref_row if ref_row is not None else original_row(original, ref, eval_ids)
     return rows
 
@@ -108,6 +103,19 @@ def evaluate_candidate(name: str, open_model: Callable[[], StreamedModel], origi
         extra = quality_stats(st.ref_nll).as_metrics() if st.ref_nll is not None else {}
         ref_row = EvalRow("original", st.ref_perplexity, 0.0, 1.0, extra)
     return row, ref_row
+
+
+def evaluate_gguf_candidate(name: str, path: Path, original: StreamedModel, ref: torch.Tensor, eval_ids: torch.Tensor,
+                            cfg: EvaluateConfig) -> tuple[EvalRow, Optional[EvalRow]]:
+    """`evaluate_candidate` for a GGUF file run by llama.cpp itself (`runtime_of` says when),
+    scored against the same original head inputs. A Ray task calls this too."""
+    from compress.evaluate.llamacpp import evaluate_gguf
+
+    pair = dict(ref_inputs=ref, ref_head=lambda: original.head_slices(ROWS),
+                ref_softcap=_softcap_of(original)) if cfg.divergence else {}
+    st = evaluate_gguf(path, eval_ids, **pair)
+    ref_row = None if st.ref_perplexity is None else EvalRow("original", st.ref_perplexity, 0.0, 1.0)
+    return EvalRow(name, st.perplexity, st.kl, st.top1), ref_row
 
 
 def original_row(original: StreamedModel, ref: torch.Tensor, eval_ids: torch.Tensor) -> EvalRow:

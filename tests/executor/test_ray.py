@@ -124,3 +124,16 @@ def test_a_worker_killed_more_often_than_retried_fails_only_its_candidate(cluste
     assert not (out / "rtn-w4-g64").exists()  # nothing that looks like an artifact
     row = {r["name"]: r for r in rows(out)}["rtn-w4-g64"]
     assert row["status"] == "failed" and "died" in row["error"]
+
+
+def test_tasks_run_in_the_clusters_workers_when_those_import_this_compress(cluster):
+    """A one-node cluster started here inherits PYTHONPATH: asked once, tasks need no runtime_env
+    of their own (which would make Ray start another worker process); on a larger cluster this
+    process's PYTHONPATH goes with every task, its entries made absolute."""
+    from compress.executor.ray_run import worker_env
+
+    assert worker_env(ray, [{"CPU": 2}]) is None
+    entries = os.environ["PYTHONPATH"].split(os.pathsep)
+    assert worker_env(ray, [{"CPU": 2}, {"CPU": 2}]) == {
+        "env_vars": {"PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in entries)}}
+

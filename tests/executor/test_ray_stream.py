@@ -13,8 +13,11 @@ import pytest
 
 from compress.executor import stream
 from compress.executor.stream import Receiver, StreamError, artifact_files, send_folder
+from compress.config import parse_config
 from compress.formats.writer import MANIFEST, is_complete
+from compress.pipeline import run
 from test_ray import TWO, _run, cluster, kill, rows  # noqa: F401 (cluster: the module's Ray fixture)
+from tiny_models import run_config
 
 ray = pytest.importorskip("ray")
 STREAM = {"kind": "ray", "artifacts": "stream", "max_retries": 1}
@@ -118,18 +121,55 @@ def test_a_streamed_multi_file_artifact_is_what_a_local_run_writes(cluster, mode
     if export["format"] == "onnx":
         pytest.importorskip("onnxruntime")
     kill(cluster)
-    # llama.cpp's figures differ between a local run and a Ray task (in shared mode too; not
-    # looked into here):
-    # the torch view is evaluated here, so the rows can be compared
-    sections = dict(quantize=quantize, export=export, evaluate={"windows": 2, "gguf_runtime": "torch"})
+    # A GGUF file is evaluated in llama.cpp where it is installed, by the local run and the task alike
+    runtime = "auto" if export["format"] == "gguf" else "torch"
+    sections = dict(quantize=quantize, export=export, evaluate={"windows": 2, "gguf_runtime": runtime})
     local = _run(model_dir, text_file, tmp_path / "local", **sections)
     (name,) = local.candidates
-    _run(model_dir, text_file, tmp_path / "stream", executor=STREAM, **sections)
+    remote = _run(model_dir, text_file, tmp_path / "stream", executor=STREAM, **sections)
     big = max((tmp_path / "local" / name).rglob("*"), key=lambda p: p.stat().st_size)
     assert big.suffix in (".gguf", ".data") and big.stat().st_size > 2 * 64 * 1024  # the data file took chunks
     assert files(tmp_path / "stream" / name) == files(tmp_path / "local" / name)
     got, want = rows(tmp_path / "stream"), rows(tmp_path / "local")
     assert [{k for k in a if a.get(k) != b.get(k)} for a, b in zip(got, want)] == [set()] * len(want)
+    if export["format"] == "gguf":
+        from compress.evaluate.llamacpp import available
+
+        assert remote.candidates[name].metrics.runtime == local.candidates[name].metrics.runtime == \
+            ("llama.cpp" if available() else "torch")
+
+
+@pytest.mark.parametrize("artifacts", ["stream", "shared"])
+def test_a_resumed_sweep_keeps_finished_candidates_and_runs_the_failed_one(cluster, shared_two, model_dir,  # noqa: F811
+                                                                           text_file, tmp_path, artifacts):
+    """--resume after a sweep where one candidate failed: the finished one is kept (not run or
+    streamed again), the failed one runs, and the result is the uninterrupted run's."""
+    executor = {"kind": "ray", "artifacts": artifacts, "max_retries": 0}
+    cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", candidates=TWO, executor=executor))
+    out = tmp_path / "out"
+    kill(cluster, **{"rtn-w4-g64": 5})  # its worker dies at block 1, and no retry is allowed
+    first = run(cfg)
+    assert first.candidates["rtn-w4-g64"].error and not (out / "rtn-w4-g64").exists()
+    weights = out / "rtn-w8-ch" / "model.safetensors"
+    before = weights.stat()
+    kill(cluster)
+    ctx = run(cfg, resume=True)
+    assert not any(r.error for r in ctx.candidates.values())
+    after = weights.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # kept, not rewritten
+    for name in ("rtn-w4-g64", "rtn-w8-ch"):
+        assert is_complete(out / name, check_hashes=True)
+        assert files(out / name) == files(shared_two / name)
+    assert rows(out) == rows(shared_two)
+    tasks = json.loads((out / "comparison.json").read_text())["executor"]["tasks"]
+    if artifacts == "shared":  # the failed candidate's stored block 0 is on the shared folder too
+        assert tasks["rtn-w4-g64"]["resumed_at_block"] == 1
+    else:  # its blocks were in the dead worker's scratch folder: it starts again from block 0
+        assert tasks["rtn-w4-g64"]["resumed_at_block"] is None
+        assert tasks["rtn-w8-ch"]["kept_finished"] and "artifact_bytes" not in tasks["rtn-w8-ch"]
+        assert tasks["rtn-w4-g64"]["attempts"] == 1 and tasks["rtn-w4-g64"]["artifact_bytes"] > 0
+        assert "rtn-w8-ch: kept from the interrupted run" in (out / "comparison.md").read_text()
+    assert not (out / ".resume").exists()  # nothing left to resume
 
 
 def _items(folder: Path, chunk: int) -> list[dict]:
@@ -191,3 +231,4 @@ def test_a_receiver_refuses_a_stream_that_does_not_add_up(artifact, tmp_path, fa
     assert list((tmp_path / "out").iterdir())[0].name.startswith(".a.partial-")  # never complete-looking
     r.abort()
     assert list((tmp_path / "out").iterdir()) == []
+
