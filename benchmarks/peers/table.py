@@ -95,7 +95,7 @@ def write_results(results_dir: Path, done: dict, metrics: dict, protocol: dict, 
         "as each tool times it; `peak RSS` is the whole quantizing process (load, calibration, quantize, save). "
         "Ours: `compress gptq` rows use our defaults (damping 0.05, MSE range clip, static groups), with "
         "desc_act on unless the row says `no-act`; AWQ and SmoothQuant rows use their defaults (AWQ: duo "
-        "scaling, 20-point grid, no clip search; SmoothQuant: alpha 0.5). Peers use their defaults with the "
+        "scaling, 20-point grid searched on the first 16 calibration windows, clip search on; SmoothQuant: alpha 0.5). Peers use their defaults with the "
         "bits and group size shown.\n\n"
         + head + "\n".join(body) + "\n\n"
         + "\n".join(awq_ratios(done, metrics) if stem == "awq-peers" else ratios(done, metrics)) + "\n"
