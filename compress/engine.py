@@ -15,6 +15,7 @@ one block plus the activations of the windows in flight.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -198,64 +199,53 @@ class StreamedModel(ModelWeights):
         projection) and stops there. The forward's embedding output is discarded by the proxies,
         but it still runs: through the compact table, so the full embedding's pages are not
         faulted in."""
-        last = self.n_blocks - 1
-        got: dict[str, torch.Tensor] = {}
         current: dict[str, torch.Tensor] = {}
-
-        def hook(i, hidden, args, kwargs):
-            return current["h"] if i == last else hidden
-
-        def grab(module, args):
-            got["x"] = args[0]
-            raise _Stop
-
-        handle = self.model.get_output_embeddings().register_forward_pre_hook(grab)
-        self._with_proxies(hook)
-        try:
-            with self._compact_embedding(input_ids) as ids:
-                for w in range(ids.shape[0]):
-                    current["h"] = final_hidden.read(w, w + 1)
-                    try:
-                        self.model(input_ids=ids[w : w + 1].to(self.device), use_cache=False)
-                    except _Stop:
-                        pass
-                    x = got.pop("x")
-                    current.pop("h")
-                    yield w, x
-        finally:
-            handle.remove()
-            self._restore()
+        with self._to_head_input(current) as run, self._compact_embedding(input_ids) as ids:
+            for w in range(ids.shape[0]):
+                current["h"] = final_hidden.read(w, w + 1)
+                x = run(ids[w : w + 1])
+                current.pop("h")
+                yield w, x
 
     def head_input_backward(self, final_hidden: torch.Tensor, input_ids: torch.Tensor,
                             grad_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """For one window: the gradient at the last block's output ``final_hidden`` [1, L, D]
         of a loss whose gradient at the lm_head's input x is ``grad_of(x)``, back through the
         model's own final norm (as `head_inputs`, differentiably)."""
-        last = self.n_blocks - 1
         h = final_hidden.detach().requires_grad_(True)
+        with self._to_head_input({"h": h}) as run, self._compact_embedding(input_ids) as ids, torch.enable_grad():
+            x = run(ids)
+            (g,) = torch.autograd.grad(x, h, grad_of(x.detach()))
+        return g
+
+    @contextmanager
+    def _to_head_input(self, final: dict[str, torch.Tensor]):
+        """``run(ids)``: the model's own forward on ``ids`` with the last block's output replaced
+        by ``final["h"]``, stopped at the lm_head's input, which it returns."""
+        last = self.n_blocks - 1
         got: dict[str, torch.Tensor] = {}
 
         def hook(i, hidden, args, kwargs):
-            return h if i == last else hidden
+            return final["h"] if i == last else hidden
 
         def grab(module, args):
             got["x"] = args[0]
             raise _Stop
 
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            try:
+                self.model(input_ids=ids.to(self.device), use_cache=False)
+            except _Stop:
+                pass
+            return got.pop("x")
+
         handle = self.model.get_output_embeddings().register_forward_pre_hook(grab)
         self._with_proxies(hook)
         try:
-            with self._compact_embedding(input_ids) as ids, torch.enable_grad():
-                try:
-                    self.model(input_ids=ids.to(self.device), use_cache=False)
-                except _Stop:
-                    pass
-                x = got["x"]
-                (g,) = torch.autograd.grad(x, h, grad_of(x.detach()))
+            yield run
         finally:
             handle.remove()
             self._restore()
-        return g
 
     def materialize_all(self) -> nn.Module:
         """The whole model in memory (for generation speed only; never for calibration)."""
