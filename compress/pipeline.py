@@ -111,6 +111,9 @@ def _check_format(cfg: RunConfig, plans: list[Plan]) -> None:
         if p.q.lm_head is not None and (why := fmt.check_head(p.q.lm_head.spec(p.q), cfg.export)):
             which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
             raise ConfigError(f"quantize.lm_head: export.format {fmt.name}: {why}{which}")
+        if p.q.embedding is not None and (why := fmt.check_embedding(p.q.embedding.spec(p.q), cfg.export)):
+            which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
+            raise ConfigError(f"quantize.embedding: export.format {fmt.name}: {why}{which}")
     try:
         config = source_config(cfg.model)
     except CheckpointError:

@@ -34,4 +34,5 @@ def open_artifact(
         config, fmt.open_checkpoint(path, config), device, dtype,
         patch_block=fmt.patcher(qcfg, dtype if dense else None, prefix), stored_outer=dense,
         patch_head=fmt.patcher(qcfg, None, prefix),  # a quantized head stays packed; read a slice at a time
+        read_embedding=lambda name, t: fmt.read_embedding(qcfg, name, t),
     )

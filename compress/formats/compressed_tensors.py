@@ -58,7 +58,9 @@ def _offset(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-def linear_tensors(lin: QuantizedLinear, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def linear_tensors(lin: QuantizedLinear, scale_dtype: torch.dtype, lookup: bool = False) -> dict[str, torch.Tensor]:
+    """The layer's tensors; `lookup`: an embedding table, int-quantized (8-bit symmetric, any
+    group size: weight-only, as transformers loads an embedding)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     qw, p = lin.weight, lin.name
@@ -71,6 +73,13 @@ def linear_tensors(lin: QuantizedLinear, scale_dtype: torch.dtype) -> dict[str, 
         raise ValueError(f"{p}.weight_scale: a scale underflows to 0 in {scale_dtype}")
     off = _offset(qw.bits)
     q = (qw.codes.to(torch.int16) - off).to(torch.int8)
+    if lookup:
+        if (qw.bits, qw.sym) != (8, True):
+            raise ValueError(f"{p}: an int-quantized embedding holds 8-bit symmetric codes, not {qw.bits}-bit "
+                             f"{'symmetric' if qw.sym else 'asymmetric'}")
+        if bool((qw.zeros.to(torch.int16) != off).any()):
+            raise ValueError(f"{p}: a symmetric grid must have zero point {off}")
+        return {f"{p}.weight": q.contiguous(), f"{p}.weight_scale": scales.to(scale_dtype).contiguous()}
     if lin.activations is not None:
         if (qw.bits, qw.group_size, qw.sym) != (8, -1, True) or lin.activations != W8A8:
             raise ValueError(f"{p}: int-quantized holds int8 per-channel symmetric weights with dynamic "
@@ -193,6 +202,27 @@ class CompressedTensorsFormat(Format):
     def check_head(self, spec: QuantSpec, export: Any) -> Optional[str]:
         return None  # the head is one more target of a config group, out of `ignore`
 
+    def check_embedding(self, spec: QuantSpec, export: Any) -> Optional[str]:
+        # transformers (5.17) loads a quantized embedding only in the int-quantized layout, which
+        # keeps `weight`: its weight init reads `module.weight` of every nn.Embedding, which a
+        # pack-quantized table no longer has. vLLM reads no quantized embedding at all.
+        if (spec.bits, spec.sym) != (8, True):
+            return (f"compressed-tensors stores a quantized embedding as int-quantized 8-bit symmetric (what "
+                    f"transformers loads), not {spec.bits}-bit {'symmetric' if spec.sym else 'asymmetric'}; "
+                    "set bits: 8, sym: true")
+        return None
+
+    def embedding_tensors(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return linear_tensors(QuantizedLinear(name, weight, QuantSpec(weight.bits, weight.group_size, weight.sym)),
+                              dtype, lookup=True)
+
+    def embedding_bytes(self, shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype) -> int:
+        out_f, in_f = shape  # int8 codes, one scale per group
+        return out_f * in_f + dtype.itemsize * out_f * spec.groups_for(in_f)
+
+    def read_embedding(self, qcfg: dict[str, Any], name: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        return read_linear(tensors, _scheme_lookup(qcfg)(name)["weights"], name)[0]
+
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return linear_tensors(lin, dtype)
 
@@ -217,15 +247,18 @@ class CompressedTensorsFormat(Format):
         by_key: dict[tuple, list[LayerScheme]] = {}
         for s in layers:
             by_key.setdefault(s.key, []).append(s)
-        base_key = (base.bits, base.group_size, base.sym, base.activations, None)  # LayerScheme.key; no GGUF grid here
+        # LayerScheme.key; no GGUF grid here, and the plan's grid is a linear's
+        base_key = (base.bits, base.group_size, base.sym, base.activations, None, False)
         keys = sorted(by_key, key=lambda k: (k != base_key, str(k)))
         groups = {}
         for g, k in enumerate(keys):
             members = by_key[k]
             targets = ["Linear"] if k == base_key else [s.name for s in members]
+            lookup = members[0].lookup  # an embedding: weight-only int-quantized (`linear_tensors`)
             groups[f"group_{g}"] = QuantizationScheme(
-                targets=targets, weights=_weights_args(members[0], actorder),
-                input_activations=_activation_args(members[0]), format=layer_format(members[0].activations),
+                targets=targets, weights=_weights_args(members[0], actorder and not lookup),
+                input_activations=_activation_args(members[0]),
+                format=INT if lookup else layer_format(members[0].activations),
             )
         formats = {g.format for g in groups.values()}
         qc = QuantizationConfig(

@@ -39,16 +39,17 @@ class LayerScheme:
     permuted: bool  # g_idx not the plain column order (act-order with dynamic groups)
     activations: Optional[ActivationScheme] = None
     gguf_grid: Optional[str] = None  # a GGUF block grid (k-quants, Q5_0, ...): `BlockQuantWeight`
+    lookup: bool = False  # an embedding table (`quantize.embedding`), not a linear
 
     @classmethod
-    def of(cls, lin: QuantizedLinear) -> "LayerScheme":
+    def of(cls, lin: QuantizedLinear, lookup: bool = False) -> "LayerScheme":
         w = lin.weight
         return cls(lin.name, w.bits, w.group_size, w.sym, w.desc_act, lin.activations,
-                   getattr(w, "grid_name", None))
+                   getattr(w, "grid_name", None), lookup)
 
     @property
     def key(self) -> tuple:
-        return (self.bits, self.group_size, self.sym, self.activations, self.gguf_grid)
+        return (self.bits, self.group_size, self.sym, self.activations, self.gguf_grid, self.lookup)
 
 
 # (block, block index, the block's tensors by local name) -> names of the modules it replaced.
@@ -124,6 +125,25 @@ class Format:
         None when it can); checked at preflight, before the model is read. Shapes are then
         checked by `check` like any layer. Default: the format keeps the head in float."""
         return f"{self.name} artifacts keep the lm_head in export.dtype; remove quantize.lm_head"
+
+    def check_embedding(self, spec: QuantSpec, export: Any) -> Optional[str]:
+        """Why this format cannot store the input embedding quantized on `spec`
+        (`quantize.embedding`; None when it can), at preflight. Default: it keeps it in float."""
+        return f"{self.name} artifacts keep the embedding in export.dtype; remove quantize.embedding"
+
+    def embedding_tensors(self, name: str, weight: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A quantized embedding's tensors (`name` the module's full name) for `weight`, which may
+        be a slice of the table's rows: every tensor is laid out by row along dim 0, so slices
+        concatenate. Only formats whose `check_embedding` accepts a spec are asked."""
+        raise NotImplementedError
+
+    def embedding_bytes(self, shape: tuple[int, int], spec: QuantSpec, dtype: torch.dtype) -> int:
+        """Bytes of `embedding_tensors` for a [vocab, hidden] table, without quantizing."""
+        raise NotImplementedError
+
+    def read_embedding(self, qcfg: dict[str, Any], name: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """Inverse of `embedding_tensors` (`tensors` keyed by local suffix: `weight`, `weight_scale`)."""
+        raise NotImplementedError
 
     def check_plan(self, specs: dict[str, QuantSpec]) -> Optional[str]:
         """Why this format cannot hold the plan's layers together (None when it can): for a

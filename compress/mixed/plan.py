@@ -88,24 +88,43 @@ def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list
 
 
 def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None) -> int:
-    """Bytes of every artifact tensor that is not a slot's, as the exporter writes them; with
-    `q.lm_head`, the head as `fmt` stores it quantized (beside a tied embedding)."""
-    from compress.stages.export import outer_state
-
-    def size(t: torch.Tensor) -> int:
-        return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
-
-    head = sm._head_name() if q is not None and q.lm_head is not None else None
-    total = sum(size(t) for n, t in outer_state(sm) if n != f"{head}.weight")
-    if head is not None:
-        mod = sm.model.get_output_embeddings()
-        total += fmt.linear_bytes(tuple(mod.weight.shape), q.lm_head.spec(q), mod.bias is not None, dtype)
+    """Bytes of every artifact tensor that is not a slot's, as the exporter writes them: the
+    embedding and head as `q.embedding` / `q.lm_head` have `fmt` store them (`outer_bytes`)."""
+    emb = head = None
+    if q is not None:
+        emb = None if q.embedding is None else q.embedding.spec(q)
+        head = None if q.lm_head is None else q.lm_head.spec(q)
+    total = outer_bytes(sm, dtype, fmt, emb, head)
     for i in range(sm.n_blocks):
         prefix = f"{sm.block_prefix}{i}."
         for name, t in sm.templates[i].state_dict().items():
             if prefix + name.rsplit(".", 1)[0] not in slot_names:
-                total += size(t)
+                total += _size(t, dtype)
     return total
+
+
+def _size(t: torch.Tensor, dtype: torch.dtype) -> int:
+    return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+
+
+def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], head: Optional[QuantSpec]) -> int:
+    """Bytes of the tensors outside the blocks with the input embedding and the lm_head stored on
+    `embedding` / `head` by `fmt` (None: in `dtype`), as the exporter writes them: a tied table
+    once, unless the embedding is quantized (the head is then its own tensor)."""
+    from compress.stages.export import outer_state
+
+    model = sm.model
+    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {m: n for n, m in model.named_modules() if m is emb_mod or m is head_mod}
+    skip = set()
+    total = 0
+    if embedding is not None:
+        skip.add(f"{names[emb_mod]}.weight")
+        total += fmt.embedding_bytes(tuple(emb_mod.weight.shape), embedding, dtype)
+    if head is not None:
+        skip.add(f"{names[head_mod]}.weight")
+        total += fmt.linear_bytes(tuple(head_mod.weight.shape), head, head_mod.bias is not None, dtype)
+    return total + sum(_size(t, dtype) for n, t in outer_state(sm, untie=embedding is not None) if n not in skip)
 
 
 def budget(target: Target, cfg, config, all_slots: list[Slot], fixed: int) -> Budget:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -61,6 +61,7 @@ class ModelWeights:
         load_outer: bool = True,
         stored_outer: bool = False,
         patch_head: Optional[BlockPatcher] = None,
+        read_embedding: Optional[Callable[[str, dict[str, torch.Tensor]], Any]] = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -71,6 +72,9 @@ class ModelWeights:
         self.patch_block = patch_block
         # a quantized lm_head's module (default: as the blocks'); called with index None
         self.patch_head = patch_head or patch_block
+        # a quantized embedding's codes (`quantize.embedding`) -> its QuantizedWeight, by the format
+        self.read_embedding = read_embedding
+        self.embedding_quantized = False  # set when the outer modules are materialized
         config = _strip_quant(config)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -189,7 +193,8 @@ class ModelWeights:
             _init_nonpersistent(model, model)
             keep = frozenset(stored_outer_names(model)) if self.stored_outer else frozenset()
             self.head_patched = self._patch_head(model)
-            self._load_into(model, "", keep=keep, patched=self.head_patched)
+            emb = self._quantized_embedding(model)
+            self._load_into(model, "", keep=keep, patched=self.head_patched + emb)
             if model.get_output_embeddings() is not None and self._is_tied_missing():
                 model.get_output_embeddings().weight = model.get_input_embeddings().weight
             if self.stored_outer:
@@ -210,6 +215,26 @@ class ModelWeights:
         if not stored:
             return ()
         return tuple(self.patch_head(model, None, self.checkpoint.load(stored, device=self.device)))
+
+    def _quantized_embedding(self, model: nn.Module) -> tuple[str, ...]:
+        """An artifact's quantized input embedding (its codes under the weight's own name, beside
+        a `weight_scale`) dequantized into the module, in the checkpoint's scale dtype, or the
+        compute dtype; the module's name, which the caller then leaves alone."""
+        emb = model.get_input_embeddings()
+        ck = self._weight_ckpt_name(emb)
+        if self.read_embedding is None or ck is None or ck[: -len("weight")] + "weight_scale" not in self.checkpoint.index:
+            return ()
+        name = next(n for n, m in model.named_modules() if m is emb)
+        base = ck[: -len("weight")]
+        stored = {k[len(base):]: v for k, v in self.checkpoint.load(self.checkpoint.names(base), device=self.device).items()}
+        qw = self.read_embedding(name, stored)
+        if tuple(qw.codes.shape) != tuple(emb.weight.shape):
+            raise CheckpointError(f"{self.checkpoint.root}: quantized embedding '{ck}' has shape {tuple(qw.codes.shape)}, "
+                                  f"the model's is {tuple(emb.weight.shape)}")
+        dtype = stored["weight_scale"].dtype if self.stored_outer else self.dtype
+        emb.weight = nn.Parameter(qw.dequantize(dtype), requires_grad=False)
+        self.embedding_quantized = True
+        return (name,)
 
     def release_outer(self, keep_head_path: bool = False) -> None:
         """Free the outer modules' weights (embeddings, final norm, head). For the quantize
@@ -253,8 +278,8 @@ class ModelWeights:
         kernel maps neighbouring pages on each fault), the largest tensor of a small model."""
         emb = self.model.get_input_embeddings()
         ck = self._weight_ckpt_name(emb)
-        if ck is None or self.checkpoint.pickled or not isinstance(emb, nn.Embedding):
-            yield input_ids  # e.g. a tied weight stored only under the head's name
+        if ck is None or self.checkpoint.pickled or not isinstance(emb, nn.Embedding) or self.embedding_quantized:
+            yield input_ids  # e.g. a tied weight stored only under the head's name; a dequantized table
             return
         vocab = emb.weight.shape[0]
         uniq, inverse = torch.unique(input_ids, return_inverse=True)

@@ -196,14 +196,15 @@ class OuterQuant(StrictModel):
             return self.rounding
         return "gptq" if isinstance(plan, CalibratedConfig) else "rtn"
 
-    def label(self, plan: "MethodConfig", what: str) -> str:
+    def label(self, plan: "MethodConfig", what: str, rounded: bool = True) -> str:
         """Candidate-name part: `head8`, plus the group, grid and rounding where they differ from
-        the plan's (the rounding: from the method's natural choice, `rounding_for`)."""
+        the plan's (the rounding: from the method's natural choice, `rounding_for`; none where
+        there is no choice, `rounded=False`: the embedding)."""
         s = self.spec(plan)
         gs = "" if s.group_size == plan.group_size else ("ch" if s.group_size == -1 else f"g{s.group_size}")
         grid = "" if s.sym == bool(plan.sym) else ("sym" if s.sym else "asym")
         natural = OuterQuant(bits=self.bits).rounding_for(plan)
-        rounding = "" if self.rounding_for(plan) == natural else self.rounding_for(plan)
+        rounding = "" if not rounded or self.rounding_for(plan) == natural else self.rounding_for(plan)
         return f"{what}{s.bits}{gs}{grid}{rounding}"
 
 
@@ -233,6 +234,11 @@ class MethodConfig(StrictModel):
         "plan's); a tied embedding stays in export.dtype for the lookup and the artifact stores the "
         "head as its own tensor. Default: the head stays in export.dtype",
     )
+    embedding: Optional[OuterQuant] = Field(
+        None, description="Quantize the input embedding too (bits, group_size, sym; rounded to nearest: a "
+        "lookup has no Hessian). The artifact unties a tied head, which is then stored as quantize.lm_head "
+        "says (else in export.dtype). Default: the embedding stays in export.dtype",
+    )
 
     @model_validator(mode="after")
     def _head_rounding_has_statistics(self) -> "MethodConfig":
@@ -244,6 +250,10 @@ class MethodConfig(StrictModel):
                 f"gptq needs the Hessian of the head's inputs over the calibration windows, which method "
                 f"'{self.method}' does not collect; choose a calibrated method (gptq, awq: their head rounds "
                 f"by GPTQ by default) or rounding: rtn"))
+        if self.embedding is not None and self.embedding.rounding == "gptq":
+            raise _error_at(type(self).__name__, ("embedding", "rounding"), "gptq", (
+                "the embedding is a lookup, with no inputs to weigh its rounding by; use rounding: rtn "
+                "(or leave it out)"))
         return self
 
     def spec(self, bits: int, group_size: int, sym: bool) -> QuantSpec:

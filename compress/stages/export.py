@@ -95,6 +95,7 @@ class Exporter:
         self.quantized_params = 0
         self.quantized_bytes = 0
         self.head: Optional[dict] = None  # the quantized lm_head, for the manifest
+        self.embedding: Optional[dict] = None  # the quantized embedding, for the manifest
         self.head_reports: list = []  # its LayerReport, after the blocks'
         self._head_src: Optional[tuple[str, str, bool, tuple[int, int]]] = None  # `_head_source`
         try:
@@ -121,12 +122,15 @@ class Exporter:
         # Linears outside the blocks (the lm_head) stay in float: formats that quantize every
         # Linear by class (compressed-tensors) must be told to leave them alone.
         head = self.sm._head_name() if self.plan.q.lm_head is not None else None
+        emb = self._embedding_name() if self.plan.q.embedding is not None else None
         with self.sm._outer_only() as outer:
             self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n != head]
-        for name, t in outer_state(self.sm):
-            if name == f"{head}.weight":
-                continue  # written quantized by `write_head`
+        for name, t in outer_state(self.sm, untie=emb is not None):
+            if name in (f"{head}.weight", f"{emb}.weight"):
+                continue  # written quantized by `write_head`, `_write_embedding`
             ck = self.sm.ckpt_name(name)
+            if ck is None and emb is not None and name == f"{self.sm._head_name()}.weight":
+                ck = self.sm.ckpt_name(f"{emb}.weight")  # a tied head, untied: the embedding's float rows
             if ck is None:
                 raise ValueError(f"{ckpt.root}: tensor '{name}' is missing from the checkpoint")
             dtype = self.dtype if t.is_floating_point() else t.dtype
@@ -136,12 +140,50 @@ class Exporter:
             rows = range(0, t.shape[0], rows_per_slice)
             slices = (self._cast(ckpt.load_rows(ck, s, s + rows_per_slice)) for s in rows)
             self.writer.add_tensor_chunks(name, dtype, tuple(t.shape), slices)
+        if emb is not None:
+            self._write_embedding(emb, rows_per_slice)
         if head is not None:
             # A head rounded by GPTQ waits for the Hessian of its inputs: the caller writes it
             # (`write_head`) once the block walk has produced that.
             self._head_src = self._head_source(head)
             if not self.needs_head_hessian:
                 self.write_head()
+
+    def _embedding_name(self) -> str:
+        emb = self.sm.model.get_input_embeddings()
+        return next(n for n, m in self.sm.model.named_modules() if m is emb)
+
+    def _write_embedding(self, name: str, rows_per_slice: int) -> None:
+        """`quantize.embedding`: the table rounded to nearest on its grid (groups run along the
+        hidden size, so a slice of rows rounds as the whole table would), read from the checkpoint
+        and written a slice of rows at a time, one stored tensor after another."""
+        from compress.quantizers.rtn import round_to_nearest
+
+        q, ckpt = self.plan.q, self.sm.checkpoint
+        spec = q.embedding.spec(q)
+        ck = self.sm.ckpt_name(f"{name}.weight")
+        vocab, hidden = tuple(self.sm.model.get_input_embeddings().weight.shape)
+        spec.check_divides(hidden, name)
+        err = {"num": 0.0, "den": 0.0}
+
+        def tensors(s: int, measure: bool = False) -> dict[str, torch.Tensor]:
+            W = ckpt.load_rows(ck, s, s + rows_per_slice).float()
+            qw = round_to_nearest(W, spec)
+            if measure:
+                err["num"] += float((qw.dequantize(torch.float32) - W).pow(2).sum())
+                err["den"] += float(W.pow(2).sum())
+            return self.format.embedding_tensors(name, qw, self.dtype)
+
+        starts = range(0, vocab, rows_per_slice)
+        nbytes = 0
+        for k, (key, t) in enumerate(tensors(0).items()):  # one pass over the rows per stored tensor
+            shape = (vocab, *t.shape[1:])
+            self.writer.add_tensor_chunks(key, t.dtype, shape, (tensors(s, measure=k == 0)[key] for s in starts))
+            nbytes += t.element_size() * int(torch.Size(shape).numel())
+        self.layers.append(LayerScheme(name, spec.bits, spec.group_size, spec.sym, False, lookup=True))
+        self.embedding = {"name": name, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
+                          "rounding": "rtn", "bytes": nbytes,
+                          "weight_rel_error": (err["num"] / err["den"]) ** 0.5 if err["den"] else 0.0}
 
     @property
     def needs_head_hessian(self) -> bool:
@@ -256,8 +298,8 @@ class Exporter:
         config = self.loaded.config.to_dict()
         config["quantization_config"] = qcfg
         config["dtype"] = self.cfg.export.dtype
-        if self.head is not None and self.head["untied_from_embedding"]:
-            config["tie_word_embeddings"] = False  # the head is its own (quantized) tensor now
+        if (self.head is not None and self.head["untied_from_embedding"]) or self.embedding is not None:
+            config["tie_word_embeddings"] = False  # the head is its own tensor now (quantized, or float)
         for name, content in self.format.side_files(qcfg).items():
             self.writer.add_file(name, content)
         if self.format.copies_side_files:
@@ -275,6 +317,8 @@ class Exporter:
         }
         if self.head is not None:
             manifest["quantization"]["lm_head"] = self.head
+        if self.embedding is not None:
+            manifest["quantization"]["embedding"] = self.embedding
         return self.writer.finish(config, manifest)
 
     def abort(self) -> None:
@@ -367,11 +411,12 @@ def _keep_finished(ctx, res, saved) -> bool:
     return True
 
 
-def outer_state(sm: StreamedModel) -> list[tuple[str, torch.Tensor]]:
-    """The tensors outside the block list that an artifact stores (a tied lm_head once)."""
+def outer_state(sm: StreamedModel, untie: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """The tensors outside the block list that an artifact stores (a tied lm_head once, unless
+    `untie`: a quantized embedding leaves the head its own tensor)."""
     model = sm.model
     out_emb = model.get_output_embeddings()
-    tied = out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
+    tied = not untie and out_emb is not None and out_emb.weight is model.get_input_embeddings().weight
     # transformers re-ties lm_head to the embedding on load; storing it twice is waste
     tied_name = f"{[n for n, m in model.named_modules() if m is out_emb][0]}.weight" if tied else None
     return [(n, t) for n, t in model.state_dict().items() if not n.startswith(sm.block_prefix) and n != tied_name]

@@ -295,7 +295,17 @@ def _layer_scheme_error(sm: StreamedModel, plan, fmt) -> Optional[str]:
 
 
 def _head_scheme_error(sm: StreamedModel, plan, fmt) -> Optional[str]:
-    """`quantize.lm_head` against the head's shape, as `_layer_scheme_error` checks a block linear."""
+    """`quantize.lm_head` (and `quantize.embedding`) against the head's (the embedding's) shape,
+    as `_layer_scheme_error` checks a block linear."""
+    if plan.q.embedding is not None:
+        emb = sm.model.get_input_embeddings()
+        spec = plan.q.embedding.spec(plan.q)
+        hidden = emb.weight.shape[1]
+        if not isinstance(emb, torch.nn.Embedding):
+            return f"quantize.embedding: the input embedding is a {type(emb).__name__}, not an nn.Embedding"
+        if spec.group_size != -1 and hidden % spec.group_size:
+            return (f"quantize.embedding.group_size: {spec.group_size} does not divide the embedding's width "
+                    f"{hidden} (candidate '{plan.name}')")
     if plan.q.lm_head is None:
         return None
     name = sm._head_name()

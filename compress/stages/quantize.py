@@ -60,6 +60,8 @@ def candidate_name(q: MethodConfig) -> str:
         parts.append(q.target.label())
     if q.lm_head is not None:
         parts.append(q.lm_head.label(q, "head"))
+    if q.embedding is not None:
+        parts.append(q.embedding.label(q, "emb", rounded=False))
     return "-".join(parts)
 
 
