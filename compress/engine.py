@@ -89,9 +89,11 @@ class StreamedModel(ModelWeights):
             self.layers[i] = t
 
     @torch.no_grad()
-    def embed(self, input_ids: torch.Tensor, spool_dir: Optional[Path] = None) -> WindowStream:
+    def embed(self, input_ids: torch.Tensor, spool_dir: Optional[Path] = None,
+              rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> WindowStream:
         """Inputs of block 0 for each window ``input_ids[w]``, as a stream (in memory, or in a
-        temporary file under `spool_dir`); records every block's call."""
+        temporary file under `spool_dir`); records every block's call. `rows` maps embedding
+        rows to the rows looked up instead (a quantized table's, for its sensitivity)."""
         calls: list[Optional[LayerCall]] = [None] * self.n_blocks
         stream = WindowStream(input_ids.shape[0], self.device, spool_dir)
         at = {"w": 0}
@@ -107,7 +109,7 @@ class StreamedModel(ModelWeights):
 
         self._with_proxies(hook)
         try:
-            with self._compact_embedding(input_ids) as ids:
+            with self._compact_embedding(input_ids, rows=rows) as ids:
                 for w in range(ids.shape[0]):
                     at["w"] = w
                     try:

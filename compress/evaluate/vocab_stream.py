@@ -161,11 +161,13 @@ def vocab_metrics(
 
 
 def kl_divergences(ref_inputs: torch.Tensor, inputs: list[torch.Tensor], head: HeadSlices,
-                   softcap: Optional[float] = None) -> list[float]:
+                   softcap: Optional[float] = None,
+                   weights: Optional[list[Callable[[torch.Tensor], torch.Tensor]]] = None) -> list[float]:
     """Mean KL(reference || model), over every position, for several models that share the
     reference's head and differ only in their head inputs (each ``[windows, L, hidden]``, as
     ``ref_inputs``): the head is read once and the reference's logits computed once per tile,
-    so n models cost n + 1 logit passes instead of 2n (`compress.mixed.block_kl`)."""
+    so n models cost n + 1 logit passes instead of 2n (`compress.mixed.block_kl`). With
+    `weights`, model i's head rows are ``weights[i](rows)`` instead (a quantized head's)."""
     xr = ref_inputs.reshape(-1, ref_inputs.shape[-1])
     xs = [x.reshape(xr.shape) for x in inputs]
     n, dev = xr.shape[0], xr.device
@@ -174,12 +176,13 @@ def kl_divergences(ref_inputs: torch.Tensor, inputs: list[torch.Tensor], head: H
     cands = [_Running(n, dev) for _ in xs]
     ts = [torch.zeros(n, dtype=torch.float32, device=dev) for _ in xs]  # sum exp(a - m_a) (a - b)
     for start, wt, bias in head():
+        wts = [wt] * len(xs) if weights is None else [f(wt) for f in weights]
         for p0 in range(0, n, POSITIONS):
             sl = slice(p0, min(p0 + POSITIONS, n))
             a = _softcap(torch.nn.functional.linear(xr[sl], wt, bias).float(), softcap)
             rescale, e = ref.update(a, start, none[sl], sl)
-            for x, c, t in zip(xs, cands, ts):
-                b = _softcap(torch.nn.functional.linear(x[sl], wt, bias).float(), softcap)
+            for x, w, c, t in zip(xs, wts, cands, ts):
+                b = _softcap(torch.nn.functional.linear(x[sl], w, bias).float(), softcap)
                 c.update(b, start, none[sl], sl)
                 t[sl] = t[sl] * rescale + (e * (a - b)).sum(1)
     return [float((t / ref.s - ref.lse + c.lse).double().mean()) for c, t in zip(cands, ts)]

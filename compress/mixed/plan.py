@@ -35,6 +35,18 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class OuterSlot:
+    """The input embedding and the lm_head, chosen together: a tied table is stored once only
+    while the embedding stays in float. Each option is (embedding spec, head spec), None for
+    export.dtype; its bytes are every tensor outside the blocks (`outer_bytes`)."""
+
+    embedding: str  # module names
+    head: Optional[str]
+    options: tuple[tuple[Optional[QuantSpec], Optional[QuantSpec]], ...]
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Budget:
     slots_bytes: int  # what the slots may take together
     fixed_bytes: int  # the rest of what the target counts (0 for bits_per_weight)
@@ -87,14 +99,53 @@ def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list
     return out
 
 
-def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None) -> int:
+def outer_slot(sm, q: MethodConfig, fmt, dtype: torch.dtype, export) -> Optional[OuterSlot]:
+    """The embedding and head as one more slot of a byte budget (`target_options.outer_bits`),
+    or None when they are not options (bits_per_weight, a predictor not in KL units, no
+    option `fmt` can store). An explicit `quantize.embedding` / `quantize.lm_head` is kept."""
+    from itertools import product
+
+    bits = q.target_options.outer(q.target)
+    if not bits:
+        return None
+    o = q.target_options
+    sizes = o.group_sizes if o.group_sizes is not None else list(dict.fromkeys([q.group_size, -1]))
+    model = sm.model
+    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {m: n for n, m in model.named_modules() if m is emb_mod or m is head_mod}
+    hidden = emb_mod.weight.shape[1]
+    fits = lambda g: g == -1 or hidden % g == 0  # noqa: E731
+    if q.embedding is not None:
+        embs = [q.embedding.spec(q)]
+    else:
+        embs = [None] + [QuantSpec(b, g, sym) for b in bits for g in sizes for sym in dict.fromkeys([bool(q.sym), True])
+                         if fits(g) and fmt.check_embedding(QuantSpec(b, g, sym), export) is None]
+    if head_mod is None:
+        heads = [None]
+    elif q.lm_head is not None:
+        heads = [q.lm_head.spec(q)]
+    else:
+        shape = tuple(head_mod.weight.shape)
+        heads = [None] + [QuantSpec(b, g, bool(q.sym)) for b in bits for g in sizes
+                          if fits(g) and fmt.check_head(QuantSpec(b, g, bool(q.sym)), export) is None
+                          and fmt.check(names[head_mod], QuantSpec(b, g, bool(q.sym)), shape, False) is None]
+    options = tuple(product(embs, heads))
+    if len(options) < 2:
+        return None
+    return OuterSlot(names[emb_mod], names.get(head_mod), options,
+                     tuple(outer_bytes(sm, dtype, fmt, e, h) for e, h in options))
+
+
+def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None,
+                outer: bool = True) -> int:
     """Bytes of every artifact tensor that is not a slot's, as the exporter writes them: the
-    embedding and head as `q.embedding` / `q.lm_head` have `fmt` store them (`outer_bytes`)."""
+    embedding and head as `q.embedding` / `q.lm_head` have `fmt` store them (`outer_bytes`),
+    unless not `outer` (they are an `OuterSlot`)."""
     emb = head = None
     if q is not None:
         emb = None if q.embedding is None else q.embedding.spec(q)
         head = None if q.lm_head is None else q.lm_head.spec(q)
-    total = outer_bytes(sm, dtype, fmt, emb, head)
+    total = outer_bytes(sm, dtype, fmt, emb, head) if outer else 0
     for i in range(sm.n_blocks):
         prefix = f"{sm.block_prefix}{i}."
         for name, t in sm.templates[i].state_dict().items():

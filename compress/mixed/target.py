@@ -87,9 +87,28 @@ class TargetOptions(_Strict):
         "hold n_blocks + 1 of their hidden states)",
     )
 
-    @field_validator("bits", "group_sizes")
+    outer_bits: Optional[list[Literal[4, 8]]] = Field(
+        None, description="Bits the input embedding and the lm_head may take (on group_sizes), besides "
+        "staying in export.dtype, where export.format stores them quantized (compressed-tensors: an "
+        "8-bit symmetric embedding; a head on any grid). Their predicted loss is the whole-model KL "
+        "measured with only that tensor quantized, so they need a predictor in units of KL (block_kl, "
+        "fisher), and a byte budget (max_bytes, gpu). Default [4, 8] where that holds, else none; [] "
+        "keeps them as quantize.embedding and quantize.lm_head say",
+    )
+
+    @field_validator("bits", "group_sizes", "outer_bits")
     @classmethod
     def _unique(cls, v):
         if v is not None and len(set(v)) != len(v):
             raise ValueError(f"duplicate entries in {v}")
         return v
+
+
+    def outer(self, target: "Target") -> list[int]:
+        """The bits the embedding and head may take under `target` (see `outer_bits`)."""
+        if target.bits_per_weight is not None or self.predictor not in KL_PREDICTORS:
+            return []
+        return [4, 8] if self.outer_bits is None else list(self.outer_bits)
+
+
+KL_PREDICTORS = ("block_kl", "fisher")

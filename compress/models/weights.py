@@ -271,7 +271,8 @@ class ModelWeights:
         return block.eval()
 
     @contextlib.contextmanager
-    def _compact_embedding(self, input_ids: torch.Tensor, rows_per_slice: int = 4096):
+    def _compact_embedding(self, input_ids: torch.Tensor, rows_per_slice: int = 4096,
+                           rows: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         """The input embedding swapped for a table of only the rows `input_ids` use, read from
         the checkpoint slice by slice; yields the ids renumbered into that table. Looking rows
         up in the memory-mapped embedding itself would leave most of its pages resident (the
@@ -279,7 +280,16 @@ class ModelWeights:
         emb = self.model.get_input_embeddings()
         ck = self._weight_ckpt_name(emb)
         if ck is None or self.checkpoint.pickled or not isinstance(emb, nn.Embedding) or self.embedding_quantized:
-            yield input_ids  # e.g. a tied weight stored only under the head's name; a dequantized table
+            # e.g. a tied weight stored only under the head's name; a dequantized table
+            if rows is None:
+                yield input_ids
+                return
+            weight = emb.weight
+            emb.weight = nn.Parameter(rows(weight.detach()), requires_grad=False)
+            try:
+                yield input_ids
+            finally:
+                emb.weight = weight
             return
         vocab = emb.weight.shape[0]
         uniq, inverse = torch.unique(input_ids, return_inverse=True)
@@ -291,6 +301,8 @@ class ModelWeights:
             if sel.numel():
                 parts.append(self.checkpoint.load_rows(ck, s, s + rows_per_slice)[sel - s].to(emb.weight.dtype))
         table = torch.cat(parts).to(self.device) if parts else emb.weight[:0].to(self.device)
+        if rows is not None:
+            table = rows(table)
         weight, padding_idx = emb.weight, emb.padding_idx
         # padding_idx only shapes gradients; unset, as it may exceed the compact table's size.
         emb.weight, emb.padding_idx = nn.Parameter(table, requires_grad=False), None

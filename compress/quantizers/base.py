@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, U
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compress.mixed.target import Target, TargetOptions
+from compress.mixed.target import KL_PREDICTORS, Target, TargetOptions
 
 if TYPE_CHECKING:  # torch stays out of config parsing until a method module imports it
     import torch
@@ -250,6 +250,15 @@ class MethodConfig(StrictModel):
                 f"gptq needs the Hessian of the head's inputs over the calibration windows, which method "
                 f"'{self.method}' does not collect; choose a calibrated method (gptq, awq: their head rounds "
                 f"by GPTQ by default) or rounding: rtn"))
+        o = self.target_options
+        if o.outer_bits and o.predictor not in KL_PREDICTORS:
+            raise _error_at(type(self).__name__, ("target_options", "outer_bits"), o.outer_bits, (
+                f"the embedding's and head's predicted loss is a measured KL, which only predictors "
+                f"{', '.join(KL_PREDICTORS)} add to; predictor is {o.predictor!r}"))
+        if self.target is not None and self.target.bits_per_weight is not None and self.target_options.outer_bits:
+            raise _error_at(type(self).__name__, ("target_options", "outer_bits"), self.target_options.outer_bits, (
+                "bits_per_weight averages over the linears only; the embedding and head are options of a byte "
+                "budget (max_bytes, gpu)"))
         if self.embedding is not None and self.embedding.rounding == "gptq":
             raise _error_at(type(self).__name__, ("embedding", "rounding"), "gptq", (
                 "the embedding is a lookup, with no inputs to weigh its rounding by; use rounding: rtn "

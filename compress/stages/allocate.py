@@ -25,6 +25,7 @@ class _Job:
     slots: list
     budget: object
     block_prefix: str
+    outer: object = None  # `plan.OuterSlot`: the embedding and head, when they are options
 
 
 def _grid_key(spec) -> Optional[tuple]:
@@ -50,9 +51,11 @@ def stage_allocate(ctx) -> None:
         q = ctx.candidates[name].plan.q
         try:
             slots = mp.slots(sm, q, fmt, dtype, with_bias=q.target.bits_per_weight is None)
-            fixed = mp.fixed_bytes(sm, {s.name for s in slots}, dtype, q, fmt) if q.target.bits_per_weight is None else 0
+            outer = mp.outer_slot(sm, q, fmt, dtype, cfg.export)
+            fixed = (mp.fixed_bytes(sm, {s.name for s in slots}, dtype, q, fmt, outer=outer is None)
+                     if q.target.bits_per_weight is None else 0)
             budget = mp.budget(q.target, cfg, ctx.loaded.config, slots, fixed)
-            smallest = sum(min(s.bytes) for s in slots)
+            smallest = sum(min(s.bytes) for s in slots) + (min(outer.bytes) if outer is not None else 0)
             if smallest > budget.slots_bytes:
                 raise ValueError(_too_small(q.target, budget, smallest, slots))
         except ValueError as e:
@@ -63,7 +66,7 @@ def stage_allocate(ctx) -> None:
             continue
         log.info("candidate %s: budget %s for %s (%s)", name, f"{budget.slots_bytes + budget.fixed_bytes:,}",
                  budget.counts, budget.note)
-        jobs.append(_Job(name, slots, budget, sm.block_prefix))
+        jobs.append(_Job(name, slots, budget, sm.block_prefix, outer))
     if not jobs:
         return
     refs = {option_label(next(iter(_reference(ctx, j).values()), None)) for j in jobs
@@ -88,7 +91,8 @@ def _too_small(target, budget, smallest: int, slots) -> str:
     need = smallest + budget.fixed_bytes
     return (f"quantize.target: {budget.note} is below the smallest artifact reachable with "
             f"quantize.target_options, {need:,} bytes ({smallest:,} in the quantizable linears, "
-            f"{budget.fixed_bytes:,} in embeddings, norms and other tensors kept in float)")
+            f"{budget.fixed_bytes:,} in embeddings, norms and other tensors kept in float, "
+            "or the smallest embedding and head of target_options.outer_bits)")
 
 
 def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
@@ -121,12 +125,39 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
             for spec, v in zip(options[n], fisher[n]):
                 out[(n, "fisher", _grid_key(spec))] = v
                 ctx.sensitivity[n]["fisher " + option_label(spec)] = v
+    outer_jobs = [j for j in jobs if j.outer is not None]
+    if outer_jobs:
+        out.update(_outer_sensitivity(ctx, outer_jobs))
     if block_kl is not None:
         out.update(_kl_scales(sm.block_prefix, block_kl, reference, out))
         for n in options:
             ctx.sensitivity[n]["kl_scale"] = out[(n, "kl_scale")]
         log.info("block KL at the reference options (%s): %s", option_label(next(iter(reference.values()))),
                  " ".join(f"{k:.3g}" for k in block_kl))
+    return out
+
+
+def _outer_sensitivity(ctx, jobs: list[_Job]) -> dict[tuple, float]:
+    """("outer", "embedding" | "lm_head", grid) -> the whole-model KL with only that tensor on
+    that grid (`compress.mixed.outer`), over the jobs' `kl_windows`; one more block walk."""
+    from compress.mixed.outer import outer_kl
+    from compress.stages.calibrate import spool_dir
+
+    embs = {_grid_key(e): e for j in jobs for e, _ in j.outer.options if e is not None}
+    heads = {_grid_key(h): h for j in jobs for _, h in j.outer.options if h is not None}
+    windows = _options(ctx, jobs[0]).kl_windows
+    emb_kl, head_kl = outer_kl(ctx.loaded.streamed(), ctx.calib_ids[:windows], list(embs.values()),
+                               list(heads.values()), spool_dir(ctx))
+    out = {("outer", "embedding", None): 0.0, ("outer", "lm_head", None): 0.0}
+    out.update({("outer", "embedding", k): v for k, v in zip(embs, emb_kl)})
+    out.update({("outer", "lm_head", k): v for k, v in zip(heads, head_kl)})
+    for what, specs, kls in (("embedding", embs, emb_kl), ("lm_head", heads, head_kl)):
+        name = jobs[0].outer.embedding if what == "embedding" else jobs[0].outer.head
+        if name is not None and specs:
+            ctx.sensitivity[name] = {f"KL {option_label(spec)}": v for spec, v in zip(specs.values(), kls)}
+    log.info("outer tensors, KL with only each quantized: %s", ", ".join(
+        [f"embedding {option_label(e)} {v:.3g}" for e, v in zip(embs.values(), emb_kl)]
+        + [f"lm_head {option_label(h)} {v:.3g}" for h, v in zip(heads.values(), head_kl)]))
     return out
 
 
@@ -153,7 +184,7 @@ def _kl_scales(prefix: str, block_kl: list[float], reference: dict, losses: dict
     for n, spec in reference.items():
         b = _block_of(n, prefix)
         rel[b] = rel.get(b, 0.0) + losses[(n, _grid_key(spec))] / losses[(n, "energy")]
-    layers = {k[0] for k in losses}
+    layers = {k[0] for k in losses if k[0] != "outer"}
     return {(n, "kl_scale"): block_kl[b] / rel[b] if rel.get(b) else 0.0
             for n in layers for b in [_block_of(n, prefix)]}
 
@@ -200,10 +231,22 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
     q = res.plan.q
     predictor = q.target_options.predictor
     table = [[predicted_loss(predictor, losses, s.name, spec) for spec in s.options] for s in job.slots]
-    alloc = allocate([s.bytes for s in job.slots], table, job.budget.slots_bytes)
+    costs = [s.bytes for s in job.slots]
+    if job.outer is not None:  # the last slot: the embedding and head together
+        costs.append(job.outer.bytes)
+        table.append([losses[("outer", "embedding", _grid_key(e))] + losses[("outer", "lm_head", _grid_key(h))]
+                      for e, h in job.outer.options])
+    alloc = allocate(costs, table, job.budget.slots_bytes)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
-    extra = overrides_for(q, chosen)
-    res.plan = Plan(job.name, q.model_copy(update={"overrides": [*q.overrides, *extra]}))
+    update = {"overrides": [*q.overrides, *overrides_for(q, chosen)]}
+    outer = None
+    if job.outer is not None:
+        o = alloc.choice[-1]
+        emb, head = job.outer.options[o]
+        update.update(embedding=_outer_quant(emb), lm_head=q.lm_head if head is None else _outer_quant(head, q.lm_head))
+        outer = {"embedding": _outer_entry(job.outer.embedding, emb), "lm_head": _outer_entry(job.outer.head, head),
+                 "bytes": job.outer.bytes[o], "predicted_loss": table[-1][o]}
+    res.plan = Plan(job.name, q.model_copy(update=update))
     n = sum(s.weights for s in job.slots)
     layers = []
     for s, o, row in zip(job.slots, alloc.choice, table):
@@ -213,17 +256,40 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
             "group_size": None if spec is None else spec.group_size,
             "sym": None if spec is None else spec.sym, "bytes": s.bytes[o], "predicted_loss": row[o],
         })
+    slot_bytes = alloc.bytes - (outer["bytes"] if outer else 0)
     res.allocation = {
         "target": q.target.model_dump(exclude_none=True),
         "counts": job.budget.counts, "budget_note": job.budget.note,
         "budget_bytes": job.budget.slots_bytes + job.budget.fixed_bytes,
         "fixed_bytes": job.budget.fixed_bytes,
         "achieved_bytes": alloc.bytes + job.budget.fixed_bytes,
-        "slots_bits_per_weight": 8 * alloc.bytes / n,  # biases included unless bits_per_weight
+        "slots_bits_per_weight": 8 * slot_bytes / n,  # biases included unless bits_per_weight
         "predicted_loss": alloc.loss,
         "predictor": _describe(q),
         "block_prefix": job.block_prefix,
         "layers": layers,
+        "outer": outer,  # the embedding and head, where they were options (their bytes: every outer tensor)
     }
     log.info("candidate %s: %s; %s of %s bytes, predicted loss %.4g", job.name, bits_mix(layers),
              f"{res.allocation['achieved_bytes']:,}", f"{res.allocation['budget_bytes']:,}", alloc.loss)
+    if outer is not None:
+        log.info("candidate %s: embedding %s, lm_head %s", job.name, option_label(emb), option_label(head))
+
+
+def _outer_quant(spec, keep=None):
+    """The `quantize.embedding` / `quantize.lm_head` setting for a chosen option (None: float);
+    an explicit setting the allocation kept stays as written (its rounding included)."""
+    from compress.quantizers.base import OuterQuant
+
+    if spec is None:
+        return None
+    if keep is not None:
+        return keep
+    return OuterQuant(bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
+
+
+def _outer_entry(name, spec) -> Optional[dict]:
+    if name is None:
+        return None
+    return {"name": name, "bits": None if spec is None else spec.bits,
+            "group_size": None if spec is None else spec.group_size, "sym": None if spec is None else spec.sym}

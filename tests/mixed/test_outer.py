@@ -1,0 +1,99 @@
+"""The embedding and lm_head as options of a byte budget (`target_options.outer_bits`): their
+measured KL (`compress.mixed.outer`) equals the KL of the whole model run with only that tensor
+rounded, and a budget too small for them in float writes them quantized, bytes exactly as
+allocated, read back by transformers + compressed-tensors as by our loader."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress.config import ConfigError, parse_config
+from compress.formats.artifact import open_artifact
+from compress.formats.registry import get_format
+from compress.mixed.outer import outer_kl, rounded
+from compress.mixed.plan import outer_bytes, outer_slot, slots
+from compress.pipeline import run
+from compress.quantizers.base import QuantSpec
+from compress.serving import safetensors_tensor_bytes
+from compress.stages.load import load_model
+from test_mixed_pipeline import mean_kl
+from tiny_models import VOCAB, family_tokenizer, make_model, run_config, save_model, walk_logits
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    model = make_model("llama", seed=11, tie_word_embeddings=True)
+    return save_model(model, tmp_path_factory.mktemp("tied") / "src", family_tokenizer("llama")), model
+
+
+def test_outer_kl_is_the_kl_with_only_that_tensor_rounded(tied, text_file, tmp_path):
+    src, model = tied
+    sm = load_model(parse_config(run_config(src, text_file, tmp_path / "x")).model).streamed()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    specs = [QuantSpec(8, 32, True), QuantSpec(4, 32, True)]
+    emb_kl, head_kl = outer_kl(sm, ids, specs, specs)
+    model = model.float().eval()
+    with torch.no_grad():
+        ref = model(ids).logits
+        W = model.get_input_embeddings().weight.detach().clone()
+        for spec, got_e, got_h in zip(specs, emb_kl, head_kl):
+            untied = make_model("llama", seed=11, tie_word_embeddings=False).float().eval()
+            untied.load_state_dict(model.state_dict(), strict=False)
+            untied.lm_head.weight.copy_(W)
+            untied.get_input_embeddings().weight.copy_(rounded(W, spec))
+            assert got_e == pytest.approx(mean_kl(ref, untied(ids).logits), rel=1e-3, abs=1e-7)
+            untied.get_input_embeddings().weight.copy_(W)
+            untied.lm_head.weight.copy_(rounded(W, spec))
+            assert got_h == pytest.approx(mean_kl(ref, untied(ids).logits), rel=1e-3, abs=1e-7)
+    assert 0 < emb_kl[0] < emb_kl[1] and 0 < head_kl[0] < head_kl[1]  # 4 bits lose more than 8
+
+
+def test_a_budget_below_float_outer_tensors_quantizes_them(tied, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, _ = tied
+    base = run_config(src, text_file, tmp_path / "out", evaluate={"enabled": False},
+                      quantize={"method": "rtn", "bits": 4, "group_size": 32})
+    cfg = parse_config(base)
+    sm = load_model(cfg.model).streamed()
+    fmt, dtype = get_format("compressed-tensors"), torch.float16
+    q = cfg.quantize.model_copy(update={"target": parse_config(
+        {**base, "quantize": {**base["quantize"], "target": {"max_bytes": 1}}}).quantize.target})
+    outer = outer_slot(sm, q, fmt, dtype, cfg.export)
+    assert outer is not None and (None, None) in outer.options and len(outer.options) > 4
+    assert all(e is None or (e.bits, e.sym) == (8, True) for e, _ in outer.options)  # what the format holds
+    lin = slots(sm, q, fmt, dtype, with_bias=True)
+    rest = sum(t.numel() * 2 for i in range(sm.n_blocks) for n, t in sm.templates[i].state_dict().items()
+               if f"{sm.block_prefix}{i}.{n.rsplit('.', 1)[0]}" not in {s.name for s in lin})
+    # every linear at its middle option, the outer tensors in float: 1 kB over budget
+    mid = sum(sorted(s.bytes)[len(s.bytes) // 2] for s in lin)
+    budget = mid + rest + outer_bytes(sm, dtype, fmt, None, None) - 1000
+    data = dict(base, quantize={**base["quantize"], "target": {"max_bytes": budget}})
+    (res,) = run(parse_config(data)).candidates.values()
+    a = res.allocation
+    assert res.error is None and a["outer"] is not None
+    assert a["outer"]["embedding"]["bits"] is not None or a["outer"]["lm_head"]["bits"] is not None
+    assert a["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= budget
+    man = json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]
+    for key in ("embedding", "lm_head"):
+        chosen = a["outer"][key]
+        assert (man.get(key) or {}).get("bits") == chosen["bits"]
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    ours = walk_logits(open_artifact(res.artifact, CPU, torch.float32), ids)
+    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), dtype=torch.float32, device_map="cpu").eval()
+    with torch.no_grad():
+        assert mean_kl(ours, peer(ids).logits) < 1e-6
+
+
+def test_outer_bits_need_a_predictor_in_kl_units_and_a_byte_budget(tied, text_file, tmp_path):
+    src, _ = tied
+    with pytest.raises(ConfigError, match="quantize.target_options.outer_bits"):
+        parse_config(run_config(src, text_file, tmp_path / "o", quantize={
+            "target": {"max_bytes": 10**6}, "target_options": {"predictor": "relative_output_error", "outer_bits": [8]}}))
+    with pytest.raises(ConfigError, match="quantize.target_options.outer_bits"):
+        parse_config(run_config(src, text_file, tmp_path / "o", quantize={
+            "target": {"bits_per_weight": 3}, "target_options": {"outer_bits": [8]}}))
