@@ -56,3 +56,36 @@ def test_rtx_4060_at_8k_context_fits_8_gb():
     assert fit[0] == "8 GB (RTX 4060, RTX 3070)"
     assert need.total_bytes > 8 * 2**30 - 2**26  # the budget is used, not left lying (64 MiB)
     assert 4 in {getattr(s[i].options[o], "bits", None) for i, o in enumerate(alloc.choice)}
+
+
+def test_rtx_4060_with_the_embedding_and_head_as_options():
+    """The same budget with the embedding and head as options (`target_options.outer_bits`):
+    quantizing them (2 x 1 GB in fp16 at 8B) leaves the linears more, and the whole still fits."""
+    from transformers import LlamaConfig
+
+    from compress.mixed.plan import outer_slot
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=False)
+    cfg = parse_config({"model": {"source": "x"}, "export": {"format": "compressed-tensors"}, "quantize": {
+        "method": "gptq", "bits": 4, "group_size": 128,
+        "target": {"gpu": "RTX 4060", "context_length": 8192}}})
+    q = cfg.quantize
+    sm = Skeleton(config)
+    fmt = get_format(cfg.export.format)
+    s = slots(sm, q, fmt, torch.float16, with_bias=True)
+    outer = outer_slot(sm, q, fmt, torch.float16, cfg.export)
+    assert outer is not None and outer.bytes[outer.options.index((None, None))] == 2 * (2 * 128256 * 4096 + 4096)
+    fixed = fixed_bytes(sm, {x.name for x in s}, torch.float16, q, fmt, outer=False)
+    assert fixed == 2 * 32 * 2 * 4096  # the blocks' norms only
+    b = budget(q.target, cfg, config, s, fixed)
+    loss = lambda spec, n: 0.0 if spec is None else n * 4.0 ** -spec.bits  # noqa: E731
+    losses = [[loss(o, x.weights) for o in x.options] for x in s]
+    losses.append([loss(e, 128256 * 4096) + loss(h, 128256 * 4096) for e, h in outer.options])
+    alloc = allocate([x.bytes for x in s] + [outer.bytes], losses, b.slots_bytes)
+    emb, head = outer.options[alloc.choice[-1]]
+    assert emb is not None and head is not None  # 2 GB of float tables do not pay at 8 GB
+    need = serving_need(fixed + alloc.bytes, attention_shape(config),
+                        cfg.serving.model_copy(update={"context_length": 8192}))
+    assert fits(need, load_gpus())[0] == "8 GB (RTX 4060, RTX 3070)"
