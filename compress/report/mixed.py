@@ -43,10 +43,10 @@ def section(rows: list[dict], allocations: dict[str, dict]) -> str:
         return "-" if v is None else f.format(v)
 
     out = ["", "## Mixed precision", "",
-           "Predicted loss: the summed Hessian-weighted output error of the chosen options "
-           "(tr((W-Q) H (W-Q)^T) per layer, calibration Hessian); measured KL: the evaluation's "
-           "mean KL(original || candidate). They are on different scales: read the predicted loss "
-           "as an order between candidates (`benchmarks/mixed_precision.py` measures the correlation).", "",
+           "Predicted loss: the summed predicted loss of the chosen options, by each candidate's "
+           "`quantize.target_options.predictor` (block_kl and fisher in units of KL; the output-error "
+           "predictors on their own scale); measured KL: the evaluation's mean KL(original || candidate). "
+           "`benchmarks/mixed_precision.py` measures how well one orders the other.", "",
            "| candidate | target | budget bytes | achieved bytes | bytes on disk | fits on | predicted loss | measured KL |",
            "|---|---|---|---|---|---|---|---|"]
     for name, a in allocations.items():
@@ -59,4 +59,10 @@ def section(rows: list[dict], allocations: dict[str, dict]) -> str:
     for name, a in allocations.items():
         out += ["", f"### {name}: bits per layer ({bits_mix(a['layers'])})", "",
                 bits_table(a["layers"], a["block_prefix"])]
+        if a.get("outer"):  # the embedding and head were options of the budget
+            o = a["outer"]
+            parts = [f"{k} {'float' if v['bits'] is None else option_text(v)}"
+                     for k, v in (("embedding", o["embedding"]), ("lm_head", o["lm_head"])) if v]
+            out += ["", f"Outside the blocks: {', '.join(parts)} ({o['bytes']:,} bytes with the other outer "
+                        f"tensors; predicted loss {o['predicted_loss']:.4g}, the KL measured with each alone rounded)."]
     return "\n".join(out) + "\n"

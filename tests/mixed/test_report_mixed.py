@@ -29,3 +29,14 @@ def test_bits_plot_is_a_png():
 
     png = mixed_bits({"m": allocation(), "n": allocation()})
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def test_section_says_how_the_embedding_and_head_are_stored():
+    a = {**allocation(), "outer": {
+        "embedding": {"name": "model.embed_tokens", "bits": 8, "group_size": -1, "sym": True},
+        "lm_head": {"name": "lm_head", "bits": None, "group_size": None, "sym": None},
+        "bytes": 5000, "predicted_loss": 0.0012}}
+    md = section([{"name": "m"}], {"m": a})
+    assert ("Outside the blocks: embedding 8/ch, lm_head float (5,000 bytes with the other outer tensors; "
+            "predicted loss 0.0012") in md
+    assert "Outside the blocks" not in section([{"name": "m"}], {"m": allocation()})
