@@ -122,10 +122,11 @@ def test_shapes_llama_cpp_cannot_run_exit_2(change, message, tiny_tokenizer, tex
     assert "export.format: gguf: gemma3 " in str(e.value)
 
 
-def test_a_sentencepiece_tokenizer_json_stops_before_quantizing(tiny_tokenizer, text_file, tmp_path):
-    """Gemma's Hugging Face tokenizer.json is BPE with byte fallback (SentencePiece), which the
-    writer does not turn into a GGUF vocabulary yet: the run stops at load, naming the file,
-    instead of after quantizing. A GGUF source (the real Gemma 3) carries its vocabulary over."""
+def test_a_tokenizer_json_neither_byte_level_nor_sentencepiece_stops_before_quantizing(tiny_tokenizer, text_file,
+                                                                                      tmp_path):
+    """A BPE with byte fallback over byte-level pieces is neither llama.cpp's BPE ("gpt2") nor
+    its SentencePiece ("llama") vocabulary (tests/formats/test_gguf_spm.py): the run stops at
+    load, naming the file, instead of after quantizing."""
     import json
 
     _, src = _gemma3(tmp_path / "src", tiny_tokenizer, True)
@@ -134,6 +135,6 @@ def test_a_sentencepiece_tokenizer_json_stops_before_quantizing(tiny_tokenizer, 
     (src / "tokenizer.json").write_text(json.dumps(tok))
     raw = run_config(src, text_file, tmp_path / "out", export={"format": "gguf", "gguf_type": "Q8_0"},
                      quantize={"bits": 8, "group_size": 32}, evaluate={"enabled": False})
-    with pytest.raises(ConfigError, match=r"export\.format: gguf: .*tokenizer\.json: only byte-level BPE"):
+    with pytest.raises(ConfigError, match=r"export\.format: gguf: .*tokenizer\.json: model BPE with byte_fallback True is neither"):
         run(parse_config(raw))
     assert not list((tmp_path / "out").glob("*/model.gguf"))
