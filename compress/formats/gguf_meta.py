@@ -49,9 +49,9 @@ def family_problem(config) -> Optional[str]:
     if mt not in FAMILIES:
         return (f"model_type '{mt}' has no GGUF mapping yet; GGUF export supports "
                 f"{', '.join(sorted(FAMILIES))}")
-    for rope in _rope_kinds(config):
-        if rope.get("rope_type", "default") not in ("default", None):
-            return f"rope scaling '{rope.get('rope_type')}' of model_type '{mt}' is not written to GGUF yet"
+    problem = _rope_problem(config)
+    if problem:
+        return f"{problem} (model_type '{mt}')"
     if FAMILIES[mt].arch == "gemma3":
         return _gemma3_problem(config)
     return None
@@ -91,11 +91,26 @@ def _rope(config) -> dict[str, Any]:
 _ROPE_KINDS = ("full_attention", "sliding_attention")
 
 
-def _rope_kinds(config) -> list[dict[str, Any]]:
-    """The rope parameters of each attention kind (Gemma 3 nests them per layer type)."""
+def _rope_kinds(config) -> dict[str, dict[str, Any]]:
+    """The rope parameters of each attention kind (Gemma 3 nests them per layer type; "" when
+    one set serves every layer)."""
     rope = _rope(config)
-    nested = [rope[k] for k in _ROPE_KINDS if isinstance(rope.get(k), dict)]
-    return nested or [rope]
+    nested = {k: rope[k] for k in _ROPE_KINDS if isinstance(rope.get(k), dict)}
+    return nested or {"": rope}
+
+
+def _rope_problem(config) -> Optional[str]:
+    """The rope scaling GGUF cannot carry (None when it can). llama.cpp reads one
+    `rope.scaling.factor` for the full-attention layers and runs Gemma 3's sliding layers
+    unscaled (src/models/gemma3.cpp keeps rope_freq_scale_train_swa at 1), so linear scaling is
+    written for the full-attention (or the only) kind; YaRN, llama3 and the others are not yet."""
+    for kind, rope in _rope_kinds(config).items():
+        rtype = rope.get("rope_type", rope.get("type")) or "default"
+        if rtype == "default" or (rtype == "linear" and kind != "sliding_attention" and rope.get("factor")):
+            continue
+        where = f" on the {kind} layers" if kind else ""
+        return f"rope scaling '{rtype}'{where} is not written to GGUF yet"
+    return None
 
 
 def _rope_global(config) -> dict[str, Any]:
@@ -151,6 +166,8 @@ class Names:
 def add_architecture(w, config) -> None:
     """`<arch>.*` keys (convert_hf_to_gguf's TextModel.set_gguf_parameters, LlamaModel's and
     Gemma3Model's). Gemma 3's embedding scale sqrt(hidden) is implicit in llama.cpp's arch."""
+    import gguf
+
     fam = family(config)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -159,9 +176,13 @@ def add_architecture(w, config) -> None:
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    theta = _rope_global(config).get("rope_theta", getattr(config, "rope_theta", None))
+    rope = _rope_global(config)
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None:
         w.add_rope_freq_base(float(theta))
+    if rope.get("rope_type", rope.get("type")) == "linear":  # TextModel.set_gguf_parameters; Gemma 3 4B+: x8
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
     local = _rope(config).get("sliding_attention", {}).get("rope_theta")
     if local is not None:
         w.add_rope_freq_base_swa(float(local))
