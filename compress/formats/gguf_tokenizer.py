@@ -213,7 +213,7 @@ def _json_space_prefix(tok: dict[str, Any]) -> bool:
         if part.get("type") == "Prepend" and part.get("prepend") == SPACE:
             return True
         if part.get("type") == "Metaspace":
-            return part.get("prepend_scheme", "always") != "never" and part.get("add_prefix_space", True)
+            return part.get("prepend_scheme", "always") != "never" and bool(part.get("add_prefix_space", True))
     return False
 
 
