@@ -1,5 +1,5 @@
 """What a GGUF file says besides its tensors: architecture keys, tensor names, the llama Q/K row
-order, the tokenizer and `general.*` provenance, as llama.cpp's convert_hf_to_gguf.py lays them out.
+order, the tokenizer (`gguf_tokenizer`) and `general.*` provenance, as llama.cpp's convert_hf_to_gguf.py lays them out.
 
 Families are data (`FAMILIES`): the GGUF architecture name, whether llama.cpp's rotary
 layout needs q_proj/k_proj rows permuted, and what is added to norm weights (Gemma 3's
@@ -9,13 +9,14 @@ layout needs q_proj/k_proj rows permuted, and what is added to norm weights (Gem
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+# the tokenizer keys live in gguf_tokenizer; gguf.py reaches them through this module
+from compress.formats.gguf_tokenizer import add_tokenizer, tokenizer_problem  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +49,9 @@ def family_problem(config) -> Optional[str]:
     if mt not in FAMILIES:
         return (f"model_type '{mt}' has no GGUF mapping yet; GGUF export supports "
                 f"{', '.join(sorted(FAMILIES))}")
-    for rope in _rope_kinds(config):
-        if rope.get("rope_type", "default") not in ("default", None):
-            return f"rope scaling '{rope.get('rope_type')}' of model_type '{mt}' is not written to GGUF yet"
+    problem = _rope_problem(config)
+    if problem:
+        return f"{problem} (model_type '{mt}')"
     if FAMILIES[mt].arch == "gemma3":
         return _gemma3_problem(config)
     return None
@@ -90,11 +91,26 @@ def _rope(config) -> dict[str, Any]:
 _ROPE_KINDS = ("full_attention", "sliding_attention")
 
 
-def _rope_kinds(config) -> list[dict[str, Any]]:
-    """The rope parameters of each attention kind (Gemma 3 nests them per layer type)."""
+def _rope_kinds(config) -> dict[str, dict[str, Any]]:
+    """The rope parameters of each attention kind (Gemma 3 nests them per layer type; "" when
+    one set serves every layer)."""
     rope = _rope(config)
-    nested = [rope[k] for k in _ROPE_KINDS if isinstance(rope.get(k), dict)]
-    return nested or [rope]
+    nested = {k: rope[k] for k in _ROPE_KINDS if isinstance(rope.get(k), dict)}
+    return nested or {"": rope}
+
+
+def _rope_problem(config) -> Optional[str]:
+    """The rope scaling GGUF cannot carry (None when it can). llama.cpp reads one
+    `rope.scaling.factor` for the full-attention layers and runs Gemma 3's sliding layers
+    unscaled (src/models/gemma3.cpp keeps rope_freq_scale_train_swa at 1), so linear scaling is
+    written for the full-attention (or the only) kind; YaRN, llama3 and the others are not yet."""
+    for kind, rope in _rope_kinds(config).items():
+        rtype = rope.get("rope_type", rope.get("type")) or "default"
+        if rtype == "default" or (rtype == "linear" and kind != "sliding_attention" and rope.get("factor")):
+            continue
+        where = f" on the {kind} layers" if kind else ""
+        return f"rope scaling '{rtype}'{where} is not written to GGUF yet"
+    return None
 
 
 def _rope_global(config) -> dict[str, Any]:
@@ -150,6 +166,8 @@ class Names:
 def add_architecture(w, config) -> None:
     """`<arch>.*` keys (convert_hf_to_gguf's TextModel.set_gguf_parameters, LlamaModel's and
     Gemma3Model's). Gemma 3's embedding scale sqrt(hidden) is implicit in llama.cpp's arch."""
+    import gguf
+
     fam = family(config)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
@@ -158,9 +176,13 @@ def add_architecture(w, config) -> None:
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    theta = _rope_global(config).get("rope_theta", getattr(config, "rope_theta", None))
+    rope = _rope_global(config)
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None:
         w.add_rope_freq_base(float(theta))
+    if rope.get("rope_type", rope.get("type")) == "linear":  # TextModel.set_gguf_parameters; Gemma 3 4B+: x8
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
     local = _rope(config).get("sliding_attention", {}).get("rope_theta")
     if local is not None:
         w.add_rope_freq_base_swa(float(local))
@@ -176,98 +198,6 @@ def add_architecture(w, config) -> None:
             w.add_final_logit_softcapping(float(config.final_logit_softcapping))
         if getattr(config, "sliding_window", None):
             w.add_sliding_window(int(config.sliding_window))
-
-
-def _pre_tokenizer(tok: dict[str, Any], model_type: str) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` (which split regex to use). convert_hf_to_gguf finds it by
-    hashing a test string's tokens against its table; we read the pre-tokenizer's structure."""
-    if model_type in ("qwen2", "qwen3"):
-        return "qwen2"
-    pre = tok.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    text = json.dumps(pre)
-    if "Split" in kinds and "\\\\p{N}{1,3}" in text:
-        return "llama-bpe"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"  # SmolLM's (and StarCoder's): single digits, then GPT-2's regex
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"  # llama.cpp's spelling (llama-vocab.cpp); "gpt2" fails to load there
-    log.warning("GGUF export: pre-tokenizer %s not recognised; writing tokenizer.ggml.pre 'default'", kinds)
-    return "default"
-
-
-def add_tokenizer(w, root: Path, config) -> None:
-    """The vocabulary as llama.cpp's BPE ("gpt2") tokenizer: tokens padded to the embedding's
-    rows with [PADn] (type UNUSED), token types, merges, special ids and chat template
-    (gguf-py's SpecialVocab). A source converted from GGUF gets its original tokenizer fields."""
-    import gguf
-
-    original = _source_gguf(root)
-    if original is not None:
-        _copy_tokenizer_fields(w, original)
-        return
-    problem = tokenizer_problem(root)
-    if problem:
-        raise ValueError(problem)
-    path = root / "tokenizer.json"
-    tok = json.loads(path.read_text(encoding="utf-8"))
-    model = tok["model"]
-    n = config.vocab_size
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [gguf.TokenType.UNUSED] * n
-    entries = [(t, i, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()]
-    entries += [(a["content"], a["id"], gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
-                for a in tok.get("added_tokens", [])]
-    for t, i, kind in entries:
-        if i >= n:
-            raise ValueError(f"{path}: token {t!r} has id {i}, beyond the model's {n} embedding rows")
-        tokens[i], types[i] = t, kind
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_tokenizer(tok, config.model_type))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    gguf.SpecialVocab(root, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
-
-
-def tokenizer_problem(root: Path) -> Optional[str]:
-    """Why the vocabulary of the model folder `root` cannot be written (None when it can): a
-    source converted from GGUF carries its own fields over; otherwise only a byte-level BPE
-    tokenizer.json is written (a SentencePiece one, Gemma's, is not yet)."""
-    if _source_gguf(root) is not None:
-        return None
-    path = root / "tokenizer.json"
-    if not path.is_file():
-        return f"{root}: no tokenizer.json to write the GGUF vocabulary from"
-    model = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        return (f"{path}: only byte-level BPE tokenizers are written to GGUF yet (model {model.get('type')}, "
-                f"byte_fallback {model.get('byte_fallback')}); a GGUF source carries its own vocabulary over")
-    return None
-
-
-def _source_gguf(root: Path) -> Optional[Path]:
-    from compress.models.provenance import CONVERTED_FROM
-
-    marker = root / CONVERTED_FROM
-    if not marker.is_file():
-        return None
-    path = Path(marker.read_text(encoding="utf-8").splitlines()[0])
-    return path if path.is_file() else None
-
-
-def _copy_tokenizer_fields(w, path: Path) -> None:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub_type=sub)
 
 
 def add_general(w, source: dict[str, Any], method: str, gguf_type: str, version: str) -> None:

@@ -122,10 +122,11 @@ def test_shapes_llama_cpp_cannot_run_exit_2(change, message, tiny_tokenizer, tex
     assert "export.format: gguf: gemma3 " in str(e.value)
 
 
-def test_a_sentencepiece_tokenizer_json_stops_before_quantizing(tiny_tokenizer, text_file, tmp_path):
-    """Gemma's Hugging Face tokenizer.json is BPE with byte fallback (SentencePiece), which the
-    writer does not turn into a GGUF vocabulary yet: the run stops at load, naming the file,
-    instead of after quantizing. A GGUF source (the real Gemma 3) carries its vocabulary over."""
+def test_a_tokenizer_json_neither_byte_level_nor_sentencepiece_stops_before_quantizing(tiny_tokenizer, text_file,
+                                                                                      tmp_path):
+    """A BPE with byte fallback over byte-level pieces is neither llama.cpp's BPE ("gpt2") nor
+    its SentencePiece ("llama") vocabulary (tests/formats/test_gguf_spm.py): the run stops at
+    load, naming the file, instead of after quantizing."""
     import json
 
     _, src = _gemma3(tmp_path / "src", tiny_tokenizer, True)
@@ -134,6 +135,90 @@ def test_a_sentencepiece_tokenizer_json_stops_before_quantizing(tiny_tokenizer, 
     (src / "tokenizer.json").write_text(json.dumps(tok))
     raw = run_config(src, text_file, tmp_path / "out", export={"format": "gguf", "gguf_type": "Q8_0"},
                      quantize={"bits": 8, "group_size": 32}, evaluate={"enabled": False})
-    with pytest.raises(ConfigError, match=r"export\.format: gguf: .*tokenizer\.json: only byte-level BPE"):
+    with pytest.raises(ConfigError, match=r"export\.format: gguf: .*tokenizer\.json: model BPE with byte_fallback True is neither"):
         run(parse_config(raw))
     assert not list((tmp_path / "out").glob("*/model.gguf"))
+
+
+# ---- Gemma 3 4B and larger: linear rope scaling on the global layers -------------------------
+# Gemma 3 4B/12B/27B's config.json: rope_scaling {"rope_type": "linear", "factor": 8.0}, which
+# transformers 5 nests under the full-attention layers; the sliding ones stay unscaled
+SCALED = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+
+
+def _export_scaled(tiny_tokenizer, text_file, tmp_path):
+    model, src = _gemma3(tmp_path / "src", tiny_tokenizer, True, rope_parameters=SCALED)
+    raw = run_config(src, text_file, tmp_path / "out", evaluate={"enabled": False},
+                     export={"format": "gguf", "gguf_type": "Q8_0"}, quantize={"bits": 8, "group_size": 32})
+    (res,) = run(parse_config(raw)).candidates.values()
+    assert res.error is None
+    return model, res.artifact
+
+
+def test_linear_rope_scaling_is_written_as_llama_cpp_writes_it(tiny_tokenizer, text_file, tmp_path):
+    """convert_hf_to_gguf (TextModel.set_gguf_parameters) writes rope.scaling.type "linear" and
+    rope.scaling.factor from the full-attention parameters. transformers' GGUF loader (5.17) does
+    not map gemma3.rope.scaling.*: the model it builds from the file alone runs unscaled, far
+    from the original; given the scaling read from the file's keys, it gives our logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model, art = _export_scaled(tiny_tokenizer, text_file, tmp_path)
+    fields = gguf.GGUFReader(str(art / "model.gguf")).fields
+    f = {k: fields[k].contents() for k in fields if k.startswith("gemma3.rope.")}
+    assert f == {"gemma3.rope.freq_base": 1e6, "gemma3.rope.freq_base_swa": 1e4,
+                 "gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0}
+
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = torch.cat([model.eval()(ids[w : w + 1]).logits for w in range(2)])
+    ours = walk_logits(open_artifact(art, torch.device("cpu"), torch.float32, dense=True), ids)
+    cfg = AutoConfig.from_pretrained(str(art), gguf_file="model.gguf")
+    unscaled = AutoModelForCausalLM.from_pretrained(str(art), gguf_file="model.gguf", dtype=torch.float32).eval()
+    cfg.rope_parameters["full_attention"].update(rope_type=f["gemma3.rope.scaling.type"],
+                                                 factor=f["gemma3.rope.scaling.factor"])
+    peer = AutoModelForCausalLM.from_pretrained(str(art), gguf_file="model.gguf", config=cfg,
+                                                dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(2)])
+        plain = torch.cat([unscaled(ids[w : w + 1]).logits for w in range(2)])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    kl = mean_kl(ref, ours)
+    assert kl < 1e-3 and mean_kl(ref, plain) > 5 * kl, (kl, mean_kl(ref, plain))  # measured 1.0e-4 and 1.9e-3
+
+
+@pytest.mark.ecosystem
+def test_llama_cpp_runs_the_scaled_global_layers_like_the_original(tiny_tokenizer, text_file, tmp_path):
+    """llama.cpp scales the global layers' positions by 1/8 and leaves the sliding ones, as the
+    Hugging Face model does: its logits on the Q8_0 file are close to the original's."""
+    from compress.evaluate import llamacpp
+
+    if not llamacpp.available():
+        pytest.skip("llama-cpp-python is not installed (bash scripts/build-llamacpp.sh)")
+    model, art = _export_scaled(tiny_tokenizer, text_file, tmp_path)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = torch.cat([model.eval()(ids[w : w + 1]).logits for w in range(2)])
+    ours = walk_logits(open_artifact(art, torch.device("cpu"), torch.float32, dense=True), ids)
+    llm = llamacpp.open_llama(art / "model.gguf", 40, 1, logits_all=True)
+    try:
+        theirs = torch.stack([llamacpp.window_logits(llm, ids[w].tolist()) for w in range(2)])
+    finally:
+        llm.close()
+    # measured: 1.2e-4 and 2.1e-4; without the scaling keys llama.cpp gives 1.9e-3 for both
+    assert mean_kl(ours, theirs) < 6e-4, mean_kl(ours, theirs)
+    assert mean_kl(ref, theirs) < 6e-4, mean_kl(ref, theirs)
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({**SCALED, "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "rope scaling 'linear' on the sliding_attention layers is not written to GGUF yet (model_type 'gemma3_text')"),
+    ({**SCALED, "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6,
+                                   "original_max_position_embeddings": 32}},
+     "rope scaling 'yarn' on the full_attention layers is not written to GGUF yet"),
+])
+def test_rope_scaling_llama_cpp_would_not_apply_exits_2(rope, message):
+    from compress.formats.gguf_meta import family_problem
+    from tiny_models import family_config
+
+    assert message in family_problem(family_config("gemma3_text", **{**SHAPE, "rope_parameters": rope}))
