@@ -105,3 +105,21 @@ def test_gptq_rounding_is_a_config_error(tied, text_file, tmp_path):
     with pytest.raises(ConfigError, match="quantize.embedding.rounding"):
         parse_config(run_config(src, text_file, tmp_path / "out",
                                 quantize={"method": "gptq", "embedding": {"bits": 8, "rounding": "gptq"}}))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "opt"])
+def test_other_families_agree_with_transformers(family, text_file, tmp_path):
+    """Gemma 3's scaled embedding and OPT's (with its positional table left in float)."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_model(family, seed=3, tie_word_embeddings=True)
+    src = save_model(model, tmp_path / "src", family_tokenizer(family))
+    res = export(src, text_file, tmp_path / "out", {"bits": 4, "group_size": 32,
+                                                    "embedding": {"bits": 8, "group_size": 32, "sym": True}})
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(6))
+    ours = walk_logits(open_artifact(res.artifact, CPU, torch.float32), ids)
+    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), dtype=torch.float32, device_map="cpu").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours, peer(ids).logits, rtol=1e-4, atol=1e-4)
+    man = json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]
+    assert man["embedding"]["name"] == next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
