@@ -7,7 +7,10 @@ processed in blocks whose updates to the rest of the matrix are applied lazily (
 and the inverse Hessian is read off its upper Cholesky factor (Sec. 4, step 3).
 
 A pure function of tensors: the engine accumulates ``H`` (see ``hessian.py``) and catches
-:class:`GPTQNumericalError` (a :class:`NumericalError`) to fall back to RTN.
+:class:`GPTQNumericalError` (a :class:`NumericalError`) to fall back to RTN. What depends on ``H``
+alone (column order, damping, inverse Cholesky factor) is :func:`factor_hessian`; rounding a weight
+given that factor is :func:`gptq_factored`, so weights sharing one ``H`` (the lm_head's row slices)
+factorise it once.
 """
 from __future__ import annotations
 
