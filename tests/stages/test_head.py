@@ -2,7 +2,8 @@
 
 Invariants: GPTQ's Hessian-weighted output error is below round-to-nearest's on the same
 weights; rounding the head in row slices gives exactly the codes of one call on the whole
-matrix (GPTQ's rows are independent given H); the head Hessian equals ``2/n X^T X`` of the
+matrix (GPTQ's rows are independent given H), and factorising H once for all slices gives the
+codes of factorising it per slice (the path before); the head Hessian equals ``2/n X^T X`` of the
 final norm's output computed by transformers' own forward (an independent path)."""
 from __future__ import annotations
 
@@ -50,6 +51,62 @@ def test_slices_give_the_codes_of_the_whole_matrix():
     assert torch.equal(got.codes, whole.codes) and torch.equal(got.zeros, whole.zeros)
     torch.testing.assert_close(got.scales, whole.scales, rtol=0, atol=0)
     assert torch.equal(got.g_idx, torch.arange(64, dtype=torch.int32) // 32)  # static groups: in order
+
+
+def _per_slice(slices, H, spec):
+    """The path before one factorisation per head: `gptq` (damping, Cholesky, inverse) per slice."""
+    from compress.formats.qweight import QuantizedWeight
+
+    res = [gptq(w.float(), H, spec) for w in slices]
+    return QuantizedWeight.cat_rows([r.weight for r in res]), {r.damp_percent for r in res}
+
+
+def _assert_same(a, b):
+    for field in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_a_tiny_models_head_is_the_per_slice_path_bit_for_bit(tmp_path):
+    """A random Llama's head against the Hessian of its own final norm output, in slices of 100
+    of its 512 rows (the last one short), as `Exporter.write_head` reads them."""
+    from compress.engine import StreamedModel
+    from compress.models.checkpoint import open_checkpoint
+    from tiny_models import VOCAB, make_model, save_model
+
+    model = make_model("llama", seed=4)
+    src = save_model(model, tmp_path / "src")
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    sm = StreamedModel(model.config, open_checkpoint(src), torch.device("cpu"), torch.float32, batch_size=2)
+    stream = sm.embed(ids)
+    sm.walk(stream, lambda i, block, s: sm.run_block(block, i, s), "test")
+    sm.release_outer(keep_head_path=True)
+    H = head_hessian(sm, stream, ids)
+    W = model.lm_head.weight.detach()
+    slices = lambda: [W[s : s + 100] for s in range(0, VOCAB, 100)]  # noqa: E731
+    got = round_head(slices(), GRID, "lm_head", H, SPEC)
+    want, damps = _per_slice(slices(), H, SPEC)
+    assert got.method == "gptq" and damps == {got.damp_percent}
+    _assert_same(got.weight, want)
+
+
+def test_damping_retries_are_made_once_per_head(caplog):
+    """An indefinite H that factorises only at 10x the damping: one retry for the whole head
+    (the path before retried per slice), the same codes, and the damping used reported."""
+    W, _ = correlated(96, 32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    Qm, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    eig = torch.full((32,), 10.0)
+    eig[-1] = -0.5  # needs damping > 0.5 / ~10: fails at 1 %, passes at 10 %
+    H = (Qm * eig) @ Qm.t()
+    spec = GPTQSpec(4, 32, False, damp_percent=0.01, desc_act=True, static_groups=True)
+    slices = lambda: [W[s : s + 32] for s in range(0, 96, 32)]  # noqa: E731
+    with caplog.at_level("WARNING", logger="compress.quantizers.gptq"):
+        got = round_head(slices(), GRID, "lm_head", H, spec)
+    assert sum("retrying" in r.getMessage() for r in caplog.records) == 1
+    assert got.method == "gptq" and abs(got.damp_percent - 0.1) < 1e-12
+    want, damps = _per_slice(slices(), H, spec)
+    assert damps == {got.damp_percent}
+    _assert_same(got.weight, want)
 
 
 def test_a_failed_cholesky_falls_back_to_rtn_for_the_whole_head(caplog):
