@@ -155,3 +155,12 @@ def walk_logits(sm, ids: torch.Tensor, spool_dir: Path | None = None) -> torch.T
     with sm.embed(ids, spool_dir) as hidden:
         sm.walk(hidden, lambda i, block, stream: sm.run_block(block, i, stream), "logits")
         return torch.cat([sm.logits(hidden.read(w, w + 1), ids[w : w + 1]) for w in range(ids.shape[0])])
+
+
+def transformers_logits(artifact: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of an artifact loaded by transformers itself (its quantizer for the format)."""
+    from transformers import AutoModelForCausalLM
+
+    peer = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32, device_map="cpu").eval()
+    with torch.no_grad():
+        return peer(ids).logits

@@ -27,19 +27,23 @@ class Skeleton:
         self.block_prefix = self.arch.blocks + "."
 
 
-def test_rtx_4060_at_8k_context_fits_8_gb():
+def llama_8b(export: dict):
+    """An 8B-shaped Llama skeleton and a GPTQ W4 g128 run config targeting an RTX 4060 at 8k."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          tie_word_embeddings=False)
-    cfg = parse_config({"model": {"source": "x"}, "quantize": {
+    cfg = parse_config({"model": {"source": "x"}, "export": export, "quantize": {
         "method": "gptq", "bits": 4, "group_size": 128,
         "target": {"gpu": "RTX 4060", "context_length": 8192}}})
-    q = cfg.quantize
     sm = Skeleton(config)
     fmt = get_format(cfg.export.format)
-    s = slots(sm, q, fmt, torch.float16, with_bias=True)
+    return config, cfg, cfg.quantize, sm, fmt, slots(sm, cfg.quantize, fmt, torch.float16, with_bias=True)
+
+
+def test_rtx_4060_at_8k_context_fits_8_gb():
+    config, cfg, q, sm, fmt, s = llama_8b({})
     assert len(s) == 32 * 7
     fixed = fixed_bytes(sm, {x.name for x in s}, torch.float16)
     assert fixed == 2 * (2 * 128256 * 4096 + 4096 + 32 * 2 * 4096)  # embeddings, head, norms in fp16
@@ -61,20 +65,9 @@ def test_rtx_4060_at_8k_context_fits_8_gb():
 def test_rtx_4060_with_the_embedding_and_head_as_options():
     """The same budget with the embedding and head as options (`target_options.outer_bits`):
     quantizing them (2 x 1 GB in fp16 at 8B) leaves the linears more, and the whole still fits."""
-    from transformers import LlamaConfig
-
     from compress.mixed.plan import outer_slot
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         tie_word_embeddings=False)
-    cfg = parse_config({"model": {"source": "x"}, "export": {"format": "compressed-tensors"}, "quantize": {
-        "method": "gptq", "bits": 4, "group_size": 128,
-        "target": {"gpu": "RTX 4060", "context_length": 8192}}})
-    q = cfg.quantize
-    sm = Skeleton(config)
-    fmt = get_format(cfg.export.format)
-    s = slots(sm, q, fmt, torch.float16, with_bias=True)
+    config, cfg, q, sm, fmt, s = llama_8b({"format": "compressed-tensors"})
     outer = outer_slot(sm, q, fmt, torch.float16, cfg.export)
     assert outer is not None and outer.bytes[outer.options.index((None, None))] == 2 * (2 * 128256 * 4096 + 4096)
     fixed = fixed_bytes(sm, {x.name for x in s}, torch.float16, q, fmt, outer=False)
