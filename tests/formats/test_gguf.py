@@ -227,6 +227,43 @@ def test_gguf_embedding_float_keeps_them_in_export_dtype(model_dir, text_file, t
         parse_config(run_config(src, text_file, tmp_path, export={"gguf_embedding": "float"}))
 
 
+def _llama_quantize():
+    import os
+    import shutil
+
+    for d in (os.environ.get("LLAMACPP_DIR"), Path.home() / ".cache/compress/llama.cpp"):
+        if d and (Path(d) / "build/bin/llama-quantize").is_file():
+            return Path(d) / "build/bin/llama-quantize"
+    return shutil.which("llama-quantize")
+
+
+@pytest.mark.ecosystem
+@pytest.mark.parametrize("family,dims,gguf_type,quantize", [
+    ("llama", {}, "Q4_0", {"bits": 4, "group_size": 32}),
+    ("llama", {}, "Q4_1", {"bits": 4, "group_size": 32, "sym": False}),
+    ("qwen2", {"tie_word_embeddings": True}, "Q8_0", {"bits": 8, "group_size": 32}),
+    ("llama", {"tie_word_embeddings": True, "hidden_size": 256, "head_dim": 32}, "Q4_0", {"bits": 4, "group_size": 32}),
+], ids=["llama-q4_0", "llama-q4_1", "qwen2-tied-q8_0", "llama-tied-256-q4_0"])
+def test_layout_and_size_are_llama_quantizes(family, dims, gguf_type, quantize, tiny_tokenizer, text_file, tmp_path):
+    """llama-quantize (LLAMACPP_DIR/build/bin, scripts/build-llamacpp.sh) of our file with a float
+    embedding gives every tensor the type and byte size of our own export of that type."""
+    import subprocess
+
+    tool = _llama_quantize()
+    if tool is None:
+        pytest.skip("llama-quantize not found (set LLAMACPP_DIR; bash scripts/build-llamacpp.sh)")
+    src = save_model(make_model(family, seed=6, **dims), tmp_path / "src", tiny_tokenizer)
+    res_f, _ = _export(src, text_file, tmp_path / "f", "Q8_0", {"bits": 8, "group_size": 32},
+                       gguf_embedding="float", dtype="float32")
+    theirs = tmp_path / "theirs.gguf"
+    proc = subprocess.run([str(tool), "--allow-requantize", str(res_f.artifact / "model.gguf"), str(theirs), gguf_type, "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, ours = _export(src, text_file, tmp_path / "o", gguf_type, quantize)
+    layout = lambda ts: {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in ts}  # noqa: E731
+    assert layout(ours.values()) == layout(gguf.GGUFReader(str(theirs)).tensors)
+
+
 def test_tokenizer_round_trips_through_the_gguf(model_dir, tiny_tokenizer, text_file, tmp_path):
     from transformers import AutoTokenizer
 
