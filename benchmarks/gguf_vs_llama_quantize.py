@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="results file gguf-vs-llama-quantize-DATE[-TAG].md")
     ap.add_argument("--speed-passes", type=int, default=15, help="timed passes per file (interleaved)")
     ap.add_argument("--speed-new", type=int, default=64, help="greedy new tokens per pass (prompt: 128)")
+    ap.add_argument("--speed-mmap", action="store_true", help="time the files mapped (llama.cpp's default), "
+                    "not read into memory")
     a = ap.parse_args()
 
     import llama_cpp
@@ -263,7 +265,8 @@ def main() -> None:
             timed[peer + AA] = copy
     print(f"timing {len(timed)} files: {a.speed_passes} interleaved passes of 128 + {a.speed_new} tokens", flush=True)
     t_speed = time.perf_counter()
-    got = llamacpp.passes_in_subprocess(list(timed.values()), 128, a.speed_new, a.threads, a.speed_passes)
+    got = llamacpp.passes_in_subprocess(list(timed.values()), 128, a.speed_new, a.threads, a.speed_passes,
+                                        mmap=a.speed_mmap)
     speed_minutes = (time.perf_counter() - t_speed) / 60
     passes = {n: f for n, f in zip(timed, got["files"])}
     for r in results:
@@ -288,7 +291,8 @@ def main() -> None:
         f"torch (perplexity {orig:.3f}). Calibration: {a.nsamples} x {a.seqlen} wikipedia windows (held-out split) "
         "for GPTQ; llama-imatrix reads the same windows' decoded text (`--chunks` of the same length). "
         f"Speed: every file in one llama.cpp process, {a.speed_passes} interleaved passes each (a fresh order "
-        f"every round, after one warm-up pass per file) of a 128-token prompt and {a.speed_new} greedy new tokens "
+        f"every round, after one warm-up pass per file) of a 128-token prompt and {a.speed_new} greedy new tokens, "
+        f"{'files mapped' if a.speed_mmap else 'weights read into memory (no mmap)'} "
         f"({speed_minutes:.1f} min); prefill: median; decode: median [quartiles] over the passes, by the wall clock "
         "and per CPU-second.",
         "",

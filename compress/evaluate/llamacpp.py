@@ -62,12 +62,13 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool):
-    """A llama.cpp context on `path` with one batch of `n_ctx` tokens, CPU, no mmap surprises."""
+def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool, mmap: bool = True):
+    """A llama.cpp context on `path` with one batch of `n_ctx` tokens, CPU; ``mmap=False`` reads
+    the weights into the process's memory instead of mapping the file."""
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False)
+                 n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, use_mmap=mmap, verbose=False)
 
 
 def window_logits(llm, ids: Sequence[int]) -> torch.Tensor:
@@ -172,7 +173,7 @@ def _one_pass(llm, ids: list[int], new: int) -> tuple[float, float, float]:
 
 
 def speed_passes(paths: Sequence[Path], prompt: int, new: int, threads: int, passes: int,
-                 warmup: int = 1) -> list[dict[str, list[float]]]:
+                 warmup: int = 1, mmap: bool = False) -> list[dict[str, list[float]]]:
     """Prefill and greedy-decode tokens/s of each GGUF file in llama.cpp, pass by pass.
 
     Every file is opened at once and the passes are interleaved: round k times one pass of
@@ -181,14 +182,17 @@ def speed_passes(paths: Sequence[Path], prompt: int, new: int, threads: int, pas
     files, taken a few seconds apart, can be compared as a pair (`paired_ratio`). A pass is the prompt of `prompt` random ids (the ids our torch speed
     measure uses, `compress.evaluate.speed`) from an empty cache, then `new` greedy tokens;
     its prefill also brings the weights back into cache before the decode is timed. `warmup`
-    untimed passes per file come first. Returns, per file, the per-pass lists ``prefill``,
+    untimed passes per file come first. The weights are read into memory (``mmap=False``):
+    mapped, a byte copy of a file decoded 5-7% slower than the file itself in the same run
+    (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md), so where the page cache
+    had put a file moved its speed. Returns, per file, the per-pass lists ``prefill``,
     ``decode`` (wall clock) and ``decode_cpu`` (CPU time)."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     llms = []
     try:
         for p in paths:
-            llms.append(open_llama(p, prompt + new + 8, threads, logits_all=False))
+            llms.append(open_llama(p, prompt + new + 8, threads, logits_all=False, mmap=mmap))
         vocab = llms[0].n_vocab()
         ids = torch.randint(0, vocab, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
         for llm in llms:
@@ -235,22 +239,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--mmap", action="store_true", help="map the files instead of reading them in")
     a = ap.parse_args(argv)
     with PeakMemory() as mem:
-        per = speed_passes(a.paths, a.prompt, a.new, a.threads or default_threads(), a.passes, a.warmup)
+        per = speed_passes(a.paths, a.prompt, a.new, a.threads or default_threads(), a.passes, a.warmup, a.mmap)
     print(json.dumps({"files": [{"path": str(p), **r} for p, r in zip(a.paths, per)],
                       "serving_peak_rss_mb": mem.peak / 2**20}))
 
 
 def passes_in_subprocess(paths: Sequence[Path], prompt: int, new: int, threads: Optional[int] = None,
-                         passes: int = 3, warmup: int = 1) -> dict:
+                         passes: int = 3, warmup: int = 1, mmap: bool = False) -> dict:
     """`speed_passes` in a child process (its memory, the serving footprint, stays apart):
     `main`'s JSON."""
     from compress.children import run_child
 
     cmd = [sys.executable, "-m", "compress.evaluate.llamacpp", *map(str, paths), "--prompt", str(prompt),
            "--new", str(new), "--threads", str(threads or default_threads()), "--passes", str(passes),
-           "--warmup", str(warmup)]
+           "--warmup", str(warmup), *(["--mmap"] if mmap else [])]
     proc = run_child(cmd)
     if proc.returncode != 0:
         raise RuntimeError(f"llama.cpp speed measurement failed for {', '.join(map(str, paths))}: "
