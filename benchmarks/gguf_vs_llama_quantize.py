@@ -256,8 +256,11 @@ def main() -> None:
         results.append({"name": name, "bytes": path.stat().st_size, **tensor_types(path), "perplexity": st.perplexity, "kl": st.kl,
                         "top1": st.top1, "original_perplexity": st.ref_perplexity, "make_seconds": seconds.get(name)})
         print(results[-1], flush=True)
-    # 6. speed: every file (and a byte copy of each target's llama-quantize file) in one process, interleaved
-    timed = dict(files)
+    # 6. speed: the quantized files (and a byte copy of each target's llama-quantize file) in one
+    # process, interleaved; the F32 reference apart: timed beside them, its 539 MB moved the A/A
+    # control by up to 7% (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md)
+    ref_name = next(iter(files))
+    timed = {n: f for n, f in files.items() if n != ref_name}
     for peer in TARGETS.values():
         if peer in files and any(n.startswith("compress") for n in files):
             copy = a.work / f"aa-{slug({'name': peer})}.gguf"
@@ -269,6 +272,8 @@ def main() -> None:
                                         mmap=a.speed_mmap)
     speed_minutes = (time.perf_counter() - t_speed) / 60
     passes = {n: f for n, f in zip(timed, got["files"])}
+    passes[ref_name] = llamacpp.passes_in_subprocess([files[ref_name]], 128, a.speed_new, a.threads, 5,
+                                                     mmap=a.speed_mmap)["files"][0]
     for r in results:
         f = passes[r["name"]]
         r.update(prefill_tokens_per_s=llamacpp.spread(f["prefill"])["median"],
@@ -290,7 +295,8 @@ def main() -> None:
         f"row run by llama.cpp on those token ids; KL(original || row) and top-1 against the fp32 original in "
         f"torch (perplexity {orig:.3f}). Calibration: {a.nsamples} x {a.seqlen} wikipedia windows (held-out split) "
         "for GPTQ; llama-imatrix reads the same windows' decoded text (`--chunks` of the same length). "
-        f"Speed: every file in one llama.cpp process, {a.speed_passes} interleaved passes each (a fresh order "
+        f"Speed: the quantized files in one llama.cpp process (the F32 row alone, 5 passes), {a.speed_passes} "
+        "interleaved passes each (a fresh order "
         f"every round, after one warm-up pass per file) of a 128-token prompt and {a.speed_new} greedy new tokens, "
         f"{'files mapped' if a.speed_mmap else 'weights read into memory (no mmap)'} "
         f"({speed_minutes:.1f} min); prefill: median; decode: median [quartiles] over the passes, by the wall clock "
