@@ -257,8 +257,9 @@ def main() -> None:
                         "top1": st.top1, "original_perplexity": st.ref_perplexity, "make_seconds": seconds.get(name)})
         print(results[-1], flush=True)
     # 6. speed: the quantized files (and a byte copy of each target's llama-quantize file) in one
-    # process, interleaved; the F32 reference apart: timed beside them, its 539 MB moved the A/A
-    # control by up to 7% (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md)
+    # process, interleaved; the F32 reference apart (it is no target's peer, and its 539 MB is
+    # three times the rest). The A/A control is the check on the result: 2026-12-07 it read
+    # 0.90-0.97 (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md)
     ref_name = next(iter(files))
     timed = {n: f for n, f in files.items() if n != ref_name}
     for peer in TARGETS.values():

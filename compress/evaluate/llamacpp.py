@@ -183,9 +183,10 @@ def speed_passes(paths: Sequence[Path], prompt: int, new: int, threads: int, pas
     measure uses, `compress.evaluate.speed`) from an empty cache, then `new` greedy tokens;
     its prefill also brings the weights back into cache before the decode is timed. `warmup`
     untimed passes per file come first. The weights are read into memory (``mmap=False``), so
-    the page cache's state of each file stays out of the figure; that alone did not remove the
-    5-7% offset of a byte copy against its file seen with a 539 MB F32 file in the same process
-    (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md). Returns, per file, the per-pass lists ``prefill``,
+    the page cache's state of each file stays out of the figure. A byte copy of a file, timed
+    beside it, still decoded 3-10% slower in every benchmark run, mapped or not
+    (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md): an offset between
+    contexts of one process that this interleaving does not remove. Returns, per file, the per-pass lists ``prefill``,
     ``decode`` (wall clock) and ``decode_cpu`` (CPU time)."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
