@@ -12,6 +12,13 @@ writer holds it; an entry this compress's config refuses is listed as skipped, n
 Every row: perplexity, KL(original || row) and top-1 agreement against the fp32 original in
 torch (compress/evaluate/llamacpp.py), file size, and prefill / decode tokens/s in llama.cpp.
 
+Speed (`llamacpp.speed_passes`): every file is timed in one process, passes interleaved (each
+round one pass per file, in a fresh order), after a warm-up pass; per row the median and
+quartiles over the passes, by the wall clock and per CPU-second (what other jobs on the core do
+not add to). Decode ratios are taken pass by pass between the two files of a target (pass k of
+each, seconds apart), and an A/A control times a byte copy of each target's llama-quantize file
+beside it: its ratio is the measurement's own noise.
+
     PYTHONPATH=. .venv/bin/python benchmarks/gguf_vs_llama_quantize.py \
         [--llamacpp-dir ~/.cache/compress/llama.cpp] [--windows 16] [--nsamples 64]
 
@@ -65,23 +72,38 @@ ROWS = [
      "quantize": {"method": "awq", "rounding": "gptq"}},
 ]
 # Issue 18's targets: per type, our best row against llama-quantize's strongest recipe of the
-# same type and layout (the importance matrix; for Q4_0 the F16-embedding row, compress's layout).
-TARGETS = {"Q4_0": "llama-quantize Q4_0 +imatrix, F16 embedding", "Q4_K_M": "llama-quantize Q4_K_M +imatrix",
+# same type and layout (the importance matrix; compress writes token_embd in llama-quantize's type).
+TARGETS = {"Q4_0": "llama-quantize Q4_0 +imatrix", "Q4_K_M": "llama-quantize Q4_K_M +imatrix",
            "Q3_K_M": "llama-quantize Q3_K_M +imatrix"}
+AA = " (byte copy)"  # suffix of an A/A control's name
 
 
-def target_lines(results: list[dict]) -> list[str]:
+def fmt_spread(d: dict, f: str = ".3f") -> str:
+    return f"{d['median']:{f}} [{d['q1']:{f}}-{d['q3']:{f}}] ({d['min']:{f}}-{d['max']:{f}})"
+
+
+def target_lines(results: list[dict], passes: dict[str, dict]) -> list[str]:
+    from compress.evaluate.llamacpp import paired_ratio
+
     by = {r["name"]: r for r in results}
     lines = ["Targets (issue 18): KL <= 0.8x llama-quantize with an importance matrix at the same type and size; "
-             "decode tokens/s within 5% of llama.cpp's file of the same type.", ""]
+             "decode tokens/s within 5% of llama.cpp's file of the same type (ratio 0.95-1.05). Decode ratios: "
+             "median of the per-pass ratios [quartiles] (min-max); `cpu` per CPU-second, `wall` by the clock.", ""]
     for t, peer in TARGETS.items():
         ours = [r for r in results if r["name"].startswith("compress") and r["name"].endswith(f" {t}")]
         if peer not in by or not ours:
             continue
         best, p = min(ours, key=lambda r: r["kl"]), by[peer]
+        a, b = passes[best["name"]], passes[peer]
         lines.append(f"- **{t}**: {best['name']} KL {best['kl']:.4f} vs {p['kl']:.4f} ({peer}): ratio "
                      f"**{best['kl'] / p['kl']:.2f}**; size ratio {best['bytes'] / p['bytes']:.3f}; decode ratio "
-                     f"**{best['decode_tokens_per_s'] / p['decode_tokens_per_s']:.3f}**")
+                     f"cpu **{fmt_spread(paired_ratio(a['decode_cpu'], b['decode_cpu']))}**, wall "
+                     f"{fmt_spread(paired_ratio(a['decode'], b['decode']))}")
+        if peer + AA in passes:
+            c = passes[peer + AA]
+            lines.append(f"  - A/A control, {peer} vs its byte copy: decode ratio cpu "
+                         f"{fmt_spread(paired_ratio(c['decode_cpu'], b['decode_cpu']))}, wall "
+                         f"{fmt_spread(paired_ratio(c['decode'], b['decode']))}")
     return lines
 
 
@@ -134,6 +156,11 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--only", nargs="*", help="row names to run (default: all); the F32 reference always runs")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--tag", default="", help="results file gguf-vs-llama-quantize-DATE[-TAG].md")
+    ap.add_argument("--speed-passes", type=int, default=15, help="timed passes per file (interleaved)")
+    ap.add_argument("--speed-new", type=int, default=64, help="greedy new tokens per pass (prompt: 128)")
+    ap.add_argument("--speed-mmap", action="store_true", help="time the files mapped (llama.cpp's default), "
+                    "not read into memory")
     a = ap.parse_args()
 
     import llama_cpp
@@ -226,11 +253,32 @@ def main() -> None:
         print(f"evaluating {name}", flush=True)
         st = llamacpp.evaluate_gguf(path, eval_ids, ref_inputs=ref, ref_head=head, ref_softcap=_softcap_of(sm),
                                     threads=a.threads)
-        speed = llamacpp.speed_in_subprocess(path, 128, 32, a.threads)
         results.append({"name": name, "bytes": path.stat().st_size, **tensor_types(path), "perplexity": st.perplexity, "kl": st.kl,
-                        "top1": st.top1, "original_perplexity": st.ref_perplexity, **speed,
-                        "make_seconds": seconds.get(name)})
+                        "top1": st.top1, "original_perplexity": st.ref_perplexity, "make_seconds": seconds.get(name)})
         print(results[-1], flush=True)
+    # 6. speed: the quantized files (and a byte copy of each target's llama-quantize file) in one
+    # process, interleaved; the F32 reference apart (it is no target's peer, and its 539 MB is
+    # three times the rest). The A/A control is the check on the result: 2026-12-07 it read
+    # 0.90-0.97 (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md)
+    ref_name = next(iter(files))
+    timed = {n: f for n, f in files.items() if n != ref_name}
+    for peer in TARGETS.values():
+        if peer in files and any(n.startswith("compress") for n in files):
+            copy = a.work / f"aa-{slug({'name': peer})}.gguf"
+            shutil.copyfile(files[peer], copy)
+            timed[peer + AA] = copy
+    print(f"timing {len(timed)} files: {a.speed_passes} interleaved passes of 128 + {a.speed_new} tokens", flush=True)
+    t_speed = time.perf_counter()
+    got = llamacpp.passes_in_subprocess(list(timed.values()), 128, a.speed_new, a.threads, a.speed_passes,
+                                        mmap=a.speed_mmap)
+    speed_minutes = (time.perf_counter() - t_speed) / 60
+    passes = {n: f for n, f in zip(timed, got["files"])}
+    passes[ref_name] = llamacpp.passes_in_subprocess([files[ref_name]], 128, a.speed_new, a.threads, 5,
+                                                     mmap=a.speed_mmap)["files"][0]
+    for r in results:
+        f = passes[r["name"]]
+        r.update(prefill_tokens_per_s=llamacpp.spread(f["prefill"])["median"],
+                 decode=llamacpp.spread(f["decode"]), decode_cpu=llamacpp.spread(f["decode_cpu"]))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
@@ -248,31 +296,41 @@ def main() -> None:
         f"row run by llama.cpp on those token ids; KL(original || row) and top-1 against the fp32 original in "
         f"torch (perplexity {orig:.3f}). Calibration: {a.nsamples} x {a.seqlen} wikipedia windows (held-out split) "
         "for GPTQ; llama-imatrix reads the same windows' decoded text (`--chunks` of the same length). "
-        "Speed: prompt 128, 32 greedy new tokens, median of 3.",
+        f"Speed: the quantized files in one llama.cpp process (the F32 row alone, 5 passes), {a.speed_passes} "
+        "interleaved passes each (a fresh order "
+        f"every round, after one warm-up pass per file) of a 128-token prompt and {a.speed_new} greedy new tokens, "
+        f"{'files mapped' if a.speed_mmap else 'weights read into memory (no mmap)'} "
+        f"({speed_minutes:.1f} min); prefill: median; decode: median [quartiles] over the passes, by the wall clock "
+        "and per CPU-second.",
         "",
-        "| row | MB | bits/w | embedding | linears | ppl | KL | top-1 | prefill tok/s | decode tok/s |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "| row | MB | bits/w | embedding | linears | ppl | KL | top-1 | prefill tok/s | decode tok/s (wall) | "
+        "decode tok/s (cpu) |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     params = sm.n_params
     for r in results:
         lines.append(f"| {r['name']} | {r['bytes'] / 1e6:.1f} | {8 * r['bytes'] / params:.2f} | {r['embedding']} | {r['linears']} | {r['perplexity']:.3f} | "
                      f"{r['kl']:.4f} | {r['top1']:.3f} | {r['prefill_tokens_per_s']:.0f} | "
-                     f"{r['decode_tokens_per_s']:.1f} |")
+                     f"{r['decode']['median']:.1f} [{r['decode']['q1']:.1f}-{r['decode']['q3']:.1f}] | "
+                     f"{r['decode_cpu']['median']:.1f} [{r['decode_cpu']['q1']:.1f}-{r['decode_cpu']['q3']:.1f}] |")
     for name, note in notes.items():
-        lines.append(f"| {name} | - | - | - | - | - | - | - | - | {note} |")
-    lines += ["", *target_lines(results)]
+        lines.append(f"| {name} | - | - | - | - | - | - | - | - | - | {note} |")
+    lines += ["", *target_lines(results, passes)]
     lines += [
         "",
         "Reading: SmolLM2-135M was distributed as Q4_1, so the fp32 original holds Q4_1 codes at group 32: "
         "Q4_1 rows (and to a lesser degree Q4_0 rows, the same 32-column groups) sit on or near the original's "
         "own grid and score better than a model trained in float would; the k-quant rows do not share that grid. "
         "`embedding` is the type of the tied token embedding (also the lm_head), `linears` the count of each type "
-        "among the block linears: compare sizes, not only type names (the `F16 embedding` row has compress's layout).",
+        "among the block linears: compare sizes, not only type names. compress writes token_embd in the type "
+        "llama-quantize gives it (Q8_0 here: Q6_K falls back on rows of 576); the `F16 embedding` row has the layout of "
+        "`export.gguf_embedding: float`. llama-quantize's Q4_0 with an importance matrix stores the first 3 ffn_down "
+        "in Q4_1; compress's Q4_0 keeps them Q4_0.",
         "",
     ]
-    (a.work / "results.json").write_text(json.dumps({"rows": results, "notes": notes}, indent=2))
+    (a.work / "results.json").write_text(json.dumps({"rows": results, "notes": notes, "passes": passes}, indent=2))
     a.results.mkdir(parents=True, exist_ok=True)
-    out = a.results / f"gguf-vs-llama-quantize-{dt.date.today()}.md"
+    out = a.results / f"gguf-vs-llama-quantize-{dt.date.today()}{'-' + a.tag if a.tag else ''}.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -181,6 +181,13 @@ class ExportConfig(_Strict):
         "(Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M: types per tensor as llama-quantize chooses them) set bits, "
         "group_size and sym per tensor themselves; rtn or gptq round on that grid",
     )
+    gguf_embedding: Literal["auto", "float"] = Field(
+        "auto", description="GGUF type of token_embd and of an output (lm_head) tensor that quantize "
+        "leaves in float (format gguf only). auto: the type llama-quantize gives them under gguf_type, "
+        "so the file has its layout and size (tied or output rows: Q6_K, or Q8_0 where rows are not a "
+        "multiple of 256 or the type is Q8_0; an untied token_embd: gguf_type's base type), rounded to "
+        "nearest. float: export.dtype, as llama-quantize --token-embedding-type f16 --output-tensor-type f16",
+    )
 
     onnx_accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="MatMulNBits accuracy_level of an ONNX export (format onnx): 4 (default, the "
@@ -199,6 +206,14 @@ class ExportConfig(_Strict):
             raise ValueError("required with export.format: gguf (Q8_0, Q4_0, Q4_1, a k-quant such as Q4_K, "
                              "or a mix such as Q4_K_M)")
         if fmt is not None and fmt != "gguf" and v is not None:
+            raise ValueError(f"applies to export.format: gguf only (format is '{fmt}')")
+        return v
+
+    @field_validator("gguf_embedding")
+    @classmethod
+    def _gguf_embedding(cls, v: str, info) -> str:
+        fmt = info.data.get("format")
+        if v != "auto" and fmt is not None and fmt != "gguf":
             raise ValueError(f"applies to export.format: gguf only (format is '{fmt}')")
         return v
 

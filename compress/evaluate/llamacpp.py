@@ -12,7 +12,7 @@ P the original's softmax, Q llama.cpp's. llama-cpp-python is optional (`pip inst
 'compress[llamacpp]'` compiles llama.cpp): without it a GGUF artifact is evaluated in our torch
 view, and the table's `runtime` column says which one measured each row.
 
-    python -m compress.evaluate.llamacpp MODEL.gguf --prompt 128 --new 32 --threads 2   # speed
+    python -m compress.evaluate.llamacpp A.gguf [B.gguf ...] --prompt 128 --new 32 --passes 3   # speed
 """
 from __future__ import annotations
 
@@ -62,12 +62,13 @@ def default_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool):
-    """A llama.cpp context on `path` with one batch of `n_ctx` tokens, CPU, no mmap surprises."""
+def open_llama(path: Path, n_ctx: int, threads: int, logits_all: bool, mmap: bool = True):
+    """A llama.cpp context on `path` with one batch of `n_ctx` tokens, CPU; ``mmap=False`` reads
+    the weights into the process's memory instead of mapping the file."""
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, verbose=False)
+                 n_threads_batch=threads, logits_all=logits_all, n_gpu_layers=0, use_mmap=mmap, verbose=False)
 
 
 def window_logits(llm, ids: Sequence[int]) -> torch.Tensor:
@@ -156,59 +157,121 @@ def _last_argmax(llm) -> int:
     return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())
 
 
-def measure_speed(path: Path, prompt: int, new: int, threads: int, repeats: int = 3) -> dict:
-    """Prefill and greedy-decode tokens/s in llama.cpp: the prompt of random ids that our torch
-    speed measure uses (`compress.evaluate.speed`), medians of `repeats`."""
-    llm = open_llama(path, prompt + new + 8, threads, logits_all=False)
+def _one_pass(llm, ids: list[int], new: int) -> tuple[float, float, float]:
+    """One timed sequence from an empty cache: prefill tokens/s, then greedy-decode tokens/s by
+    the wall clock and by the process's CPU time (which a job preempting this one does not add to)."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1, c1 = time.perf_counter(), time.process_time()
+    nxt = _last_argmax(llm)
+    for _ in range(new):
+        llm.eval([nxt])
+        nxt = _last_argmax(llm)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return len(ids) / (t1 - t0), new / (t2 - t1), new / (c2 - c1)
+
+
+def speed_passes(paths: Sequence[Path], prompt: int, new: int, threads: int, passes: int,
+                 warmup: int = 1, mmap: bool = False) -> list[dict[str, list[float]]]:
+    """Prefill and greedy-decode tokens/s of each GGUF file in llama.cpp, pass by pass.
+
+    Every file is opened at once and the passes are interleaved: round k times one pass of
+    every file, in an order drawn anew each round (seeded), so a slow drift of the machine
+    (another job, clocks) falls on every file alike, no file keeps a position, and pass k of two
+    files, taken a few seconds apart, can be compared as a pair (`paired_ratio`). A pass is the prompt of `prompt` random ids (the ids our torch speed
+    measure uses, `compress.evaluate.speed`) from an empty cache, then `new` greedy tokens;
+    its prefill also brings the weights back into cache before the decode is timed. `warmup`
+    untimed passes per file come first. The weights are read into memory (``mmap=False``), so
+    the page cache's state of each file stays out of the figure. A byte copy of a file, timed
+    beside it, still decoded 3-10% slower in every benchmark run, mapped or not
+    (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md): an offset between
+    contexts of one process that this interleaving does not remove. Returns, per file, the per-pass lists ``prefill``,
+    ``decode`` (wall clock) and ``decode_cpu`` (CPU time)."""
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    llms = []
     try:
-        vocab = llm.n_vocab()
+        for p in paths:
+            llms.append(open_llama(p, prompt + new + 8, threads, logits_all=False, mmap=mmap))
+        vocab = llms[0].n_vocab()
         ids = torch.randint(0, vocab, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-        llm.reset()
-        llm.eval(ids[:8])  # warm-up
-        prefill, decode = [], []
-        for _ in range(repeats):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(ids)
-            t1 = time.perf_counter()
-            nxt = _last_argmax(llm)
-            for _ in range(new):
-                llm.eval([nxt])
-                nxt = _last_argmax(llm)
-            t2 = time.perf_counter()
-            prefill.append(prompt / (t1 - t0))
-            decode.append(new / (t2 - t1))
+        for llm in llms:
+            for _ in range(warmup):
+                _one_pass(llm, ids, new)
+        out = [{"prefill": [], "decode": [], "decode_cpu": []} for _ in llms]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(passes):
+            for i in torch.randperm(len(llms), generator=g).tolist():
+                pre, dec, cpu = _one_pass(llms[i], ids, new)
+                out[i]["prefill"].append(pre)
+                out[i]["decode"].append(dec)
+                out[i]["decode_cpu"].append(cpu)
+        return out
     finally:
-        llm.close()
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"prefill_tokens_per_s": med(prefill), "decode_tokens_per_s": med(decode)}
+        for llm in llms:
+            llm.close()
+
+
+def spread(xs: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles (inclusive method) and range of a list of per-pass figures."""
+    import statistics
+
+    xs = sorted(xs)
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
+    return {"median": med, "q1": q1, "q3": q3, "min": xs[0], "max": xs[-1]}
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """`spread` of a[k] / b[k] over the passes of two files of one `speed_passes` call."""
+    if len(a) != len(b):
+        raise ValueError(f"unpaired passes: {len(a)} and {len(b)}")
+    return spread([x / y for x, y in zip(a, b)])
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Prints ``{"files": [{"path", "prefill", "decode", "decode_cpu"}...], "serving_peak_rss_mb"}``."""
     from compress.evaluate.memory import PeakMemory
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("path", type=Path)
+    ap.add_argument("paths", type=Path, nargs="+", help="GGUF files, timed interleaved")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--passes", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--mmap", action="store_true", help="map the files instead of reading them in")
     a = ap.parse_args(argv)
     with PeakMemory() as mem:
-        res = measure_speed(a.path, a.prompt, a.new, a.threads or default_threads())
-    res["serving_peak_rss_mb"] = mem.peak / 2**20
-    print(json.dumps(res))
+        per = speed_passes(a.paths, a.prompt, a.new, a.threads or default_threads(), a.passes, a.warmup, a.mmap)
+    print(json.dumps({"files": [{"path": str(p), **r} for p, r in zip(a.paths, per)],
+                      "serving_peak_rss_mb": mem.peak / 2**20}))
 
 
-def speed_in_subprocess(path: Path, prompt: int, new: int, threads: Optional[int] = None) -> dict:
-    """`measure_speed` in a child process, so its memory (the serving footprint) stays apart."""
+def passes_in_subprocess(paths: Sequence[Path], prompt: int, new: int, threads: Optional[int] = None,
+                         passes: int = 3, warmup: int = 1, mmap: bool = False) -> dict:
+    """`speed_passes` in a child process (its memory, the serving footprint, stays apart):
+    `main`'s JSON."""
     from compress.children import run_child
 
-    cmd = [sys.executable, "-m", "compress.evaluate.llamacpp", str(path), "--prompt", str(prompt),
-           "--new", str(new), "--threads", str(threads or default_threads())]
+    cmd = [sys.executable, "-m", "compress.evaluate.llamacpp", *map(str, paths), "--prompt", str(prompt),
+           "--new", str(new), "--threads", str(threads or default_threads()), "--passes", str(passes),
+           "--warmup", str(warmup), *(["--mmap"] if mmap else [])]
     proc = run_child(cmd)
     if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp speed measurement failed for {path}: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"llama.cpp speed measurement failed for {', '.join(map(str, paths))}: "
+                           f"{proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def speed_in_subprocess(path: Path, prompt: int, new: int, threads: Optional[int] = None, passes: int = 3) -> dict:
+    """One file's median prefill and decode tokens/s over `passes` (the pipeline's speed
+    columns) and the peak RSS of the process that served it."""
+    res = passes_in_subprocess([path], prompt, new, threads, passes)
+    (f,) = res["files"]
+    return {"prefill_tokens_per_s": spread(f["prefill"])["median"],
+            "decode_tokens_per_s": spread(f["decode"])["median"],
+            "serving_peak_rss_mb": res["serving_peak_rss_mb"]}
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ transformers' GGUF loader read, with our codes on the grid of a simple GGUF bloc
 grid is exactly its own (`gguf_blocks.type_for`: Q8_0 = 8-bit symmetric, Q4_0 = 4-bit
 symmetric, Q4_1 = 4-bit asymmetric, all with groups of 32 consecutive columns), so a per-layer
 override to another of these grids becomes a tensor of that type, as llama.cpp's mixes do.
-Unquantized linears (skips, lm_head as ``output``) and the token embedding are stored in
-``export.dtype`` (F16, BF16 or F32), norms and biases in F32. Layout: `gguf_meta` (names, keys,
+The token embedding and an unquantized lm_head (``output``) are rounded to nearest in the type
+llama-quantize gives them under that ftype (`gguf_mix`: Q8_0 or Q6_K for a tied embedding or the
+output; ``export.gguf_embedding: float`` keeps them in ``export.dtype``); skipped linears are
+stored in ``export.dtype`` (F16, BF16 or F32), norms and biases in F32. Layout: `gguf_meta` (names, keys,
 tokenizer), `gguf_writer` (the file). The folder also holds ``config.json`` (our reader's
 entry: ``quantization_config.quant_method: gguf``) and the manifest.
 
@@ -187,9 +189,9 @@ class GGUFFormat(Format):
             gm.add_tokenizer(w, loaded.root, loaded.config)
 
         outer: dict[str, str] = {}
-        if cfg.export.gguf_type in gx.K_TYPES:  # the embedding / untied lm_head in their mix type
-            outer = {n: t for n, t in gx.tensor_types(exporter.sm, loaded.config, cfg.export.gguf_type).items()
-                     if not n.startswith(exporter.sm.block_prefix) and t != "F16"}
+        if cfg.export.gguf_embedding == "auto":  # token_embd / a float output in llama-quantize's type
+            types = gx.tensor_types(exporter.sm, loaded.config, cfg.export.gguf_type, head_quantized=q.lm_head is not None)
+            outer = {n: t for n, t in types.items() if not n.startswith(exporter.sm.block_prefix) and t != "F16"}
         return GGUFArtifactWriter(
             out_dir, arch=names.family.arch, names=lambda n, rows: (names.gguf(n), names.row_order(n, rows)),
             metadata=metadata, float_dtype=getattr(torch, cfg.export.dtype), overwrite=exporter.overwrite,

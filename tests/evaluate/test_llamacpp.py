@@ -45,6 +45,51 @@ def test_softcap_is_applied_to_the_original_logits():
     assert torch.allclose(capped, torch.tanh(x @ w.T / 3.0) * 3.0) and capped.abs().max() <= 3.0
 
 
+def test_spread_and_paired_ratio_against_numpy():
+    import numpy as np
+
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0, 9.0]
+    got = llamacpp.spread(xs)
+    q1, med, q3 = np.percentile(xs, [25, 50, 75])  # numpy's linear = statistics' inclusive method
+    assert (got["q1"], got["median"], got["q3"], got["min"], got["max"]) == pytest.approx((q1, med, q3, 1.0, 9.0))
+    assert llamacpp.spread([7.0]) == {"median": 7.0, "q1": 7.0, "q3": 7.0, "min": 7.0, "max": 7.0}
+    r = llamacpp.paired_ratio([2.0, 9.0, 4.0], [1.0, 3.0, 4.0])  # per pass: 2, 3, 1
+    assert (r["median"], r["min"], r["max"]) == (2.0, 1.0, 3.0)
+    with pytest.raises(ValueError, match="unpaired"):
+        llamacpp.paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_speed_passes_interleave_every_file_each_round(monkeypatch):
+    """Warm-up passes first, then each round times every file once, in varying order; every
+    file's lists hold one figure per round, in round order."""
+    calls = []
+
+    class Fake:
+        def __init__(self, path):
+            self.path = path
+
+        def n_vocab(self):
+            return 100
+
+        def close(self):
+            calls.append(("close", self.path))
+
+    def one_pass(llm, ids, new):
+        calls.append(("pass", llm.path))
+        n = sum(c == ("pass", llm.path) for c in calls)
+        return float(n), 10.0 * n, 100.0 * n
+
+    monkeypatch.setattr(llamacpp, "open_llama", lambda p, *a, **k: Fake(p))
+    monkeypatch.setattr(llamacpp, "_one_pass", one_pass)
+    got = llamacpp.speed_passes(["a", "b", "c"], prompt=4, new=2, threads=1, passes=6, warmup=1)
+    order = [p for kind, p in calls if kind == "pass"]
+    assert order[:3] == ["a", "b", "c"]  # one warm-up each
+    rounds = [order[3 + 3 * k : 6 + 3 * k] for k in range(6)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len({tuple(r) for r in rounds}) > 1
+    assert [g["decode"] for g in got] == [[10.0 * n for n in range(2, 8)]] * 3  # the warm-up is not kept
+    assert sorted(p for kind, p in calls if kind == "close") == ["a", "b", "c"]
+
+
 def _gguf_cfg(model_dir, text_file, out, **evaluate):
     return parse_config(run_config(model_dir("llama"), text_file, out, quantize={"bits": 8, "group_size": 32},
                                    evaluate={"dataset": str(text_file), "windows": 2, "seqlen": 32,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,8 @@ def mean_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
+# token_embd / output as llama-quantize types them on rows of 128 (hidden): an untied token_embd
+# in the file's type; output Q6_K, which falls back to Q8_0 (128 % 256); a tied one Q8_0 likewise
 CASES = [
     ("llama", "Q4_0", {"method": "rtn", "bits": 4, "group_size": 32}),
     ("llama", "Q4_1", {"method": "gptq", "bits": 4, "group_size": 32, "sym": False, "skip": [r"layers\.0\.self_attn\.q_proj"]}),
@@ -115,8 +118,9 @@ def test_transformers_gguf_loader_gives_our_logits(family, gguf_type, quantize, 
         "compress-manifest.json", "compress-results.json", "config.json", "model.gguf"]
     reader = gguf.GGUFReader(str(res.artifact / "model.gguf"))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert types["blk.1.attn_k.weight"] == gguf_type and types["token_embd.weight"] == "F16"
-    assert types["blk.0.attn_norm.weight"] == "F32" and ("output.weight" in types) == (family != "qwen2")
+    assert types["blk.1.attn_k.weight"] == gguf_type
+    assert types["token_embd.weight"] == ("Q8_0" if family == "qwen2" else gguf_type)
+    assert types["blk.0.attn_norm.weight"] == "F32" and types.get("output.weight") == (None if family == "qwen2" else "Q8_0")
     if "skip" in quantize:
         assert types["blk.0.attn_q.weight"] == "F16"
     if "overrides" in quantize:
@@ -135,6 +139,129 @@ def test_transformers_gguf_loader_gives_our_logits(family, gguf_type, quantize, 
     assert mean_kl(ref, ours) > 100 * max(mean_kl(ours, theirs), 1e-12)
     if gguf_type == "Q8_0":  # near the original: the llama Q/K rows came back in their order
         assert mean_kl(ref, ours) < 1e-3
+
+
+# ---- token_embd and output: the types llama-quantize gives them ---------------------------------
+# Written out by hand from llama-quant.cpp (llama_tensor_get_type_impl: output, or token_embd when
+# tied, takes Q8_0 if its rows are not a multiple of the ftype's block, else Q6_K unless the ftype
+# is Q8_0; an untied token_embd keeps the ftype's type; then tensor_type_fallback: Q6_K -> Q8_0
+# on rows not a multiple of 256, a 32-block type -> F16 on rows not a multiple of 32).
+@pytest.mark.parametrize("ftype,cols,tied,embd,output", [
+    ("Q4_0", 576, True, "Q8_0", None),  # SmolLM2-135M: Q6_K falls back to Q8_0 (llama-quantize's log says so)
+    ("Q4_1", 576, True, "Q8_0", None),
+    ("Q8_0", 576, True, "Q8_0", None),
+    ("Q4_0", 512, True, "Q6_K", None),
+    ("Q8_0", 512, True, "Q8_0", None),
+    ("Q4_0", 512, False, "Q4_0", "Q6_K"),
+    ("Q4_1", 512, False, "Q4_1", "Q6_K"),
+    ("Q8_0", 512, False, "Q8_0", "Q8_0"),
+    ("Q4_0", 576, False, "Q4_0", "Q8_0"),
+    ("Q4_0", 100, False, "F16", "F16"),  # not even a 32-block fits
+])
+def test_simple_types_give_embedding_and_output_llama_quantize_types(ftype, cols, tied, embd, output):
+    from compress.formats import gguf_mix
+
+    ts = [("token_embd.weight", cols), ("blk.0.attn_q.weight", cols)] + ([] if tied else [("output.weight", cols)])
+    t = gguf_mix.assign(ftype, ts, tied=tied)
+    assert t["token_embd.weight"] == embd and t.get("output.weight") == output
+
+
+def _export(src, text_file, out, gguf_type, quantize, **export):
+    cfg = parse_config(run_config(src, text_file, out, evaluate={"enabled": False}, quantize=quantize,
+                                  export={"format": "gguf", "gguf_type": gguf_type, **export}))
+    (res,) = run(cfg).candidates.values()
+    assert res.error is None and is_complete(res.artifact, check_hashes=True)
+    return res, {t.name: t for t in gguf.GGUFReader(str(res.artifact / "model.gguf")).tensors}
+
+
+def test_tied_embedding_of_rows_of_256_is_q6_k_and_transformers_agrees(tiny_tokenizer, text_file, tmp_path):
+    """A Q4_0 file of a tied model with rows of 256: token_embd in Q6_K (a k-quant in a simple
+    type's file, as llama-quantize writes it), rounded to nearest from the original, and
+    transformers' GGUF loader gives our torch view's logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_model("llama", seed=4, hidden_size=256, head_dim=32, tie_word_embeddings=True)
+    src = save_model(model, tmp_path / "src", tiny_tokenizer)
+    res, t = _export(src, text_file, tmp_path / "out", "Q4_0", {"bits": 4, "group_size": 32})
+    assert t["token_embd.weight"].tensor_type.name == "Q6_K" and "output.weight" not in t
+    # Q6_K: 210 bytes per 256 weights (ggml-common.h block_q6_K)
+    assert t["token_embd.weight"].n_bytes == 512 * 256 // 256 * 210
+    E = model.get_input_embeddings().weight.detach()
+    got = torch.from_numpy(gguf.quants.dequantize(t["token_embd.weight"].data, gguf.GGMLQuantizationType.Q6_K))
+    rel = float((got - E).norm() / E.norm())
+    assert 1e-4 < rel < 0.05, rel  # rounded (not stored in float), on a 6-bit grid
+
+    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(2)])
+    ours = walk_logits(open_artifact(res.artifact, torch.device("cpu"), torch.float32, dense=True), ids)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_embedding_float_keeps_them_in_export_dtype(model_dir, text_file, tmp_path):
+    """`export.gguf_embedding: float` stores token_embd and output as before (fp16 of the
+    original); the default rounds them to llama-quantize's types, which makes a smaller file
+    whose linears are the same bytes."""
+    from transformers import AutoModelForCausalLM
+
+    src = model_dir("llama")
+    q = {"bits": 8, "group_size": 32}
+    res_f, flt = _export(src, text_file, tmp_path / "f", "Q8_0", q, gguf_embedding="float")
+    res_a, auto = _export(src, text_file, tmp_path / "a", "Q8_0", q)
+    assert flt["token_embd.weight"].tensor_type.name == flt["output.weight"].tensor_type.name == "F16"
+    assert auto["token_embd.weight"].tensor_type.name == auto["output.weight"].tensor_type.name == "Q8_0"
+    original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    for name, w in (("token_embd.weight", original.get_input_embeddings().weight),
+                    ("output.weight", original.get_output_embeddings().weight)):
+        assert torch.equal(torch.from_numpy(flt[name].data.copy()), w.detach().to(torch.float16))
+        got = torch.from_numpy(gguf.quants.dequantize(auto[name].data, gguf.GGMLQuantizationType.Q8_0))
+        assert 0 < float((got - w.detach()).abs().max()) <= float(w.detach().abs().max()) / 127
+    for name in flt:
+        if name.startswith("blk."):
+            assert np.array_equal(flt[name].data, auto[name].data), name
+    size = lambda r: (r.artifact / "model.gguf").stat().st_size  # noqa: E731
+    emb_bytes = 2 * 512 * 128 * (2 - 34 / 32)  # two [512, 128] tensors: F16 -> Q8_0
+    assert size(res_f) - size(res_a) == pytest.approx(emb_bytes, abs=2 * 32)
+    with pytest.raises(ConfigError, match=r"export\.gguf_embedding: Value error, applies to export.format: gguf only"):
+        parse_config(run_config(src, text_file, tmp_path, export={"gguf_embedding": "float"}))
+
+
+def _llama_quantize():
+    import os
+    import shutil
+
+    for d in (os.environ.get("LLAMACPP_DIR"), Path.home() / ".cache/compress/llama.cpp"):
+        if d and (Path(d) / "build/bin/llama-quantize").is_file():
+            return Path(d) / "build/bin/llama-quantize"
+    return shutil.which("llama-quantize")
+
+
+@pytest.mark.ecosystem
+@pytest.mark.parametrize("family,dims,gguf_type,quantize", [
+    ("llama", {}, "Q4_0", {"bits": 4, "group_size": 32}),
+    ("llama", {}, "Q4_1", {"bits": 4, "group_size": 32, "sym": False}),
+    ("qwen2", {"tie_word_embeddings": True}, "Q8_0", {"bits": 8, "group_size": 32}),
+    ("llama", {"tie_word_embeddings": True, "hidden_size": 256, "head_dim": 32}, "Q4_0", {"bits": 4, "group_size": 32}),
+], ids=["llama-q4_0", "llama-q4_1", "qwen2-tied-q8_0", "llama-tied-256-q4_0"])
+def test_layout_and_size_are_llama_quantizes(family, dims, gguf_type, quantize, tiny_tokenizer, text_file, tmp_path):
+    """llama-quantize (LLAMACPP_DIR/build/bin, scripts/build-llamacpp.sh) of our file with a float
+    embedding gives every tensor the type and byte size of our own export of that type."""
+    import subprocess
+
+    tool = _llama_quantize()
+    if tool is None:
+        pytest.skip("llama-quantize not found (set LLAMACPP_DIR; bash scripts/build-llamacpp.sh)")
+    src = save_model(make_model(family, seed=6, **dims), tmp_path / "src", tiny_tokenizer)
+    res_f, _ = _export(src, text_file, tmp_path / "f", "Q8_0", {"bits": 8, "group_size": 32},
+                       gguf_embedding="float", dtype="float32")
+    theirs = tmp_path / "theirs.gguf"
+    proc = subprocess.run([str(tool), "--allow-requantize", str(res_f.artifact / "model.gguf"), str(theirs), gguf_type, "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, ours = _export(src, text_file, tmp_path / "o", gguf_type, quantize)
+    layout = lambda ts: {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in ts}  # noqa: E731
+    assert layout(ours.values()) == layout(gguf.GGUFReader(str(theirs)).tensors)
 
 
 def test_tokenizer_round_trips_through_the_gguf(model_dir, tiny_tokenizer, text_file, tmp_path):
