@@ -109,6 +109,11 @@ class GGUFFormat(Format):
         for p in plans:
             q = p.q
             which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
+            if q.target is not None and q.target.bits_per_weight is None:
+                # The bytes model counts outer tensors in export.dtype; this file stores token_embd
+                # and norms in its own types (Q8_0/Q6_K, F32), so a byte budget would not be exact.
+                return (f"quantize.target: a byte budget (max_bytes, gpu) is not counted exactly for GGUF, whose "
+                        f"token_embd and norms take GGUF's own types; use bits_per_weight{which}")
             for key, have, want in (("bits", q.bits, t.bits), ("group_size", q.group_size, gb.BLOCK),
                                     ("sym", q.sym, t.sym)):
                 if have != want:

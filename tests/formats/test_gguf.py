@@ -292,6 +292,8 @@ def test_tokenizer_round_trips_through_the_gguf(model_dir, tiny_tokenizer, text_
     ({"bits": 4, "group_size": 32}, "Q8_0", "quantize.bits: gguf Q8_0 needs bits 8, got 4"),
     ({"method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "static_groups": False}, "Q4_0",
      "quantize.static_groups: gguf blocks are 32 consecutive columns"),
+    ({"bits": 4, "group_size": 32, "sym": True, "target": {"max_bytes": 10**6}}, "Q4_0",
+     "is not counted exactly for GGUF, whose token_embd and norms take GGUF's own types; use bits_per_weight"),
 ])
 def test_preflight_names_the_key(quantize, gguf_type, message, model_dir, text_file, tmp_path):
     cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", quantize=quantize,
