@@ -58,6 +58,11 @@ class ONNXFormat(Format):
             which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
             if q.bits not in BITS:
                 return f"quantize.bits: MatMulNBits holds bits {' or '.join(map(str, BITS))}, got {q.bits}{which}"
+            if q.target is not None and q.target.bits_per_weight is None:
+                # The bytes model counts safetensors tensors; the graph adds its rotary tables and
+                # lays MatMulNBits out in blocks, so a byte budget would not be exact.
+                return (f"quantize.target: a byte budget (max_bytes, gpu) is not counted exactly for ONNX, whose "
+                        f"graph adds rotary tables and MatMulNBits blocks; use bits_per_weight{which}")
             if block_size_for(q.group_size, 1) is None:
                 return (f"quantize.group_size: MatMulNBits blocks are a power of two >= 16 (or -1, per channel), "
                         f"got {q.group_size}{which}")

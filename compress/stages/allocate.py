@@ -55,9 +55,10 @@ def stage_allocate(ctx) -> None:
             fixed = (mp.fixed_bytes(sm, {s.name for s in slots}, dtype, q, fmt, outer=outer is None)
                      if q.target.bits_per_weight is None else 0)
             budget = mp.budget(q.target, cfg, ctx.loaded.config, slots, fixed)
-            smallest = sum(min(s.bytes) for s in slots) + (min(outer.bytes) if outer is not None else 0)
+            outer_min = min(outer.bytes) if outer is not None else 0
+            smallest = sum(min(s.bytes) for s in slots) + outer_min
             if smallest > budget.slots_bytes:
-                raise ValueError(_too_small(q.target, budget, smallest, slots))
+                raise ValueError(_too_small(q.target, budget, smallest, slots, outer_min))
         except ValueError as e:
             msg = str(e) if str(e).startswith("quantize.") else f"quantize.target: {e}"
             if len(ctx.candidates) == 1:
@@ -83,16 +84,17 @@ def stage_allocate(ctx) -> None:
         _apply(ctx, job, losses)
 
 
-def _too_small(target, budget, smallest: int, slots) -> str:
+def _too_small(target, budget, smallest: int, slots, outer_min: int = 0) -> str:
     if target.bits_per_weight is not None:
         n = sum(s.weights for s in slots)
         return (f"quantize.target: bits_per_weight {target.bits_per_weight:g} is below the smallest reachable "
                 f"with quantize.target_options, {8 * smallest / n:.3f} bits per weight")
     need = smallest + budget.fixed_bytes
+    outer = (f"{outer_min:,} in the embedding, head and other tensors outside the blocks at their smallest "
+             f"options (target_options.outer_bits), {budget.fixed_bytes:,} in norms and other tensors kept in float"
+             if outer_min else f"{budget.fixed_bytes:,} in embeddings, norms and other tensors kept in float")
     return (f"quantize.target: {budget.note} is below the smallest artifact reachable with "
-            f"quantize.target_options, {need:,} bytes ({smallest:,} in the quantizable linears, "
-            f"{budget.fixed_bytes:,} in embeddings, norms and other tensors kept in float, "
-            "or the smallest embedding and head of target_options.outer_bits)")
+            f"quantize.target_options, {need:,} bytes ({smallest - outer_min:,} in the quantizable linears, {outer})")
 
 
 def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
