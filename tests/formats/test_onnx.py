@@ -334,3 +334,35 @@ def test_accuracy_level_4_rounds_activations_within_the_weights_error(pair, text
         orig = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()(ids).logits
     a, b = OrtDecoder(level0).logits(ids), OrtDecoder(level4).logits(ids)
     assert 0 < (a - b).abs().max() < 0.5 * (orig - a).abs().max()
+
+
+def test_a_bits_per_weight_target_writes_each_layer_its_own_matmulnbits(model_dir, text_file, tmp_path):
+    """`quantize.target` under ONNX: each MatMulNBits node carries its layer's allocated bits and
+    block size, and ORT's logits equal our loader's view of the same graph's weights."""
+    import onnx
+
+    from compress.formats.onnx_format import ONNX_FILE
+
+    cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", evaluate={"enabled": False},
+                                  quantize={"bits": 4, "group_size": 32, "target": {"bits_per_weight": 6},
+                                            "target_options": {"bits": [4, 8], "group_sizes": [32, 64],
+                                                               "unquantized": False}},
+                                  export={"format": "onnx", "dtype": "float32"}))
+    (res,) = run(cfg).candidates.values()
+    want = {l["name"]: (l["bits"], l["group_size"]) for l in res.allocation["layers"]}
+    assert len(set(want.values())) > 1
+    m = onnx.load(str(res.artifact / ONNX_FILE), load_external_data=False)
+    got = {}
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits" and not n.input[1].startswith("lm_head"):
+            attrs = {a.name: a.i for a in n.attribute}
+            name = n.input[1].rsplit(".MatMulNBits", 1)[0]
+            prefix, _, local = name.rpartition(".")
+            # q/k/v (gate/up) of one grid are one fused node
+            members = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+            for member in members.get(local, [local]):
+                got[f"{prefix}.{member}"] = (attrs["bits"], attrs["block_size"])
+    assert got == want
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(head_inputs(res.artifact, ids) @ torch.cat([w for _, w, _ in head_slices(res.artifact, 100)]).T,
+                               OrtDecoder(res.artifact).logits(ids), rtol=0, atol=1e-4)
