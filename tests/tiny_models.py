@@ -157,10 +157,11 @@ def walk_logits(sm, ids: torch.Tensor, spool_dir: Path | None = None) -> torch.T
         return torch.cat([sm.logits(hidden.read(w, w + 1), ids[w : w + 1]) for w in range(ids.shape[0])])
 
 
-def transformers_logits(artifact: Path, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of an artifact loaded by transformers itself (its quantizer for the format)."""
+def transformers_logits(artifact: Path, ids: torch.Tensor, **load) -> torch.Tensor:
+    """Logits of an artifact loaded by transformers itself (its quantizer for the format; `load`:
+    e.g. `gguf_file`), one window at a time."""
     from transformers import AutoModelForCausalLM
 
-    peer = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32, device_map="cpu").eval()
+    peer = AutoModelForCausalLM.from_pretrained(str(artifact), dtype=torch.float32, device_map="cpu", **load).eval()
     with torch.no_grad():
-        return peer(ids).logits
+        return torch.cat([peer(ids[w : w + 1]).logits for w in range(ids.shape[0])])

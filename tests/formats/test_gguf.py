@@ -20,7 +20,7 @@ from compress.formats.writer import is_complete  # noqa: E402
 from compress.pipeline import preflight, run  # noqa: E402
 from compress.quantizers.base import QuantSpec  # noqa: E402
 from compress.quantizers.rtn import round_to_nearest  # noqa: E402
-from tiny_models import family_config, make_model, run_config, save_model, walk_logits  # noqa: E402
+from tiny_models import family_config, make_model, run_config, save_model, transformers_logits, walk_logits  # noqa: E402
 
 GRIDS = {"Q8_0": QuantSpec(8, 32, True), "Q4_0": QuantSpec(4, 32, True), "Q4_1": QuantSpec(4, 32, False)}
 
@@ -127,10 +127,9 @@ def test_transformers_gguf_loader_gives_our_logits(family, gguf_type, quantize, 
         assert types["blk.0.ffn_down.weight"] == "Q8_0"
     assert reader.fields["general.quantized_by"].contents() == "compress"
 
-    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), gguf_file="model.gguf", dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
+    theirs = transformers_logits(res.artifact, ids, gguf_file="model.gguf")
     with torch.no_grad():
-        theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(2)])
         original = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
         ref = torch.cat([original(ids[w : w + 1]).logits for w in range(2)])
     ours = walk_logits(open_artifact(res.artifact, torch.device("cpu"), torch.float32, dense=True), ids)
@@ -178,8 +177,6 @@ def test_tied_embedding_of_rows_of_256_is_q6_k_and_transformers_agrees(tiny_toke
     """A Q4_0 file of a tied model with rows of 256: token_embd in Q6_K (a k-quant in a simple
     type's file, as llama-quantize writes it), rounded to nearest from the original, and
     transformers' GGUF loader gives our torch view's logits."""
-    from transformers import AutoModelForCausalLM
-
     model = make_model("llama", seed=4, hidden_size=256, head_dim=32, tie_word_embeddings=True)
     src = save_model(model, tmp_path / "src", tiny_tokenizer)
     res, t = _export(src, text_file, tmp_path / "out", "Q4_0", {"bits": 4, "group_size": 32})
@@ -191,10 +188,8 @@ def test_tied_embedding_of_rows_of_256_is_q6_k_and_transformers_agrees(tiny_toke
     rel = float((got - E).norm() / E.norm())
     assert 1e-4 < rel < 0.05, rel  # rounded (not stored in float), on a 6-bit grid
 
-    peer = AutoModelForCausalLM.from_pretrained(str(res.artifact), gguf_file="model.gguf", dtype=torch.float32).eval()
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        theirs = torch.cat([peer(ids[w : w + 1]).logits for w in range(2)])
+    theirs = transformers_logits(res.artifact, ids, gguf_file="model.gguf")
     ours = walk_logits(open_artifact(res.artifact, torch.device("cpu"), torch.float32, dense=True), ids)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
