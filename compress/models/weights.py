@@ -204,6 +204,10 @@ class ModelWeights:
         head = self.model.get_output_embeddings()
         return None if head is None else next(n for n, m in self.model.named_modules() if m is head)
 
+    def _embedding_name(self) -> str:
+        emb = self.model.get_input_embeddings()
+        return next(n for n, m in self.model.named_modules() if m is emb)
+
     def _patch_head(self, model: nn.Module) -> tuple[str, ...]:
         """An artifact's quantized lm_head (`quantize.lm_head`: its tensors stored under the
         head's name, no float weight) becomes the format's quantized module; the names of the
@@ -224,7 +228,7 @@ class ModelWeights:
         ck = self._weight_ckpt_name(emb)
         if self.read_embedding is None or ck is None or ck[: -len("weight")] + "weight_scale" not in self.checkpoint.index:
             return ()
-        name = next(n for n, m in model.named_modules() if m is emb)
+        name = self._embedding_name()
         base = ck[: -len("weight")]
         stored = {k[len(base):]: v for k, v in self.checkpoint.load(self.checkpoint.names(base), device=self.device).items()}
         qw = self.read_embedding(name, stored)

@@ -122,7 +122,7 @@ class Exporter:
         # Linears outside the blocks (the lm_head) stay in float: formats that quantize every
         # Linear by class (compressed-tensors) must be told to leave them alone.
         head = self.sm._head_name() if self.plan.q.lm_head is not None else None
-        emb = self._embedding_name() if self.plan.q.embedding is not None else None
+        emb = self.sm._embedding_name() if self.plan.q.embedding is not None else None
         with self.sm._outer_only() as outer:
             self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n != head]
         for name, t in outer_state(self.sm, untie=emb is not None):
@@ -148,10 +148,6 @@ class Exporter:
             self._head_src = self._head_source(head)
             if not self.needs_head_hessian:
                 self.write_head()
-
-    def _embedding_name(self) -> str:
-        emb = self.sm.model.get_input_embeddings()
-        return next(n for n, m in self.sm.model.named_modules() if m is emb)
 
     def _write_embedding(self, name: str, rows_per_slice: int) -> None:
         """`quantize.embedding`: the table rounded to nearest on its grid (groups run along the
