@@ -62,7 +62,8 @@ def kv_cache_bytes(shape: AttentionShape, context_length: int, batch: int, kv_dt
 
 
 def safetensors_tensor_bytes(folder: Path) -> int:
-    """Sum of tensor data bytes over the folder's *.safetensors and *.gguf files (headers excluded)."""
+    """Sum of tensor data bytes over the folder's *.safetensors, *.gguf and *.onnx files (headers
+    and the graph excluded; an ONNX file's initializers counted where their data lies)."""
     total = 0
     for f in sorted(Path(folder).glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -73,6 +74,12 @@ def safetensors_tensor_bytes(folder: Path) -> int:
         from gguf import GGUFReader
 
         total += sum(int(t.n_bytes) for t in GGUFReader(str(f)).tensors)
+    for f in sorted(Path(folder).glob("*.onnx")):  # an ONNX artifact: its initializers' bytes
+        import onnx
+
+        for t in onnx.load(str(f), load_external_data=False).graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            total += int(ext["length"]) if "length" in ext else len(t.raw_data)
     return total
 
 

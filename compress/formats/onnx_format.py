@@ -7,6 +7,9 @@ The folder: ``model.onnx`` (graph, `onnx_graph`), ``model.onnx.data`` (external 
 as blocks stream in, `onnx_writer`), ``genai_config.json``, the tokenizer files, our
 ``config.json`` (``quantization_config.quant_method: onnx``) and the manifest. The graph is
 float32; unquantized tensors (embedding, norms, a skipped linear, an untied head) are float32.
+A tied model with a quantized head (`quantize.lm_head`) stores its table once, as the head's
+MatMulNBits codes, which the embedding reads with ``GatherBlockQuantized`` (the layout of the
+builder's ``shared_embeddings``): a table of 8 or 4 bits instead of float32 twice over.
 
 Why the graph is built here block by block rather than with onnxruntime-genai's model builder
 or ``torch.onnx``: the builder reads a float (or its own quantized) checkpoint and quantizes
@@ -48,6 +51,7 @@ class ONNXFormat(Format):
     name = "onnx"
     quant_method = "onnx"
     loaders = "onnxruntime (com.microsoft MatMulNBits, GroupQueryAttention), onnxruntime-genai"
+    shares_tied_head = True  # as onnxruntime-genai's builder does (shared_embeddings)
 
     # ---- preflight ---------------------------------------------------------------------------
     def check_run(self, export, plans) -> Optional[str]:
@@ -58,11 +62,6 @@ class ONNXFormat(Format):
             which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
             if q.bits not in BITS:
                 return f"quantize.bits: MatMulNBits holds bits {' or '.join(map(str, BITS))}, got {q.bits}{which}"
-            if q.target is not None and q.target.bits_per_weight is None:
-                # The bytes model counts safetensors tensors; the graph adds its rotary tables and
-                # lays MatMulNBits out in blocks, so a byte budget would not be exact.
-                return (f"quantize.target: a byte budget (max_bytes, gpu) is not counted exactly for ONNX, whose "
-                        f"graph adds rotary tables and MatMulNBits blocks; use bits_per_weight{which}")
             if block_size_for(q.group_size, 1) is None:
                 return (f"quantize.group_size: MatMulNBits blocks are a power of two >= 16 (or -1, per channel), "
                         f"got {q.group_size}{which}")
@@ -106,6 +105,11 @@ class ONNXFormat(Format):
         if lin.activations is not None:
             raise ValueError(f"{lin.name}: ONNX MatMulNBits export holds weight-only quantization")
         return nbits_tensors(lin.name, to_matmulnbits(lin.weight), lin.bias)
+
+    def graph_bytes(self, config) -> int:
+        from compress.formats.onnx_graph import head_dim
+
+        return 2 * 4 * int(config.max_position_embeddings) * (head_dim(config) // 2)  # cos, sin: float32
 
     def linear_bytes(self, shape, spec, bias, dtype) -> int:
         return nbytes(shape[0], shape[1], spec.bits, spec.group_size, spec.sym) + (4 * shape[0] if bias else 0)

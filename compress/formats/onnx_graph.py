@@ -15,7 +15,7 @@ the same input are one MatMulNBits where the writer could stack them (`FUSED`,
 `matmulnbits.concat`), as the builder packs q/k/v: one dispatch, one int8 quantization of the
 input (accuracy_level 4) and one act-order Gather instead of two or three. The head is a
 ``Gemm`` against the [vocab, hidden] table (``transB``), so a tied head reads the embedding
-itself. Initializers are not made here: the writer stores them as external data and passes
+itself; a quantized tied head is the table (`DecoderGraph.embedding`). Initializers are not made here: the writer stores them as external data and passes
 their names, types and shapes in.
 """
 from __future__ import annotations
@@ -149,7 +149,28 @@ class DecoderGraph:
         i = self.nbits[prefix + fused].N // 2  # gate and up: equal halves
         return self._node("Split", [y, self._const(f"/const/split{i}", [i, i])], n_out=2, axis=-1)
 
-    def build(self, embed: str, head: str, blocks_prefix: str, final_norm: str):
+    def embedding(self, table: Optional[str], head: str) -> str:
+        """The rows of `input_ids`: a ``Gather`` from the float `table`, or (None: a tied table
+        stored once as the quantized `head`) ``GatherBlockQuantized`` from the head's MatMulNBits
+        codes, viewed as [N, blocks * block_size * bits / 8], its scales and zero points; the
+        padding of the last block is sliced off."""
+        if table is not None:
+            return self._node("Gather", [table, "input_ids"], axis=0)[0]
+        m, p = self.nbits[head], f"{head}{NBITS}"
+        padded = -(-m.K // m.block_size) * m.block_size
+        rows = self._node("Reshape", [f"{p}.B", self._const(f"/const/table{m.N}x{padded}x{m.bits}",
+                                                            [m.N, padded * m.bits // 8])])[0]
+        ins = [rows, "input_ids", f"{p}.scales"]
+        if f"{p}.zero_points" in self.stored:
+            ins.append(f"{p}.zero_points")
+        (x,) = self._node("GatherBlockQuantized", ins, "com.microsoft", bits=m.bits, block_size=m.block_size,
+                          gather_axis=0, quantize_axis=1)
+        if padded != m.K:
+            (x,) = self._node("Slice", [x, self._const("/const/zero", [0]), self._const(f"/const/k{m.K}", [m.K]),
+                                        self._const("/const/minus1", [-1])])
+        return x
+
+    def build(self, embed: Optional[str], head: str, blocks_prefix: str, final_norm: str):
         from onnx import TensorProto, helper
 
         c = self.c
@@ -160,7 +181,7 @@ class DecoderGraph:
         total = self._node("Gather", [self._node("Shape", ["attention_mask"])[0], self._const("/const/idx1", [1])],
                            axis=0)[0]
         total = self._node("Cast", [self._node("Squeeze", [total])[0]], to=TensorProto.INT32)[0]
-        (h,) = self._node("Gather", [embed, "input_ids"], axis=0)
+        h = self.embedding(embed, head)
         window = getattr(c, "sliding_window", None) if c.model_type == "mistral" else None
         x = self.rms(h, f"{blocks_prefix}.0.input_layernorm.weight")
         for i in range(L):

@@ -191,6 +191,10 @@ class ONNXArtifactWriter(ArtifactWriter):
         embed = "model.embed_tokens.weight"
         head = "lm_head.weight" if "lm_head.weight" in self._inits else embed
         head = "lm_head" if "lm_head" in nbits else head  # quantized: a MatMulNBits of its own
+        if embed not in self._inits:  # a tied table stored once, as the quantized head
+            if head != "lm_head":
+                raise ValueError(f"no '{embed}' was added, and no quantized lm_head holds the table")
+            embed = None
         g = DecoderGraph(c, nbits, set(self._inits), self.accuracy_level)
         inputs, outputs = g.build(embed, head, self.blocks_prefix, "model.norm.weight")
         graph = helper.make_graph(g.nodes, "compress-decoder", inputs, outputs, self._initializers())

@@ -69,6 +69,9 @@ class Format:
     quant_method: ClassVar[str]  # config.json quantization_config.quant_method of its artifacts
     loaders: ClassVar[str]  # what loads it, for the end-of-run message and the card
     copies_side_files: ClassVar[bool] = True  # the source's tokenizer files go beside the weights
+    # a tied model's table stored once as the quantized head (`quantize.lm_head`), the embedding
+    # gathering its rows from the head's codes (ONNX GatherBlockQuantized); else the head is untied
+    shares_tied_head: ClassVar[bool] = False
 
     def default_sym(self, export: Any) -> bool:
         """`quantize.sym` when the config leaves it out: asymmetric, unless the format holds
@@ -144,6 +147,11 @@ class Format:
     def read_embedding(self, qcfg: dict[str, Any], name: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
         """Inverse of `embedding_tensors` (`tensors` keyed by local suffix: `weight`, `weight_scale`)."""
         raise NotImplementedError
+
+    def graph_bytes(self, config: Any) -> int:
+        """Bytes of tensors the format adds beside the model's own (ONNX's rotary tables), for
+        the bytes model of a byte budget."""
+        return 0
 
     def check_plan(self, specs: dict[str, QuantSpec]) -> Optional[str]:
         """Why this format cannot hold the plan's layers together (None when it can): for a

@@ -37,13 +37,20 @@ class Slot:
 @dataclass(frozen=True)
 class OuterSlot:
     """The input embedding and the lm_head, chosen together: a tied table is stored once only
-    while the embedding stays in float. Each option is (embedding spec, head spec), None for
+    while the embedding stays in float, or, where the format shares it (`shared`), as the
+    quantized head the embedding reads. Each option is (embedding spec, head spec), None for
     export.dtype; its bytes are every tensor outside the blocks (`outer_bytes`)."""
 
     embedding: str  # module names
     head: Optional[str]
     options: tuple[tuple[Optional[QuantSpec], Optional[QuantSpec]], ...]
     bytes: tuple[int, ...]
+    shared: bool = False  # (None, head) stores the tied table once, on the head's grid
+
+    def embedding_grid(self, i: int) -> Optional[QuantSpec]:
+        """The grid the embedding's rows are read on under option `i`: its own, or the shared head's."""
+        emb, head = self.options[i]
+        return head if self.shared and emb is None else emb
 
 
 @dataclass(frozen=True)
@@ -132,20 +139,24 @@ def outer_slot(sm, q: MethodConfig, fmt, dtype: torch.dtype, export) -> Optional
     options = tuple(product(embs, heads))
     if len(options) < 2:
         return None
+    from compress.stages.export import shares_table
+
     return OuterSlot(names[emb_mod], names.get(head_mod), options,
-                     tuple(outer_bytes(sm, dtype, fmt, e, h) for e, h in options))
+                     tuple(outer_bytes(sm, dtype, fmt, e, h) for e, h in options),
+                     shared=shares_table(sm, fmt, None, QuantSpec(8, -1, True)))
 
 
 def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None,
                 outer: bool = True) -> int:
     """Bytes of every artifact tensor that is not a slot's, as the exporter writes them: the
     embedding and head as `q.embedding` / `q.lm_head` have `fmt` store them (`outer_bytes`),
-    unless not `outer` (they are an `OuterSlot`)."""
+    unless not `outer` (they are an `OuterSlot`), and what `fmt` adds (`Format.graph_bytes`)."""
     emb = head = None
     if q is not None:
         emb = None if q.embedding is None else q.embedding.spec(q)
         head = None if q.lm_head is None else q.lm_head.spec(q)
     total = outer_bytes(sm, dtype, fmt, emb, head) if outer else 0
+    total += fmt.graph_bytes(sm.model.config) if fmt is not None else 0
     for i in range(sm.n_blocks):
         prefix = f"{sm.block_prefix}{i}."
         for name, t in sm.templates[i].state_dict().items():
@@ -161,14 +172,17 @@ def _size(t: torch.Tensor, dtype: torch.dtype) -> int:
 def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], head: Optional[QuantSpec]) -> int:
     """Bytes of the tensors outside the blocks with the input embedding and the lm_head stored on
     `embedding` / `head` by `fmt` (None: in `dtype`), as the exporter writes them: a tied table
-    once, unless the embedding is quantized (the head is then its own tensor)."""
-    from compress.stages.export import outer_state
+    once, unless the embedding is quantized (the head is then its own tensor), and as the
+    quantized head only where `fmt` shares it (`shares_table`)."""
+    from compress.stages.export import outer_state, shares_table
 
     model = sm.model
     emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
     names = {m: n for n, m in model.named_modules() if m is emb_mod or m is head_mod}
     skip = set()
     total = 0
+    if fmt is not None and shares_table(sm, fmt, embedding, head):
+        skip.add(f"{names[emb_mod]}.weight")  # the table is the head's codes
     if embedding is not None:
         skip.add(f"{names[emb_mod]}.weight")
         total += fmt.embedding_bytes(tuple(emb_mod.weight.shape), embedding, dtype)

@@ -63,6 +63,8 @@ def section(rows: list[dict], allocations: dict[str, dict]) -> str:
             o = a["outer"]
             parts = [f"{k} {'float' if v['bits'] is None else option_text(v)}"
                      for k, v in (("embedding", o["embedding"]), ("lm_head", o["lm_head"])) if v]
+            if o.get("shared"):  # one table: the embedding reads the quantized head's rows
+                parts = [f"one table, the embedding reading the lm_head's {option_text(o['lm_head'])} rows"]
             out += ["", f"Outside the blocks: {', '.join(parts)} ({o['bytes']:,} bytes with the other outer "
                         f"tensors; predicted loss {o['predicted_loss']:.4g}, the KL measured with each alone rounded)."]
     return "\n".join(out) + "\n"

@@ -145,7 +145,9 @@ def _outer_sensitivity(ctx, jobs: list[_Job]) -> dict[tuple, float]:
     from compress.mixed.outer import outer_kl
     from compress.stages.calibrate import spool_dir
 
-    embs = {_grid_key(e): e for j in jobs for e, _ in j.outer.options if e is not None}
+    # a shared table's embedding rows are on the head's grid: measured as that embedding option
+    embs = {_grid_key(e): e for j in jobs for i in range(len(j.outer.options))
+            for e in [j.outer.embedding_grid(i)] if e is not None}
     heads = {_grid_key(h): h for j in jobs for _, h in j.outer.options if h is not None}
     windows = _options(ctx, jobs[0]).kl_windows
     emb_kl, head_kl = outer_kl(ctx.loaded.streamed(), ctx.calib_ids[:windows], list(embs.values()),
@@ -236,8 +238,8 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
     costs = [s.bytes for s in job.slots]
     if job.outer is not None:  # the last slot: the embedding and head together
         costs.append(job.outer.bytes)
-        table.append([losses[("outer", "embedding", _grid_key(e))] + losses[("outer", "lm_head", _grid_key(h))]
-                      for e, h in job.outer.options])
+        table.append([losses[("outer", "embedding", _grid_key(job.outer.embedding_grid(i)))]
+                      + losses[("outer", "lm_head", _grid_key(h))] for i, (_, h) in enumerate(job.outer.options)])
     alloc = allocate(costs, table, job.budget.slots_bytes)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
     update = {"overrides": [*q.overrides, *overrides_for(q, chosen)]}
@@ -247,6 +249,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         emb, head = job.outer.options[o]
         update.update(embedding=_outer_quant(emb), lm_head=q.lm_head if head is None else _outer_quant(head, q.lm_head))
         outer = {"embedding": _outer_entry(job.outer.embedding, emb), "lm_head": _outer_entry(job.outer.head, head),
+                 "shared": job.outer.shared and emb is None and head is not None,
                  "bytes": job.outer.bytes[o], "predicted_loss": table[-1][o]}
     res.plan = Plan(job.name, q.model_copy(update=update))
     n = sum(s.weights for s in job.slots)

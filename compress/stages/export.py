@@ -123,10 +123,12 @@ class Exporter:
         # Linear by class (compressed-tensors) must be told to leave them alone.
         head = self.sm._head_name() if self.plan.q.lm_head is not None else None
         emb = self.sm._embedding_name() if self.plan.q.embedding is not None else None
+        self.shared = shares_table(self.sm, self.format, self.plan.q.embedding, self.plan.q.lm_head)
+        shared = f"{self.sm._embedding_name()}.weight" if self.shared else None  # stored as the head's codes
         with self.sm._outer_only() as outer:
             self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n != head]
         for name, t in outer_state(self.sm, untie=emb is not None):
-            if name in (f"{head}.weight", f"{emb}.weight"):
+            if name in (f"{head}.weight", f"{emb}.weight", shared):
                 continue  # written quantized by `write_head`, `_write_embedding`
             ck = self.sm.ckpt_name(name)
             if ck is None and emb is not None and name == f"{self.sm._head_name()}.weight":
@@ -201,7 +203,8 @@ class Exporter:
         """`quantize.lm_head`: the head rounded on its grid (to nearest, or by GPTQ against
         `hessian` of its inputs, `compress.stages.head`), read from the checkpoint a slice of rows
         at a time, written as the format writes a quantized linear under the head's own name. A
-        tied head is read from the embedding, which stays as written (the artifact unties them)."""
+        tied head is read from the embedding, which stays as written (the artifact unties them),
+        unless the format stores the table once as the head (`shares_table`)."""
         import time
 
         from compress.stages.head import head_gptq_spec, round_head
@@ -225,7 +228,8 @@ class Exporter:
         self.writer.add_tensors(out)
         self.layers.append(LayerScheme.of(lin))
         self.head = {"name": name, "bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym,
-                     "rounding": rounding, "method": got.method, "untied_from_embedding": tied,
+                     "rounding": rounding, "method": got.method, "untied_from_embedding": tied and not self.shared,
+                     "shared_with_embedding": self.shared,
                      "bytes": sum(v.numel() * v.element_size() for v in out.values() if v.dim() > 0),
                      "weight_rel_error": got.weight_rel_error}
         if got.output_rel_error is not None:
@@ -405,6 +409,16 @@ def _keep_finished(ctx, res, saved) -> bool:
     res.metrics.linear_bits_per_weight = done["linear_bits_per_weight"]
     log.info("--resume: %s was finished by the interrupted run; keeping %s", res.plan.name, folder)
     return True
+
+
+def shares_table(sm: StreamedModel, fmt, embedding, head) -> bool:
+    """Whether the artifact stores a tied table once, as the quantized head the embedding also
+    reads (`Format.shares_tied_head`): the model ties them, `head` (`quantize.lm_head` or its
+    spec) is set and `embedding` is not."""
+    model = sm.model
+    out = model.get_output_embeddings()
+    return (fmt.shares_tied_head and head is not None and embedding is None and out is not None
+            and out.weight is model.get_input_embeddings().weight)
 
 
 def outer_state(sm: StreamedModel, untie: bool = False) -> list[tuple[str, torch.Tensor]]:

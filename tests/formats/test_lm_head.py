@@ -99,21 +99,42 @@ def test_head_reads_back_as_rtn_and_transformers_agrees(fmt, lm_head, scale_dtyp
     assert "lm_head" in used
 
 
-def test_onnx_head_is_a_matmulnbits_ort_runs(tied, text_file, tmp_path):
+@pytest.mark.parametrize("hidden,lm_head", [
+    (HIDDEN, {"bits": 4, "group_size": 32}),  # asymmetric: zero points
+    (HIDDEN, {"bits": 8, "group_size": 64, "sym": True}),  # the op's default zero point
+    (192, {"bits": 8, "group_size": -1}),  # blocks of 128 over 192 columns (SmolLM2's 576): padded rows
+])
+def test_onnx_tied_head_is_one_matmulnbits_table_the_embedding_gathers(hidden, lm_head, text_file, tmp_path):
+    """A tied model's quantized head is the only copy of the table: the embedding reads the
+    head's codes (GatherBlockQuantized, as the builder's shared_embeddings), ORT's embedding
+    rows and logits are the head's RTN rows, and the file holds no float table."""
     import onnx
 
     from compress.evaluate.onnx_runtime import OrtDecoder, head_inputs, head_slices
     from compress.formats.onnx_format import ONNX_FILE
 
-    src, W = tied
-    res = export(src, text_file, tmp_path / "out", "onnx", {"bits": 4, "group_size": 64},
-                 {"bits": 4, "group_size": 32}, dtype="float32")
+    model = make_model("llama", seed=5, tie_word_embeddings=True, hidden_size=hidden)
+    src = save_model(model, tmp_path / "src", family_tokenizer("llama"))
+    W = model.lm_head.weight.detach().clone()
+    res = export(src, text_file, tmp_path / "out", "onnx", {"bits": 4, "group_size": 64}, lm_head, dtype="float32")
     m = onnx.load(str(res.artifact / ONNX_FILE), load_external_data=False)
     assert not [n for n in m.graph.node if n.op_type == "Gemm"]
+    assert not [t for t in m.graph.initializer if t.name.startswith("model.embed_tokens")]
+    (gather,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
     assert any(n.op_type == "MatMulNBits" and n.input[1] == "lm_head.MatMulNBits.B" for n in m.graph.node)
+    assert json.loads((res.artifact / "config.json").read_text())["tie_word_embeddings"] is True
+    head_entry = json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]["lm_head"]
+    assert head_entry["shared_with_embedding"] is True and head_entry["untied_from_embedding"] is False
+
     head = torch.cat([w for _, w, _ in head_slices(res.artifact, 100)])
-    torch.testing.assert_close(head, rtn_reference(W, 4, 32, False, torch.float32), rtol=0, atol=1e-6)
+    ref = rtn_reference(W, lm_head["bits"], lm_head["group_size"], bool(lm_head.get("sym", False)), torch.float32)
+    torch.testing.assert_close(head, ref, rtol=0, atol=1e-6)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    rows = gather.output[0] if hidden % 128 == 0 or lm_head["group_size"] != -1 else \
+        next(n for n in m.graph.node if n.op_type == "Slice").output[0]
+    dec = OrtDecoder(res.artifact, extra_outputs=(rows,))
+    got = dec.run(ids[:1].numpy(), dec.empty_past(1), [rows])[rows]
+    torch.testing.assert_close(torch.from_numpy(got)[0], ref[ids[0]], rtol=0, atol=0)
     torch.testing.assert_close(head_inputs(res.artifact, ids) @ head.T, OrtDecoder(res.artifact).logits(ids),
                                rtol=0, atol=1e-4)
 
@@ -184,15 +205,20 @@ def test_sweep_varies_the_head(tied, text_file):
     assert names == ["rtn-w4-g64", "rtn-w4-g64-head8ch", "rtn-w4-g64-head4"]
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors"])
-def test_a_bytes_target_counts_the_quantized_head_exactly(fmt, tied, text_file, tmp_path):
+@pytest.mark.parametrize("fmt,export_kw,max_bytes", [
+    ("compressed-tensors", {}, 400_000),
+    # the table once, as the head's codes; float32 norms and the graph's rotary tables counted
+    ("onnx", {"dtype": "float32"}, 700_000),
+])
+def test_a_bytes_target_counts_the_quantized_head_exactly(fmt, export_kw, max_bytes, tied, text_file, tmp_path):
     """`quantize.target: max_bytes` leaves the slots what the embedding and the quantized head
     (as the format stores it) do not take: the achieved bytes are the written tensors'."""
     from compress.serving import safetensors_tensor_bytes
 
     res = export(tied[0], text_file, tmp_path / "out", fmt,
-                 {"bits": 4, "group_size": 64, "target": {"max_bytes": 400_000}}, {"bits": 8, "group_size": -1})
-    assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= 400_000
+                 {"bits": 4, "group_size": 64, "target": {"max_bytes": max_bytes}}, {"bits": 8, "group_size": -1},
+                 **export_kw)
+    assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= max_bytes
 
 
 # ---- rounding: gptq (the default for a calibrated method) -------------------------------------

@@ -93,3 +93,43 @@ def test_outer_bits_need_a_predictor_in_kl_units_and_a_byte_budget(tied, text_fi
     with pytest.raises(ConfigError, match="quantize.target_options.outer_bits"):
         parse_config(run_config(src, text_file, tmp_path / "o", quantize={
             "target": {"bits_per_weight": 3}, "target_options": {"outer_bits": [8]}}))
+
+
+def test_onnx_budget_below_the_float_table_shares_it_as_the_quantized_head(tied, text_file, tmp_path):
+    """ONNX stores a tied table once as the quantized head (GatherBlockQuantized reads its rows):
+    a budget below the float32 table picks such a head, counts the table once, predicts its loss
+    as the embedding's and the head's on that grid, and ONNX Runtime runs what was written."""
+    from compress.evaluate.onnx_runtime import OrtDecoder, head_inputs, head_slices
+
+    src, model = tied
+    base = run_config(src, text_file, tmp_path / "out", quantize={"method": "rtn", "bits": 4, "group_size": 32},
+                      export={"format": "onnx", "dtype": "float32"}, evaluate={"enabled": False})
+    cfg = parse_config(base)
+    sm = load_model(cfg.model).streamed()
+    fmt = get_format("onnx")
+    q = cfg.quantize.model_copy(update={"target": parse_config(
+        {**base, "quantize": {**base["quantize"], "target": {"max_bytes": 1}}}).quantize.target})
+    outer = outer_slot(sm, q, fmt, torch.float32, cfg.export)
+    assert outer.shared and all(e is None for e, _ in outer.options)  # ONNX quantizes no table of its own
+    table = VOCAB * model.config.hidden_size * 4
+    floats = outer_bytes(sm, torch.float32, fmt, None, None)
+    for (_, h), b in zip(outer.options, outer.bytes):
+        if h is not None:  # the float32 table gone, the head's MatMulNBits in its place
+            assert b == floats - table + fmt.linear_bytes((VOCAB, model.config.hidden_size), h, False, torch.float32)
+    lin = slots(sm, q, fmt, torch.float32, with_bias=True)
+    # the linears at their smallest: the float32 table does not fit beside them
+    budget = (sum(min(s.bytes) for s in lin) + fmt.graph_bytes(sm.model.config) + floats - table // 2
+              + sum(t.numel() * 4 for i in range(sm.n_blocks) for n, t in sm.templates[i].state_dict().items()
+                    if f"{sm.block_prefix}{i}.{n.rsplit('.', 1)[0]}" not in {s.name for s in lin}))
+    data = dict(base, quantize={**base["quantize"], "target": {"max_bytes": budget}})
+    (res,) = run(parse_config(data)).candidates.values()
+    a = res.allocation
+    assert res.error is None and a["outer"]["shared"] and a["outer"]["lm_head"]["bits"] is not None
+    assert a["outer"]["embedding"]["bits"] is None and a["outer"]["predicted_loss"] > 0
+    assert a["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= budget
+    man = json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]
+    assert man["lm_head"]["shared_with_embedding"] and "embedding" not in man
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    head = torch.cat([w for _, w, _ in head_slices(res.artifact, 100)])
+    torch.testing.assert_close(head_inputs(res.artifact, ids) @ head.T, OrtDecoder(res.artifact).logits(ids),
+                               rtol=0, atol=1e-4)
