@@ -2,12 +2,16 @@
 KL does, and what does the allocation buy at the byte size of a uniform plan?
 
     python benchmarks/mixed_precision.py [--method gptq] [--nsamples 128] [--windows 40] [--out runs/bench-mixed]
+        [--format compressed-tensors|onnx]
 
 One `compress compare` run (same calibration and evaluation windows for every row) of:
 uniform W3 g64 and W4 g64; mixed precision at exactly their artifact byte sizes
 (`target: {max_bytes}`, computed beforehand by the bytes model, which the run checks against
 the files), by each predictor (`--absolute` adds output_error); mixed precision at several `bits_per_weight` (the
-default predictor). Every row gets its predicted loss under every predictor (summed over its
+default predictor). `--format onnx` writes every row as ONNX (MatMulNBits holds 4 and 8 bits, so
+the uniform rows are W4/W8) and adds uniform rows whose tied table is stored once as an 8-bit
+head (`quantize.lm_head`, GatherBlockQuantized): the comparison the perplexity budget makes is
+then against uniform rows that share the table too. Every row gets its predicted loss under every predictor (summed over its
 layers' choices from the run's one sensitivity table) beside its measured KL; the script
 reports Pearson's r of log predicted vs log measured and Spearman's rho, per predictor.
 
@@ -50,7 +54,22 @@ def uniform_bytes(data: dict, bits: int, group_size: int) -> int:
     dtype = getattr(torch, cfg.export.dtype)
     sm = load_model(cfg.model).streamed()
     s = slots(sm, cfg.quantize, get_format(cfg.export.format), dtype, with_bias=True)
-    return sum(x.bytes[0] for x in s) + fixed_bytes(sm, {x.name for x in s}, dtype)
+    return sum(x.bytes[0] for x in s) + fixed_bytes(sm, {x.name for x in s}, dtype, cfg.quantize,
+                                                    get_format(cfg.export.format))
+
+
+def _outer_text(outer, q, shares: bool) -> str:
+    """`embedding / head` of a row: bits/group each, `float`, or the one table a shared head is
+    (`shares`: the format stores a tied table once as a quantized head; SmolLM2 is tied)."""
+    if not outer:
+        h = q.lm_head
+        return "float" if h is None else f"one table: head {h.bits}/{h.group_size}" if shares else \
+            f"float / {h.bits}/{h.group_size}"
+    if outer.get("shared"):
+        e = outer["lm_head"]
+        return f"one table: head {e['bits']}/{e['group_size']}"
+    return " / ".join("float" if (e or {}).get("bits") is None else f"{e['bits']}/{e['group_size']}"
+                      for e in (outer["embedding"], outer["lm_head"]))
 
 
 def ranks(xs: list[float]) -> list[float]:
@@ -95,6 +114,7 @@ def main() -> None:
                     help="also block_kl rows with the embedding and head kept in float (outer_bits: [])")
     ap.add_argument("--mb", type=float, nargs="*", default=MB, help="max_bytes rows (MB), default predictor")
     ap.add_argument("--ppl-budget", type=float, default=0.05, help="perplexity above the original's allowed")
+    ap.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "onnx"])
     a = ap.parse_args()
 
     from compress.config import parse_config
@@ -107,22 +127,29 @@ def main() -> None:
         "model": {"source": a.source, "dtype": "float32"},
         "calibration": {"dataset": a.dataset, "nsamples": a.nsamples, "seqlen": a.seqlen},
         "quantize": {"method": m, "bits": 4, "group_size": 64, "sym": True},
-        "export": {"format": "compressed-tensors", "output_dir": a.out, "overwrite": True},
+        "export": {"format": a.format, "output_dir": a.out, "overwrite": True,
+                   **({"dtype": "float32"} if a.format == "onnx" else {})},
         "evaluate": {"dataset": a.dataset, "windows": a.windows, "seqlen": a.seqlen, "speed": False},
         "report": {"print": False, "html": False},
     }
-    sizes = {(b, g): uniform_bytes(data, b, g) for b, g in UNIFORM}
+    uniform, extra, shared = UNIFORM, UNIFORM_EXTRA, []
+    if a.format == "onnx":  # MatMulNBits: 4 or 8 bits; the table once as an 8-bit head beside the float-table rows
+        uniform, extra = [(4, 64)], [(8, 64), (8, -1)]
+        shared = [(4, 64), (8, 64)]
+    sizes = {(b, g): uniform_bytes(data, b, g) for b, g in uniform}
     kl = {"reference_bits": a.reference_bits, "kl_windows": a.kl_windows}  # one block KL walk serves every row
     prefixes = {k: PREDICTORS[k] for k in a.predictors}
     if a.absolute:
         prefixes = {"mixed": "output_error", **prefixes}
-    cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in UNIFORM + UNIFORM_EXTRA]
+    cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in uniform + extra]
+    cands += [{"name": f"{m}-w{b}-g{g}-head8", "bits": b, "group_size": g, "lm_head": {"bits": 8, "group_size": 64}}
+              for b, g in shared]
     cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
-               "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in UNIFORM]
+               "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in uniform]
     if a.linears_only:  # the embedding and head kept in float: what the linears alone buy
         prefixes["mixed-lin"] = "block_kl"
         cands += [{"name": f"mixed-lin-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
-                   "target_options": {"predictor": "block_kl", "outer_bits": [], **kl}} for b, g in UNIFORM]
+                   "target_options": {"predictor": "block_kl", "outer_bits": [], **kl}} for b, g in uniform]
     cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}, "target_options": kl} for x in a.bpw]
     cands += [{"name": f"mixed-mb{x:g}", "target": {"max_bytes": int(x * 1e6)}, "target_options": kl} for x in a.mb]
     t0 = time.perf_counter()
@@ -152,9 +179,7 @@ def main() -> None:
                      "predicted_kl": pred_kl, "predicted_fisher": pred_fisher,
                      "linear_bits_per_weight": r.metrics.linear_bits_per_weight,
                      "predicted_loss": pred, "kl": r.metrics.kl_divergence, "ppl": r.metrics.perplexity,
-                     "outer": None if not outer else " / ".join(
-                         "float" if (e or {}).get("bits") is None else f"{e['bits']}/{e['group_size']}"
-                         for e in (outer["embedding"], outer["lm_head"])),
+                     "outer": _outer_text(outer, r.plan.q, a.format == "onnx"),
                      # bytes the bytes model predicted for the whole artifact (max_bytes rows)
                      "achieved_bytes": r.allocation["achieved_bytes"]
                      if r.allocation is not None and r.allocation["counts"] == "artifact tensors" else None})
@@ -166,7 +191,7 @@ def main() -> None:
         corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)))
     by = {r["name"]: r for r in rows}
     ratios = {}
-    for b, g in UNIFORM:
+    for b, g in uniform:
         for prefix in prefixes:
             u, x = by.get(f"{m}-w{b}-g{g}", {}), by.get(f"{prefix}-at-w{b}-g{g}-bytes", {})
             if u.get("kl") and x.get("kl"):
@@ -174,7 +199,7 @@ def main() -> None:
     load = os.getloadavg()
     lines = [
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
-        f"Command: `python benchmarks/mixed_precision.py --method {m} --nsamples {a.nsamples} --windows {a.windows} "
+        f"Command: `python benchmarks/mixed_precision.py --format {a.format} --method {m} --nsamples {a.nsamples} --windows {a.windows} "
         f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}"
         f"{' --absolute' if a.absolute else ''}{' --linears-only' if a.linears_only else ''} "
         f"--predictors {' '.join(a.predictors)} --bpw {' '.join(f'{x:g}' for x in a.bpw)} "
@@ -222,10 +247,15 @@ def main() -> None:
     if best["uniform"] and best["mixed"]:
         lines.append(f"Bytes of the smallest mixed row within the perplexity budget / the smallest uniform row's = "
                      f"**{best['mixed']['bytes'] / best['uniform']['bytes']:.3f}**.")
+    floated = min((r for r in within if not r["name"].startswith("mixed") and r["outer"] == "float"),
+                  key=lambda r: r["bytes"], default=None)
+    if shared and floated and best["mixed"]:  # against the uniform rows that keep the float table
+        lines.append(f"Against the smallest uniform row with its float table ({floated['name']}, "
+                     f"{floated['bytes']:,} bytes): **{best['mixed']['bytes'] / floated['bytes']:.3f}**.")
     checked = [r for r in ok if r["achieved_bytes"] is not None]
     lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
-    out = Path(a.results) / f"mixed-precision-{m}-{dt.date.today()}"
+    out = Path(a.results) / f"mixed-precision-{m}{'-onnx' if a.format == 'onnx' else ''}-{dt.date.today()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "correlation": corr, "original_ppl": ref_ppl,

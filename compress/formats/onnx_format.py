@@ -65,6 +65,10 @@ class ONNXFormat(Format):
             if block_size_for(q.group_size, 1) is None:
                 return (f"quantize.group_size: MatMulNBits blocks are a power of two >= 16 (or -1, per channel), "
                         f"got {q.group_size}{which}")
+            ref = q.target_options.reference_bits if q.target is not None else None
+            if ref is not None and q.target_options.predictor == "block_kl" and ref not in BITS:
+                return (f"quantize.target_options.reference_bits: MatMulNBits holds bits "
+                        f"{' or '.join(map(str, BITS))}, got {ref}{which}")
             if q.bits == 8 and export.onnx_accuracy_level < 4:
                 # ORT's CPU library has 8-bit MatMulNBits kernels for int8 activations only; below
                 # level 4 the op dequantizes its whole weight on every call

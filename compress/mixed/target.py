@@ -90,7 +90,8 @@ class TargetOptions(_Strict):
     outer_bits: Optional[list[Literal[4, 8]]] = Field(
         None, description="Bits the input embedding and the lm_head may take (on group_sizes), besides "
         "staying in export.dtype, where export.format stores them quantized (compressed-tensors: an "
-        "8-bit symmetric embedding; a head on any grid). Their predicted loss is the whole-model KL "
+        "8-bit symmetric embedding; a head on any grid; onnx: a head of 4 or 8 bits, which a tied table "
+        "is stored once as). Their predicted loss is the whole-model KL "
         "measured with only that tensor quantized, so they need a predictor in units of KL (block_kl, "
         "fisher), and a byte budget (max_bytes, gpu). Default [4, 8] where that holds, else none; [] "
         "keeps them as quantize.embedding and quantize.lm_head say",

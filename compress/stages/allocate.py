@@ -70,6 +70,13 @@ def stage_allocate(ctx) -> None:
         jobs.append(_Job(name, slots, budget, sm.block_prefix, outer))
     if not jobs:
         return
+    for j in jobs:
+        if _options(ctx, j).predictor == "block_kl" and not _reference(ctx, j):
+            q = ctx.candidates[j.name].plan.q
+            raise ConfigError(f"quantize.target_options.reference_bits: block_kl measures each block at "
+                              f"{q.target_options.reference_bits or q.bits} bits, group_size {q.group_size}, which "
+                              f"no layer can take in export.format {cfg.export.format}; choose bits among the "
+                              f"layers' options")
     refs = {option_label(next(iter(_reference(ctx, j).values()), None)) for j in jobs
             if _options(ctx, j).predictor == "block_kl"}
     if len(refs) > 1:  # one walk measures one reference per block
