@@ -222,6 +222,11 @@ def test_pipeline_evaluates_an_onnx_candidate_like_the_others(model_dir, text_fi
         rows[fmt] = res.metrics
         results = json.loads((res.artifact / "compress-results.json").read_text())
         assert results
+        if fmt == "onnx":  # the serving columns (fits-on-GPU) count the initializers, in the data file
+            from compress.serving import safetensors_tensor_bytes
+
+            data = (res.artifact / "model.onnx.data").stat().st_size
+            assert data - 64 * 200 < safetensors_tensor_bytes(res.artifact) <= data  # 64-byte alignment
     a, b = rows["onnx"], rows["compressed-tensors"]
     assert a.bytes > 0 and abs(a.perplexity - b.perplexity) < 1e-3 * b.perplexity
     assert a.kl_divergence > 0 and abs(a.kl_divergence - b.kl_divergence) < 1e-3 * b.kl_divergence + 1e-7
