@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--mb", type=float, nargs="*", default=MB, help="max_bytes rows (MB), default predictor")
     ap.add_argument("--ppl-budget", type=float, default=0.05, help="perplexity above the original's allowed")
     ap.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "onnx"])
+    ap.add_argument("--asym", action="store_true", help="asymmetric grids (zero points) for every row")
     a = ap.parse_args()
 
     from compress.config import parse_config
@@ -126,7 +127,7 @@ def main() -> None:
     data = {
         "model": {"source": a.source, "dtype": "float32"},
         "calibration": {"dataset": a.dataset, "nsamples": a.nsamples, "seqlen": a.seqlen},
-        "quantize": {"method": m, "bits": 4, "group_size": 64, "sym": True},
+        "quantize": {"method": m, "bits": 4, "group_size": 64, "sym": not a.asym},
         "export": {"format": a.format, "output_dir": a.out, "overwrite": True,
                    **({"dtype": "float32"} if a.format == "onnx" else {})},
         "evaluate": {"dataset": a.dataset, "windows": a.windows, "seqlen": a.seqlen, "speed": False},
@@ -142,7 +143,7 @@ def main() -> None:
     if a.absolute:
         prefixes = {"mixed": "output_error", **prefixes}
     cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in uniform + extra]
-    cands += [{"name": f"{m}-w{b}-g{g}-head8", "bits": b, "group_size": g, "lm_head": {"bits": 8, "group_size": 64}}
+    cands += [{"name": f"{m}-w{b}-g{g}-head8", "bits": b, "group_size": g, "lm_head": {"bits": 8, "group_size": 64, "sym": not a.asym}}
               for b, g in shared]
     cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
                "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in uniform]
@@ -199,7 +200,8 @@ def main() -> None:
     load = os.getloadavg()
     lines = [
         f"# Mixed precision vs uniform, {a.source} ({dt.date.today()})", "",
-        f"Command: `python benchmarks/mixed_precision.py --format {a.format} --method {m} --nsamples {a.nsamples} --windows {a.windows} "
+        f"Command: `python benchmarks/mixed_precision.py --format {a.format}{' --asym' if a.asym else ''} "
+        f"--method {m} --nsamples {a.nsamples} --windows {a.windows} "
         f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}"
         f"{' --absolute' if a.absolute else ''}{' --linears-only' if a.linears_only else ''} "
         f"--predictors {' '.join(a.predictors)} --bpw {' '.join(f'{x:g}' for x in a.bpw)} "
@@ -255,7 +257,8 @@ def main() -> None:
     checked = [r for r in ok if r["achieved_bytes"] is not None]
     lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
-    out = Path(a.results) / f"mixed-precision-{m}{'-onnx' if a.format == 'onnx' else ''}-{dt.date.today()}"
+    tag = ("-onnx" if a.format == "onnx" else "") + ("-asym" if a.asym else "")
+    out = Path(a.results) / f"mixed-precision-{m}{tag}-{dt.date.today()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "correlation": corr, "original_ppl": ref_ppl,
