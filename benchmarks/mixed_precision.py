@@ -143,8 +143,8 @@ def main() -> None:
     if a.absolute:
         prefixes = {"mixed": "output_error", **prefixes}
     cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in uniform + extra]
-    cands += [{"name": f"{m}-w{b}-g{g}-head8", "bits": b, "group_size": g, "lm_head": {"bits": 8, "group_size": 64, "sym": not a.asym}}
-              for b, g in shared]
+    cands += [{"name": f"{m}-w{b}-g{g}-head8", "bits": b, "group_size": g, "lm_head": {"bits": 8, "group_size": 64}}
+              for b, g in shared]  # the head's symmetry: the plan's
     cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
                "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in uniform]
     if a.linears_only:  # the embedding and head kept in float: what the linears alone buy
