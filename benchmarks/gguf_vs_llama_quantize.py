@@ -12,12 +12,17 @@ writer holds it; an entry this compress's config refuses is listed as skipped, n
 Every row: perplexity, KL(original || row) and top-1 agreement against the fp32 original in
 torch (compress/evaluate/llamacpp.py), file size, and prefill / decode tokens/s in llama.cpp.
 
-Speed (`llamacpp.speed_passes`): every file is timed in one process, passes interleaved (each
-round one pass per file, in a fresh order), after a warm-up pass; per row the median and
-quartiles over the passes, by the wall clock and per CPU-second (what other jobs on the core do
-not add to). Decode ratios are taken pass by pass between the two files of a target (pass k of
-each, seconds apart), and an A/A control times a byte copy of each target's llama-quantize file
-beside it: its ratio is the measurement's own noise.
+Speed (`llamacpp.alternating_passes`): every pass is a fresh llama.cpp process on one file
+(the load is not timed; the pass's 128-token prefill, then its greedy decode), round k one pass
+per file, in the list's order on even rounds and reversed on odd ones (A B, B A, ...); per row
+the median and quartiles over the passes, by the wall clock and per CPU-second (what other jobs
+on the core do not add to). Decode ratios are taken pass by pass between the two files of a
+target (pass k of each, seconds apart), and an A/A control times a byte copy of each target's
+llama-quantize file beside it: its ratio is the measurement's own offset and noise. A process
+per pass because a llama.cpp context keeps its speed for its life (passes within one process
+agree to ~1%, processes on the same file differ by up to ~8%): with every file in one process
+that offset was each file's for the whole run, and the A/A control read 0.90-0.97
+(benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md).
 
     PYTHONPATH=. .venv/bin/python benchmarks/gguf_vs_llama_quantize.py \
         [--llamacpp-dir ~/.cache/compress/llama.cpp] [--windows 16] [--nsamples 64]
@@ -157,10 +162,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="row names to run (default: all); the F32 reference always runs")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tag", default="", help="results file gguf-vs-llama-quantize-DATE[-TAG].md")
-    ap.add_argument("--speed-passes", type=int, default=15, help="timed passes per file (interleaved)")
+    ap.add_argument("--speed-passes", type=int, default=30, help="timed passes per file, a process each")
     ap.add_argument("--speed-new", type=int, default=64, help="greedy new tokens per pass (prompt: 128)")
     ap.add_argument("--speed-mmap", action="store_true", help="time the files mapped (llama.cpp's default), "
-                    "not read into memory")
+                    "not read into memory (a mapped file's pages stay in the page cache from process to process, "
+                    "so a process per pass may not draw their placement anew: watch the A/A control)")
     a = ap.parse_args()
 
     import llama_cpp
@@ -256,10 +262,9 @@ def main() -> None:
         results.append({"name": name, "bytes": path.stat().st_size, **tensor_types(path), "perplexity": st.perplexity, "kl": st.kl,
                         "top1": st.top1, "original_perplexity": st.ref_perplexity, "make_seconds": seconds.get(name)})
         print(results[-1], flush=True)
-    # 6. speed: the quantized files (and a byte copy of each target's llama-quantize file) in one
-    # process, interleaved; the F32 reference apart (it is no target's peer, and its 539 MB is
-    # three times the rest). The A/A control is the check on the result: 2026-12-07 it read
-    # 0.90-0.97 (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md)
+    # 6. speed: the quantized files and a byte copy of each target's llama-quantize file, a process
+    # per pass, alternating; the F32 reference apart (it is no target's peer, and its passes take
+    # four times as long). The A/A control is the check on the result.
     ref_name = next(iter(files))
     timed = {n: f for n, f in files.items() if n != ref_name}
     for peer in TARGETS.values():
@@ -267,14 +272,17 @@ def main() -> None:
             copy = a.work / f"aa-{slug({'name': peer})}.gguf"
             shutil.copyfile(files[peer], copy)
             timed[peer + AA] = copy
-    print(f"timing {len(timed)} files: {a.speed_passes} interleaved passes of 128 + {a.speed_new} tokens", flush=True)
+    print(f"timing {len(timed)} files: {a.speed_passes} alternating passes of 128 + {a.speed_new} tokens, "
+          "a process each", flush=True)
     t_speed = time.perf_counter()
-    got = llamacpp.passes_in_subprocess(list(timed.values()), 128, a.speed_new, a.threads, a.speed_passes,
-                                        mmap=a.speed_mmap)
+    # warmup=0: the pass's own prefill brings the weights into cache before its decode is timed
+    # (a first pass decodes as fast as later ones of the same process, 2026-12-07)
+    got = llamacpp.alternating_passes(list(timed.values()), 128, a.speed_new, a.threads, a.speed_passes,
+                                      warmup=0, mmap=a.speed_mmap)
     speed_minutes = (time.perf_counter() - t_speed) / 60
-    passes = {n: f for n, f in zip(timed, got["files"])}
-    passes[ref_name] = llamacpp.passes_in_subprocess([files[ref_name]], 128, a.speed_new, a.threads, 5,
-                                                     mmap=a.speed_mmap)["files"][0]
+    passes = dict(zip(timed, got))
+    (passes[ref_name],) = llamacpp.alternating_passes([files[ref_name]], 128, a.speed_new, a.threads, 5,
+                                                      warmup=0, mmap=a.speed_mmap)
     for r in results:
         f = passes[r["name"]]
         r.update(prefill_tokens_per_s=llamacpp.spread(f["prefill"])["median"],
@@ -296,9 +304,9 @@ def main() -> None:
         f"row run by llama.cpp on those token ids; KL(original || row) and top-1 against the fp32 original in "
         f"torch (perplexity {orig:.3f}). Calibration: {a.nsamples} x {a.seqlen} wikipedia windows (held-out split) "
         "for GPTQ; llama-imatrix reads the same windows' decoded text (`--chunks` of the same length). "
-        f"Speed: the quantized files in one llama.cpp process (the F32 row alone, 5 passes), {a.speed_passes} "
-        "interleaved passes each (a fresh order "
-        f"every round, after one warm-up pass per file) of a 128-token prompt and {a.speed_new} greedy new tokens, "
+        f"Speed: {a.speed_passes} passes per quantized file (the F32 row: 5, apart), every pass a fresh llama.cpp "
+        "process on one file (load not timed), the files alternating (A B, B A, ...), a pass a 128-token prompt and "
+        f"{a.speed_new} greedy new tokens, "
         f"{'files mapped' if a.speed_mmap else 'weights read into memory (no mmap)'} "
         f"({speed_minutes:.1f} min); prefill: median; decode: median [quartiles] over the passes, by the wall clock "
         "and per CPU-second.",

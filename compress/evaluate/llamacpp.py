@@ -12,7 +12,7 @@ P the original's softmax, Q llama.cpp's. llama-cpp-python is optional (`pip inst
 'compress[llamacpp]'` compiles llama.cpp): without it a GGUF artifact is evaluated in our torch
 view, and the table's `runtime` column says which one measured each row.
 
-    python -m compress.evaluate.llamacpp A.gguf [B.gguf ...] --prompt 128 --new 32 --passes 3   # speed
+    python -m compress.evaluate.llamacpp A.gguf --prompt 128 --new 32 --passes 3   # speed of one file
 """
 from __future__ import annotations
 
@@ -172,45 +172,56 @@ def _one_pass(llm, ids: list[int], new: int) -> tuple[float, float, float]:
     return len(ids) / (t1 - t0), new / (t2 - t1), new / (c2 - c1)
 
 
-def speed_passes(paths: Sequence[Path], prompt: int, new: int, threads: int, passes: int,
-                 warmup: int = 1, mmap: bool = False) -> list[dict[str, list[float]]]:
-    """Prefill and greedy-decode tokens/s of each GGUF file in llama.cpp, pass by pass.
+def speed_passes(path: Path, prompt: int, new: int, threads: int, passes: int,
+                 warmup: int = 1, mmap: bool = False) -> dict[str, list[float]]:
+    """Prefill and greedy-decode tokens/s of one GGUF file in llama.cpp, pass by pass.
 
-    Every file is opened at once and the passes are interleaved: round k times one pass of
-    every file, in an order drawn anew each round (seeded), so a slow drift of the machine
-    (another job, clocks) falls on every file alike, no file keeps a position, and pass k of two
-    files, taken a few seconds apart, can be compared as a pair (`paired_ratio`). A pass is the prompt of `prompt` random ids (the ids our torch speed
-    measure uses, `compress.evaluate.speed`) from an empty cache, then `new` greedy tokens;
-    its prefill also brings the weights back into cache before the decode is timed. `warmup`
-    untimed passes per file come first. The weights are read into memory (``mmap=False``), so
-    the page cache's state of each file stays out of the figure. A byte copy of a file, timed
-    beside it, still decoded 3-10% slower in every benchmark run, mapped or not
-    (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md): an offset between
-    contexts of one process that this interleaving does not remove. Returns, per file, the per-pass lists ``prefill``,
-    ``decode`` (wall clock) and ``decode_cpu`` (CPU time)."""
+    A pass is the prompt of `prompt` random ids (the ids our torch speed measure uses,
+    `compress.evaluate.speed`) from an empty cache, then `new` greedy tokens; its prefill also
+    brings the weights back into cache before the decode is timed. `warmup` untimed passes come
+    first. The weights are read into memory (``mmap=False``), so the page cache's state of the
+    file stays out of the figure. Returns the per-pass lists ``prefill``, ``decode`` (wall
+    clock) and ``decode_cpu`` (CPU time). To compare files, time each in its own process
+    (`alternating_passes`), not several in one."""
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    llms = []
+    llm = open_llama(path, prompt + new + 8, threads, logits_all=False, mmap=mmap)
     try:
-        for p in paths:
-            llms.append(open_llama(p, prompt + new + 8, threads, logits_all=False, mmap=mmap))
-        vocab = llms[0].n_vocab()
-        ids = torch.randint(0, vocab, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
-        for llm in llms:
-            for _ in range(warmup):
-                _one_pass(llm, ids, new)
-        out = [{"prefill": [], "decode": [], "decode_cpu": []} for _ in llms]
-        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, llm.n_vocab(), (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+        for _ in range(warmup):
+            _one_pass(llm, ids, new)
+        out = {"prefill": [], "decode": [], "decode_cpu": []}
         for _ in range(passes):
-            for i in torch.randperm(len(llms), generator=g).tolist():
-                pre, dec, cpu = _one_pass(llms[i], ids, new)
-                out[i]["prefill"].append(pre)
-                out[i]["decode"].append(dec)
-                out[i]["decode_cpu"].append(cpu)
+            for key, x in zip(out, _one_pass(llm, ids, new)):
+                out[key].append(x)
         return out
     finally:
-        for llm in llms:
-            llm.close()
+        llm.close()
+
+
+def alternating_passes(paths: Sequence[Path], prompt: int, new: int, threads: Optional[int] = None,
+                       passes: int = 15, warmup: int = 1, mmap: bool = False) -> list[dict[str, list[float]]]:
+    """Per file, `passes` timed passes for comparing files: every pass in a fresh child process
+    (`passes_in_subprocess`: open, `warmup` untimed passes, one timed pass; the load is not
+    timed), round k one pass of every file, in the given order on even rounds and reversed on
+    odd ones (A B, B A, A B, ...), so a drift of the machine falls on the files alike and pass k
+    of two files, taken seconds apart, compare as a pair (`paired_ratio`).
+
+    Why a process per pass: a context keeps its decode speed for its life (passes of one
+    process agree to ~1%, processes on the same file differ by up to ~8%; where the weights land
+    in memory is the likely cause), so with every file open in one process a byte copy of a file
+    decoded 3-10% slower than the file in every run, the offset following the open order
+    (benchmarks/results/gguf-vs-llama-quantize-2026-12-07-decode.md). A fresh process per pass
+    draws that offset anew each time: it becomes noise that the median over passes averages
+    out. Returns, per file, the lists of `speed_passes`."""
+    out = [{"prefill": [], "decode": [], "decode_cpu": []} for _ in paths]
+    for k in range(passes):
+        order = range(len(paths)) if k % 2 == 0 else reversed(range(len(paths)))
+        for i in order:
+            got = passes_in_subprocess(paths[i], prompt, new, threads, 1, warmup, mmap)
+            for key in out[i]:
+                out[i][key] += got[key]
+    return out
 
 
 def spread(xs: Sequence[float]) -> dict[str, float]:
@@ -223,55 +234,52 @@ def spread(xs: Sequence[float]) -> dict[str, float]:
 
 
 def paired_ratio(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """`spread` of a[k] / b[k] over the passes of two files of one `speed_passes` call."""
+    """`spread` of a[k] / b[k] over the passes of two files of one `alternating_passes` call."""
     if len(a) != len(b):
         raise ValueError(f"unpaired passes: {len(a)} and {len(b)}")
     return spread([x / y for x, y in zip(a, b)])
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Prints ``{"files": [{"path", "prefill", "decode", "decode_cpu"}...], "serving_peak_rss_mb"}``."""
+    """Prints ``{"path", "prefill", "decode", "decode_cpu", "serving_peak_rss_mb"}`` of one file."""
     from compress.evaluate.memory import PeakMemory
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("paths", type=Path, nargs="+", help="GGUF files, timed interleaved")
+    ap.add_argument("path", type=Path, help="a GGUF file")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--mmap", action="store_true", help="map the files instead of reading them in")
+    ap.add_argument("--mmap", action="store_true", help="map the file instead of reading it in")
     a = ap.parse_args(argv)
     with PeakMemory() as mem:
-        per = speed_passes(a.paths, a.prompt, a.new, a.threads or default_threads(), a.passes, a.warmup, a.mmap)
-    print(json.dumps({"files": [{"path": str(p), **r} for p, r in zip(a.paths, per)],
-                      "serving_peak_rss_mb": mem.peak / 2**20}))
+        per = speed_passes(a.path, a.prompt, a.new, a.threads or default_threads(), a.passes, a.warmup, a.mmap)
+    print(json.dumps({"path": str(a.path), **per, "serving_peak_rss_mb": mem.peak / 2**20}))
 
 
-def passes_in_subprocess(paths: Sequence[Path], prompt: int, new: int, threads: Optional[int] = None,
+def passes_in_subprocess(path: Path, prompt: int, new: int, threads: Optional[int] = None,
                          passes: int = 3, warmup: int = 1, mmap: bool = False) -> dict:
-    """`speed_passes` in a child process (its memory, the serving footprint, stays apart):
-    `main`'s JSON."""
+    """`speed_passes` of one file in a child process (its memory, the serving footprint, stays
+    apart): `main`'s JSON."""
     from compress.children import run_child
 
-    cmd = [sys.executable, "-m", "compress.evaluate.llamacpp", *map(str, paths), "--prompt", str(prompt),
+    cmd = [sys.executable, "-m", "compress.evaluate.llamacpp", str(path), "--prompt", str(prompt),
            "--new", str(new), "--threads", str(threads or default_threads()), "--passes", str(passes),
            "--warmup", str(warmup), *(["--mmap"] if mmap else [])]
     proc = run_child(cmd)
     if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp speed measurement failed for {', '.join(map(str, paths))}: "
-                           f"{proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"llama.cpp speed measurement failed for {path}: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def speed_in_subprocess(path: Path, prompt: int, new: int, threads: Optional[int] = None, passes: int = 3) -> dict:
     """One file's median prefill and decode tokens/s over `passes` (the pipeline's speed
     columns) and the peak RSS of the process that served it."""
-    res = passes_in_subprocess([path], prompt, new, threads, passes)
-    (f,) = res["files"]
+    f = passes_in_subprocess(path, prompt, new, threads, passes)
     return {"prefill_tokens_per_s": spread(f["prefill"])["median"],
             "decode_tokens_per_s": spread(f["decode"])["median"],
-            "serving_peak_rss_mb": res["serving_peak_rss_mb"]}
+            "serving_peak_rss_mb": f["serving_peak_rss_mb"]}
 
 
 if __name__ == "__main__":

@@ -59,35 +59,48 @@ def test_spread_and_paired_ratio_against_numpy():
         llamacpp.paired_ratio([1.0], [1.0, 2.0])
 
 
-def test_speed_passes_interleave_every_file_each_round(monkeypatch):
-    """Warm-up passes first, then each round times every file once, in varying order; every
-    file's lists hold one figure per round, in round order."""
+def test_speed_passes_keep_the_timed_passes_of_one_context(monkeypatch):
+    """One context: warm-up passes first and not kept, then one figure per timed pass, in order;
+    the context is closed."""
     calls = []
 
     class Fake:
-        def __init__(self, path):
-            self.path = path
-
         def n_vocab(self):
             return 100
 
         def close(self):
-            calls.append(("close", self.path))
+            calls.append("close")
 
     def one_pass(llm, ids, new):
-        calls.append(("pass", llm.path))
-        n = sum(c == ("pass", llm.path) for c in calls)
+        calls.append("pass")
+        n = calls.count("pass")
         return float(n), 10.0 * n, 100.0 * n
 
-    monkeypatch.setattr(llamacpp, "open_llama", lambda p, *a, **k: Fake(p))
+    monkeypatch.setattr(llamacpp, "open_llama", lambda *a, **k: Fake())
     monkeypatch.setattr(llamacpp, "_one_pass", one_pass)
-    got = llamacpp.speed_passes(["a", "b", "c"], prompt=4, new=2, threads=1, passes=6, warmup=1)
-    order = [p for kind, p in calls if kind == "pass"]
-    assert order[:3] == ["a", "b", "c"]  # one warm-up each
-    rounds = [order[3 + 3 * k : 6 + 3 * k] for k in range(6)]
-    assert all(sorted(r) == ["a", "b", "c"] for r in rounds) and len({tuple(r) for r in rounds}) > 1
-    assert [g["decode"] for g in got] == [[10.0 * n for n in range(2, 8)]] * 3  # the warm-up is not kept
-    assert sorted(p for kind, p in calls if kind == "close") == ["a", "b", "c"]
+    got = llamacpp.speed_passes("a", prompt=4, new=2, threads=1, passes=3, warmup=2)
+    assert got == {"prefill": [3.0, 4.0, 5.0], "decode": [30.0, 40.0, 50.0], "decode_cpu": [300.0, 400.0, 500.0]}
+    assert calls == ["pass"] * 5 + ["close"]
+
+
+def test_alternating_passes_run_a_process_per_pass_a_b_then_b_a(monkeypatch):
+    """Every pass is its own child (one timed pass, the warm-up and mapping passed on), round k
+    in the files' order when k is even and reversed when odd; each file's lists hold its passes
+    in round order."""
+    calls = []
+
+    def child(path, prompt, new, threads, passes, warmup, mmap):
+        calls.append((path, passes, warmup, mmap))
+        k = len(calls)
+        return {"prefill": [float(k)], "decode": [10.0 * k], "decode_cpu": [100.0 * k], "serving_peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(llamacpp, "passes_in_subprocess", child)
+    got = llamacpp.alternating_passes(["a", "b", "c"], prompt=4, new=2, threads=1, passes=4, warmup=0, mmap=True)
+    assert [c[0] for c in calls] == list("abccbaabccba")
+    assert {c[1:] for c in calls} == {(1, 0, True)}
+    assert [g["decode"] for g in got] == [[10.0, 60.0, 70.0, 120.0], [20.0, 50.0, 80.0, 110.0],
+                                          [30.0, 40.0, 90.0, 100.0]]
+    assert got[0]["prefill"] == [1.0, 6.0, 7.0, 12.0] and got[2]["decode_cpu"] == [300.0, 400.0, 900.0, 1000.0]
 
 
 def _gguf_cfg(model_dir, text_file, out, **evaluate):
