@@ -198,6 +198,13 @@ class ExportConfig(_Strict):
         "ONNX Runtime's CPU library, some 20x slower than float32 for bits 8",
     )
 
+    onnx_shared_embedding: bool = Field(
+        True, description="A tied model with a quantized head (quantize.lm_head) under format onnx: "
+        "true (default, as onnxruntime-genai's builder with shared_embeddings) stores the table once, as "
+        "the head's MatMulNBits codes that the embedding gathers from (GatherBlockQuantized); false keeps "
+        "the embedding in float32 and unties the head",
+    )
+
     @field_validator("gguf_type")
     @classmethod
     def _gguf_type(cls, v: Optional[str], info) -> Optional[str]:
@@ -215,6 +222,14 @@ class ExportConfig(_Strict):
         fmt = info.data.get("format")
         if v != "auto" and fmt is not None and fmt != "gguf":
             raise ValueError(f"applies to export.format: gguf only (format is '{fmt}')")
+        return v
+
+    @field_validator("onnx_shared_embedding")
+    @classmethod
+    def _onnx_shared(cls, v: bool, info) -> bool:
+        fmt = info.data.get("format")
+        if not v and fmt is not None and fmt != "onnx":
+            raise ValueError(f"applies to export.format: onnx only (format is '{fmt}')")
         return v
 
 

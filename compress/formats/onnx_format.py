@@ -51,7 +51,6 @@ class ONNXFormat(Format):
     name = "onnx"
     quant_method = "onnx"
     loaders = "onnxruntime (com.microsoft MatMulNBits, GroupQueryAttention), onnxruntime-genai"
-    shares_tied_head = True  # as onnxruntime-genai's builder does (shared_embeddings)
 
     # ---- preflight ---------------------------------------------------------------------------
     def check_run(self, export, plans) -> Optional[str]:
@@ -109,6 +108,9 @@ class ONNXFormat(Format):
         if lin.activations is not None:
             raise ValueError(f"{lin.name}: ONNX MatMulNBits export holds weight-only quantization")
         return nbits_tensors(lin.name, to_matmulnbits(lin.weight), lin.bias)
+
+    def shares_tied_head(self, export=None) -> bool:
+        return export is None or export.onnx_shared_embedding  # the builder's shared_embeddings
 
     def graph_bytes(self, config) -> int:
         from compress.formats.onnx_graph import head_dim

@@ -69,9 +69,6 @@ class Format:
     quant_method: ClassVar[str]  # config.json quantization_config.quant_method of its artifacts
     loaders: ClassVar[str]  # what loads it, for the end-of-run message and the card
     copies_side_files: ClassVar[bool] = True  # the source's tokenizer files go beside the weights
-    # a tied model's table stored once as the quantized head (`quantize.lm_head`), the embedding
-    # gathering its rows from the head's codes (ONNX GatherBlockQuantized); else the head is untied
-    shares_tied_head: ClassVar[bool] = False
 
     def default_sym(self, export: Any) -> bool:
         """`quantize.sym` when the config leaves it out: asymmetric, unless the format holds
@@ -147,6 +144,12 @@ class Format:
     def read_embedding(self, qcfg: dict[str, Any], name: str, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
         """Inverse of `embedding_tensors` (`tensors` keyed by local suffix: `weight`, `weight_scale`)."""
         raise NotImplementedError
+
+    def shares_tied_head(self, export: Any = None) -> bool:
+        """Whether a tied model's table is stored once as the quantized head (`quantize.lm_head`),
+        the embedding gathering its rows from the head's codes (ONNX GatherBlockQuantized); else
+        the head is untied. `export`: the run's export settings (None: the format's default)."""
+        return False
 
     def graph_bytes(self, config: Any) -> int:
         """Bytes of tensors the format adds beside the model's own (ONNX's rotary tables), for

@@ -142,12 +142,12 @@ def outer_slot(sm, q: MethodConfig, fmt, dtype: torch.dtype, export) -> Optional
     from compress.stages.export import shares_table
 
     return OuterSlot(names[emb_mod], names.get(head_mod), options,
-                     tuple(outer_bytes(sm, dtype, fmt, e, h) for e, h in options),
-                     shared=shares_table(sm, fmt, None, QuantSpec(8, -1, True)))
+                     tuple(outer_bytes(sm, dtype, fmt, e, h, export) for e, h in options),
+                     shared=shares_table(sm, fmt, None, QuantSpec(8, -1, True), export))
 
 
 def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None,
-                outer: bool = True) -> int:
+                outer: bool = True, export=None) -> int:
     """Bytes of every artifact tensor that is not a slot's, as the exporter writes them: the
     embedding and head as `q.embedding` / `q.lm_head` have `fmt` store them (`outer_bytes`),
     unless not `outer` (they are an `OuterSlot`), and what `fmt` adds (`Format.graph_bytes`)."""
@@ -155,7 +155,7 @@ def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[Method
     if q is not None:
         emb = None if q.embedding is None else q.embedding.spec(q)
         head = None if q.lm_head is None else q.lm_head.spec(q)
-    total = outer_bytes(sm, dtype, fmt, emb, head) if outer else 0
+    total = outer_bytes(sm, dtype, fmt, emb, head, export) if outer else 0
     total += fmt.graph_bytes(sm.model.config) if fmt is not None else 0
     for i in range(sm.n_blocks):
         prefix = f"{sm.block_prefix}{i}."
@@ -169,7 +169,8 @@ def _size(t: torch.Tensor, dtype: torch.dtype) -> int:
     return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
 
 
-def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], head: Optional[QuantSpec]) -> int:
+def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], head: Optional[QuantSpec],
+                export=None) -> int:
     """Bytes of the tensors outside the blocks with the input embedding and the lm_head stored on
     `embedding` / `head` by `fmt` (None: in `dtype`), as the exporter writes them: a tied table
     once, unless the embedding is quantized (the head is then its own tensor), and as the
@@ -181,7 +182,7 @@ def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], hea
     names = {m: n for n, m in model.named_modules() if m is emb_mod or m is head_mod}
     skip = set()
     total = 0
-    if fmt is not None and shares_table(sm, fmt, embedding, head):
+    if fmt is not None and shares_table(sm, fmt, embedding, head, export):
         skip.add(f"{names[emb_mod]}.weight")  # the table is the head's codes
     if embedding is not None:
         skip.add(f"{names[emb_mod]}.weight")

@@ -52,7 +52,7 @@ def stage_allocate(ctx) -> None:
         try:
             slots = mp.slots(sm, q, fmt, dtype, with_bias=q.target.bits_per_weight is None)
             outer = mp.outer_slot(sm, q, fmt, dtype, cfg.export)
-            fixed = (mp.fixed_bytes(sm, {s.name for s in slots}, dtype, q, fmt, outer=outer is None)
+            fixed = (mp.fixed_bytes(sm, {s.name for s in slots}, dtype, q, fmt, outer=outer is None, export=cfg.export)
                      if q.target.bits_per_weight is None else 0)
             budget = mp.budget(q.target, cfg, ctx.loaded.config, slots, fixed)
             outer_min = min(outer.bytes) if outer is not None else 0

@@ -123,7 +123,7 @@ class Exporter:
         # Linear by class (compressed-tensors) must be told to leave them alone.
         head = self.sm._head_name() if self.plan.q.lm_head is not None else None
         emb = self.sm._embedding_name() if self.plan.q.embedding is not None else None
-        self.shared = shares_table(self.sm, self.format, self.plan.q.embedding, self.plan.q.lm_head)
+        self.shared = shares_table(self.sm, self.format, self.plan.q.embedding, self.plan.q.lm_head, self.cfg.export)
         shared = f"{self.sm._embedding_name()}.weight" if self.shared else None  # stored as the head's codes
         with self.sm._outer_only() as outer:
             self.skipped += [n for n, m in outer.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n != head]
@@ -411,13 +411,13 @@ def _keep_finished(ctx, res, saved) -> bool:
     return True
 
 
-def shares_table(sm: StreamedModel, fmt, embedding, head) -> bool:
+def shares_table(sm: StreamedModel, fmt, embedding, head, export=None) -> bool:
     """Whether the artifact stores a tied table once, as the quantized head the embedding also
     reads (`Format.shares_tied_head`): the model ties them, `head` (`quantize.lm_head` or its
-    spec) is set and `embedding` is not."""
+    spec) is set and `embedding` is not. `export`: the run's settings (None: the format's default)."""
     model = sm.model
     out = model.get_output_embeddings()
-    return (fmt.shares_tied_head and head is not None and embedding is None and out is not None
+    return (fmt.shares_tied_head(export) and head is not None and embedding is None and out is not None
             and out.weight is model.get_input_embeddings().weight)
 
 

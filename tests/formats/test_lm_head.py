@@ -139,6 +139,31 @@ def test_onnx_tied_head_is_one_matmulnbits_table_the_embedding_gathers(hidden, l
                                rtol=0, atol=1e-4)
 
 
+def test_onnx_shared_embedding_false_keeps_the_float_table_and_unties(tied, text_file, tmp_path):
+    """`export.onnx_shared_embedding: false` (the builder's shared_embeddings=false): the embedding
+    stays a float32 Gather table, the head its own MatMulNBits, and config.json is untied."""
+    import onnx
+
+    from compress.evaluate.onnx_runtime import OrtDecoder, head_inputs, head_slices
+    from compress.formats.onnx_format import ONNX_FILE
+
+    src, W = tied
+    res = export(src, text_file, tmp_path / "out", "onnx", {"bits": 4, "group_size": 64}, {"bits": 4, "group_size": 32},
+                 dtype="float32", onnx_shared_embedding=False)
+    m = onnx.load(str(res.artifact / ONNX_FILE), load_external_data=False)
+    assert not [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [t for t in m.graph.initializer if t.name == "model.embed_tokens.weight"]
+    assert json.loads((res.artifact / "config.json").read_text())["tie_word_embeddings"] is False
+    head_entry = json.loads((res.artifact / "compress-manifest.json").read_text())["quantization"]["lm_head"]
+    assert head_entry["untied_from_embedding"] is True and head_entry["shared_with_embedding"] is False
+    head = torch.cat([w for _, w, _ in head_slices(res.artifact, 100)])
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(head_inputs(res.artifact, ids) @ head.T, OrtDecoder(res.artifact).logits(ids),
+                               rtol=0, atol=1e-4)
+    with pytest.raises(ConfigError, match="export.onnx_shared_embedding: .*onnx only"):
+        parse_config(run_config(src, text_file, tmp_path / "x", export={"onnx_shared_embedding": False}))
+
+
 def test_gguf_output_in_the_simple_type_transformers_agrees(tied, text_file, tmp_path):
     import gguf
     from transformers import AutoModelForCausalLM
