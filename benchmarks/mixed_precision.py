@@ -9,8 +9,8 @@ uniform W3 g64 and W4 g64; mixed precision at exactly their artifact byte sizes
 (`target: {max_bytes}`, computed beforehand by the bytes model, which the run checks against
 the files), by each predictor (`--absolute` adds output_error); mixed precision at several `bits_per_weight` (the
 default predictor). `--format onnx` writes every row as ONNX (MatMulNBits holds 4 and 8 bits, so
-the uniform rows are W4/W8) and adds uniform rows whose tied table is stored once as an 8-bit
-head (`quantize.lm_head`, GatherBlockQuantized): the comparison the perplexity budget makes is
+the uniform rows are W4/W8) and adds uniform rows whose tied table is stored once as a quantized
+head (`quantize.lm_head`, GatherBlockQuantized; `--shared-heads`, default 8/64 and 4/64): the comparison the perplexity budget makes is
 then against uniform rows that share the table too. Every row gets its predicted loss under every predictor (summed over its
 layers' choices from the run's one sensitivity table) beside its measured KL; the script
 reports Pearson's r of log predicted vs log measured and Spearman's rho, per predictor.
@@ -116,6 +116,9 @@ def main() -> None:
     ap.add_argument("--ppl-budget", type=float, default=0.05, help="perplexity above the original's allowed")
     ap.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "onnx"])
     ap.add_argument("--asym", action="store_true", help="asymmetric grids (zero points) for every row")
+    ap.add_argument("--shared-heads", nargs="*", default=["8/64", "4/64"], metavar="BITS/GROUP",
+                    help="onnx: the heads of the uniform rows whose tied table is stored once as that head")
+    ap.add_argument("--tag", default="", help="appended to the results file's name")
     a = ap.parse_args()
 
     from compress.config import parse_config
@@ -136,15 +139,17 @@ def main() -> None:
     uniform, extra, shared = UNIFORM, UNIFORM_EXTRA, []
     if a.format == "onnx":  # MatMulNBits: 4 or 8 bits; the table once as an 8-bit head beside the float-table rows
         uniform, extra = [(4, 64)], [(8, 64), (8, -1)]
-        shared = [(4, 64), (8, 64)]
+        heads = [tuple(int(v) for v in h.split("/")) for h in a.shared_heads]
+        shared = [(b, g, hb, hg) for b, g in [(4, 64), (8, 64)] for hb, hg in heads]
     sizes = {(b, g): uniform_bytes(data, b, g) for b, g in uniform}
     kl = {"reference_bits": a.reference_bits, "kl_windows": a.kl_windows}  # one block KL walk serves every row
     prefixes = {k: PREDICTORS[k] for k in a.predictors}
     if a.absolute:
         prefixes = {"mixed": "output_error", **prefixes}
     cands = [{"name": f"{m}-w{b}-g{g}", "bits": b, "group_size": g} for b, g in uniform + extra]
-    cands += [{"name": f"{m}-w{b}-g{g}-head8", "bits": b, "group_size": g, "lm_head": {"bits": 8, "group_size": 64}}
-              for b, g in shared]  # the head's symmetry: the plan's
+    cands += [{"name": f"{m}-w{b}-g{g}-head{hb}g{hg}", "bits": b, "group_size": g,
+               "lm_head": {"bits": hb, "group_size": hg}}
+              for b, g, hb, hg in shared]  # the head's symmetry: the plan's
     cands += [{"name": f"{prefix}-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
                "target_options": {"predictor": p, **kl}} for prefix, p in prefixes.items() for b, g in uniform]
     if a.linears_only:  # the embedding and head kept in float: what the linears alone buy
@@ -158,6 +163,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
 
     sens = ctx.sensitivity
+    fisher = any(k.startswith("fisher ") for v in sens.values() for k in v)  # measured only for fisher rows
     rows = []
     for name, r in ctx.candidates.items():
         if r.error:
@@ -171,6 +177,10 @@ def main() -> None:
             keys = {n: f"{r.plan.q.bits}/{r.plan.q.group_size}/{sym}" for n in sens if "output_energy" in sens[n]}
         outer = (r.allocation or {}).get("outer")
         outer_kl = outer["predicted_loss"] if outer else 0.0  # measured KL of the chosen embedding/head
+        h = r.plan.q.lm_head
+        if not outer and h is not None:  # a uniform row's quantized head (and, in ONNX, the table it shares)
+            outer_kl = sum(v.get(f"KL {h.bits}/{h.group_size}/{sym}", float("nan")) for n, v in sens.items()
+                           if "output_energy" not in v and (a.format == "onnx" or n == "lm_head"))
         # Every predictor for every row, from the run's one sensitivity table.
         pred = sum(sens[n][k] for n, k in keys.items())
         pred_rel = sum(sens[n][k] / sens[n]["output_energy"] for n, k in keys.items())
@@ -187,7 +197,8 @@ def main() -> None:
     ok = [r for r in rows if "error" not in r and r["kl"]]
     lk = [math.log(r["kl"]) for r in ok]
     corr = {}
-    for key in ("predicted_loss", "predicted_relative", "predicted_kl", "predicted_fisher"):
+    keys = ("predicted_loss", "predicted_relative", "predicted_kl") + (("predicted_fisher",) if fisher else ())
+    for key in keys:
         lp = [math.log(max(r[key], 1e-30)) for r in ok]
         corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)))
     by = {r["name"]: r for r in rows}
@@ -205,7 +216,9 @@ def main() -> None:
         f"--seqlen {a.seqlen} --kl-windows {a.kl_windows} --reference-bits {a.reference_bits}"
         f"{' --absolute' if a.absolute else ''}{' --linears-only' if a.linears_only else ''} "
         f"--predictors {' '.join(a.predictors)} --bpw {' '.join(f'{x:g}' for x in a.bpw)} "
-        f"--mb {' '.join(f'{x:g}' for x in a.mb)}`; "
+        f"--mb {' '.join(f'{x:g}' for x in a.mb)}"
+        f"{' --shared-heads ' + ' '.join(a.shared_heads) if a.format == 'onnx' else ''}"
+        f"{' --tag ' + a.tag if a.tag else ''}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
         "tr(W H W^T) per layer (rows `mixed-rel-*` are allocated by it); `block_kl` the relative one times its "
@@ -219,20 +232,22 @@ def main() -> None:
         "loss under each predictor is summed from the run's one sensitivity table (the two output-error "
         "predictors cannot count the embedding and head).", "",
         "| row | bytes | bits/w (linears) | embedding / head | predicted loss | predicted (relative) "
-        "| predicted KL (block_kl) | predicted KL (fisher) | KL | ppl |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| predicted KL (block_kl) |" + (" predicted KL (fisher) |" if fisher else "") + " KL | ppl |",
+        "|---" * (9 + fisher) + "|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | FAILED: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['name']} | FAILED: {r['error']} |" + " |" * (7 + fisher))
             continue
         lines.append(f"| {r['name']} | {r['bytes']:,} | {r['linear_bits_per_weight']:.3f} | {r['outer'] or 'float'} | "
                      f"{r['predicted_loss']:.4g} | {r['predicted_relative']:.4g} | {r['predicted_kl']:.4g} | "
-                     f"{r['predicted_fisher']:.4g} | "
+                     + (f"{r['predicted_fisher']:.4g} | " if fisher else "") +
                      f"{r['kl']:.4f} | {r['ppl']:.3f} |")
     lines.append("")
     for key, label in (("predicted_loss", "output_error"), ("predicted_relative", "relative_output_error"),
                        ("predicted_kl", "block_kl"), ("predicted_fisher", "fisher")):
+        if key not in corr:
+            continue
         r_log, rho = corr[key]
         lines.append(f"Predictor {label}, over {len(ok)} rows: Pearson r(log predicted, log KL) = "
                      f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")
@@ -257,7 +272,7 @@ def main() -> None:
     checked = [r for r in ok if r["achieved_bytes"] is not None]
     lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
-    tag = ("-onnx" if a.format == "onnx" else "") + ("-asym" if a.asym else "")
+    tag = ("-onnx" if a.format == "onnx" else "") + ("-asym" if a.asym else "") + (f"-{a.tag}" if a.tag else "")
     out = Path(a.results) / f"mixed-precision-{m}{tag}-{dt.date.today()}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
