@@ -118,6 +118,10 @@ def main() -> None:
     ap.add_argument("--asym", action="store_true", help="asymmetric grids (zero points) for every row")
     ap.add_argument("--shared-heads", nargs="*", default=["8/64", "4/64"], metavar="BITS/GROUP",
                     help="onnx: the heads of the uniform rows whose tied table is stored once as that head")
+    ap.add_argument("--shared-linears", nargs="*", default=["4/64", "8/64"], metavar="BITS/GROUP",
+                    help="onnx: the linears of those uniform rows")
+    ap.add_argument("--group-sizes", type=int, nargs="*", default=None,
+                    help="target_options.group_sizes of the mixed rows (default: the plan's group size and -1)")
     ap.add_argument("--tag", default="", help="appended to the results file's name")
     a = ap.parse_args()
 
@@ -139,10 +143,12 @@ def main() -> None:
     uniform, extra, shared = UNIFORM, UNIFORM_EXTRA, []
     if a.format == "onnx":  # MatMulNBits: 4 or 8 bits; the table once as an 8-bit head beside the float-table rows
         uniform, extra = [(4, 64)], [(8, 64), (8, -1)]
-        heads = [tuple(int(v) for v in h.split("/")) for h in a.shared_heads]
-        shared = [(b, g, hb, hg) for b, g in [(4, 64), (8, 64)] for hb, hg in heads]
+        pairs = lambda xs: [tuple(int(v) for v in x.split("/")) for x in xs]  # noqa: E731
+        shared = [(b, g, hb, hg) for b, g in pairs(a.shared_linears) for hb, hg in pairs(a.shared_heads)]
     sizes = {(b, g): uniform_bytes(data, b, g) for b, g in uniform}
     kl = {"reference_bits": a.reference_bits, "kl_windows": a.kl_windows}  # one block KL walk serves every row
+    if a.group_sizes:
+        kl["group_sizes"] = a.group_sizes
     prefixes = {k: PREDICTORS[k] for k in a.predictors}
     if a.absolute:
         prefixes = {"mixed": "output_error", **prefixes}
@@ -217,7 +223,9 @@ def main() -> None:
         f"{' --absolute' if a.absolute else ''}{' --linears-only' if a.linears_only else ''} "
         f"--predictors {' '.join(a.predictors)} --bpw {' '.join(f'{x:g}' for x in a.bpw)} "
         f"--mb {' '.join(f'{x:g}' for x in a.mb)}"
+        f"{' --shared-linears ' + ' '.join(a.shared_linears) if a.format == 'onnx' else ''}"
         f"{' --shared-heads ' + ' '.join(a.shared_heads) if a.format == 'onnx' else ''}"
+        f"{' --group-sizes ' + ' '.join(map(str, a.group_sizes)) if a.group_sizes else ''}"
         f"{' --tag ' + a.tag if a.tag else ''}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
