@@ -1,5 +1,5 @@
 """Sensitivity of the tensors outside the blocks: the whole-model KL when only the input
-embedding, or only the lm_head, is quantized (round to nearest), measured directly.
+embedding, or only the lm_head, is quantized as the export will round it, measured directly.
 
 The embedding and the head are the largest single tensors of a small model (SmolLM2-135M's tied
 49152 x 576 table is 56.6 of the 99.8 MB of a W3 g64 artifact), so a byte budget must be able to
@@ -8,21 +8,32 @@ so the allocation adds it to the linears' (`compress.stages.allocate`).
 
 One block walk over a few calibration windows: stream 0 from the original embedding, one stream
 per embedding option from its rounded rows (`StreamedModel.embed(rows=...)`, which rounds only
-the rows the windows look up: groups run along the hidden size, so that is the table's rounding);
+the rows the windows look up: groups run along the hidden size, and GPTQ's rows are independent
+given the Hessian, so that is the table's rounding);
 every block loaded once and run over every stream. Then the head pass, a vocabulary slice at a
 time (`compress.evaluate.vocab_stream.kl_divergences`): each embedding stream's logits through
 the float head, and the original stream's through each head option's rounded rows, against the
 original's. Memory: one block, and 1 + options streams of windows x seqlen x hidden floats.
+
+A head rounded by GPTQ (`quantize.lm_head.rounding`, the default of a calibrated method) is
+measured so too (`gptq_rows`, against the Hessian of the head's inputs over the calibration
+windows), and so is a table shared with it: round to nearest would overstate its loss (3x for
+SmolLM2's 4-bit g64 head) and keep the allocation away from the smaller tables.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
-from compress.quantizers.base import QuantSpec
+from compress.quantizers.base import NumericalError, QuantSpec
 from compress.quantizers.rtn import round_to_nearest
+
+log = logging.getLogger(__name__)
+
+Rows = Callable[[torch.Tensor], torch.Tensor]  # rows [n, hidden] -> the same rows on a grid, dequantized
 
 
 def rounded(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -30,18 +41,44 @@ def rounded(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return round_to_nearest(rows.float(), spec).dequantize(torch.float32).to(rows.dtype)
 
 
-def outer_kl(sm, ids: torch.Tensor, embeddings: list[QuantSpec], heads: list[QuantSpec],
+def gptq_rows(hessian: torch.Tensor, spec) -> Rows:
+    """Rows rounded by GPTQ against `hessian` (the head's inputs'), `spec` a `GPTQSpec`, as
+    `stages.head.round_head` rounds the head: factorised once, then row slices; where GPTQ fails
+    numerically, round to nearest, as the export falls back."""
+    from compress.quantizers.gptq import factor_hessian, gptq_factored
+
+    factor = []
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        w = t.float()
+        try:
+            if not factor:
+                factor.append(factor_hessian(hessian, spec, w.dtype, w.device))
+            q = gptq_factored(w, factor[0], spec).weight
+        except NumericalError as e:
+            log.warning("outer sensitivity: GPTQ of the head on %s/%s failed (%s); measured to nearest",
+                        spec.bits, spec.group_size, e)
+            q = round_to_nearest(w, spec.grid)
+        return q.dequantize(torch.float32).to(t.dtype)
+
+    return rows
+
+
+def outer_kl(sm, ids: torch.Tensor, embeddings: list[Union[QuantSpec, Rows]], heads: list[Union[QuantSpec, Rows]],
              spool_dir: Optional[Path] = None) -> tuple[list[float], list[float]]:
-    """KL(original || only the embedding on each of `embeddings`) and KL(original || only the
-    head on each of `heads`), mean over every position of the windows `ids`. `sm` is a
-    `StreamedModel` with its outer modules loaded."""
+    """KL(original || only the embedding rounded as each of `embeddings`) and KL(original || only
+    the head rounded as each of `heads`), mean over every position of the windows `ids`; an
+    option is a grid (round to nearest) or a `Rows` function. `sm` is a `StreamedModel` with its
+    outer modules loaded."""
     from compress.evaluate.vocab_stream import ROWS, kl_divergences
 
+    as_rows = lambda o: o if callable(o) else (lambda t: rounded(t, o))  # noqa: E731
+    embeddings, heads = [as_rows(o) for o in embeddings], [as_rows(o) for o in heads]
     streams = []
     try:
         streams.append(sm.embed(ids, spool_dir))
-        for spec in embeddings:
-            streams.append(sm.embed(ids, spool_dir, rows=lambda t, spec=spec: rounded(t, spec)))
+        for f in embeddings:
+            streams.append(sm.embed(ids, spool_dir, rows=f))
 
         def run(i: int, block: torch.nn.Module, _) -> None:
             for s in streams:
@@ -55,7 +92,7 @@ def outer_kl(sm, ids: torch.Tensor, embeddings: list[QuantSpec], heads: list[Qua
         head = lambda: sm.head_slices(ROWS)  # noqa: E731
         emb_kl = kl_divergences(xs[0], xs[1:], head, softcap) if embeddings else []
         head_kl = kl_divergences(xs[0], [xs[0]] * len(heads), head, softcap,
-                                 weights=[lambda w, spec=spec: rounded(w, spec) for spec in heads]) if heads else []
+                                 weights=heads) if heads else []
     finally:
         for s in streams:
             s.close()

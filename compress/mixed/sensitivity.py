@@ -10,12 +10,14 @@ Measured once per run, over one block walk with the original weights (the inputs
 block are the float model's), so memory holds one block and its Hessians at a time. With
 `reference` options the same walk also measures each block's whole-model KL at them
 (`compress.mixed.block_kl`), which the `block_kl` predictor uses to put every block's relative
-errors in units of KL.
+errors in units of KL. With `head`, the walk's last outputs also give the Hessian of the
+lm_head's inputs (the final norm's output over every calibration window), which a head that
+rounds by GPTQ is measured against (`compress.mixed.outer`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 
@@ -37,13 +39,20 @@ def option_losses(W: torch.Tensor, H: torch.Tensor, options: Iterable[Optional[Q
     return out
 
 
+class Measured(NamedTuple):
+    losses: dict[str, list[float]]  # slot name -> the predicted loss of each of its options, in order
+    energy: dict[str, float]  # slot name -> tr(W H W^T), the loss of quantizing it to zero
+    block_kl: Optional[list[float]]  # per block, the whole-model KL with its reference options
+    head_hessian: Optional[torch.Tensor]  # H of the lm_head's inputs [hidden, hidden]
+
+
 def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantSpec]]],
             spool_dir: Optional[Path] = None, reference: Optional[dict[str, QuantSpec]] = None,
-            kl_windows: int = 2) -> tuple[dict[str, list[float]], dict[str, float], Optional[list[float]]]:
+            kl_windows: int = 2, head: bool = False) -> Measured:
     """`options[name]` for every slot (full names) -> the predicted loss of each, in order;
-    each layer's output energy ``tr(W H W^T)`` (the loss of quantizing it to zero); and with
-    `reference` (full name -> option), the whole-model KL per block when only that block's
-    layers hold their reference options, over the first `kl_windows` windows (else None).
+    each layer's output energy; with `reference` (full name -> option), the whole-model KL per
+    block when only that block's layers hold their reference options, over the first
+    `kl_windows` windows; with `head`, the Hessian of the head's inputs over every window.
     `sm` is a `StreamedModel` with its outer modules loaded; it is used up."""
     from compress.mixed.block_kl import BlockKL
     from compress.stages.passes import block_forward, collect_stats, weight_of
@@ -52,6 +61,7 @@ def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantS
     losses: dict[str, list[float]] = {}
     energy: dict[str, float] = {}
     kl = BlockKL(sm, calib_ids[:kl_windows], spool_dir) if reference else None
+    head_h = None
 
     def process(i: int, block: torch.nn.Module, hidden) -> None:
         prefix = f"{sm.block_prefix}{i}."
@@ -73,9 +83,13 @@ def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantS
     try:
         hidden = sm.embed(calib_ids, spool_dir)
         try:
-            if kl is None:  # the block KL's head pass needs the final norm and the head
+            if kl is None and not head:  # the block KL's head pass and the head's Hessian need the final norm
                 sm.release_outer()
             sm.walk(hidden, process, "sensitivity")
+            if head:  # the walk leaves the last block's outputs in `hidden`
+                from compress.stages.head import head_hessian
+
+                head_h = head_hessian(sm, hidden, calib_ids)
         finally:
             hidden.close()
         block_kl = kl.finish() if kl is not None else None
@@ -85,4 +99,4 @@ def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantS
     missing = sorted(set(options) - set(losses))
     if missing:
         raise RuntimeError(f"sensitivity: layers never reached in the block walk: {missing[:3]}")
-    return losses, energy, block_kl
+    return Measured(losses, energy, block_kl, head_h)

@@ -119,7 +119,11 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
     kl_job = next((j for j in jobs if _options(ctx, j).predictor == "block_kl"), None)
     reference = _reference(ctx, kl_job) if kl_job is not None else None
     kl_windows = _options(ctx, kl_job).kl_windows if kl_job is not None else 0
-    got, energy, block_kl = measure(sm, ctx.calib_ids, options, spool_dir(ctx), reference, kl_windows)
+    outer_jobs = [j for j in jobs if j.outer is not None]
+    outer = _outer_options(ctx, outer_jobs)
+    gptq_head = any(k[1] == "gptq" for d in outer for k in d)  # the head's Hessian, from this walk
+    got, energy, block_kl, head_h = measure(sm, ctx.calib_ids, options, spool_dir(ctx), reference, kl_windows,
+                                            head=gptq_head)
     ctx.sensitivity = {n: {**{option_label(spec): v for spec, v in zip(options[n], got[n])},
                            "output_energy": energy[n]} for n in options}
     out: dict[tuple, float] = {(n, _grid_key(spec)): v for n in options for spec, v in zip(options[n], got[n])}
@@ -134,9 +138,8 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
             for spec, v in zip(options[n], fisher[n]):
                 out[(n, "fisher", _grid_key(spec))] = v
                 ctx.sensitivity[n]["fisher " + option_label(spec)] = v
-    outer_jobs = [j for j in jobs if j.outer is not None]
     if outer_jobs:
-        out.update(_outer_sensitivity(ctx, outer_jobs))
+        out.update(_outer_sensitivity(ctx, outer_jobs, *outer, head_h))
     if block_kl is not None:
         out.update(_kl_scales(sm.block_prefix, block_kl, reference, out))
         for n in options:
@@ -146,30 +149,70 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
     return out
 
 
-def _outer_sensitivity(ctx, jobs: list[_Job]) -> dict[tuple, float]:
-    """("outer", "embedding" | "lm_head", grid) -> the whole-model KL with only that tensor on
-    that grid (`compress.mixed.outer`), over the jobs' `kl_windows`; one more block walk."""
-    from compress.mixed.outer import outer_kl
-    from compress.stages.calibrate import spool_dir
+def _head_rounding(q) -> str:
+    """How the head of a plan's chosen option is rounded: the explicit `quantize.lm_head`'s way,
+    else the method's default (`OuterQuant.rounding_for`; `_outer_quant` leaves it unset)."""
+    from compress.quantizers.base import OuterQuant
 
-    # a shared table's embedding rows are on the head's grid: measured as that embedding option
-    embs = {_grid_key(e): e for j in jobs for i in range(len(j.outer.options))
-            for e in [j.outer.embedding_grid(i)] if e is not None}
-    heads = {_grid_key(h): h for j in jobs for _, h in j.outer.options if h is not None}
+    return (q.lm_head or OuterQuant(bits=8)).rounding_for(q)
+
+
+def _outer_keys(q, outer, i: int) -> tuple[Optional[tuple], Optional[tuple]]:
+    """The keys of option `i`'s embedding and head losses, (grid, rounding), None for float: the
+    embedding rounds to nearest on its own grid, and as the head does on a table it shares."""
+    emb, head = outer.options[i]
+    grid = outer.embedding_grid(i)
+    r = _head_rounding(q)
+    return (None if grid is None else (_grid_key(grid), "rtn" if emb is not None else r),
+            None if head is None else (_grid_key(head), r))
+
+
+def _outer_options(ctx, jobs: list[_Job]) -> tuple[dict, dict]:
+    """Every embedding and head option of the jobs, key (`_outer_keys`) -> (grid, plan)."""
+    embs: dict[tuple, tuple] = {}
+    heads: dict[tuple, tuple] = {}
+    for j in jobs:
+        q = ctx.candidates[j.name].plan.q
+        for i, (_, h) in enumerate(j.outer.options):
+            ek, hk = _outer_keys(q, j.outer, i)
+            if ek is not None:
+                embs.setdefault(ek, (j.outer.embedding_grid(i), q))
+            if hk is not None:
+                heads.setdefault(hk, (h, q))
+    return embs, heads
+
+
+def _outer_sensitivity(ctx, jobs: list[_Job], embs: dict, heads: dict, head_h) -> dict[tuple, float]:
+    """("outer", "embedding" | "lm_head", key) -> the whole-model KL with only that tensor
+    rounded as the key says (`compress.mixed.outer`), over the jobs' `kl_windows`; one more block
+    walk. A GPTQ head (and a table it shares) is rounded against `head_h`."""
+    from compress.mixed.outer import gptq_rows, outer_kl
+    from compress.stages.calibrate import spool_dir
+    from compress.stages.head import head_gptq_spec
+
+    def how(key, grid, q):
+        return gptq_rows(head_h, head_gptq_spec(q, grid)) if key[1] == "gptq" else grid
+
     windows = _options(ctx, jobs[0]).kl_windows
-    emb_kl, head_kl = outer_kl(ctx.loaded.streamed(), ctx.calib_ids[:windows], list(embs.values()),
-                               list(heads.values()), spool_dir(ctx))
+    emb_kl, head_kl = outer_kl(ctx.loaded.streamed(), ctx.calib_ids[:windows],
+                               [how(k, *v) for k, v in embs.items()], [how(k, *v) for k, v in heads.items()],
+                               spool_dir(ctx))
     out = {("outer", "embedding", None): 0.0, ("outer", "lm_head", None): 0.0}
     out.update({("outer", "embedding", k): v for k, v in zip(embs, emb_kl)})
     out.update({("outer", "lm_head", k): v for k, v in zip(heads, head_kl)})
     for what, specs, kls in (("embedding", embs, emb_kl), ("lm_head", heads, head_kl)):
         name = jobs[0].outer.embedding if what == "embedding" else jobs[0].outer.head
         if name is not None and specs:
-            ctx.sensitivity[name] = {f"KL {option_label(spec)}": v for spec, v in zip(specs.values(), kls)}
+            ctx.sensitivity[name] = {_outer_label(k, g): v for (k, (g, _)), v in zip(specs.items(), kls)}
     log.info("outer tensors, KL with only each quantized: %s", ", ".join(
-        [f"embedding {option_label(e)} {v:.3g}" for e, v in zip(embs.values(), emb_kl)]
-        + [f"lm_head {option_label(h)} {v:.3g}" for h, v in zip(heads.values(), head_kl)]))
+        [f"embedding {_outer_label(k, g)[3:]} {v:.3g}" for (k, (g, _)), v in zip(embs.items(), emb_kl)]
+        + [f"lm_head {_outer_label(k, h)[3:]} {v:.3g}" for (k, (h, _)), v in zip(heads.items(), head_kl)]))
     return out
+
+
+def _outer_label(key: tuple, grid) -> str:
+    """`KL 4/64/asym` (to nearest) or `KL 4/64/asym gptq`: an outer option's key in `sensitivity`."""
+    return f"KL {option_label(grid)}" + ("" if key[1] == "rtn" else f" {key[1]}")
 
 
 def _options(ctx, job: _Job):
@@ -245,8 +288,8 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
     costs = [s.bytes for s in job.slots]
     if job.outer is not None:  # the last slot: the embedding and head together
         costs.append(job.outer.bytes)
-        table.append([losses[("outer", "embedding", _grid_key(job.outer.embedding_grid(i)))]
-                      + losses[("outer", "lm_head", _grid_key(h))] for i, (_, h) in enumerate(job.outer.options)])
+        keys = [_outer_keys(q, job.outer, i) for i in range(len(job.outer.options))]
+        table.append([losses[("outer", "embedding", e)] + losses[("outer", "lm_head", h)] for e, h in keys])
     alloc = allocate(costs, table, job.budget.slots_bytes)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
     update = {"overrides": [*q.overrides, *overrides_for(q, chosen)]}

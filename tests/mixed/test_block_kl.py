@@ -32,7 +32,7 @@ def test_block_kl_equals_transformers_forwards_with_one_block_quantized(model_di
     names = [f"model.layers.{i}.{n}" for i in range(sm.n_blocks) for n in LINEARS]
     # block 1 keeps its down_proj: a layer without the reference option stays in float
     reference = {n: spec for n in names if n != "model.layers.1.mlp.down_proj"}
-    _, _, got = measure(sm, ids, {n: [spec] for n in names}, reference=reference, kl_windows=2)
+    got = measure(sm, ids, {n: [spec] for n in names}, reference=reference, kl_windows=2).block_kl
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     with torch.no_grad():

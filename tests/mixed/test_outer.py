@@ -133,3 +133,62 @@ def test_onnx_budget_below_the_float_table_shares_it_as_the_quantized_head(tied,
     head = torch.cat([w for _, w, _ in head_slices(res.artifact, 100)])
     torch.testing.assert_close(head_inputs(res.artifact, ids) @ head.T, OrtDecoder(res.artifact).logits(ids),
                                rtol=0, atol=1e-4)
+
+
+def test_a_gptq_head_is_measured_as_gptq_rounds_it(tied, text_file, tmp_path):
+    """A calibrated method rounds the head by GPTQ: the walk gives the head inputs' Hessian
+    (2/n sum x x^T of the final norm's output), and the head's measured KL is the whole model's
+    with the head as the exporter's `round_head` rounds it, below round to nearest's."""
+    from compress.mixed.outer import gptq_rows
+    from compress.mixed.sensitivity import measure
+    from compress.quantizers.gptq import GPTQSpec
+    from compress.stages.head import round_head
+
+    src, model = tied
+    sm = load_model(parse_config(run_config(src, text_file, tmp_path / "x")).model).streamed()
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(4))
+    model = model.float().eval()
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    x = out.hidden_states[-1].reshape(-1, model.config.hidden_size).double()  # after the final norm
+    layer = f"{sm.block_prefix}0.mlp.down_proj"
+    H = measure(sm, ids, {layer: [QuantSpec(4, 32, True)]}, head=True).head_hessian
+    torch.testing.assert_close(H.double(), 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+    grid = QuantSpec(4, 32, True)
+    spec = GPTQSpec(4, 32, True, static_groups=True)
+    sm = load_model(parse_config(run_config(src, text_file, tmp_path / "x")).model).streamed()
+    _, (kl_rtn, kl_gptq) = outer_kl(sm, ids, [], [grid, gptq_rows(H, spec)])
+    W = model.get_input_embeddings().weight.detach().clone()
+    want = round_head([W], grid, "lm_head", H, spec).weight.dequantize(torch.float32)
+    untied = make_model("llama", seed=11, tie_word_embeddings=False).float().eval()
+    untied.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        untied.get_input_embeddings().weight.copy_(W)
+        untied.lm_head.weight.copy_(want)
+        assert kl_gptq == pytest.approx(mean_kl(out.logits, untied(ids).logits), rel=1e-3, abs=1e-7)
+    assert 0 < kl_gptq < kl_rtn
+
+
+def test_a_gptq_plans_shared_table_is_predicted_with_its_gptq_head(tied, text_file, tmp_path):
+    """In ONNX a tied table is the head's codes: under GPTQ both the head's and the embedding's
+    predicted KL are measured on the GPTQ-rounded head, and the chosen option's loss is their sum."""
+    src, _ = tied
+    base = run_config(src, text_file, tmp_path / "out", quantize={"method": "gptq", "bits": 4, "group_size": 32},
+                      export={"format": "onnx", "dtype": "float32"}, evaluate={"enabled": False})
+    sizes = {}
+    for bits in (4, 8):  # uniform plans with a shared head: the budget between them
+        data = dict(base, quantize={**base["quantize"], "bits": bits, "lm_head": {"bits": bits}})
+        data["export"] = {**base["export"], "output_dir": str(tmp_path / f"u{bits}")}
+        (r,) = run(parse_config(data)).candidates.values()
+        sizes[bits] = safetensors_tensor_bytes(r.artifact)
+    data = dict(base, quantize={**base["quantize"], "target": {"max_bytes": (sizes[4] + sizes[8]) // 2}})
+    ctx = run(parse_config(data))
+    (res,) = ctx.candidates.values()
+    a = res.allocation["outer"]
+    assert res.error is None and a["shared"]
+    emb, head = ctx.sensitivity[a["embedding"]["name"]], ctx.sensitivity[a["lm_head"]["name"]]
+    assert emb.keys() == head.keys() and all(k.endswith(" gptq") for k in head)
+    h = a["lm_head"]
+    label = f"KL {h['bits']}/{h['group_size']}/{'sym' if h['sym'] else 'asym'} gptq"
+    assert a["predicted_loss"] == pytest.approx(emb[label] + head[label])

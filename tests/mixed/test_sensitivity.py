@@ -43,7 +43,7 @@ def test_predicted_loss_equals_an_independent_computation(layer, model_dir):
     ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(5))
     options = [QuantSpec(3, 32, True), QuantSpec(4, -1, False), QuantSpec(2, 64, False), None]
     sm = load_model(ModelConfig(source=str(folder), dtype="float32", device="cpu")).streamed()
-    losses, energy, block_kl = measure(sm, ids, {layer: options})
+    losses, energy, block_kl, _ = measure(sm, ids, {layer: options})
     got = losses[layer]
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
