@@ -185,7 +185,7 @@ def main() -> None:
         outer_kl = outer["predicted_loss"] if outer else 0.0  # measured KL of the chosen embedding/head
         h = r.plan.q.lm_head
         if not outer and h is not None:  # a uniform row's quantized head (and, in ONNX, the table it shares)
-            how = " gptq" if m == "gptq" else ""  # the head's rounding: GPTQ under a calibrated method
+            how = "" if h.rounding_for(r.plan.q) == "rtn" else f" {h.rounding_for(r.plan.q)}"  # allocate's labels
             outer_kl = sum(v.get(f"KL {h.bits}/{h.group_size}/{sym}{how}", float("nan")) for n, v in sens.items()
                            if "output_energy" not in v and (a.format == "onnx" or n == "lm_head"))
         # Every predictor for every row, from the run's one sensitivity table.

@@ -22,16 +22,13 @@ SmolLM2's 4-bit g64 head) and keep the allocation away from the smaller tables.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 
-from compress.quantizers.base import NumericalError, QuantSpec
+from compress.quantizers.base import QuantSpec
 from compress.quantizers.rtn import round_to_nearest
-
-log = logging.getLogger(__name__)
 
 Rows = Callable[[torch.Tensor], torch.Tensor]  # rows [n, hidden] -> the same rows on a grid, dequantized
 
@@ -42,26 +39,12 @@ def rounded(rows: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def gptq_rows(hessian: torch.Tensor, spec) -> Rows:
-    """Rows rounded by GPTQ against `hessian` (the head's inputs'), `spec` a `GPTQSpec`, as
-    `stages.head.round_head` rounds the head: factorised once, then row slices; where GPTQ fails
-    numerically, round to nearest, as the export falls back."""
-    from compress.quantizers.gptq import factor_hessian, gptq_factored
+    """Rows rounded by GPTQ against `hessian` (the head's inputs'), `spec` a `GPTQSpec`, by the
+    exporter's `stages.head.SliceRounder`: factorised once, its fallback to nearest included."""
+    from compress.stages.head import SliceRounder
 
-    factor = []
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        w = t.float()
-        try:
-            if not factor:
-                factor.append(factor_hessian(hessian, spec, w.dtype, w.device))
-            q = gptq_factored(w, factor[0], spec).weight
-        except NumericalError as e:
-            log.warning("outer sensitivity: GPTQ of the head on %s/%s failed (%s); measured to nearest",
-                        spec.bits, spec.group_size, e)
-            q = round_to_nearest(w, spec.grid)
-        return q.dequantize(torch.float32).to(t.dtype)
-
-    return rows
+    rounder = SliceRounder(spec.grid, "lm_head", hessian, spec)
+    return lambda t: rounder(t.float()).dequantize(torch.float32).to(t.dtype)
 
 
 def outer_kl(sm, ids: torch.Tensor, embeddings: list[Union[QuantSpec, Rows]], heads: list[Union[QuantSpec, Rows]],

@@ -83,8 +83,8 @@ def measure(sm, calib_ids: torch.Tensor, options: dict[str, list[Optional[QuantS
     try:
         hidden = sm.embed(calib_ids, spool_dir)
         try:
-            if kl is None and not head:  # the block KL's head pass and the head's Hessian need the final norm
-                sm.release_outer()
+            if kl is None:  # the block KL's head pass needs the head; the head's Hessian only the final norm
+                sm.release_outer(keep_head_path=head)
             sm.walk(hidden, process, "sensitivity")
             if head:  # the walk leaves the last block's outputs in `hidden`
                 from compress.stages.head import head_hessian

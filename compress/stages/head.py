@@ -69,34 +69,46 @@ class HeadResult:
     output_rel_error: Optional[float]  # tr(D H D^T) / tr(W H W^T), where a Hessian exists
 
 
+class SliceRounder:
+    """Rounds the head's row slices on `grid`: to nearest, or by GPTQ against `hessian` with
+    `spec` (both given), factorised once on the first slice. A GPTQ failure (Cholesky, after the
+    damping retries) is decided by ``H`` alone, so it happens there, and from then on every
+    slice rounds to nearest. `method` and `damp` say what was used."""
+
+    def __init__(self, grid: QuantSpec, name: str, hessian: Optional[torch.Tensor] = None,
+                 spec: Optional[GPTQSpec] = None) -> None:
+        self.grid, self.name, self.hessian, self.spec = grid, name, hessian, spec
+        use_gptq = hessian is not None and spec is not None
+        self.method, self.damp = ("gptq", spec.damp_percent) if use_gptq else ("rtn", None)
+        self._factor: Optional[HessianFactor] = None
+
+    def __call__(self, w: torch.Tensor) -> QuantizedWeight:
+        if self.method == "gptq":
+            try:
+                if self._factor is None:  # in the dtype and on the device the slices are rounded in
+                    self._factor = factor_hessian(self.hessian, self.spec, w.dtype, w.device)
+                res = gptq_factored(w, self._factor, self.spec)
+                self.damp = res.damp_percent
+                return res.weight
+            except NumericalError as e:
+                log.warning("layer '%s': %s; rounding the head to nearest instead (raise quantize.damp_percent "
+                            "or set quantize.lm_head.rounding: rtn)", self.name, e)
+                self.method, self.damp = "rtn-fallback", None
+        return round_to_nearest(w, self.grid)
+
+
 def round_head(slices: Iterable[torch.Tensor], grid: QuantSpec, name: str,
                hessian: Optional[torch.Tensor] = None, spec: Optional[GPTQSpec] = None) -> HeadResult:
-    """Round the head given as consecutive slices of rows: to nearest, or by GPTQ against
-    `hessian` with `spec` (both given), factorised once on the first slice. A GPTQ failure
-    (Cholesky, after the damping retries) is decided by ``H`` alone, so it happens there and the
-    whole head falls back to RTN."""
-    use_gptq = hessian is not None and spec is not None
-    method, damp = ("gptq", spec.damp_percent) if use_gptq else ("rtn", None)
-    factor: Optional[HessianFactor] = None
+    """Round the head given as consecutive slices of rows (`SliceRounder`): to nearest, or by
+    GPTQ against `hessian` with `spec`; a GPTQ failure sends the whole head to nearest."""
+    rounder = SliceRounder(grid, name, hessian, spec)
     parts: list[QuantizedWeight] = []
     err = energy = out_err = out_energy = 0.0
     for w in slices:
         w = w.float()
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"layer '{name}': weights contain NaN or Inf")
-        qw = None
-        if method == "gptq":
-            try:
-                if factor is None:  # in the dtype and on the device the slices are rounded in
-                    factor = factor_hessian(hessian, spec, w.dtype, w.device)
-                res = gptq_factored(w, factor, spec)
-                qw, damp = res.weight, res.damp_percent
-            except NumericalError as e:
-                log.warning("layer '%s': %s; rounding the head to nearest instead (raise quantize.damp_percent "
-                            "or set quantize.lm_head.rounding: rtn)", name, e)
-                method, damp = "rtn-fallback", None
-        if qw is None:
-            qw = round_to_nearest(w, grid)
+        qw = rounder(w)
         parts.append(qw)
         wq = qw.dequantize(torch.float32)
         if not bool(torch.isfinite(wq).all()):
@@ -107,4 +119,4 @@ def round_head(slices: Iterable[torch.Tensor], grid: QuantSpec, name: str,
             out_err += output_error(w, wq, hessian)
             out_energy += output_error(w, torch.zeros_like(w), hessian)
     o_rel = None if hessian is None else out_err / max(out_energy, 1e-30)
-    return HeadResult(QuantizedWeight.cat_rows(parts), method, damp, err / max(energy, 1e-30), o_rel)
+    return HeadResult(QuantizedWeight.cat_rows(parts), rounder.method, rounder.damp, err / max(energy, 1e-30), o_rel)
