@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,13 @@ def _outer_text(outer, q, shares: bool) -> str:
         return f"one table: head {e['bits']}/{e['group_size']}"
     return " / ".join("float" if (e or {}).get("bits") is None else f"{e['bits']}/{e['group_size']}"
                       for e in (outer["embedding"], outer["lm_head"]))
+
+
+def one_grid(row: dict) -> bool:
+    """A uniform ONNX row whose shared table is stored on its linears' bits/group
+    (`<method>-w<B>-g<G>-head<B>g<G>`)."""
+    m = re.fullmatch(r"[a-z]+-w(\d+)-g(-?\d+)-head(\d+)g(-?\d+)", row["name"])
+    return bool(m) and m.group(1, 2) == m.group(3, 4)
 
 
 def ranks(xs: list[float]) -> list[float]:
@@ -120,6 +128,8 @@ def main() -> None:
                     help="onnx: the heads of the uniform rows whose tied table is stored once as that head")
     ap.add_argument("--shared-linears", nargs="*", default=["4/64", "8/64"], metavar="BITS/GROUP",
                     help="onnx: the linears of those uniform rows")
+    ap.add_argument("--uniform", nargs="*", default=None, metavar="BITS/GROUP",
+                    help="onnx: the uniform rows that keep the float table (default 4/64 8/64 8/-1)")
     ap.add_argument("--group-sizes", type=int, nargs="*", default=None,
                     help="target_options.group_sizes of the mixed rows (default: the plan's group size and -1)")
     ap.add_argument("--tag", default="", help="appended to the results file's name")
@@ -142,8 +152,10 @@ def main() -> None:
     }
     uniform, extra, shared = UNIFORM, UNIFORM_EXTRA, []
     if a.format == "onnx":  # MatMulNBits: 4 or 8 bits; the table once as an 8-bit head beside the float-table rows
-        uniform, extra = [(4, 64)], [(8, 64), (8, -1)]
         pairs = lambda xs: [tuple(int(v) for v in x.split("/")) for x in xs]  # noqa: E731
+        uniform, extra = [(4, 64)], [(8, 64), (8, -1)]
+        if a.uniform is not None:
+            uniform, extra = [], pairs(a.uniform)
         shared = [(b, g, hb, hg) for b, g in pairs(a.shared_linears) for hb, hg in pairs(a.shared_heads)]
     sizes = {(b, g): uniform_bytes(data, b, g) for b, g in uniform}
     kl = {"reference_bits": a.reference_bits, "kl_windows": a.kl_windows}  # one block KL walk serves every row
@@ -226,6 +238,7 @@ def main() -> None:
         f"--mb {' '.join(f'{x:g}' for x in a.mb)}"
         f"{' --shared-linears ' + ' '.join(a.shared_linears) if a.format == 'onnx' else ''}"
         f"{' --shared-heads ' + ' '.join(a.shared_heads) if a.format == 'onnx' else ''}"
+        f"{' --uniform ' + ' '.join(a.uniform) if a.uniform is not None else ''}"
         f"{' --group-sizes ' + ' '.join(map(str, a.group_sizes)) if a.group_sizes else ''}"
         f"{' --tag ' + a.tag if a.tag else ''}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
@@ -273,11 +286,15 @@ def main() -> None:
     if best["uniform"] and best["mixed"]:
         lines.append(f"Bytes of the smallest mixed row within the perplexity budget / the smallest uniform row's = "
                      f"**{best['mixed']['bytes'] / best['uniform']['bytes']:.3f}**.")
-    floated = min((r for r in within if not r["name"].startswith("mixed") and r["outer"] == "float"),
-                  key=lambda r: r["bytes"], default=None)
-    if shared and floated and best["mixed"]:  # against the uniform rows that keep the float table
-        lines.append(f"Against the smallest uniform row with its float table ({floated['name']}, "
-                     f"{floated['bytes']:,} bytes): **{best['mixed']['bytes'] / floated['bytes']:.3f}**.")
+    if shared and best["mixed"]:  # the uniform rows by how their table is stored
+        kinds = (("with its float table", lambda r: r["outer"] == "float"),
+                 ("whose table is on the linears' grid too", one_grid))
+        for what, keep in kinds:
+            u = min((r for r in within if not r["name"].startswith("mixed") and keep(r)),
+                    key=lambda r: r["bytes"], default=None)
+            if u is not None:
+                lines.append(f"Against the smallest uniform row {what} ({u['name']}, {u['bytes']:,} bytes): "
+                             f"**{best['mixed']['bytes'] / u['bytes']:.3f}**.")
     checked = [r for r in ok if r["achieved_bytes"] is not None]
     lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
