@@ -124,7 +124,8 @@ class ONNXFormat(Format):
                             options: dict[str, Any]) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for s in layers:
-            k = f"bits{s.bits}-block{block_size_for(s.group_size, 1)}-{'sym' if s.sym else 'asym'}"
+            block = "channel" if s.group_size == -1 else f"block{s.group_size}"
+            k = f"bits{s.bits}-{block}-{'sym' if s.sym else 'asym'}"
             counts[k] = counts.get(k, 0) + 1
         return {"quant_method": self.quant_method, "onnx_file": ONNX_FILE, "op": "com.microsoft.MatMulNBits",
                 "bits": base.bits, "group_size": base.group_size, "sym": base.sym,

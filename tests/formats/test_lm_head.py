@@ -102,7 +102,8 @@ def test_head_reads_back_as_rtn_and_transformers_agrees(fmt, lm_head, scale_dtyp
 @pytest.mark.parametrize("hidden,lm_head", [
     (HIDDEN, {"bits": 4, "group_size": 32}),  # asymmetric: zero points
     (HIDDEN, {"bits": 8, "group_size": 64, "sym": True}),  # the op's default zero point
-    (192, {"bits": 8, "group_size": -1}),  # blocks of 128 over 192 columns (SmolLM2's 576): padded rows
+    (192, {"bits": 8, "group_size": -1}),  # per channel on blocks of 64 (as SmolLM2's 576): no padding
+    (240, {"bits": 8, "group_size": -1}),  # blocks of 128 over 240 columns: padded rows, sliced
 ])
 def test_onnx_tied_head_is_one_matmulnbits_table_the_embedding_gathers(hidden, lm_head, text_file, tmp_path):
     """A tied model's quantized head is the only copy of the table: the embedding reads the
@@ -111,12 +112,14 @@ def test_onnx_tied_head_is_one_matmulnbits_table_the_embedding_gathers(hidden, l
     import onnx
 
     from compress.evaluate.onnx_runtime import OrtDecoder, head_inputs, head_slices
+    from compress.formats.matmulnbits import block_size_for
     from compress.formats.onnx_format import ONNX_FILE
 
     model = make_model("llama", seed=5, tie_word_embeddings=True, hidden_size=hidden)
     src = save_model(model, tmp_path / "src", family_tokenizer("llama"))
     W = model.lm_head.weight.detach().clone()
-    res = export(src, text_file, tmp_path / "out", "onnx", {"bits": 4, "group_size": 64}, lm_head, dtype="float32")
+    res = export(src, text_file, tmp_path / "out", "onnx", {"bits": 4, "group_size": 64 if hidden % 64 == 0 else 16},
+                 lm_head, dtype="float32")
     m = onnx.load(str(res.artifact / ONNX_FILE), load_external_data=False)
     assert not [n for n in m.graph.node if n.op_type == "Gemm"]
     assert not [t for t in m.graph.initializer if t.name.startswith("model.embed_tokens")]
@@ -130,8 +133,9 @@ def test_onnx_tied_head_is_one_matmulnbits_table_the_embedding_gathers(hidden, l
     ref = rtn_reference(W, lm_head["bits"], lm_head["group_size"], bool(lm_head.get("sym", False)), torch.float32)
     torch.testing.assert_close(head, ref, rtol=0, atol=1e-6)
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(4))
-    rows = gather.output[0] if hidden % 128 == 0 or lm_head["group_size"] != -1 else \
-        next(n for n in m.graph.node if n.op_type == "Slice").output[0]
+    block = block_size_for(lm_head["group_size"], hidden, lm_head["bits"])
+    assert (block, hidden % block) == ((128, 112) if hidden == 240 else (block, 0))
+    rows = gather.output[0] if hidden % block == 0 else next(n for n in m.graph.node if n.op_type == "Slice").output[0]
     dec = OrtDecoder(res.artifact, extra_outputs=(rows,))
     got = dec.run(ids[:1].numpy(), dec.empty_past(1), [rows])[rows]
     torch.testing.assert_close(torch.from_numpy(got)[0], ref[ids[0]], rtol=0, atol=0)

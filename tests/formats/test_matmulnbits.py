@@ -77,6 +77,18 @@ def test_nbytes_is_the_written_size(bits, group_size, sym, act_order):
     assert nbytes(96, 320, bits, group_size, sym) == written
 
 
+@pytest.mark.parametrize("in_f,block", [(576, 64), (1536, 128), (320, 64), (100, 128), (48, 16)])
+def test_per_channel_blocks_pad_the_row_least(in_f, block):
+    qw = random_qweight(8, in_f, 8, -1, False)
+    t = to_matmulnbits(qw)
+    assert t.block_size == block
+    old = 8 * (-(-in_f // 128) * 128 + 4 * -(-in_f // 128) + -(-in_f // 128))  # 128-column blocks, padded
+    assert nbytes(8, in_f, 8, -1, False) <= old
+    x = torch.randn(3, in_f, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(run_op(t, x).double(), x.double() @ qw.dequantize(torch.float64).T,
+                               rtol=1e-4, atol=1e-3)  # float32 sums over up to 1536 columns
+
+
 def test_unequal_groups_and_foreign_bits_are_refused():
     qw = random_qweight(8, 64, 4, 32, True)
     bad = QuantizedWeight(qw.codes, qw.scales, qw.zeros, torch.zeros(64, dtype=torch.int32), 4, 32, True, True)
