@@ -78,7 +78,7 @@ def test_nbytes_is_the_written_size(bits, group_size, sym, act_order):
 
 
 @pytest.mark.parametrize("in_f,block", [(576, 64), (1536, 128), (320, 64), (100, 128), (48, 16)])
-def test_per_channel_blocks_pad_the_row_least(in_f, block):
+def test_per_channel_blocks_take_the_fewest_bytes(in_f, block):
     qw = random_qweight(8, in_f, 8, -1, False)
     t = to_matmulnbits(qw)
     assert t.block_size == block
