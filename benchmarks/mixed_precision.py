@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -71,13 +70,6 @@ def _outer_text(outer, q, shares: bool) -> str:
         return f"one table: head {e['bits']}/{e['group_size']}"
     return " / ".join("float" if (e or {}).get("bits") is None else f"{e['bits']}/{e['group_size']}"
                       for e in (outer["embedding"], outer["lm_head"]))
-
-
-def one_grid(row: dict) -> bool:
-    """A uniform ONNX row whose shared table is stored on its linears' bits/group
-    (`<method>-w<B>-g<G>-head<B>g<G>`)."""
-    m = re.fullmatch(r"[a-z]+-w(\d+)-g(-?\d+)-head(\d+)g(-?\d+)", row["name"])
-    return bool(m) and m.group(1, 2) == m.group(3, 4)
 
 
 def ranks(xs: list[float]) -> list[float]:
@@ -200,6 +192,8 @@ def main() -> None:
             how = "" if h.rounding_for(r.plan.q) == "rtn" else f" {h.rounding_for(r.plan.q)}"  # allocate's labels
             outer_kl = sum(v.get(f"KL {h.bits}/{h.group_size}/{sym}{how}", float("nan")) for n, v in sens.items()
                            if "output_energy" not in v and (a.format == "onnx" or n == "lm_head"))
+        q, table = r.plan.q, None if outer or h is None else h.spec(r.plan.q)
+        one_grid = table is not None and (table.bits, table.group_size, table.sym) == (q.bits, q.group_size, q.sym)
         # Every predictor for every row, from the run's one sensitivity table.
         pred = sum(sens[n][k] for n, k in keys.items())
         pred_rel = sum(sens[n][k] / sens[n]["output_energy"] for n, k in keys.items())
@@ -210,6 +204,8 @@ def main() -> None:
                      "linear_bits_per_weight": r.metrics.linear_bits_per_weight,
                      "predicted_loss": pred, "kl": r.metrics.kl_divergence, "ppl": r.metrics.perplexity,
                      "outer": _outer_text(outer, r.plan.q, a.format == "onnx"),
+                     # a uniform row whose quantized table is on its linears' grid
+                     "one_grid": one_grid,
                      # bytes the bytes model predicted for the whole artifact (max_bytes rows)
                      "achieved_bytes": r.allocation["achieved_bytes"]
                      if r.allocation is not None and r.allocation["counts"] == "artifact tensors" else None})
@@ -288,7 +284,7 @@ def main() -> None:
                      f"**{best['mixed']['bytes'] / best['uniform']['bytes']:.3f}**.")
     if shared and best["mixed"]:  # the uniform rows by how their table is stored
         kinds = (("with its float table", lambda r: r["outer"] == "float"),
-                 ("whose table is on the linears' grid too", one_grid))
+                 ("whose table is on the linears' grid too", lambda r: r["one_grid"]))
         for what, keep in kinds:
             u = min((r for r in within if not r["name"].startswith("mixed") and keep(r)),
                     key=lambda r: r["bytes"], default=None)

@@ -14,7 +14,7 @@ affine grid exactly, so the codes are copied, never quantized again:
 
 - a group of ``group_size`` consecutive columns is one block (``block_size = group_size``);
 - per-channel grids (``group_size = -1``) repeat the row's scale and zero over blocks
-  (same values, a few more bytes) of the size up to `PER_CHANNEL_BLOCK` that takes the fewest
+  (same values, a few more bytes) of the size in `PER_CHANNEL_BLOCKS` that takes the fewest
   bytes: K = 576 takes blocks of 64, not 128, whose padding to 640 columns would add 11%;
 - an act-order ``g_idx`` (GPTQ ``desc_act`` with dynamic groups) is undone by a column
   permutation: columns are sorted by group, the codes follow, and the graph gathers the
@@ -36,20 +36,23 @@ import torch
 from compress.formats.qweight import QuantizedWeight
 
 BITS = (4, 8)
-PER_CHANNEL_BLOCK = 128
+PER_CHANNEL_BLOCKS = (128, 64, 32, 16)  # largest first: it wins ties
 
 
 def block_size_for(group_size: int, in_features: int, bits: int = 8) -> Optional[int]:
     """The op's block size for our group size (None: none fits); per channel, the one whose
-    codes, scales and zero points take the fewest bytes, then the largest."""
+    codes, scales and zero points take the fewest bytes."""
     if group_size == -1:
-        def cost(b: int) -> tuple[int, int]:
-            blocks = -(-in_features // b)
-            return blocks * (b * bits // 8 + 4) + -(-blocks * bits // 8), -b
-        return min((PER_CHANNEL_BLOCK >> i for i in range(4)), key=cost)
+        return min(PER_CHANNEL_BLOCKS, key=lambda b: _row_bytes(in_features, bits, b, zero_points=True))
     if group_size >= 16 and group_size & (group_size - 1) == 0:
         return group_size
     return None
+
+
+def _row_bytes(in_features: int, bits: int, block_size: int, zero_points: bool) -> int:
+    """Bytes of one row of `to_matmulnbits`'s B, scales (float32) and zero points."""
+    k_blocks = -(-in_features // block_size)
+    return k_blocks * block_size * bits // 8 + 4 * k_blocks + (-(-k_blocks * bits // 8) if zero_points else 0)
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,4 @@ def nbytes(out_features: int, in_features: int, bits: int, group_size: int, sym:
     """Bytes of `to_matmulnbits`'s tensors for a layer of this shape (asymmetric grids keep
     zero points; act-order adds an int64 permutation, not counted here: it depends on the data)."""
     bs = block_size_for(group_size, in_features, bits) or group_size
-    k_blocks = -(-in_features // bs)
-    b = out_features * k_blocks * bs * bits // 8
-    s = out_features * k_blocks * 4
-    z = 0 if sym else out_features * -(-k_blocks * bits // 8)
-    return b + s + z
+    return out_features * _row_bytes(in_features, bits, bs, zero_points=not sym)
