@@ -37,6 +37,10 @@ UNIFORM_EXTRA = [(8, 64), (8, -1)]  # beside the two the mixed rows match: the p
 BPW: list[float] = []
 MB = [70.0, 80.0, 90.0]  # max_bytes rows (MB) for the smallest artifact within the ppl budget
 PREDICTORS = {"mixed-rel": "relative_output_error", "mixed-kl": "block_kl", "mixed-fisher": "fisher"}
+# The source came from a Q4_1 GGUF: its weights sit on a 16-level grid per 32 consecutive weights
+# of a row, so a 4-bit grid whose groups lie inside those blocks (group size 16 or 32) nearly
+# reproduces it (the integer zero point leaves one offset per group) and flatters any method.
+SOURCE_BLOCK = 32
 
 
 def uniform_bytes(data: dict, bits: int, group_size: int) -> int:
@@ -70,6 +74,21 @@ def _outer_text(outer, q, shares: bool) -> str:
         return f"one table: head {e['bits']}/{e['group_size']}"
     return " / ".join("float" if (e or {}).get("bits") is None else f"{e['bits']}/{e['group_size']}"
                       for e in (outer["embedding"], outer["lm_head"]))
+
+
+def group_sizes(r) -> set[int]:
+    """Group sizes of every quantized tensor of candidate result `r` (linears, embedding, head)."""
+    if r.allocation is not None:
+        sizes = {l["group_size"] for l in r.allocation["layers"] if l["bits"] is not None}
+        outer = r.allocation.get("outer") or {}
+        return sizes | {e["group_size"] for k in ("embedding", "lm_head") if (e := outer.get(k)) and e.get("bits")}
+    h = r.plan.q.lm_head
+    return {r.plan.q.group_size} | (set() if h is None else {h.spec(r.plan.q).group_size})
+
+
+def on_source_block(sizes: set[int], block: int) -> bool:
+    """Whether some group lies inside one of the source's `block`-weight blocks."""
+    return any(g != -1 and block % g == 0 for g in sizes)
 
 
 def ranks(xs: list[float]) -> list[float]:
@@ -124,6 +143,9 @@ def main() -> None:
                     help="onnx: the uniform rows that keep the float table (default 4/64 8/64 8/-1)")
     ap.add_argument("--group-sizes", type=int, nargs="*", default=None,
                     help="target_options.group_sizes of the mixed rows (default: the plan's group size and -1)")
+    ap.add_argument("--source-block", type=int, default=None,
+                    help=f"block of the grid the source's weights sit on (default {SOURCE_BLOCK} for the default "
+                    "source, else none): the ppl-budget comparison is repeated without rows grouped inside it")
     ap.add_argument("--tag", default="", help="appended to the results file's name")
     a = ap.parse_args()
 
@@ -206,6 +228,7 @@ def main() -> None:
                      "outer": _outer_text(outer, r.plan.q, a.format == "onnx"),
                      # a uniform row whose quantized table is on its linears' grid
                      "one_grid": one_grid,
+                     "group_sizes": sorted(group_sizes(r)),
                      # bytes the bytes model predicted for the whole artifact (max_bytes rows)
                      "achieved_bytes": r.allocation["achieved_bytes"]
                      if r.allocation is not None and r.allocation["counts"] == "artifact tensors" else None})
@@ -236,6 +259,7 @@ def main() -> None:
         f"{' --shared-heads ' + ' '.join(a.shared_heads) if a.format == 'onnx' else ''}"
         f"{' --uniform ' + ' '.join(a.uniform) if a.uniform is not None else ''}"
         f"{' --group-sizes ' + ' '.join(map(str, a.group_sizes)) if a.group_sizes else ''}"
+        f"{f' --source-block {a.source_block}' if a.source_block is not None else ''}"
         f"{' --tag ' + a.tag if a.tag else ''}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
@@ -291,6 +315,17 @@ def main() -> None:
             if u is not None:
                 lines.append(f"Against the smallest uniform row {what} ({u['name']}, {u['bytes']:,} bytes): "
                              f"**{best['mixed']['bytes'] / u['bytes']:.3f}**.")
+    block = a.source_block if a.source_block is not None else SOURCE_BLOCK if a.source == SOURCE else 0
+    if block:  # the same comparison without the rows the source's own grid flatters
+        clean = [r for r in within if not on_source_block(set(r["group_sizes"]), block)]
+        pick = {k: min((r for r in clean if r["name"].startswith("mixed") == (k == "mixed")),
+                       key=lambda r: r["bytes"], default=None) for k in ("uniform", "mixed")}
+        lines.append(f"Rows with no group inside the source's {block}-weight blocks (group size "
+                     f"dividing {block}), within +{100 * a.ppl_budget:g}%: "
+                     + ", ".join(f"smallest {k} {v['name']} {v['bytes']:,} bytes (ppl {v['ppl']:.3f})" if v
+                                 else f"no {k} row" for k, v in pick.items()) + "."
+                     + (f" Ratio **{pick['mixed']['bytes'] / pick['uniform']['bytes']:.3f}**."
+                        if pick["uniform"] and pick["mixed"] else ""))
     checked = [r for r in ok if r["achieved_bytes"] is not None]
     lines.append(f"Bytes predicted by the bytes model equal the file's tensor bytes for "
                  f"{sum(r['achieved_bytes'] == r['bytes'] for r in checked)} of {len(checked)} max_bytes rows.")
