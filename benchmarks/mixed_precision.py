@@ -143,6 +143,8 @@ def main() -> None:
                     help="onnx: the uniform rows that keep the float table (default 4/64 8/64 8/-1)")
     ap.add_argument("--group-sizes", type=int, nargs="*", default=None,
                     help="target_options.group_sizes of the mixed rows (default: the plan's group size and -1)")
+    ap.add_argument("--outer-bits", type=int, nargs="*", default=None, choices=[4, 8],
+                    help="target_options.outer_bits of the max_bytes rows (default: the config's, 4 and 8)")
     ap.add_argument("--source-block", type=int, default=None,
                     help=f"block of the grid the source's weights sit on (default {SOURCE_BLOCK} for the default "
                     "source, else none): the ppl-budget comparison is repeated without rows grouped inside it")
@@ -189,7 +191,9 @@ def main() -> None:
         cands += [{"name": f"mixed-lin-at-w{b}-g{g}-bytes", "target": {"max_bytes": sizes[(b, g)]},
                    "target_options": {"predictor": "block_kl", "outer_bits": [], **kl}} for b, g in uniform]
     cands += [{"name": f"mixed-bpw{x:g}", "target": {"bits_per_weight": x}, "target_options": kl} for x in a.bpw]
-    cands += [{"name": f"mixed-mb{x:g}", "target": {"max_bytes": int(x * 1e6)}, "target_options": kl} for x in a.mb]
+    mb_opts = kl if a.outer_bits is None else {**kl, "outer_bits": a.outer_bits}
+    cands += [{"name": f"mixed-mb{x:g}", "target": {"max_bytes": int(x * 1e6)}, "target_options": mb_opts}
+              for x in a.mb]
     t0 = time.perf_counter()
     ctx = run(parse_config({**data, "candidates": cands}))
     wall = time.perf_counter() - t0
@@ -260,6 +264,7 @@ def main() -> None:
         f"{' --uniform ' + ' '.join(a.uniform) if a.uniform is not None else ''}"
         f"{' --group-sizes ' + ' '.join(map(str, a.group_sizes)) if a.group_sizes else ''}"
         f"{f' --source-block {a.source_block}' if a.source_block is not None else ''}"
+        f"{' --outer-bits ' + ' '.join(map(str, a.outer_bits)) if a.outer_bits is not None else ''}"
         f"{' --tag ' + a.tag if a.tag else ''}`; "
         f"{platform.machine()}, {os.cpu_count()} cores, load average after the run {load[0]:.1f}; "
         f"wall {wall:.0f} s. Predictors: `output_error` {PREDICTOR}; `relative_output_error` the same over "
