@@ -105,6 +105,18 @@ def ranks(xs: list[float]) -> list[float]:
     return r
 
 
+def smallest(rows: list[dict]) -> dict:
+    """The smallest uniform and the smallest mixed row of `rows` (None where there is none)."""
+    return {kind: min((r for r in rows if r["name"].startswith("mixed") == (kind == "mixed")),
+                      key=lambda r: r["bytes"], default=None) for kind in ("uniform", "mixed")}
+
+
+def sizes_text(best: dict) -> str:
+    """`smallest` as a sentence's clause."""
+    return ", ".join(f"smallest {k} {v['name']} {v['bytes']:,} bytes (ppl {v['ppl']:.3f})" if v else f"no {k} row"
+                     for k, v in best.items())
+
+
 def pearson(x: list[float], y: list[float]) -> float:
     mx, my = sum(x) / len(x), sum(y) / len(y)
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
@@ -237,12 +249,14 @@ def main() -> None:
                      "achieved_bytes": r.allocation["achieved_bytes"]
                      if r.allocation is not None and r.allocation["counts"] == "artifact tensors" else None})
     ok = [r for r in rows if "error" not in r and r["kl"]]
-    lk = [math.log(r["kl"]) for r in ok]
     corr = {}
     keys = ("predicted_loss", "predicted_relative", "predicted_kl") + (("predicted_fisher",) if fisher else ())
     for key in keys:
-        lp = [math.log(max(r[key], 1e-30)) for r in ok]
-        corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)))
+        # rows with a prediction: a table option the allocation was not offered has no measured KL
+        have = [r for r in ok if math.isfinite(r[key])]
+        lp = [math.log(max(r[key], 1e-30)) for r in have]
+        lk = [math.log(r["kl"]) for r in have]
+        corr[key] = (pearson(lp, lk), pearson(ranks(lp), ranks(lk)), len(have))
     by = {r["name"]: r for r in rows}
     ratios = {}
     for b, g in uniform:
@@ -295,19 +309,17 @@ def main() -> None:
                        ("predicted_kl", "block_kl"), ("predicted_fisher", "fisher")):
         if key not in corr:
             continue
-        r_log, rho = corr[key]
-        lines.append(f"Predictor {label}, over {len(ok)} rows: Pearson r(log predicted, log KL) = "
+        r_log, rho, n = corr[key]
+        lines.append(f"Predictor {label}, over {n} rows: Pearson r(log predicted, log KL) = "
                      f"**{r_log:.3f}**, Spearman rho = **{rho:.3f}**.")
     for k, (u, v) in ratios.items():
         lines.append(f"KL of {k}-bytes / uniform {u}'s KL = **{v:.3f}**.")
     ref_ppl = ctx.original.perplexity
     limit = ref_ppl * (1 + a.ppl_budget)
     within = [r for r in ok if r["ppl"] <= limit]
-    best = {kind: min((r for r in within if r["name"].startswith("mixed") == (kind == "mixed")),
-                      key=lambda r: r["bytes"], default=None) for kind in ("uniform", "mixed")}
+    best = smallest(within)
     lines.append(f"Original (fp32) perplexity {ref_ppl:.3f}; within +{100 * a.ppl_budget:g}% (ppl <= {limit:.3f}): "
-                 + ", ".join(f"smallest {k} {v['name']} {v['bytes']:,} bytes (ppl {v['ppl']:.3f})" if v
-                             else f"no {k} row" for k, v in best.items()) + ".")
+                 + sizes_text(best) + ".")
     if best["uniform"] and best["mixed"]:
         lines.append(f"Bytes of the smallest mixed row within the perplexity budget / the smallest uniform row's = "
                      f"**{best['mixed']['bytes'] / best['uniform']['bytes']:.3f}**.")
@@ -323,12 +335,10 @@ def main() -> None:
     block = a.source_block if a.source_block is not None else SOURCE_BLOCK if a.source == SOURCE else 0
     if block:  # the same comparison without the rows the source's own grid flatters
         clean = [r for r in within if not on_source_block(set(r["group_sizes"]), block)]
-        pick = {k: min((r for r in clean if r["name"].startswith("mixed") == (k == "mixed")),
-                       key=lambda r: r["bytes"], default=None) for k in ("uniform", "mixed")}
+        pick = smallest(clean)
         lines.append(f"Rows with no group inside the source's {block}-weight blocks (group size "
                      f"dividing {block}), within +{100 * a.ppl_budget:g}%: "
-                     + ", ".join(f"smallest {k} {v['name']} {v['bytes']:,} bytes (ppl {v['ppl']:.3f})" if v
-                                 else f"no {k} row" for k, v in pick.items()) + "."
+                     + sizes_text(pick) + "."
                      + (f" Ratio **{pick['mixed']['bytes'] / pick['uniform']['bytes']:.3f}**."
                         if pick["uniform"] and pick["mixed"] else ""))
     checked = [r for r in ok if r["achieved_bytes"] is not None]
