@@ -14,6 +14,9 @@ head (`quantize.lm_head`, GatherBlockQuantized; `--shared-heads`, default 8/64 a
 then against uniform rows that share the table too. Every row gets its predicted loss under every predictor (summed over its
 layers' choices from the run's one sensitivity table) beside its measured KL; the script
 reports Pearson's r of log predicted vs log measured and Spearman's rho, per predictor.
+The smallest rows within the perplexity budget are compared twice: over every row, and over the
+rows with no group inside the source's own quantization blocks (`--source-block`; SmolLM2 here
+is a Q4_1 GGUF, whose 32-weight blocks a g32 or g16 grid nearly reproduces).
 
 Writes benchmarks/results/mixed-precision-<date>.md and .json.
 """
