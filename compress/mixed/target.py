@@ -97,6 +97,13 @@ class TargetOptions(_Strict):
         "keeps them as quantize.embedding and quantize.lm_head say",
     )
 
+    outer_choice: Literal["measured", "predicted"] = Field(
+        "measured", description="How the embedding/head option is chosen where it is one: 'measured' "
+        "(default) allocates the linears under the bytes each option leaves and keeps the option whose "
+        "whole allocation, every tensor rounded to nearest at once, has the lowest KL over kl_windows "
+        "calibration windows (one more block walk); 'predicted' takes the lowest summed prediction",
+    )
+
     @field_validator("bits", "group_sizes", "outer_bits")
     @classmethod
     def _unique(cls, v):

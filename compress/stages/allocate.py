@@ -291,6 +291,9 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         keys = [_outer_keys(q, job.outer, i) for i in range(len(job.outer.options))]
         table.append([losses[("outer", "embedding", e)] + losses[("outer", "lm_head", h)] for e, h in keys])
     alloc = allocate(costs, table, job.budget.slots_bytes)
+    measured = None
+    if job.outer is not None and q.target_options.outer_choice == "measured":
+        alloc, measured = _measured_outer(ctx, job, costs, table)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
     update = {"overrides": [*q.overrides, *overrides_for(q, chosen)]}
     outer = None
@@ -324,11 +327,47 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         "block_prefix": job.block_prefix,
         "layers": layers,
         "outer": outer,  # the embedding and head, where they were options (their bytes: every outer tensor)
+        # each embedding/head option's best allocation: its predicted and jointly measured KL
+        "outer_measured": measured,
     }
     log.info("candidate %s: %s; %s of %s bytes, predicted loss %.4g", job.name, bits_mix(layers),
              f"{res.allocation['achieved_bytes']:,}", f"{res.allocation['budget_bytes']:,}", alloc.loss)
     if outer is not None:
         log.info("candidate %s: embedding %s, lm_head %s", job.name, option_label(emb), option_label(head))
+
+
+def _measured_outer(ctx, job: _Job, costs: list, table: list) -> tuple:
+    """The allocation whose embedding/head option has the lowest joint KL (`compress.mixed.joint`):
+    per option, the linears' best allocation under the bytes left beside it, all rounded at once
+    over the `kl_windows` calibration windows; and each option's (labels, predicted, measured)."""
+    from compress.mixed.allocate import Allocation, BudgetTooSmall, allocate
+    from compress.mixed.joint import joint_kl
+    from compress.mixed.outer import rounded
+    from compress.stages.calibrate import spool_dir
+
+    outer, budget = job.outer, job.budget.slots_bytes
+    tried = []
+    for o, cost in enumerate(outer.bytes):
+        try:
+            a = allocate(costs[:-1], table[:-1], budget - cost)
+        except BudgetTooSmall:
+            continue
+        tried.append(Allocation([*a.choice, o], a.bytes + cost, a.loss + table[-1][o]))
+    as_rows = lambda spec: None if spec is None else (lambda t: rounded(t, spec))  # noqa: E731
+    linears = [{s.name: s.options[c] for s, c in zip(job.slots, a.choice) if s.options[c] is not None}
+               for a in tried]
+    kls = joint_kl(ctx.loaded.streamed(), ctx.calib_ids[:_options(ctx, job).kl_windows], linears,
+                   [as_rows(outer.embedding_grid(a.choice[-1])) for a in tried],
+                   [as_rows(outer.options[a.choice[-1]][1]) for a in tried], spool_dir(ctx))
+    best = min(range(len(tried)), key=lambda k: kls[k])
+    report = [{"embedding": option_label(outer.options[a.choice[-1]][0]),
+               "lm_head": option_label(outer.options[a.choice[-1]][1]), "shared": outer.shared,
+               "bytes": a.bytes, "predicted_kl": a.loss, "joint_rtn_kl": kl, "chosen": k == best}
+              for k, (a, kl) in enumerate(zip(tried, kls))]
+    log.info("candidate %s: embedding/head options by joint KL: %s", job.name, ", ".join(
+        f"{r['embedding']} / {r['lm_head']} {r['joint_rtn_kl']:.3g} (predicted {r['predicted_kl']:.3g})"
+        for r in report))
+    return tried[best], report
 
 
 def _outer_quant(spec, keep=None):
