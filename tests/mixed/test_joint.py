@@ -14,13 +14,8 @@ from compress.quantizers.base import QuantSpec
 from compress.quantizers.rtn import round_to_nearest
 from compress.stages.load import load_model
 from test_mixed_pipeline import mean_kl
-from tiny_models import VOCAB, family_tokenizer, make_model, run_config, save_model
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    model = make_model("llama", seed=13, tie_word_embeddings=True)
-    return save_model(model, tmp_path_factory.mktemp("tied") / "src", family_tokenizer("llama")), model
+from test_outer import tied  # noqa: F401  (the tied tiny Llama fixture)
+from tiny_models import VOCAB, make_model, run_config
 
 
 def test_joint_kl_is_the_kl_with_every_chosen_tensor_rounded(tied, text_file, tmp_path):
@@ -37,7 +32,7 @@ def test_joint_kl_is_the_kl_with_every_chosen_tensor_rounded(tied, text_file, tm
     with torch.no_grad():
         ref = model(ids).logits
         for specs, table, kl in zip(linears, tables, got):
-            q = make_model("llama", seed=13, tie_word_embeddings=True).float().eval()
+            q = make_model("llama", tie_word_embeddings=True).float().eval()
             q.load_state_dict(model.state_dict())
             mods = dict(q.named_modules())
             for n, spec in specs.items():  # an independent rounding: the layer's weight, to nearest
