@@ -290,10 +290,11 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         costs.append(job.outer.bytes)
         keys = [_outer_keys(q, job.outer, i) for i in range(len(job.outer.options))]
         table.append([losses[("outer", "embedding", e)] + losses[("outer", "lm_head", h)] for e, h in keys])
-    alloc = allocate(costs, table, job.budget.slots_bytes)
-    measured = None
+    measured = None  # each embedding/head option's allocation and joint KL, when that chooses
     if job.outer is not None and q.target_options.outer_choice == "measured":
         alloc, measured = _measured_outer(ctx, job, costs, table)
+    else:
+        alloc = allocate(costs, table, job.budget.slots_bytes)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
     update = {"overrides": [*q.overrides, *overrides_for(q, chosen)]}
     outer = None
