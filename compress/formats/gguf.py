@@ -109,11 +109,6 @@ class GGUFFormat(Format):
         for p in plans:
             q = p.q
             which = f" (candidate '{p.name}')" if len(plans) > 1 else ""
-            if q.target is not None and q.target.bits_per_weight is None:
-                # The bytes model counts outer tensors in export.dtype; this file stores token_embd
-                # and norms in its own types (Q8_0/Q6_K, F32), so a byte budget would not be exact.
-                return (f"quantize.target: a byte budget (max_bytes, gpu) is not counted exactly for GGUF, whose "
-                        f"token_embd and norms take GGUF's own types; use bits_per_weight{which}")
             for key, have, want in (("bits", q.bits, t.bits), ("group_size", q.group_size, gb.BLOCK),
                                     ("sym", q.sym, t.sym)):
                 if have != want:
@@ -202,6 +197,29 @@ class GGUFFormat(Format):
             metadata=metadata, float_dtype=getattr(torch, cfg.export.dtype), overwrite=exporter.overwrite,
             quantize_float=outer, shift=names.shift,
         )
+
+    def float_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        n = 1
+        for d in shape:
+            n *= d
+        return n * (4 if len(shape) <= 1 else dtype.itemsize)  # 1-D tensors are F32 (`GGUFArtifactWriter`)
+
+    def rounded_outer_bytes(self, sm, export, head_quantized: bool) -> dict[str, int]:
+        """token_embd (and a float output) in the type `open_writer` rounds them to under
+        `gguf_embedding: auto`, rows of that type's blocks."""
+        from compress.formats import gguf_mix as gx
+        from compress.formats.gguf_writer import _row_bytes
+
+        if export is None or export.gguf_embedding != "auto":
+            return {}
+        types = gx.tensor_types(sm, sm.model.config, export.gguf_type, head_quantized=head_quantized)
+        state = dict(sm.model.state_dict())
+        return {n: int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1])) for n, t in types.items()
+                if not n.startswith(sm.block_prefix) and t != "F16"}
+
+    def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:
+        # a simple type's blocks (a k-quant gguf_type takes no quantize.target), the bias in F32
+        return shape[0] * gb.type_for(spec.bits, spec.group_size, spec.sym).row_bytes(shape[1]) + (4 * shape[0] if bias else 0)
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if lin.activations is not None:

@@ -151,6 +151,20 @@ class Format:
         the head is untied. `export`: the run's export settings (None: the format's default)."""
         return False
 
+    def float_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes of a tensor of `shape` the format writes in float (a norm, a bias, a linear or
+        table left unquantized), for the bytes model of a byte budget: `dtype` (`export.dtype`)."""
+        n = 1
+        for d in shape:
+            n *= d
+        return n * dtype.itemsize
+
+    def rounded_outer_bytes(self, sm: Any, export: Any, head_quantized: bool) -> dict[str, int]:
+        """Bytes of the float tensors outside the blocks that the format itself stores rounded
+        (GGUF's token_embd / output in llama-quantize's types), keyed by Hugging Face name, for
+        the bytes model; `head_quantized`: the head is written quantized, as its own tensor."""
+        return {}
+
     def graph_bytes(self, config: Any) -> int:
         """Bytes of tensors the format adds beside the model's own (ONNX's rotary tables), for
         the bytes model of a byte budget."""

@@ -76,7 +76,6 @@ def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list
     from compress.stages.quantize import block_linears, layer_spec
 
     grid = option_grid(q)
-    esize = dtype.itemsize
     out: list[Slot] = []
     for i in range(sm.n_blocks):
         t = sm.templates[i]
@@ -91,7 +90,7 @@ def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list
             for spec in grid:
                 if spec is None:
                     opts.append(None)
-                    nbytes.append(esize * (shape[0] * shape[1] + (shape[0] if bias else 0)))
+                    nbytes.append(fmt.float_bytes(shape, dtype) + (fmt.float_bytes((shape[0],), dtype) if bias else 0))
                     continue
                 if spec.group_size != -1 and shape[1] % spec.group_size:
                     continue
@@ -161,12 +160,16 @@ def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[Method
         prefix = f"{sm.block_prefix}{i}."
         for name, t in sm.templates[i].state_dict().items():
             if prefix + name.rsplit(".", 1)[0] not in slot_names:
-                total += _size(t, dtype)
+                total += _size(t, dtype, fmt)
     return total
 
 
-def _size(t: torch.Tensor, dtype: torch.dtype) -> int:
-    return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+def _size(t: torch.Tensor, dtype: torch.dtype, fmt=None) -> int:
+    """Bytes of tensor `t` as written: a float one as `fmt` stores floats (`Format.float_bytes`,
+    `dtype` without a format), any other in its own dtype."""
+    if not t.is_floating_point():
+        return t.numel() * t.element_size()
+    return fmt.float_bytes(tuple(t.shape), dtype) if fmt is not None else t.numel() * dtype.itemsize
 
 
 def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], head: Optional[QuantSpec],
@@ -190,7 +193,9 @@ def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], hea
     if head is not None:
         skip.add(f"{names[head_mod]}.weight")
         total += fmt.linear_bytes(tuple(head_mod.weight.shape), head, head_mod.bias is not None, dtype)
-    return total + sum(_size(t, dtype) for n, t in outer_state(sm, untie=embedding is not None) if n not in skip)
+    rounded = fmt.rounded_outer_bytes(sm, export, head is not None) if fmt is not None else {}
+    return total + sum(rounded[n] if n in rounded else _size(t, dtype, fmt)
+                       for n, t in outer_state(sm, untie=embedding is not None) if n not in skip)
 
 
 def budget(target: Target, cfg, config, all_slots: list[Slot], fixed: int) -> Budget:

@@ -287,8 +287,8 @@ def test_tokenizer_round_trips_through_the_gguf(model_dir, tiny_tokenizer, text_
     ({"bits": 4, "group_size": 32}, "Q8_0", "quantize.bits: gguf Q8_0 needs bits 8, got 4"),
     ({"method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "static_groups": False}, "Q4_0",
      "quantize.static_groups: gguf blocks are 32 consecutive columns"),
-    ({"bits": 4, "group_size": 32, "sym": True, "target": {"max_bytes": 10**6}}, "Q4_0",
-     "is not counted exactly for GGUF, whose token_embd and norms take GGUF's own types; use bits_per_weight"),
+    ({"bits": 4, "group_size": 32, "sym": False, "target": {"max_bytes": 10**6}}, "Q4_K",
+     "quantize.target: export.gguf_type Q4_K chooses the types per tensor"),
 ])
 def test_preflight_names_the_key(quantize, gguf_type, message, model_dir, text_file, tmp_path):
     cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", quantize=quantize,
@@ -369,3 +369,53 @@ def test_a_gguf_source_keeps_its_tokenizer_fields(model_dir, text_file, tmp_path
     keys = sorted(k for k in f1 if k.startswith("tokenizer."))
     assert keys == sorted(k for k in f2 if k.startswith("tokenizer.")) and "tokenizer.ggml.merges" in keys
     assert all(f1[k].contents() == f2[k].contents() for k in keys)
+
+
+# ---- byte budgets ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(64, 128), (96, 256)])
+@pytest.mark.parametrize("bits,sym", [(8, True), (4, True), (4, False)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_bytes_equal_the_written_blocks(shape, bits, sym, bias):
+    from compress.formats.gguf import TYPE_SUFFIX
+    from compress.formats.registry import QuantizedLinear, get_format
+
+    spec = QuantSpec(bits, 32, sym)
+    zero = 1 << (bits - 1) if sym else 1
+    qw = QuantizedWeight(codes=torch.zeros(shape, dtype=torch.uint8), scales=torch.ones(shape[0], shape[1] // 32),
+                         zeros=torch.full((shape[0], shape[1] // 32), zero, dtype=torch.uint8),
+                         g_idx=torch.arange(shape[1], dtype=torch.int32) // 32, bits=bits, group_size=32, sym=sym)
+    lin = QuantizedLinear("x", qw, spec.grid, torch.zeros(shape[0]) if bias else None)
+    f = get_format("gguf")
+    # the type tag names the tensor's GGML type in the header; it is not data
+    written = {k: t for k, t in f.linear_tensors(lin, torch.float16).items() if not k.endswith(TYPE_SUFFIX)}
+    assert f.linear_bytes(shape, spec, bias, torch.float16) == sum(t.numel() * t.element_size() for t in written.values())
+
+
+@pytest.mark.parametrize("family,tied,dtype,extra", [
+    ("llama", True, "float16", 12_000),  # token_embd in llama-quantize's type; a float head may become Q8_0/Q4_0
+    ("qwen2", False, "float32", 40_000),  # q/k/v biases and norms F32, the untied output rounded too
+])
+def test_a_byte_budget_counts_the_gguf_file_exactly(family, tied, dtype, extra, tiny_tokenizer, text_file, tmp_path):
+    """`quantize.target: max_bytes` under a simple gguf_type: the bytes model counts token_embd and
+    output in the types the writer rounds them to, and norms and biases in F32, so the achieved
+    bytes are the file's tensor bytes; each linear's GGUF type is the one allocated to it."""
+    from compress.serving import safetensors_tensor_bytes
+
+    src = save_model(make_model(family, seed=7, tie_word_embeddings=tied), tmp_path / "src", tiny_tokenizer)
+    q = {"bits": 4, "group_size": 32, "sym": True}
+    base = run_config(src, text_file, tmp_path / "u", evaluate={"enabled": False}, quantize=q,
+                      export={"format": "gguf", "gguf_type": "Q4_0", "dtype": dtype})
+    (uniform,) = run(parse_config(base)).candidates.values()
+    budget = safetensors_tensor_bytes(uniform.artifact) + extra
+    cfg = dict(base, quantize={**q, "target": {"max_bytes": budget}},
+               export={**base["export"], "output_dir": str(tmp_path / "mixed")})
+    (res,) = run(parse_config(cfg)).candidates.values()
+    assert res.error is None and is_complete(res.artifact, check_hashes=True)
+    assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= budget
+    want = {l["name"]: gb.type_for(l["bits"], l["group_size"], l["sym"]).name
+            for l in res.allocation["layers"] if l["bits"] is not None}
+    assert len(set(want.values())) > 1  # a mixed allocation, or this test shows nothing
+    reader = gguf.GGUFReader(str(res.artifact / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    names = Names(family_config(family))
+    assert {n: types[names.gguf(n + ".weight")] for n in want} == want
