@@ -204,7 +204,7 @@ class GGUFFormat(Format):
             n *= d
         return n * (4 if len(shape) <= 1 else dtype.itemsize)  # 1-D tensors are F32 (`GGUFArtifactWriter`)
 
-    def rounded_outer_bytes(self, sm, export, head_quantized: bool) -> dict[str, int]:
+    def rounded_outer(self, sm, export, head_quantized: bool) -> dict[str, tuple[str, int]]:
         """token_embd (and a float output) in the type `open_writer` rounds them to under
         `gguf_embedding: auto`, rows of that type's blocks."""
         from compress.formats import gguf_mix as gx
@@ -214,7 +214,7 @@ class GGUFFormat(Format):
             return {}
         types = gx.tensor_types(sm, sm.model.config, export.gguf_type, head_quantized=head_quantized)
         state = dict(sm.model.state_dict())
-        return {n: int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1])) for n, t in types.items()
+        return {n: (t, int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1]))) for n, t in types.items()
                 if not n.startswith(sm.block_prefix) and t != "F16"}
 
     def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:

@@ -159,10 +159,11 @@ class Format:
             n *= d
         return n * dtype.itemsize
 
-    def rounded_outer_bytes(self, sm: Any, export: Any, head_quantized: bool) -> dict[str, int]:
-        """Bytes of the float tensors outside the blocks that the format itself stores rounded
-        (GGUF's token_embd / output in llama-quantize's types), keyed by Hugging Face name, for
-        the bytes model; `head_quantized`: the head is written quantized, as its own tensor."""
+    def rounded_outer(self, sm: Any, export: Any, head_quantized: bool) -> dict[str, tuple[str, int]]:
+        """The float tensors outside the blocks that the format itself stores rounded (GGUF's
+        token_embd / output in llama-quantize's types): Hugging Face name -> (the type, its bytes),
+        for the bytes model and the allocation's record; `head_quantized`: the head is written
+        quantized, as its own tensor."""
         return {}
 
     def graph_bytes(self, config: Any) -> int:

@@ -46,6 +46,8 @@ class OuterSlot:
     options: tuple[tuple[Optional[QuantSpec], Optional[QuantSpec]], ...]
     bytes: tuple[int, ...]
     shared: bool = False  # (None, head) stores the tied table once, on the head's grid
+    # per option, ((tensor name, type), ...) the format rounds by itself (`Format.rounded_outer`)
+    rounded: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     def embedding_grid(self, i: int) -> Optional[QuantSpec]:
         """The grid the embedding's rows are read on under option `i`: its own, or the shared head's."""
@@ -142,7 +144,20 @@ def outer_slot(sm, q: MethodConfig, fmt, dtype: torch.dtype, export) -> Optional
 
     return OuterSlot(names[emb_mod], names.get(head_mod), options,
                      tuple(outer_bytes(sm, dtype, fmt, e, h, export) for e, h in options),
-                     shared=shares_table(sm, fmt, None, QuantSpec(8, -1, True), export))
+                     shared=shares_table(sm, fmt, None, QuantSpec(8, -1, True), export),
+                     rounded=tuple(_rounded(sm, fmt, export, names, h is not None) for _, h in options))
+
+
+def _rounded(sm, fmt, export, names: dict, head_quantized: bool) -> tuple[tuple[str, str], ...]:
+    """((weight name, type), ...) that `fmt` rounds by itself outside the blocks; a head tied to
+    the table (kept float here) is read from the table, so it takes the table's type."""
+    model = sm.model
+    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    out = {n: t for n, (t, _) in fmt.rounded_outer(sm, export, head_quantized).items()}
+    table = f"{names[emb_mod]}.weight"
+    if not head_quantized and head_mod is not None and head_mod.weight is emb_mod.weight and table in out:
+        out[f"{names[head_mod]}.weight"] = out[table]
+    return tuple(out.items())
 
 
 def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None,
@@ -193,8 +208,8 @@ def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], hea
     if head is not None:
         skip.add(f"{names[head_mod]}.weight")
         total += fmt.linear_bytes(tuple(head_mod.weight.shape), head, head_mod.bias is not None, dtype)
-    rounded = fmt.rounded_outer_bytes(sm, export, head is not None) if fmt is not None else {}
-    return total + sum(rounded[n] if n in rounded else _size(t, dtype, fmt)
+    rounded = fmt.rounded_outer(sm, export, head is not None) if fmt is not None else {}
+    return total + sum(rounded[n][1] if n in rounded else _size(t, dtype, fmt)
                        for n, t in outer_state(sm, untie=embedding is not None) if n not in skip)
 
 

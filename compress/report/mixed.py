@@ -61,10 +61,19 @@ def section(rows: list[dict], allocations: dict[str, dict]) -> str:
                 bits_table(a["layers"], a["block_prefix"])]
         if a.get("outer"):  # the embedding and head were options of the budget
             o = a["outer"]
-            parts = [f"{k} {'float' if v['bits'] is None else option_text(v)}"
+            parts = [f"{k} {_outer_text(v)}"
                      for k, v in (("embedding", o["embedding"]), ("lm_head", o["lm_head"])) if v]
             if o.get("shared"):  # one table: the embedding reads the quantized head's rows
                 parts = [f"one table, the embedding reading the lm_head's {option_text(o['lm_head'])} rows"]
             out += ["", f"Outside the blocks: {', '.join(parts)} ({o['bytes']:,} bytes with the other outer "
                         f"tensors; predicted loss {o['predicted_loss']:.4g}, the KL measured with each alone rounded)."]
     return "\n".join(out) + "\n"
+
+
+def _outer_text(entry: dict) -> str:
+    """An embedding / head entry of the allocation: its option, or what the format stores it as."""
+    if entry["bits"] is not None:
+        return option_text(entry)
+    if entry.get("format_type"):  # left float by the allocation, rounded by the format itself
+        return f"{entry['format_type']} (the format's own type, not predicted)"
+    return "float"

@@ -305,6 +305,10 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         outer = {"embedding": _outer_entry(job.outer.embedding, emb), "lm_head": _outer_entry(job.outer.head, head),
                  "shared": job.outer.shared and emb is None and head is not None,
                  "bytes": job.outer.bytes[o], "predicted_loss": table[-1][o]}
+        rounded = dict(job.outer.rounded[o]) if job.outer.rounded else {}
+        for key, spec in (("embedding", emb), ("lm_head", head)):
+            if outer[key] is not None and spec is None and f"{outer[key]['name']}.weight" in rounded:
+                outer[key]["format_type"] = rounded[f"{outer[key]['name']}.weight"]  # not predicted: stored so
     res.plan = Plan(job.name, q.model_copy(update=update))
     n = sum(s.weights for s in job.slots)
     layers = []

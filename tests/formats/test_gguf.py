@@ -419,3 +419,5 @@ def test_a_byte_budget_counts_the_gguf_file_exactly(family, tied, dtype, extra, 
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     names = Names(family_config(family))
     assert {n: types[names.gguf(n + ".weight")] for n in want} == want
+    outer = res.allocation["outer"]  # the table as the writer rounds it, recorded as such
+    assert outer["embedding"]["bits"] is None and outer["embedding"]["format_type"] == types["token_embd.weight"]
