@@ -199,10 +199,8 @@ class GGUFFormat(Format):
         )
 
     def float_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        n = 1
-        for d in shape:
-            n *= d
-        return n * (4 if len(shape) <= 1 else dtype.itemsize)  # 1-D tensors are F32 (`GGUFArtifactWriter`)
+        # 1-D tensors (norms, biases) are F32 (`GGUFArtifactWriter`)
+        return super().float_bytes(shape, torch.float32 if len(shape) <= 1 else dtype)
 
     def rounded_outer(self, sm, export, head_quantized: bool) -> dict[str, tuple[str, int]]:
         """token_embd (and a float output) in the type `open_writer` rounds them to under
@@ -219,7 +217,8 @@ class GGUFFormat(Format):
 
     def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:
         # a simple type's blocks (a k-quant gguf_type takes no quantize.target), the bias in F32
-        return shape[0] * gb.type_for(spec.bits, spec.group_size, spec.sym).row_bytes(shape[1]) + (4 * shape[0] if bias else 0)
+        row = gb.type_for(spec.bits, spec.group_size, spec.sym).row_bytes(shape[1])
+        return shape[0] * row + (4 * shape[0] if bias else 0)
 
     def linear_tensors(self, lin: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if lin.activations is not None:

@@ -8,6 +8,7 @@ evaluation (a block patcher that swaps in modules holding the stored codes).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Union
 
@@ -154,10 +155,7 @@ class Format:
     def float_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes of a tensor of `shape` the format writes in float (a norm, a bias, a linear or
         table left unquantized), for the bytes model of a byte budget: `dtype` (`export.dtype`)."""
-        n = 1
-        for d in shape:
-            n *= d
-        return n * dtype.itemsize
+        return math.prod(shape) * dtype.itemsize
 
     def rounded_outer(self, sm: Any, export: Any, head_quantized: bool) -> dict[str, tuple[str, int]]:
         """The float tensors outside the blocks that the format itself stores rounded (GGUF's
