@@ -48,11 +48,32 @@ class OuterSlot:
     shared: bool = False  # (None, head) stores the tied table once, on the head's grid
     # per option, ((tensor name, type), ...) the format rounds by itself (`Format.rounded_outer`)
     rounded: tuple[tuple[tuple[str, str], ...], ...] = ()
+    # per option, the (embedding, head) grids of that rounding, where it has a `QuantSpec` one
+    format_grids: tuple[tuple[Optional[QuantSpec], Optional[QuantSpec]], ...] = ()
 
     def embedding_grid(self, i: int) -> Optional[QuantSpec]:
-        """The grid the embedding's rows are read on under option `i`: its own, or the shared head's."""
+        """The grid the embedding's rows are read on under option `i`: its own, the shared
+        head's, or the one the format rounds a float table to by itself."""
         emb, head = self.options[i]
-        return head if self.shared and emb is None else emb
+        if emb is not None:
+            return emb
+        if self.shared:
+            return head
+        return self.format_grids[i][0] if self.format_grids else None
+
+    def head_grid(self, i: int) -> Optional[QuantSpec]:
+        """The grid the head's rows are read on under option `i`: its own, or the one the format
+        rounds a float head (or the tied table it reads) to by itself."""
+        head = self.options[i][1]
+        if head is not None or not self.format_grids:
+            return head
+        return self.format_grids[i][1]
+
+    def format_rounded(self, i: int) -> tuple[bool, bool]:
+        """Whether option `i`'s embedding / head grid is the format's own rounding (to nearest)."""
+        emb, head = self.options[i]
+        grids = self.format_grids[i] if self.format_grids else (None, None)
+        return (emb is None and not self.shared and grids[0] is not None, head is None and grids[1] is not None)
 
 
 @dataclass(frozen=True)
@@ -145,19 +166,25 @@ def outer_slot(sm, q: MethodConfig, fmt, dtype: torch.dtype, export) -> Optional
     return OuterSlot(names[emb_mod], names.get(head_mod), options,
                      tuple(outer_bytes(sm, dtype, fmt, e, h, export) for e, h in options),
                      shared=shares_table(sm, fmt, None, QuantSpec(8, -1, True), export),
-                     rounded=tuple(_rounded(sm, fmt, export, names, h is not None) for _, h in options))
+                     **_rounded(sm, fmt, export, names, [h is not None for _, h in options]))
 
 
-def _rounded(sm, fmt, export, names: dict, head_quantized: bool) -> tuple[tuple[str, str], ...]:
-    """((weight name, type), ...) that `fmt` rounds by itself outside the blocks; a head tied to
-    the table (kept float here) is read from the table, so it takes the table's type."""
+def _rounded(sm, fmt, export, names: dict, head_quantized: list[bool]) -> dict:
+    """`OuterSlot.rounded` and `format_grids` for options whose heads are quantized or not: what
+    `fmt` rounds by itself outside the blocks; a head tied to the table (kept float) reads the
+    table, so it takes the table's type."""
     model = sm.model
     emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
-    out = {n: t for n, (t, _) in fmt.rounded_outer(sm, export, head_quantized).items()}
     table = f"{names[emb_mod]}.weight"
-    if not head_quantized and head_mod is not None and head_mod.weight is emb_mod.weight and table in out:
-        out[f"{names[head_mod]}.weight"] = out[table]
-    return tuple(out.items())
+    head = f"{names[head_mod]}.weight" if head_mod is not None else None
+    rounded, grids = [], []
+    for hq in head_quantized:
+        out = dict(fmt.rounded_outer(sm, export, hq))
+        if not hq and head is not None and head_mod.weight is emb_mod.weight and table in out:
+            out[head] = out[table]
+        rounded.append(tuple((n, t) for n, (t, _, _) in out.items()))
+        grids.append((out.get(table, (None,) * 3)[2], out.get(head, (None,) * 3)[2]))
+    return {"rounded": tuple(rounded), "format_grids": tuple(grids)}
 
 
 def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None,
@@ -208,7 +235,7 @@ def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], hea
     if head is not None:
         skip.add(f"{names[head_mod]}.weight")
         total += fmt.linear_bytes(tuple(head_mod.weight.shape), head, head_mod.bias is not None, dtype)
-    rounded = fmt.rounded_outer(sm, export, head is not None) if fmt is not None else {}
+    rounded = fmt.rounded_outer(sm, export, head is not None) if fmt is not None else {}  # (type, bytes, grid)
     return total + sum(rounded[n][1] if n in rounded else _size(t, dtype, fmt)
                        for n, t in outer_state(sm, untie=embedding is not None) if n not in skip)
 

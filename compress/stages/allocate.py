@@ -161,10 +161,11 @@ def _outer_keys(q, outer, i: int) -> tuple[Optional[tuple], Optional[tuple]]:
     """The keys of option `i`'s embedding and head losses, (grid, rounding), None for float: the
     embedding rounds to nearest on its own grid, and as the head does on a table it shares."""
     emb, head = outer.options[i]
-    grid = outer.embedding_grid(i)
+    grid, hgrid = outer.embedding_grid(i), outer.head_grid(i)
+    by_format = outer.format_rounded(i)  # the format's own rounding is to nearest
     r = _head_rounding(q)
-    return (None if grid is None else (_grid_key(grid), "rtn" if emb is not None else r),
-            None if head is None else (_grid_key(head), r))
+    return (None if grid is None else (_grid_key(grid), "rtn" if emb is not None or by_format[0] else r),
+            None if hgrid is None else (_grid_key(hgrid), "rtn" if by_format[1] else r))
 
 
 def _outer_options(ctx, jobs: list[_Job]) -> tuple[dict, dict]:
@@ -173,12 +174,12 @@ def _outer_options(ctx, jobs: list[_Job]) -> tuple[dict, dict]:
     heads: dict[tuple, tuple] = {}
     for j in jobs:
         q = ctx.candidates[j.name].plan.q
-        for i, (_, h) in enumerate(j.outer.options):
+        for i in range(len(j.outer.options)):
             ek, hk = _outer_keys(q, j.outer, i)
             if ek is not None:
                 embs.setdefault(ek, (j.outer.embedding_grid(i), q))
             if hk is not None:
-                heads.setdefault(hk, (h, q))
+                heads.setdefault(hk, (j.outer.head_grid(i), q))
     return embs, heads
 
 
@@ -363,7 +364,7 @@ def _measured_outer(ctx, job: _Job, costs: list, table: list) -> tuple:
                for a in tried]
     kls = joint_kl(ctx.loaded.streamed(), ctx.calib_ids[:_options(ctx, job).kl_windows], linears,
                    [as_rows(outer.embedding_grid(a.choice[-1])) for a in tried],
-                   [as_rows(outer.options[a.choice[-1]][1]) for a in tried], spool_dir(ctx))
+                   [as_rows(outer.head_grid(a.choice[-1])) for a in tried], spool_dir(ctx))
     best = min(range(len(tried)), key=lambda k: kls[k])
     report = [{"embedding": option_label(outer.options[a.choice[-1]][0]),
                "lm_head": option_label(outer.options[a.choice[-1]][1]), "shared": outer.shared,

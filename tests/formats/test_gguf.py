@@ -409,7 +409,8 @@ def test_a_byte_budget_counts_the_gguf_file_exactly(family, tied, dtype, extra, 
     budget = safetensors_tensor_bytes(uniform.artifact) + extra
     cfg = dict(base, quantize={**q, "target": {"max_bytes": budget}},
                export={**base["export"], "output_dir": str(tmp_path / "mixed")})
-    (res,) = run(parse_config(cfg)).candidates.values()
+    ctx = run(parse_config(cfg))
+    (res,) = ctx.candidates.values()
     assert res.error is None and is_complete(res.artifact, check_hashes=True)
     assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= budget
     want = {l["name"]: gb.type_for(l["bits"], l["group_size"], l["sym"]).name
@@ -421,3 +422,7 @@ def test_a_byte_budget_counts_the_gguf_file_exactly(family, tied, dtype, extra, 
     assert {n: types[names.gguf(n + ".weight")] for n in want} == want
     outer = res.allocation["outer"]  # the table as the writer rounds it, recorded as such
     assert outer["embedding"]["bits"] is None and outer["embedding"]["format_type"] == types["token_embd.weight"]
+    # and predicted so: the KL with the table rounded on that type's grid, not a float table's 0
+    assert outer["predicted_loss"] > 0
+    grid = gb.TYPES[types["token_embd.weight"]]
+    assert f"KL {grid.bits}/32/{'sym' if grid.sym else 'asym'}" in ctx.sensitivity["model.embed_tokens"]
