@@ -75,5 +75,5 @@ def _outer_text(entry: dict) -> str:
     if entry["bits"] is not None:
         return option_text(entry)
     if entry.get("format_type"):  # left float by the allocation, rounded by the format itself
-        return f"{entry['format_type']} (the format's own type, not predicted)"
+        return f"{entry['format_type']} (the format's own rounding)"
     return "float"

@@ -309,7 +309,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         rounded = dict(job.outer.rounded[o]) if job.outer.rounded else {}
         for key, spec in (("embedding", emb), ("lm_head", head)):
             if outer[key] is not None and spec is None and f"{outer[key]['name']}.weight" in rounded:
-                outer[key]["format_type"] = rounded[f"{outer[key]['name']}.weight"]  # not predicted: stored so
+                outer[key]["format_type"] = rounded[f"{outer[key]['name']}.weight"]  # the type the file holds
     res.plan = Plan(job.name, q.model_copy(update=update))
     n = sum(s.weights for s in job.slots)
     layers = []

@@ -426,3 +426,5 @@ def test_a_byte_budget_counts_the_gguf_file_exactly(family, tied, dtype, extra, 
     assert outer["predicted_loss"] > 0
     grid = gb.TYPES[types["token_embd.weight"]]
     assert f"KL {grid.bits}/32/{'sym' if grid.sym else 'asym'}" in ctx.sensitivity["model.embed_tokens"]
+    report = (tmp_path / "mixed" / "report.md").read_text()
+    assert f"embedding {types['token_embd.weight']} (the format's own rounding)" in report
