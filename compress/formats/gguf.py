@@ -204,8 +204,7 @@ class GGUFFormat(Format):
 
     def rounded_outer(self, sm, export, head_quantized: bool) -> dict[str, tuple[str, int, Optional[QuantSpec]]]:
         """token_embd (and a float output) in the type `open_writer` rounds them to under
-        `gguf_embedding: auto`, rows of that type's blocks; a simple type's grid (a k-quant's
-        super-blocks are no `QuantSpec`)."""
+        `gguf_embedding: auto`, rows of that type's blocks, and the grid the writer rounds them on."""
         from compress.formats import gguf_mix as gx
         from compress.formats.gguf_writer import _row_bytes
 
@@ -213,8 +212,7 @@ class GGUFFormat(Format):
             return {}
         types = gx.tensor_types(sm, sm.model.config, export.gguf_type, head_quantized=head_quantized)
         state = dict(sm.model.state_dict())
-        grid = lambda t: QuantSpec(gb.TYPES[t].bits, gb.BLOCK, gb.TYPES[t].sym) if t in gb.TYPES else None  # noqa: E731
-        return {n: (t, int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1])), grid(t))
+        return {n: (t, int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1])), QuantSpec(bits=8).on_gguf_grid(t))
                 for n, t in types.items() if not n.startswith(sm.block_prefix) and t != "F16"}
 
     def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:

@@ -160,8 +160,8 @@ class Format:
     def rounded_outer(self, sm: Any, export: Any, head_quantized: bool) -> dict[str, tuple[str, int, Optional[QuantSpec]]]:
         """The float tensors outside the blocks that the format itself stores rounded (GGUF's
         token_embd / output in llama-quantize's types): Hugging Face name -> (the type, its bytes,
-        its grid where a `QuantSpec` is one, else None), for the bytes model, the predicted loss
-        and the allocation's record; `head_quantized`: the head is written quantized, as its own
+        the `QuantSpec` it is rounded on), for the bytes model, the predicted loss and the
+        allocation's record; `head_quantized`: the head is written quantized, as its own
         tensor."""
         return {}
 

@@ -48,7 +48,7 @@ class OuterSlot:
     shared: bool = False  # (None, head) stores the tied table once, on the head's grid
     # per option, ((tensor name, type), ...) the format rounds by itself (`Format.rounded_outer`)
     rounded: tuple[tuple[tuple[str, str], ...], ...] = ()
-    # per option, the (embedding, head) grids of that rounding, where it has a `QuantSpec` one
+    # per option, the (embedding, head) grids of that rounding (None: the format leaves it float)
     format_grids: tuple[tuple[Optional[QuantSpec], Optional[QuantSpec]], ...] = ()
 
     def embedding_grid(self, i: int) -> Optional[QuantSpec]:

@@ -29,7 +29,9 @@ class _Job:
 
 
 def _grid_key(spec) -> Optional[tuple]:
-    return None if spec is None else (spec.bits, spec.group_size, spec.sym)
+    if spec is None:
+        return None
+    return (spec.gguf_grid,) if spec.gguf_grid is not None else (spec.bits, spec.group_size, spec.sym)
 
 
 def stage_allocate(ctx) -> None:
@@ -256,7 +258,10 @@ def predicted_loss(predictor: str, losses: dict[tuple, float], name: str, spec) 
 
 
 def option_label(spec) -> str:
-    """`4/64/sym`, `3/-1/asym`, or `float`: an option's key in results.json's `sensitivity`."""
+    """`4/64/sym`, `3/-1/asym`, a GGUF type (`Q6_K`: a table the format rounds by itself) or
+    `float`: an option's key in results.json's `sensitivity`."""
+    if spec is not None and spec.gguf_grid is not None:
+        return spec.gguf_grid
     return "float" if spec is None else f"{spec.bits}/{spec.group_size}/{'sym' if spec.sym else 'asym'}"
 
 
