@@ -202,9 +202,10 @@ class GGUFFormat(Format):
         # 1-D tensors (norms, biases) are F32 (`GGUFArtifactWriter`)
         return super().float_bytes(shape, torch.float32 if len(shape) <= 1 else dtype)
 
-    def rounded_outer(self, sm, export, head_quantized: bool) -> dict[str, tuple[str, int, Optional[QuantSpec]]]:
+    def rounded_outer(self, sm, export, head_quantized: bool) -> dict[str, tuple[int, QuantSpec]]:
         """token_embd (and a float output) in the type `open_writer` rounds them to under
-        `gguf_embedding: auto`, rows of that type's blocks, and the grid the writer rounds them on."""
+        `gguf_embedding: auto`: rows of that type's blocks, and that GGUF grid (its `gguf_grid`
+        names the type), on which the writer rounds them."""
         from compress.formats import gguf_mix as gx
         from compress.formats.gguf_writer import _row_bytes
 
@@ -212,7 +213,7 @@ class GGUFFormat(Format):
             return {}
         types = gx.tensor_types(sm, sm.model.config, export.gguf_type, head_quantized=head_quantized)
         state = dict(sm.model.state_dict())
-        return {n: (t, int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1])), QuantSpec(bits=8).on_gguf_grid(t))
+        return {n: (int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1])), QuantSpec(bits=8).on_gguf_grid(t))
                 for n, t in types.items() if not n.startswith(sm.block_prefix) and t != "F16"}
 
     def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:

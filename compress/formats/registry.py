@@ -157,10 +157,10 @@ class Format:
         table left unquantized), for the bytes model of a byte budget: `dtype` (`export.dtype`)."""
         return math.prod(shape) * dtype.itemsize
 
-    def rounded_outer(self, sm: Any, export: Any, head_quantized: bool) -> dict[str, tuple[str, int, Optional[QuantSpec]]]:
+    def rounded_outer(self, sm: Any, export: Any, head_quantized: bool) -> dict[str, tuple[int, QuantSpec]]:
         """The float tensors outside the blocks that the format itself stores rounded (GGUF's
-        token_embd / output in llama-quantize's types): Hugging Face name -> (the type, its bytes,
-        the `QuantSpec` it is rounded on), for the bytes model, the predicted loss and the
+        token_embd / output in llama-quantize's types): Hugging Face name -> (its bytes, the
+        `QuantSpec` it is rounded on), for the bytes model, the predicted loss and the
         allocation's record; `head_quantized`: the head is written quantized, as its own
         tensor."""
         return {}

@@ -46,9 +46,8 @@ class OuterSlot:
     options: tuple[tuple[Optional[QuantSpec], Optional[QuantSpec]], ...]
     bytes: tuple[int, ...]
     shared: bool = False  # (None, head) stores the tied table once, on the head's grid
-    # per option, ((tensor name, type), ...) the format rounds by itself (`Format.rounded_outer`)
-    rounded: tuple[tuple[tuple[str, str], ...], ...] = ()
-    # per option, the (embedding, head) grids of that rounding (None: the format leaves it float)
+    # per option, the (embedding, head) grids the format rounds them on by itself where the
+    # allocation leaves them float (`Format.rounded_outer`; None: the format keeps it float)
     format_grids: tuple[tuple[Optional[QuantSpec], Optional[QuantSpec]], ...] = ()
 
     def embedding_grid(self, i: int) -> Optional[QuantSpec]:
@@ -166,25 +165,20 @@ def outer_slot(sm, q: MethodConfig, fmt, dtype: torch.dtype, export) -> Optional
     return OuterSlot(names[emb_mod], names.get(head_mod), options,
                      tuple(outer_bytes(sm, dtype, fmt, e, h, export) for e, h in options),
                      shared=shares_table(sm, fmt, None, QuantSpec(8, -1, True), export),
-                     **_rounded(sm, fmt, export, names, [h is not None for _, h in options]))
+                     format_grids=tuple(_format_grids(sm, fmt, export, names, h is not None) for _, h in options))
 
 
-def _rounded(sm, fmt, export, names: dict, head_quantized: list[bool]) -> dict:
-    """`OuterSlot.rounded` and `format_grids` for options whose heads are quantized or not: what
-    `fmt` rounds by itself outside the blocks; a head tied to the table (kept float) reads the
-    table, so it takes the table's type."""
+def _format_grids(sm, fmt, export, names: dict, head_quantized: bool) -> tuple[Optional[QuantSpec], Optional[QuantSpec]]:
+    """The (embedding, head) grids `fmt` rounds them on by itself (`Format.rounded_outer`); a
+    head tied to the table (kept float) reads the table, so it takes the table's grid."""
     model = sm.model
     emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
-    table = f"{names[emb_mod]}.weight"
-    head = f"{names[head_mod]}.weight" if head_mod is not None else None
-    rounded, grids = [], []
-    for hq in head_quantized:
-        out = dict(fmt.rounded_outer(sm, export, hq))
-        if not hq and head is not None and head_mod.weight is emb_mod.weight and table in out:
-            out[head] = out[table]
-        rounded.append(tuple((n, t) for n, (t, _, _) in out.items()))
-        grids.append((out.get(table, (None,) * 3)[2], out.get(head, (None,) * 3)[2]))
-    return {"rounded": tuple(rounded), "format_grids": tuple(grids)}
+    grids = {n: g for n, (_, g) in fmt.rounded_outer(sm, export, head_quantized).items()}
+    table = grids.get(f"{names[emb_mod]}.weight")
+    if head_mod is None:
+        return table, None
+    tied = not head_quantized and head_mod.weight is emb_mod.weight
+    return table, table if tied else grids.get(f"{names[head_mod]}.weight")
 
 
 def fixed_bytes(sm, slot_names: set[str], dtype: torch.dtype, q: Optional[MethodConfig] = None, fmt=None,
@@ -235,8 +229,8 @@ def outer_bytes(sm, dtype: torch.dtype, fmt, embedding: Optional[QuantSpec], hea
     if head is not None:
         skip.add(f"{names[head_mod]}.weight")
         total += fmt.linear_bytes(tuple(head_mod.weight.shape), head, head_mod.bias is not None, dtype)
-    rounded = fmt.rounded_outer(sm, export, head is not None) if fmt is not None else {}  # (type, bytes, grid)
-    return total + sum(rounded[n][1] if n in rounded else _size(t, dtype, fmt)
+    rounded = fmt.rounded_outer(sm, export, head is not None) if fmt is not None else {}  # (bytes, grid)
+    return total + sum(rounded[n][0] if n in rounded else _size(t, dtype, fmt)
                        for n, t in outer_state(sm, untie=embedding is not None) if n not in skip)
 
 

@@ -311,10 +311,10 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         outer = {"embedding": _outer_entry(job.outer.embedding, emb), "lm_head": _outer_entry(job.outer.head, head),
                  "shared": job.outer.shared and emb is None and head is not None,
                  "bytes": job.outer.bytes[o], "predicted_loss": table[-1][o]}
-        rounded = dict(job.outer.rounded[o]) if job.outer.rounded else {}
-        for key, spec in (("embedding", emb), ("lm_head", head)):
-            if outer[key] is not None and spec is None and f"{outer[key]['name']}.weight" in rounded:
-                outer[key]["format_type"] = rounded[f"{outer[key]['name']}.weight"]  # the type the file holds
+        for key, by_format, grid in zip(("embedding", "lm_head"), job.outer.format_rounded(o),
+                                         (job.outer.embedding_grid(o), job.outer.head_grid(o))):
+            if by_format and outer[key] is not None:
+                outer[key]["format_type"] = option_label(grid)  # the type the file holds
     res.plan = Plan(job.name, q.model_copy(update=update))
     n = sum(s.weights for s in job.slots)
     layers = []
