@@ -78,6 +78,11 @@ class GGUFFormat(Format):
             for key, want in implied.items():
                 if key in explicit and (not pure or getattr(obj, key) != want):
                     return f"{where}.{key}: {why}; remove the key"
+        for where, obj, explicit in sources:
+            if "target_options" in explicit and obj.target_options is not None \
+                    and "group_sizes" in obj.target_options.model_fields_set:
+                return (f"{where}.target_options.group_sizes: under export.gguf_type {t} each option's GGUF "
+                        "type sets its group size (target_options.bits 2..6, 8: Q2_K..Q6_K, Q8_0); remove the key")
         if cfg.sweep is not None:
             for key in implied:
                 if getattr(cfg.sweep, key, None) is not None:
@@ -97,8 +102,6 @@ class GGUFFormat(Format):
                 if getattr(q, "clip", False):  # AWQ's clipping searches a uniform grid's range
                     return (f"quantize.clip: GGUF {export.gguf_type}'s block grid chooses its own ranges "
                             f"(kgrid's range search); remove clip{which}")
-                if q.target is not None:
-                    return f"quantize.target: export.gguf_type {export.gguf_type} chooses the types per tensor{which}"
                 for k, o in enumerate(q.overrides):
                     for key in ("bits", "group_size", "sym"):
                         if getattr(o, key) is not None:
@@ -216,8 +219,33 @@ class GGUFFormat(Format):
         return {n: (int(state[n].shape[0]) * _row_bytes(t, int(state[n].shape[1])), QuantSpec(bits=8).on_gguf_grid(t))
                 for n, t in types.items() if not n.startswith(sm.block_prefix) and t != "F16"}
 
+    def target_bits(self, export) -> list[int]:
+        from compress.formats import gguf_mix as gx
+
+        return list(gx.TARGET_TYPES) if export is not None and export.gguf_type in gx.K_TYPES else [2, 3, 4, 8]
+
+    def target_spec(self, spec: QuantSpec, shape: tuple[int, int], export) -> Optional[QuantSpec]:
+        """Under a k-quant `gguf_type` an option's bits name a GGUF type (`gguf_mix.TARGET_TYPES`:
+        2 -> Q2_K ... 6 -> Q6_K, 8 -> Q8_0), which takes llama-quantize's fallback for rows that
+        are not a multiple of its block (Q4_K -> Q5_0 on rows of 576); None where that leaves
+        F16 (the unquantized option stands for it). Simple types: the option as it is."""
+        from compress.formats import gguf_mix as gx
+
+        if export is None or export.gguf_type not in gx.K_TYPES:
+            return spec
+        t = gx.TARGET_TYPES.get(spec.bits)
+        if t is None:
+            return None
+        t = gx.fallback(t, shape[1])
+        return None if t == "F16" else spec.on_gguf_grid(t)
+
     def linear_bytes(self, shape: tuple[int, int], spec: QuantSpec, bias: bool, dtype: torch.dtype) -> int:
-        # a simple type's blocks (a k-quant gguf_type takes no quantize.target), the bias in F32
+        # the type's blocks (a GGUF grid's, or the simple type's of the spec), the bias in F32
+        if spec.gguf_grid is not None:
+            from compress.quantizers.kgrid import get_grid
+
+            row = gk.row_bytes(get_grid(spec.gguf_grid), shape[1])
+            return shape[0] * row + (4 * shape[0] if bias else 0)
         row = gb.type_for(spec.bits, spec.group_size, spec.sym).row_bytes(shape[1])
         return shape[0] * row + (4 * shape[0] if bias else 0)
 

@@ -36,6 +36,8 @@ PURE = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 SIMPLE = ("Q8_0", "Q4_0", "Q4_1")
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 K_TYPES = PURE + tuple(MIXES)
+# `quantize.target_options.bits` -> the type a byte budget under a k-quant gguf_type may give a linear
+TARGET_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0"}
 
 
 def base_type(ftype: str) -> str:

@@ -165,6 +165,16 @@ class Format:
         tensor."""
         return {}
 
+    def target_bits(self, export: Any) -> list[int]:
+        """`quantize.target_options.bits` when the config leaves it out."""
+        return [2, 3, 4, 8]
+
+    def target_spec(self, spec: QuantSpec, shape: tuple[int, int], export: Any) -> Optional[QuantSpec]:
+        """The grid a target option (`bits` x `group_sizes` of `quantize.target_options`) takes
+        for a linear of `shape` [out, in] in this format, or None where it has none. Default:
+        the option as it is (`check` then says whether the format holds it)."""
+        return spec
+
     def graph_bytes(self, config: Any) -> int:
         """Bytes of tensors the format adds beside the model's own (ONNX's rotary tables), for
         the bytes model of a byte budget."""

@@ -83,21 +83,24 @@ class Budget:
     note: str  # how the budget was reached, for the log and the manifest
 
 
-def option_grid(q: MethodConfig) -> list[Optional[QuantSpec]]:
-    """Every option of `q.target_options` under the plan's method and symmetry."""
+def option_grid(q: MethodConfig, fmt=None, export=None) -> list[Optional[QuantSpec]]:
+    """Every option of `q.target_options` under the plan's method and symmetry (bits left out:
+    the format's `target_bits`)."""
     o = q.target_options
     sizes = o.group_sizes if o.group_sizes is not None else list(dict.fromkeys([q.group_size, -1]))
-    grid: list[Optional[QuantSpec]] = [q.spec(b, g, q.sym) for b in o.bits for g in sizes]
+    bits = o.bits if o.bits is not None else (fmt.target_bits(export) if fmt is not None else [2, 3, 4, 8])
+    grid: list[Optional[QuantSpec]] = [q.spec(b, g, q.sym) for b in bits for g in sizes]
     return grid + ([None] if o.unquantized else [])
 
 
-def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list[Slot]:
+def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool, export=None) -> list[Slot]:
     """The plan's quantizable linears (skips and skip overrides excluded), read off the
-    skeleton, each with the options that divide it and that the format can hold."""
+    skeleton, each with the options that divide it and that the format can hold, on the grid
+    the format gives each (`Format.target_spec`; GGUF k-quants: a type per option)."""
     from compress.stages.passes import weight_of
     from compress.stages.quantize import block_linears, layer_spec
 
-    grid = option_grid(q)
+    grid = option_grid(q, fmt, export)
     out: list[Slot] = []
     for i in range(sm.n_blocks):
         t = sm.templates[i]
@@ -113,6 +116,9 @@ def slots(sm, q: MethodConfig, fmt, dtype: torch.dtype, with_bias: bool) -> list
                 if spec is None:
                     opts.append(None)
                     nbytes.append(fmt.float_bytes(shape, dtype) + (fmt.float_bytes((shape[0],), dtype) if bias else 0))
+                    continue
+                spec = fmt.target_spec(spec, shape, export)
+                if spec is None or any(o is not None and o.grid == spec.grid for o in opts):
                     continue
                 if spec.group_size != -1 and shape[1] % spec.group_size:
                     continue
@@ -282,6 +288,7 @@ def overrides_for(q: MethodConfig, chosen: dict[str, Optional[QuantSpec]]) -> li
         if spec is None:
             out.append(Override(pattern=f"^{re.escape(name)}$", skip=True))
         elif now is None or now.grid != spec.grid:
-            out.append(Override(pattern=f"^{re.escape(name)}$", bits=spec.bits,
-                                group_size=spec.group_size, sym=spec.sym))
+            out.append(Override(pattern=f"^{re.escape(name)}$", gguf_type=spec.gguf_grid) if spec.gguf_grid
+                       else Override(pattern=f"^{re.escape(name)}$", bits=spec.bits,
+                                     group_size=spec.group_size, sym=spec.sym))
     return out

@@ -48,7 +48,7 @@ class Target(_Strict):
         return "gpu"
 
 
-_Bits = Literal[2, 3, 4, 8]
+_Bits = Literal[2, 3, 4, 5, 6, 8]
 
 
 class TargetOptions(_Strict):
@@ -56,7 +56,12 @@ class TargetOptions(_Strict):
     plus leaving the layer in float. Options a layer or the format cannot hold are dropped for
     that layer."""
 
-    bits: list[_Bits] = Field(default_factory=lambda: [2, 3, 4, 8], min_length=1)
+    bits: Optional[list[_Bits]] = Field(
+        None, min_length=1, description="Default [2, 3, 4, 8]; under a k-quant export.gguf_type "
+        "[2, 3, 4, 5, 6, 8], each naming a GGUF type (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0; a row length "
+        "that is not a multiple of 256 takes llama-quantize's fallback, Q4_K -> Q5_0). Bits the "
+        "export format cannot hold (5 and 6 outside GGUF k-quants and compressed-tensors) are dropped",
+    )
     group_sizes: Optional[list[Annotated[int, AfterValidator(_group_size)]]] = Field(
         None, min_length=1, description="Default: the plan's group_size and -1 (per output channel)",
     )

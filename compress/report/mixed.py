@@ -3,9 +3,16 @@ the GPUs it fits, predicted loss beside measured KL, and the bits chosen per blo
 from __future__ import annotations
 
 
+def _gguf_type(layer: dict) -> bool:
+    t = layer.get("type")
+    return t is not None and t != "float" and "/" not in t  # a GGUF type (Q4_K, Q5_0): `option_label`
+
+
 def option_text(layer: dict) -> str:
     if layer["bits"] is None:
         return "float"
+    if _gguf_type(layer):
+        return layer["type"]
     gs = "ch" if layer["group_size"] == -1 else f"g{layer['group_size']}"
     return f"{layer['bits']}/{gs}" + ("" if layer["sym"] else "a")
 
@@ -28,6 +35,9 @@ def bits_table(layers: list[dict], block_prefix: str) -> str:
 
 
 def bits_mix(layers: list[dict]) -> str:
+    if any(_gguf_type(layer) for layer in layers):  # GGUF types: Q5_0 and Q5_K are both 5-bit
+        types = [option_text(layer) for layer in layers]
+        return ", ".join(f"{types.count(t)} x {t}" for t in sorted(set(types), key=lambda t: (t == "float", t)))
     bits = [layer["bits"] for layer in layers]
     return ", ".join(f"{bits.count(b)} x {'float' if b is None else f'{b}-bit'}"
                      for b in sorted(set(bits), key=lambda b: 99 if b is None else b))

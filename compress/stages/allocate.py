@@ -52,7 +52,7 @@ def stage_allocate(ctx) -> None:
     for name in targeted:
         q = ctx.candidates[name].plan.q
         try:
-            slots = mp.slots(sm, q, fmt, dtype, with_bias=q.target.bits_per_weight is None)
+            slots = mp.slots(sm, q, fmt, dtype, with_bias=q.target.bits_per_weight is None, export=cfg.export)
             outer = mp.outer_slot(sm, q, fmt, dtype, cfg.export)
             fixed = (mp.fixed_bytes(sm, {s.name for s in slots}, dtype, q, fmt, outer=outer is None, export=cfg.export)
                      if q.target.bits_per_weight is None else 0)
@@ -225,9 +225,16 @@ def _options(ctx, job: _Job):
 def _reference(ctx, job: _Job) -> dict:
     """Each slot's reference option: `target_options.reference_bits` (default the plan's bits)
     at the plan's group size and symmetry; a slot without it is left out of its block's KL."""
+    from compress.formats.registry import get_format
+
     q = ctx.candidates[job.name].plan.q
-    want = _grid_key(q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym))
-    return {s.name: spec for s in job.slots for spec in s.options if _grid_key(spec) == want}
+    ref = q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym)
+    fmt, export = get_format(ctx.cfg.export.format), ctx.cfg.export
+    out = {}
+    for s in job.slots:
+        want = fmt.target_spec(ref, s.shape, export)  # GGUF k-quants: the type the bits name there
+        out.update({s.name: spec for spec in s.options if want is not None and _grid_key(spec) == _grid_key(want)})
+    return out
 
 
 def _block_of(name: str, prefix: str) -> int:
@@ -321,7 +328,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
     for s, o, row in zip(job.slots, alloc.choice, table):
         spec = s.options[o]
         layers.append({
-            "name": s.name, "bits": None if spec is None else spec.bits,
+            "name": s.name, "bits": None if spec is None else spec.bits, "type": option_label(spec),
             "group_size": None if spec is None else spec.group_size,
             "sym": None if spec is None else spec.sym, "bytes": s.bytes[o], "predicted_loss": row[o],
         })

@@ -287,8 +287,9 @@ def test_tokenizer_round_trips_through_the_gguf(model_dir, tiny_tokenizer, text_
     ({"bits": 4, "group_size": 32}, "Q8_0", "quantize.bits: gguf Q8_0 needs bits 8, got 4"),
     ({"method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "static_groups": False}, "Q4_0",
      "quantize.static_groups: gguf blocks are 32 consecutive columns"),
-    ({"bits": 4, "group_size": 32, "sym": False, "target": {"max_bytes": 10**6}}, "Q4_K",
-     "quantize.target: export.gguf_type Q4_K chooses the types per tensor"),
+    ({"bits": 4, "group_size": 32, "sym": False, "target": {"max_bytes": 10**6},
+      "target_options": {"group_sizes": [64]}}, "Q4_K",
+     "quantize.target_options.group_sizes: under export.gguf_type Q4_K each option's GGUF type sets"),
 ])
 def test_preflight_names_the_key(quantize, gguf_type, message, model_dir, text_file, tmp_path):
     cfg = parse_config(run_config(model_dir("llama"), text_file, tmp_path / "out", quantize=quantize,
@@ -429,3 +430,61 @@ def test_a_byte_budget_counts_the_gguf_file_exactly(family, tied, dtype, extra, 
     assert types["token_embd.weight"] == ("Q6_K" if dims else "Q8_0" if tied else "Q4_0")
     report = (tmp_path / "mixed" / "report.md").read_text()
     assert f"embedding {types['token_embd.weight']} (the format's own rounding)" in report
+
+
+@pytest.mark.parametrize("gguf_type,dims", [
+    ("Q4_K_M", {}),  # rows of 128 take llama-quantize's fallbacks (Q4_0, Q5_0, Q5_1, Q8_0), ffn_down's 256 k-quants
+    ("Q4_K", {"hidden_size": 256, "head_dim": 32, "intermediate_size": 512}),  # every row a k-quant's
+])
+def test_a_byte_budget_chooses_k_quant_types(gguf_type, dims, tiny_tokenizer, text_file, tmp_path):
+    """`quantize.target` under a k-quant gguf_type: each linear's option is a GGUF type (bits 2..6, 8:
+    Q2_K..Q6_K, Q8_0, or the fallback its row length takes), at the bytes of llama-quantize's mix the
+    allocation stays within them, the achieved bytes are the file's and each tensor holds its type."""
+    from compress.formats import gguf_mix as gx
+    from compress.serving import safetensors_tensor_bytes
+
+    src = save_model(make_model("llama", seed=7, tie_word_embeddings=True, **dims), tmp_path / "src", tiny_tokenizer)
+    base = run_config(src, text_file, tmp_path / "u", evaluate={"enabled": False},
+                      export={"format": "gguf", "gguf_type": gguf_type})
+    base["quantize"] = {"method": "rtn"}  # the types set bits, group size and symmetry
+    (uniform,) = run(parse_config(base)).candidates.values()
+    budget = safetensors_tensor_bytes(uniform.artifact)
+    cfg = dict(base, quantize={"target": {"max_bytes": budget}},
+               export={**base["export"], "output_dir": str(tmp_path / "mixed")})
+    ctx = run(parse_config(cfg))
+    (res,) = ctx.candidates.values()
+    assert res.error is None and is_complete(res.artifact, check_hashes=True)
+    assert res.allocation["achieved_bytes"] == safetensors_tensor_bytes(res.artifact) <= budget
+    want = {l["name"]: l["type"] for l in res.allocation["layers"] if l["bits"] is not None}
+    allowed = {gx.fallback(t, c) for t in gx.TARGET_TYPES.values() for c in (128, 256, 512)}
+    assert set(want.values()) <= allowed and len(set(want.values())) > 1  # mixed, on GGUF types only
+    reader = gguf.GGUFReader(str(res.artifact / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    names = Names(family_config("llama", **dims))
+    assert {n: types[names.gguf(n + ".weight")] for n in want} == want
+    # every option is measured on its type's grid: the uniform mix's type of each linear among them
+    mix = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(uniform.artifact / "model.gguf")).tensors}
+    assert all(ctx.sensitivity[n][mix[names.gguf(n + ".weight")]] > 0 for n in want)
+    report = (tmp_path / "mixed" / "report.md").read_text()
+    assert any(f"x {t}" in report for t in set(want.values()))
+
+
+def test_target_options_under_a_k_quant_are_gguf_types_with_llama_quantizes_fallbacks():
+    from compress.formats.registry import get_format
+    from compress.mixed.plan import option_grid
+    from compress.quantizers.rtn import RTNConfig
+
+    f = get_format("gguf")
+    export = parse_config({"model": {"source": "x"}, "export": {"format": "gguf", "gguf_type": "Q4_K_M"}}).export
+    grid = option_grid(RTNConfig(), f, export)
+    assert [s and s.bits for s in grid] == [2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 8, 8, None]  # x (group, -1): one type
+
+    def types(cols):
+        return [s.gguf_grid for s in (f.target_spec(s, (64, cols), export) for s in grid if s) if s]
+
+    assert set(types(1536)) == {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"}
+    assert set(types(576)) == {"Q4_0", "Q5_0", "Q5_1", "Q8_0"}  # rows of 576: llama-quantize's fallbacks
+    assert f.linear_bytes((64, 1536), f.target_spec(grid[4], (64, 1536), export), True, torch.float16) == \
+        64 * (1536 // 256 * 144 + 4)  # Q4_K: 144 bytes a block of 256, the bias F32
+    simple = parse_config({"model": {"source": "x"}, "export": {"format": "gguf", "gguf_type": "Q4_0"}}).export
+    assert f.target_bits(simple) == [2, 3, 4, 8] and f.target_spec(grid[4], (64, 576), simple) is grid[4]

@@ -98,7 +98,7 @@ def test_block_kl_allocation_is_in_kl_units_and_monotone(model_dir, text_file, t
     ({"predictor": "kl"}, "quantize.target_options.predictor: Input should be 'output_error', "
                           "'relative_output_error', 'block_kl' or 'fisher'"),
     ({"kl_windows": 0}, "quantize.target_options.kl_windows: Input should be greater than or equal to 1"),
-    ({"reference_bits": 5}, "quantize.target_options.reference_bits: Input should be 2, 3, 4 or 8"),
+    ({"reference_bits": 7}, "quantize.target_options.reference_bits: Input should be 2, 3, 4, 5, 6 or 8"),
 ])
 def test_block_kl_options_errors_name_the_key(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -52,7 +52,7 @@ def test_target_errors_name_the_key(target, message):
 
 @pytest.mark.parametrize("options,message", [
     ({"bits": [4, 4]}, "quantize.target_options.bits: Value error, duplicate entries"),
-    ({"bits": [5]}, "quantize.target_options.bits.0: Input should be 2, 3, 4 or 8"),
+    ({"bits": [7]}, "quantize.target_options.bits.0: Input should be 2, 3, 4, 5, 6 or 8"),
     ({"group_sizes": [48]}, "quantize.target_options.group_sizes.0: Value error, must be -1"),
     ({"bits": []}, "quantize.target_options.bits: List should have at least 1 item"),
 ])
