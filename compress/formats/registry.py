@@ -172,8 +172,9 @@ class Format:
     def target_spec(self, spec: QuantSpec, shape: tuple[int, int], export: Any) -> Optional[QuantSpec]:
         """The grid a target option (`bits` x `group_sizes` of `quantize.target_options`) takes
         for a linear of `shape` [out, in] in this format, or None where it has none. Default:
-        the option as it is (`check` then says whether the format holds it)."""
-        return spec
+        the option as it is (`check` then says whether the format holds it), for the bits
+        `quantize.bits` takes (5 and 6 name GGUF k-quants only)."""
+        return spec if spec.bits in (2, 3, 4, 8) else None
 
     def graph_bytes(self, config: Any) -> int:
         """Bytes of tensors the format adds beside the model's own (ONNX's rotary tables), for

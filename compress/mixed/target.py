@@ -59,8 +59,8 @@ class TargetOptions(_Strict):
     bits: Optional[list[_Bits]] = Field(
         None, min_length=1, description="Default [2, 3, 4, 8]; under a k-quant export.gguf_type "
         "[2, 3, 4, 5, 6, 8], each naming a GGUF type (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0; a row length "
-        "that is not a multiple of 256 takes llama-quantize's fallback, Q4_K -> Q5_0). Bits the "
-        "export format cannot hold (5 and 6 outside GGUF k-quants and compressed-tensors) are dropped",
+        "that is not a multiple of 256 takes llama-quantize's fallback, Q4_K -> Q5_0). 5 and 6 name "
+        "k-quants only: other formats drop them, as any option a layer or the format cannot hold",
     )
     group_sizes: Optional[list[Annotated[int, AfterValidator(_group_size)]]] = Field(
         None, min_length=1, description="Default: the plan's group_size and -1 (per output channel)",

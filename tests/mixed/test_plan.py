@@ -67,3 +67,11 @@ def test_gpu_target_parses_and_names_its_candidate():
     cfg = _cfg({"method": "rtn", "target": {"gpu": "RTX 4060", "context_length": 8192}})
     assert cfg.quantize.target.gpu == "RTX 4060"
     assert [p.name for p in resolve_plans(cfg)] == ["rtn-w4-g128-gpu"]
+
+
+def test_bits_5_and_6_are_gguf_k_quant_options_only():
+    from compress.formats.registry import get_format
+
+    spec = RTNConfig(group_size=64).spec(5, 64, False)
+    assert get_format("compressed-tensors").target_spec(spec, (64, 128), None) is None
+    assert get_format("gptq").target_spec(spec, (64, 128), None) is None
