@@ -38,7 +38,8 @@ METHODS = ("rtn", "gptq")
 
 
 def config(a, gguf_type: str, out: Path, max_bytes=None) -> dict:
-    target = {"target": {"max_bytes": max_bytes}} if max_bytes else {}
+    options = {k: v for k, v in (("predictor", a.predictor), ("reference_bits", a.reference_bits)) if v is not None}
+    target = {"target": {"max_bytes": max_bytes}, **({"target_options": options} if options else {})} if max_bytes else {}
     return {
         "model": {"source": SOURCE, "dtype": "float32"},
         "calibration": {"dataset": "wikipedia", "nsamples": a.nsamples, "seqlen": a.seqlen},
@@ -77,6 +78,10 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--predictor", help="quantize.target_options.predictor (default: compress's)")
+    p.add_argument("--reference-bits", type=int, help="quantize.target_options.reference_bits (block_kl)")
+    p.add_argument("--reuse", action="store_true", help="reuse a finished mix run in --work")
+    p.add_argument("--tag", default="")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "gguf-kquant-budget")
     a = p.parse_args()
     from compress.serving import safetensors_tensor_bytes
@@ -85,11 +90,12 @@ def main() -> None:
     for t in a.types:
         print(f"{t}: the mix", flush=True)
         mix_out = a.work / f"{t.lower()}-mix"
-        mix = run(config(a, t, mix_out))
+        done = a.reuse and (mix_out / "results.json").exists()
+        mix = json.loads((mix_out / "results.json").read_text()) if done else run(config(a, t, mix_out))
         budget = {m: safetensors_tensor_bytes(mix_out / m) for m in METHODS}
         assert len(set(budget.values())) == 1, budget  # the same types whatever rounds them
         print(f"{t}: the budget, {budget['gptq']:,} bytes", flush=True)
-        tgt_out = a.work / f"{t.lower()}-budget"
+        tgt_out = a.work / f"{t.lower()}-budget{a.tag and '-' + a.tag}"
         tgt = run(config(a, t, tgt_out, budget["gptq"]))
         by_mix = {r["name"]: r for r in mix["rows"]}
         by_tgt = {r["name"].split("-mb")[0]: r for r in tgt["rows"]}
@@ -112,7 +118,11 @@ def main() -> None:
              f"{a.nsamples} x {a.seqlen} Wikipedia calibration windows, {a.windows} x {a.seqlen} evaluation windows, "
              f"evaluated in {rows[0]['runtime']}; fp32 ppl {fp['perplexity']:.3f}.", "",
              "Command: `PYTHONPATH=. .venv/bin/python benchmarks/gguf_kquant_budget.py "
-             f"--types {' '.join(a.types)} --nsamples {a.nsamples} --windows {a.windows}`", "",
+             f"--types {' '.join(a.types)} --nsamples {a.nsamples} --windows {a.windows}"
+             + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("predictor", a.predictor),
+                                                                   ("reference_bits", a.reference_bits)) if v)
+             + (f" --tag {a.tag}" if a.tag else "") + "`",
+             f"Predictor: {a.predictor or 'default (block_kl)'}, reference bits {a.reference_bits or 'the plan bits (4)'}.", "",
              "| type | method | tensor bytes (mix) | tensor bytes (budget) | KL mix | KL budget | KL ratio | "
              "ppl mix | ppl budget | top-1 mix | top-1 budget |", "|" + "---|" * 11]
     for r in rows:
@@ -123,9 +133,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"- {r['type']} {r['method']}: mix {r['types_mix']}; budget {r['types_budget']} "
                      f"(achieved bytes {r['achieved']:,}, the file's {r['bytes_budget']:,})")
-    out = ROOT / "benchmarks" / "results" / f"gguf-kquant-budget-{date}.md"
+    out = ROOT / "benchmarks" / "results" / f"gguf-kquant-budget{a.tag and '-' + a.tag}-{date}.md"
     out.write_text("\n".join(lines) + "\n")
-    (a.work / "results.json").write_text(json.dumps(rows, indent=2))
+    (a.work / f"results{a.tag and '-' + a.tag}.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
 
 

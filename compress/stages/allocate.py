@@ -79,11 +79,12 @@ def stage_allocate(ctx) -> None:
                               f"{q.target_options.reference_bits or q.bits} bits, group_size {q.group_size}, which "
                               f"no layer can take in export.format {cfg.export.format}; choose bits among the "
                               f"layers' options")
-    refs = {option_label(next(iter(_reference(ctx, j).values()), None)) for j in jobs
+    refs = {tuple((n, option_label(spec)) for n, spec in _reference(ctx, j).items()) for j in jobs
             if _options(ctx, j).predictor == "block_kl"}
     if len(refs) > 1:  # one walk measures one reference per block
+        got = sorted({_labels_text({label for _, label in r}) for r in refs})
         raise ConfigError(f"quantize.target_options.reference_bits: candidates with predictor block_kl "
-                          f"must share one reference option (plan bits, group_size, sym); got {sorted(refs)}")
+                          f"must share one reference option (plan bits, group_size, sym); got {got}")
     windows = {_options(ctx, j).kl_windows for j in jobs if _options(ctx, j).predictor in ("block_kl", "fisher")}
     if len(windows) > 1:  # one walk each for every candidate
         raise ConfigError(f"quantize.target_options.kl_windows: candidates with predictor block_kl or fisher "
@@ -146,7 +147,7 @@ def _sensitivity(ctx, sm, jobs: list[_Job]) -> dict[tuple, float]:
         out.update(_kl_scales(sm.block_prefix, block_kl, reference, out))
         for n in options:
             ctx.sensitivity[n]["kl_scale"] = out[(n, "kl_scale")]
-        log.info("block KL at the reference options (%s): %s", option_label(next(iter(reference.values()))),
+        log.info("block KL at the reference options (%s): %s", _reference_label(reference.values()),
                  " ".join(f"{k:.3g}" for k in block_kl))
     return out
 
@@ -223,18 +224,35 @@ def _options(ctx, job: _Job):
 
 
 def _reference(ctx, job: _Job) -> dict:
-    """Each slot's reference option: `target_options.reference_bits` (default the plan's bits)
-    at the plan's group size and symmetry; a slot without it is left out of its block's KL."""
+    """Each slot's reference option: `target_options.reference_bits` at the plan's group size and
+    symmetry, or by default the option the plan itself gives that layer (its bits, group size and
+    symmetry; under a k-quant gguf_type the type llama-quantize's mix gives it, so Q3_K_M's blocks
+    are measured at Q3_K and its fallbacks, not at 4 bits), where that is an option of the layer,
+    else the plan's bits; a slot without it is left out of its block's KL."""
     from compress.formats.registry import get_format
+    from compress.stages.quantize import layer_spec
 
     q = ctx.candidates[job.name].plan.q
     ref = q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym)
     fmt, export = get_format(ctx.cfg.export.format), ctx.cfg.export
     out = {}
     for s in job.slots:
-        want = fmt.target_spec(ref, s.shape, export)  # GGUF k-quants: the type the bits name there
-        out.update({s.name: spec for spec in s.options if want is not None and _grid_key(spec) == _grid_key(want)})
+        keys = {_grid_key(spec): spec for spec in s.options if spec is not None}
+        own = layer_spec(q, s.name) if q.target_options.reference_bits is None else None
+        want = own if own is not None and _grid_key(own) in keys else fmt.target_spec(ref, s.shape, export)
+        if want is not None and _grid_key(want) in keys:  # GGUF k-quants: the type the bits name there
+            out[s.name] = keys[_grid_key(want)]
     return out
+
+
+def _reference_label(specs) -> str:
+    """One reference option's label, or the labels of a per-layer reference (a k-quant mix's types)."""
+    return _labels_text({option_label(s) for s in specs})
+
+
+def _labels_text(labels: set) -> str:
+    labels = sorted(labels)
+    return labels[0] if len(labels) == 1 else "the plan's own option per layer (" + ", ".join(labels) + ")"
 
 
 def _block_of(name: str, prefix: str) -> int:
@@ -272,7 +290,7 @@ def option_label(spec) -> str:
     return "float" if spec is None else f"{spec.bits}/{spec.group_size}/{'sym' if spec.sym else 'asym'}"
 
 
-def _describe(q) -> str:
+def _describe(q, reference: Optional[dict] = None) -> str:
     p = q.target_options.predictor
     if p == "output_error":
         return PREDICTOR
@@ -282,7 +300,8 @@ def _describe(q) -> str:
         return ("1/2 E[(g . (W-Q) x)^2] of each option's RTN weights, g the gradient at the layer's output of the "
                 "log-probability of a label drawn from the model (Fisher-weighted output error: predicted KL), "
                 f"over {q.target_options.kl_windows} calibration windows")
-    ref = option_label(q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym))
+    ref = _reference_label(reference.values()) if reference else \
+        option_label(q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym))
     return (PREDICTOR + ", over the output energy tr(W H W^T), times the block's measured KL per unit of it "
             f"(whole-model KL with only that block at {ref} RTN, over {q.target_options.kl_windows} "
             "calibration windows)")
@@ -297,6 +316,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
     res = ctx.candidates[job.name]
     q = res.plan.q
     predictor = q.target_options.predictor
+    described = _describe(q, _reference(ctx, job) if predictor == "block_kl" else None)  # the plan before
     table = [[predicted_loss(predictor, losses, s.name, spec) for spec in s.options] for s in job.slots]
     costs = [s.bytes for s in job.slots]
     if job.outer is not None:  # the last slot: the embedding and head together
@@ -341,7 +361,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         "achieved_bytes": alloc.bytes + job.budget.fixed_bytes,
         "slots_bits_per_weight": 8 * slot_bytes / n,  # biases included unless bits_per_weight
         "predicted_loss": alloc.loss,
-        "predictor": _describe(q),
+        "predictor": described,
         "block_prefix": job.block_prefix,
         "layers": layers,
         "outer": outer,  # the embedding and head, where they were options (their bytes: every outer tensor)

@@ -467,6 +467,10 @@ def test_a_byte_budget_chooses_k_quant_types(gguf_type, dims, tiny_tokenizer, te
     assert all(ctx.sensitivity[n][mix[names.gguf(n + ".weight")]] > 0 for n in want)
     report = (tmp_path / "mixed" / "report.md").read_text()
     assert any(f"x {t}" in report for t in set(want.values()))
+    # block_kl's reference: each layer at the type the plan gives it (Q4_K_M raises attn_v of block 1;
+    # o_proj's rows of 128 take Q4_K's fallback Q5_0)
+    assert "at the plan's own option per layer (" + ("Q4_K, Q5_0, Q6_K, Q8_0)" if gguf_type == "Q4_K_M"
+                                                     else "Q4_K, Q5_0)") in res.allocation["predictor"]
 
 
 def test_target_options_under_a_k_quant_are_gguf_types_with_llama_quantizes_fallbacks():
