@@ -224,6 +224,11 @@ class GGUFFormat(Format):
 
         return list(gx.TARGET_TYPES) if export is not None and export.gguf_type in gx.K_TYPES else [2, 3, 4, 8]
 
+    def recipe(self, export) -> bool:
+        from compress.formats import gguf_mix as gx
+
+        return export is not None and export.gguf_type in gx.K_TYPES
+
     def target_spec(self, spec: QuantSpec, shape: tuple[int, int], export) -> Optional[QuantSpec]:
         """Under a k-quant `gguf_type` an option's bits name a GGUF type (`gguf_mix.TARGET_TYPES`:
         2 -> Q2_K ... 6 -> Q6_K, 8 -> Q8_0), which takes llama-quantize's fallback for rows that

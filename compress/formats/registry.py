@@ -176,6 +176,11 @@ class Format:
         `quantize.bits` takes (5 and 6 name GGUF k-quants only)."""
         return spec if spec.bits in (2, 3, 4, 8) else None
 
+    def recipe(self, export: Any) -> bool:
+        """Whether the plan's per-layer options are the format's own recipe (llama-quantize's
+        k-quant mixes), which a byte budget's allocation must measure better than to replace."""
+        return False
+
     def graph_bytes(self, config: Any) -> int:
         """Bytes of tensors the format adds beside the model's own (ONNX's rotary tables), for
         the bytes model of a byte budget."""

@@ -69,6 +69,12 @@ def section(rows: list[dict], allocations: dict[str, dict]) -> str:
     for name, a in allocations.items():
         out += ["", f"### {name}: bits per layer ({bits_mix(a['layers'])})", "",
                 bits_table(a["layers"], a["block_prefix"])]
+        if a.get("against_recipe"):  # the format's own recipe (a k-quant mix) measured beside it
+            c = a["against_recipe"]
+            out += ["", f"Against the plan's own types (the format's recipe, {c['recipe']['bytes']:,} bytes): "
+                        f"whole-model KL with every linear rounded to nearest, {c['allocation']['joint_rtn_kl']:.4g} "
+                        f"for the allocation, {c['recipe']['joint_rtn_kl']:.4g} for the recipe; the "
+                        f"{c['kept']} is written."]
         if a.get("outer"):  # the embedding and head were options of the budget
             o = a["outer"]
             parts = [f"{k} {_outer_text(v)}"

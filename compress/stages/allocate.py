@@ -328,6 +328,7 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         alloc, measured = _measured_outer(ctx, job, costs, table)
     else:
         alloc = allocate(costs, table, job.budget.slots_bytes)
+    alloc, against_recipe = _against_recipe(ctx, job, alloc, table)
     chosen = {s.name: s.options[o] for s, o in zip(job.slots, alloc.choice)}
     update = {"overrides": [*q.overrides, *overrides_for(q, chosen)]}
     outer = None
@@ -367,11 +368,51 @@ def _apply(ctx, job: _Job, losses: dict[tuple, float]) -> None:
         "outer": outer,  # the embedding and head, where they were options (their bytes: every outer tensor)
         # each embedding/head option's best allocation: its predicted and jointly measured KL
         "outer_measured": measured,
+        # the format's recipe (a k-quant mix) beside the allocation, jointly measured
+        "against_recipe": against_recipe,
     }
     log.info("candidate %s: %s; %s of %s bytes, predicted loss %.4g", job.name, bits_mix(layers),
              f"{res.allocation['achieved_bytes']:,}", f"{res.allocation['budget_bytes']:,}", alloc.loss)
     if outer is not None:
         log.info("candidate %s: embedding %s, lm_head %s", job.name, option_label(emb), option_label(head))
+
+
+def _against_recipe(ctx, job: _Job, alloc, table: list) -> tuple:
+    """Where the plan's per-layer options are the format's recipe (`Format.recipe`: GGUF's
+    k-quant mixes) and fit the budget, the allocation and the recipe both rounded to nearest at
+    once, their whole-model KL over the `kl_windows` calibration windows (`compress.mixed.joint`);
+    the recipe is kept where it measures lower, so a budget of at least the mix's bytes never
+    gives a file that measures worse than the mix. Returns (allocation, record or None)."""
+    from compress.formats.registry import get_format
+    from compress.mixed.allocate import Allocation
+    from compress.mixed.joint import joint_kl
+    from compress.stages.calibrate import spool_dir
+    from compress.stages.quantize import layer_spec
+
+    q = ctx.candidates[job.name].plan.q
+    if job.outer is not None or not get_format(ctx.cfg.export.format).recipe(ctx.cfg.export):
+        return alloc, None
+    own = []
+    for s in job.slots:
+        want = _grid_key(layer_spec(q, s.name))
+        k = next((k for k, spec in enumerate(s.options) if _grid_key(spec) == want), None)
+        if k is None:
+            return alloc, None
+        own.append(k)
+    nbytes = sum(s.bytes[k] for s, k in zip(job.slots, own))
+    if nbytes > job.budget.slots_bytes or own == list(alloc.choice):
+        return alloc, None
+    recipe = Allocation(own, nbytes, sum(row[k] for row, k in zip(table, own)))
+    linears = [{s.name: s.options[c] for s, c in zip(job.slots, a.choice) if s.options[c] is not None}
+               for a in (alloc, recipe)]
+    kls = joint_kl(ctx.loaded.streamed(), ctx.calib_ids[:_options(ctx, job).kl_windows], linears,
+                   [None, None], [None, None], spool_dir(ctx))
+    keep = recipe if kls[1] < kls[0] else alloc
+    log.info("candidate %s: joint KL of the allocation %.4g, of the plan's own options %.4g: %s kept", job.name,
+             kls[0], kls[1], "the plan's own" if keep is recipe else "the allocation")
+    return keep, {"allocation": {"bytes": alloc.bytes, "predicted_loss": alloc.loss, "joint_rtn_kl": kls[0]},
+                  "recipe": {"bytes": recipe.bytes, "predicted_loss": recipe.loss, "joint_rtn_kl": kls[1]},
+                  "kept": "recipe" if keep is recipe else "allocation"}
 
 
 def _measured_outer(ctx, job: _Job, costs: list, table: list) -> tuple:

@@ -458,15 +458,23 @@ def test_a_byte_budget_chooses_k_quant_types(gguf_type, dims, tiny_tokenizer, te
     want = {l["name"]: l["type"] for l in res.allocation["layers"] if l["bits"] is not None}
     allowed = {gx.fallback(t, c) for t in gx.TARGET_TYPES.values() for c in (128, 256, 512)}
     assert set(want.values()) <= allowed and len(set(want.values())) > 1  # mixed, on GGUF types only
+    mix = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(uniform.artifact / "model.gguf")).tensors}
     reader = gguf.GGUFReader(str(res.artifact / "model.gguf"))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     names = Names(family_config("llama", **dims))
     assert {n: types[names.gguf(n + ".weight")] for n in want} == want
     # every option is measured on its type's grid: the uniform mix's type of each linear among them
-    mix = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(uniform.artifact / "model.gguf")).tensors}
     assert all(ctx.sensitivity[n][mix[names.gguf(n + ".weight")]] > 0 for n in want)
     report = (tmp_path / "mixed" / "report.md").read_text()
     assert any(f"x {t}" in report for t in set(want.values()))
+    # the allocation was measured against the mix it replaces (which fits the same bytes) and written
+    # only where it measures lower; else the mix's own types are
+    c = res.allocation["against_recipe"]
+    assert c["recipe"]["bytes"] <= res.allocation["budget_bytes"]
+    kept = min(("allocation", "recipe"), key=lambda k: c[k]["joint_rtn_kl"])
+    assert c["kept"] == kept and f"the {kept} is written" in report
+    if kept == "recipe":
+        assert want == {n: mix[names.gguf(n + ".weight")] for n in want}
     # block_kl's reference: each layer at the type the plan gives it (Q4_K_M raises attn_v of block 1;
     # o_proj's rows of 128 take Q4_K's fallback Q5_0)
     assert "at the plan's own option per layer (" + ("Q4_K, Q5_0, Q6_K, Q8_0)" if gguf_type == "Q4_K_M"
