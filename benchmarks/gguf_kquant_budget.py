@@ -113,10 +113,14 @@ def main() -> None:
                                                                    if k.split("-mb")[0] == m) / "model.gguf")})
         fp = mix["rows"][0]
     date = dt.date.today().isoformat()
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [f"# A byte budget under a k-quant gguf_type vs llama.cpp's mix rule ({date})", "",
              "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF), "
              f"{a.nsamples} x {a.seqlen} Wikipedia calibration windows, {a.windows} x {a.seqlen} evaluation windows, "
-             f"evaluated in {rows[0]['runtime']}; fp32 ppl {fp['perplexity']:.3f}.", "",
+             f"evaluated in {rows[0]['runtime']}; fp32 ppl {fp['perplexity']:.3f}. Code: {commit or 'unknown'}"
+             + (" (--reuse: the mix rows from an earlier invocation in --work)" if a.reuse else "") + ".", "",
              "Command: `PYTHONPATH=. .venv/bin/python benchmarks/gguf_kquant_budget.py "
              f"--types {' '.join(a.types)} --nsamples {a.nsamples} --windows {a.windows}"
              + "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("predictor", a.predictor),
