@@ -108,7 +108,7 @@ def main() -> None:
                          "achieved": alloc["achieved_bytes"], "kl_mix": u["kl_divergence"], "kl_budget": b["kl_divergence"],
                          "ppl_mix": u["perplexity"], "ppl_budget": b["perplexity"],
                          "top1_mix": u["top1_agreement"], "top1_budget": b["top1_agreement"],
-                         "runtime": b.get("runtime"), "types_mix": file_types(mix_out / m / "model.gguf"),
+                         "runtime": b.get("runtime"), "against_recipe": alloc.get("against_recipe"), "types_mix": file_types(mix_out / m / "model.gguf"),
                          "types_budget": file_types(tgt_out / next(k for k in tgt["allocations"]
                                                                    if k.split("-mb")[0] == m) / "model.gguf")})
         fp = mix["rows"][0]
@@ -133,6 +133,13 @@ def main() -> None:
         lines.append(f"| {r['type']} | {r['method']} | {r['bytes_mix']:,} | {r['bytes_budget']:,} | {r['kl_mix']:.4f} | "
                      f"{r['kl_budget']:.4f} | **{r['kl_budget'] / r['kl_mix']:.3f}** | {r['ppl_mix']:.3f} | "
                      f"{r['ppl_budget']:.3f} | {r['top1_mix']:.4f} | {r['top1_budget']:.4f} |")
+    lines += ["", "The allocation against the mix (`allocation.against_recipe`: whole-model KL with every linear "
+              "rounded to nearest, over kl_windows calibration windows; the lower is written):", ""]
+    for r in rows:
+        c = r["against_recipe"]
+        lines.append(f"- {r['type']} {r['method']}: " + ("not measured (the allocation is the mix, or the mix "
+                     "does not fit)" if not c else f"allocation {c['allocation']['joint_rtn_kl']:.4f}, mix "
+                     f"{c['recipe']['joint_rtn_kl']:.4f}: the {c['kept']} kept"))
     lines += ["", "Block linears' types in each file:", ""]
     for r in rows:
         lines.append(f"- {r['type']} {r['method']}: mix {r['types_mix']}; budget {r['types_budget']} "
