@@ -382,7 +382,8 @@ def _against_recipe(ctx, job: _Job, alloc, table: list) -> tuple:
     k-quant mixes) and fit the budget, the allocation and the recipe both rounded to nearest at
     once, their whole-model KL over the `kl_windows` calibration windows (`compress.mixed.joint`);
     the recipe is kept where it measures lower, so a budget of at least the mix's bytes never
-    gives a file that measures worse than the mix. Returns (allocation, record or None)."""
+    writes an allocation that measures worse than the mix on those windows. Returns
+    (allocation, record or None)."""
     from compress.formats.registry import get_format
     from compress.mixed.allocate import Allocation
     from compress.mixed.joint import joint_kl
