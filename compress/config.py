@@ -179,7 +179,9 @@ class ExportConfig(_Strict):
         "from quantize: Q8_0 (bits 8, sym), Q4_0 (bits 4, sym), Q4_1 (bits 4, asym), all group_size 32. "
         "k-quants (Q2_K..Q6_K: every tensor in that type, llama-quantize --pure) and llama.cpp's mixes "
         "(Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M: types per tensor as llama-quantize chooses them) set bits, "
-        "group_size and sym per tensor themselves; rtn or gptq round on that grid",
+        "group_size and sym per tensor themselves; rtn or gptq round on that grid. With quantize.target "
+        "a byte budget chooses each block linear's type instead (target_options.bits 2..6, 8: Q2_K..Q6_K, "
+        "Q8_0, with the same fallbacks), and keeps the mix where that measures lower",
     )
     gguf_embedding: Literal["auto", "float"] = Field(
         "auto", description="GGUF type of token_embd and of an output (lm_head) tensor that quantize "
