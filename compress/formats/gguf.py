@@ -222,7 +222,7 @@ class GGUFFormat(Format):
     def target_bits(self, export) -> list[int]:
         from compress.formats import gguf_mix as gx
 
-        return list(gx.TARGET_TYPES) if export is not None and export.gguf_type in gx.K_TYPES else [2, 3, 4, 8]
+        return list(gx.TARGET_TYPES) if self.recipe(export) else super().target_bits(export)
 
     def recipe(self, export) -> bool:
         from compress.formats import gguf_mix as gx
@@ -236,7 +236,7 @@ class GGUFFormat(Format):
         F16 (the unquantized option stands for it). Simple types: the option as it is."""
         from compress.formats import gguf_mix as gx
 
-        if export is None or export.gguf_type not in gx.K_TYPES:
+        if not self.recipe(export):
             return spec
         t = gx.TARGET_TYPES.get(spec.bits)
         if t is None:

@@ -230,19 +230,30 @@ def _reference(ctx, job: _Job) -> dict:
     are measured at Q3_K and its fallbacks, not at 4 bits), where that is an option of the layer,
     else the plan's bits; a slot without it is left out of its block's KL."""
     from compress.formats.registry import get_format
-    from compress.stages.quantize import layer_spec
 
     q = ctx.candidates[job.name].plan.q
     ref = q.spec(q.target_options.reference_bits or q.bits, q.group_size, q.sym)
     fmt, export = get_format(ctx.cfg.export.format), ctx.cfg.export
     out = {}
     for s in job.slots:
+        own = _own_option(q, s) if q.target_options.reference_bits is None else None
+        if own is not None and s.options[own] is not None:
+            out[s.name] = s.options[own]
+            continue
         keys = {_grid_key(spec): spec for spec in s.options if spec is not None}
-        own = layer_spec(q, s.name) if q.target_options.reference_bits is None else None
-        want = own if own is not None and _grid_key(own) in keys else fmt.target_spec(ref, s.shape, export)
-        if want is not None and _grid_key(want) in keys:  # GGUF k-quants: the type the bits name there
+        want = fmt.target_spec(ref, s.shape, export)  # GGUF k-quants: the type the bits name there
+        if want is not None and _grid_key(want) in keys:
             out[s.name] = keys[_grid_key(want)]
     return out
+
+
+def _own_option(q, slot) -> Optional[int]:
+    """The index of the option the plan itself gives `slot` (float where it skips it), or None
+    where that is not one of the slot's options."""
+    from compress.stages.quantize import layer_spec
+
+    want = _grid_key(layer_spec(q, slot.name))
+    return next((k for k, spec in enumerate(slot.options) if _grid_key(spec) == want), None)
 
 
 def _reference_label(specs) -> str:
@@ -388,18 +399,13 @@ def _against_recipe(ctx, job: _Job, alloc, table: list) -> tuple:
     from compress.mixed.allocate import Allocation
     from compress.mixed.joint import joint_kl
     from compress.stages.calibrate import spool_dir
-    from compress.stages.quantize import layer_spec
 
     q = ctx.candidates[job.name].plan.q
     if job.outer is not None or not get_format(ctx.cfg.export.format).recipe(ctx.cfg.export):
         return alloc, None
-    own = []
-    for s in job.slots:
-        want = _grid_key(layer_spec(q, s.name))
-        k = next((k for k, spec in enumerate(s.options) if _grid_key(spec) == want), None)
-        if k is None:
-            return alloc, None
-        own.append(k)
+    own = [_own_option(q, s) for s in job.slots]
+    if None in own:
+        return alloc, None
     nbytes = sum(s.bytes[k] for s, k in zip(job.slots, own))
     if nbytes > job.budget.slots_bytes or own == list(alloc.choice):
         return alloc, None
